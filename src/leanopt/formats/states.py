@@ -1,0 +1,64 @@
+"""State formats: how an optimizer state tensor (momentum, second moment, ...) is kept between steps.
+
+A state named ``name`` is stored as one or more tensors in the parameter's optimizer state, under keys
+``name`` or ``name + "." + part``. ``decode`` returns an fp32 working tensor the rule may change in
+place; ``encode`` writes it back. ``signed`` tells whether the state can be negative (momentum) or is
+never negative (second moments); compressed formats may use it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+class StateFormat:
+    name: str = ""
+
+    def init(self, name: str, like: Tensor, signed: bool) -> dict[str, Tensor]:
+        """Stored tensors for a zero-initialised state shaped like ``like``."""
+        raise NotImplementedError
+
+    def decode(self, name: str, stored: dict[str, Tensor], signed: bool) -> Tensor:
+        raise NotImplementedError
+
+    def encode(self, name: str, value: Tensor, stored: dict[str, Tensor], signed: bool) -> None:
+        raise NotImplementedError
+
+    def keys(self, name: str) -> tuple[str, ...]:
+        """The state-dict keys this format stores for state ``name``."""
+        return (name,)
+
+
+class Float32States(StateFormat):
+    """fp32 states, updated in place: 4 bytes per element, the same as torch.optim."""
+
+    name = "fp32"
+
+    def init(self, name, like, signed):
+        return {name: torch.zeros_like(like, dtype=torch.float32, memory_format=torch.preserve_format)}
+
+    def decode(self, name, stored, signed):
+        return stored[name]
+
+    def encode(self, name, value, stored, signed):
+        if value.data_ptr() != stored[name].data_ptr():
+            stored[name].copy_(value)
+
+
+class BFloat16States(StateFormat):
+    """bf16 states, rounded to nearest on each write: 2 bytes per element."""
+
+    name = "bf16"
+
+    def init(self, name, like, signed):
+        return {name: torch.zeros_like(like, dtype=torch.bfloat16, memory_format=torch.preserve_format)}
+
+    def decode(self, name, stored, signed):
+        return stored[name].float()
+
+    def encode(self, name, value, stored, signed):
+        stored[name].copy_(value)
+
+
+STATE_FORMATS: dict[str, StateFormat] = {f.name: f for f in (Float32States(), BFloat16States())}

@@ -1,0 +1,411 @@
+"""The shared optimizer: param groups, state layout, validation, dispatch and state dicts.
+
+Each public optimizer is a thin binding of an update rule (``leanopt.rules``) to this class.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .formats.states import STATE_FORMATS, StateFormat
+from .formats.weights import MASTER_CHOICES, WeightFormat, resolve_weight_format
+from .kernels.reference import reference_step
+from .rules import AdamRule, AdamWRule, LionRule, Rule, SGDRule
+
+NONFINITE_CHOICES = ("skip", "raise")
+STATE_DICT_VERSION = 1
+_SEED_MASK = (1 << 63) - 1
+
+
+class LeanOptimizer(torch.optim.Optimizer):
+    """A ``torch.optim.Optimizer`` that keeps 16-bit weights without an fp32 master copy.
+
+    Keyword options shared by every leanopt optimizer (settable per param group where marked):
+
+    - ``master`` (per group): how 16-bit weights keep their precision. ``"auto"`` (default) picks
+      ``"exact"`` for bf16 params and ``"kahan"`` for fp16 params. fp32 params are always updated in
+      place like torch.optim.
+    - ``states`` (per group): ``"fp32"`` (default) or ``"bf16"``.
+    - ``nonfinite``: what to do with a gradient tensor holding NaN or inf: ``"skip"`` (default; that
+      tensor's update is skipped, its weights and states stay as they were, and the skip is counted in
+      ``nonfinite_skipped``) or ``"raise"`` (FloatingPointError before any tensor is updated).
+    - ``seed``: seed of the stochastic-rounding noise (default: ``torch.initial_seed()``). The noise
+      depends only on (seed, parameter index, step), never on the order tensors are updated in.
+    """
+
+    rule: Rule
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        *,
+        master: str = "auto",
+        states: str = "fp32",
+        nonfinite: str = "skip",
+        seed: int | None = None,
+        **hyper: Any,
+    ) -> None:
+        if nonfinite not in NONFINITE_CHOICES:
+            raise ValueError(f"nonfinite must be one of {list(NONFINITE_CHOICES)}, got {nonfinite!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise ValueError(f"seed must be an int or None, got {seed!r}")
+        self.nonfinite = nonfinite
+        self.seed = torch.initial_seed() if seed is None else seed
+        self.nonfinite_skipped = 0
+        self.last_skipped: list[int] = []
+        self._generators: dict[torch.device, torch.Generator] = {}
+        self._index: dict[Tensor, int] | None = None
+        defaults = {**hyper, "master": master, "states": states}
+        super().__init__(params, defaults)
+
+    # ----------------------------------------------------------------------------- validation
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        """Raise ValueError naming the offending argument; changes nothing."""
+        if group["master"] not in MASTER_CHOICES:
+            raise ValueError(f"master must be one of {list(MASTER_CHOICES)}, got {group['master']!r}")
+        if group["states"] not in STATE_FORMATS:
+            raise ValueError(f"states must be one of {list(STATE_FORMATS)}, got {group['states']!r}")
+        self.rule.validate(group)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        group = dict(param_group)
+        params = group.get("params")
+        if isinstance(params, Tensor):
+            params = [params]
+        elif isinstance(params, set) or params is None:
+            raise TypeError("params must be an ordered collection of tensors (a list), not a set or None")
+        else:
+            params = list(params)
+        for name, default in self.defaults.items():
+            group.setdefault(name, default)
+        self._check_group(group)
+        for i, p in enumerate(params):
+            if not isinstance(p, Tensor):
+                raise TypeError(f"params[{i}] must be a torch.Tensor, got {type(p).__name__}")
+            if not p.is_floating_point() or p.is_complex():
+                raise ValueError(
+                    f"params[{i}] has dtype {p.dtype}; leanopt optimizes real floating-point params "
+                    "(bfloat16, float16, float32, float64)"
+                )
+            resolve_weight_format(group["master"], p.dtype)
+        group["params"] = params
+        super().add_param_group(group)
+        self._index = None
+
+    # ----------------------------------------------------------------------------- layout
+
+    def formats(self, param: Tensor, group: dict[str, Any]) -> tuple[WeightFormat, StateFormat]:
+        """The (weight format, state format) a parameter uses in its group."""
+        return resolve_weight_format(group["master"], param.dtype), STATE_FORMATS[group["states"]]
+
+    def _init_state(self, param: Tensor, group: dict[str, Any]) -> dict[str, Any]:
+        wfmt, sfmt = self.formats(param, group)
+        state = self.state[param]
+        state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        state.update(wfmt.init_buffers(param.detach()))
+        for spec in self.rule.states(group):
+            state.update(sfmt.init(spec.name, param.detach(), spec.signed))
+        return state
+
+    def _expected_layout(self, param: Tensor, group: dict[str, Any]) -> dict[str, tuple[torch.dtype, tuple]]:
+        """State key -> (dtype, shape) that this parameter's state must hold."""
+        meta = param.detach().to("meta")
+        wfmt, sfmt = self.formats(param, group)
+        layout = {"step": (torch.float32, ())}
+        tensors = dict(wfmt.init_buffers(meta))
+        for spec in self.rule.states(group):
+            tensors.update(sfmt.init(spec.name, meta, spec.signed))
+        layout.update({k: (t.dtype, tuple(t.shape)) for k, t in tensors.items()})
+        return layout
+
+    def param_index(self, param: Tensor) -> int:
+        """Position of ``param`` in the optimizer, counting through all groups in order."""
+        if self._index is None:
+            self._index = {p: i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+        return self._index[param]
+
+    def _random_bits(self, param: Tensor, state: dict[str, Any]) -> Callable[[Tensor], Tensor]:
+        def make(like: Tensor) -> Tensor:
+            gen = self._generators.get(like.device)
+            if gen is None:
+                gen = self._generators[like.device] = torch.Generator(device=like.device)
+            key = (self.seed, self.param_index(param), int(state["step"].item()))
+            gen.manual_seed(hash(key) & _SEED_MASK)
+            return torch.randint(0, 1 << 16, like.shape, generator=gen, device=like.device, dtype=torch.int32)
+
+        return make
+
+    # ----------------------------------------------------------------------------- stepping
+
+    def _group_of(self, param: Tensor) -> dict[str, Any]:
+        for group in self.param_groups:
+            if any(p is param for p in group["params"]):
+                return group
+        raise KeyError("parameter is not managed by this optimizer")
+
+    def update_param(self, param: Tensor, group: dict[str, Any], grad: Tensor | None = None) -> bool:
+        """Update one parameter from ``grad`` (default ``param.grad``). Returns False if skipped.
+
+        The building block of ``step``; gradient release calls it from backward hooks.
+        """
+        grad = param.grad if grad is None else grad
+        if grad is None:
+            return False
+        if not bool(torch.isfinite(grad).all()):
+            if self.nonfinite == "raise":
+                raise FloatingPointError(f"non-finite gradient for parameter {self.param_index(param)}")
+            self.nonfinite_skipped += 1
+            self.last_skipped.append(self.param_index(param))
+            return False
+        state = self.state[param]
+        if not state:
+            state = self._init_state(param, group)
+        else:
+            self._ensure_states(param, group, state)
+        wfmt, sfmt = self.formats(param, group)
+        random_bits = self._random_bits(param, state) if wfmt.needs_random else None
+        reference_step(self.rule, wfmt, sfmt, param, grad, state, group, random_bits)
+        return True
+
+    def _ensure_states(self, param: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
+        """Add states a hyper-parameter change made necessary (e.g. momentum turned on)."""
+        wfmt, sfmt = self.formats(param, group)
+        for spec in self.rule.states(group):
+            if spec.name not in state and not any(k.startswith(spec.name + ".") for k in state):
+                state.update(sfmt.init(spec.name, param.detach(), spec.signed))
+        for name in wfmt.buffers:
+            if name not in state:
+                raise RuntimeError(
+                    f"parameter {self.param_index(param)}: its state was made for another master= "
+                    f"format than {group['master']!r}; master= cannot change after the first step"
+                )
+
+    def _check_grads(self) -> list[tuple[Tensor, dict[str, Any]]]:
+        work = []
+        for gi, group in enumerate(self.param_groups):
+            try:
+                self._check_group(group)
+            except ValueError as err:
+                raise ValueError(f"param_groups[{gi}]: {err}") from None
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise ValueError(
+                        f"parameter {self.param_index(p)} has a sparse gradient; leanopt optimizers accept "
+                        "dense gradients only (use torch.optim.SparseAdam for sparse embeddings)"
+                    )
+                if p.grad.shape != p.shape:
+                    raise ValueError(
+                        f"parameter {self.param_index(p)}: gradient shape {tuple(p.grad.shape)} does not "
+                        f"match the parameter's {tuple(p.shape)}"
+                    )
+                if self.nonfinite == "raise" and not bool(torch.isfinite(p.grad).all()):
+                    raise FloatingPointError(f"non-finite gradient for parameter {self.param_index(p)}")
+                work.append((p, group))
+        return work
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Update every parameter that has a gradient. Bad input raises before anything changes."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work = self._check_grads()
+        self.last_skipped = []
+        for p, group in work:
+            self.update_param(p, group)
+        return loss
+
+    # ----------------------------------------------------------------------------- master values
+
+    @torch.no_grad()
+    def master_value(self, param: Tensor) -> Tensor:
+        """A new fp32 tensor with the parameter's full-precision (master) value."""
+        group = self._group_of(param)
+        wfmt, _ = self.formats(param, group)
+        state = self.state.get(param) or wfmt.init_buffers(param.detach())
+        value = wfmt.decode(param, state)
+        return value.clone() if value.data_ptr() == param.data_ptr() else value.float()
+
+    @torch.no_grad()
+    def set_master_value(self, param: Tensor, value: Tensor) -> None:
+        """Set the parameter's master value from an fp32 tensor: the 16-bit weight becomes its
+        nearest value and the format's extra bits keep the rest (before or after the first step)."""
+        group = self._group_of(param)
+        if tuple(value.shape) != tuple(param.shape):
+            raise ValueError(
+                f"value for parameter {self.param_index(param)} has shape {tuple(value.shape)}, "
+                f"expected {tuple(param.shape)}"
+            )
+        state = self.state[param] or self._init_state(param, group)
+        wfmt, _ = self.formats(param, group)
+        wfmt.encode(value.to(device=param.device, dtype=torch.float32), param, state, None)
+
+    # ----------------------------------------------------------------------------- state dicts
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd["leanopt"] = {"version": STATE_DICT_VERSION, "nonfinite_skipped": self.nonfinite_skipped}
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict saved by the same kind of optimizer in the same modes.
+
+        Everything is checked first; on any mismatch (groups, shapes, dtypes, ``master=``/``states=``
+        modes) a ValueError says what differs and the optimizer is left unchanged. Loaded tensors are
+        copied, so the given dict is never modified by later steps.
+        """
+        if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
+            raise ValueError("state_dict must be a dict with 'state' and 'param_groups' (from optimizer.state_dict())")
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"state_dict has {len(saved_groups)} param groups, this optimizer has {len(self.param_groups)}"
+            )
+        id_map: dict[Any, tuple[Tensor, dict[str, Any]]] = {}
+        for gi, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(
+                    f"param group {gi}: state_dict has {len(saved['params'])} params, this optimizer has "
+                    f"{len(group['params'])}"
+                )
+            for key in ("master", "states"):
+                if key not in saved:
+                    raise ValueError(
+                        f"param group {gi} has no {key!r}: this state dict was not saved by a leanopt optimizer"
+                    )
+                if saved[key] != group[key]:
+                    raise ValueError(
+                        f"param group {gi}: state_dict was saved with {key}={saved[key]!r}, this optimizer "
+                        f"uses {key}={group[key]!r}; build the optimizer with {key}={saved[key]!r}"
+                    )
+            merged = {**group, **{k: v for k, v in saved.items() if k != "params"}}
+            try:
+                self._check_group(merged)
+            except ValueError as err:
+                raise ValueError(f"param group {gi} in state_dict: {err}") from None
+            id_map.update({pid: (p, merged) for pid, p in zip(saved["params"], group["params"])})
+        new_state: dict[Tensor, dict[str, Any]] = defaultdict(dict)
+        for pid, saved_state in state_dict["state"].items():
+            if pid not in id_map:
+                raise ValueError(f"state_dict has state for parameter {pid!r}, which no param group lists")
+            p, group = id_map[pid]
+            if not saved_state:
+                continue
+            layout = self._expected_layout(p, group)
+            got = {k for k, v in saved_state.items()}
+            if got != set(layout):
+                raise ValueError(
+                    f"parameter {pid}: state_dict holds {sorted(got)}, expected {sorted(layout)} for a "
+                    f"{p.dtype} parameter with master={group['master']!r}, states={group['states']!r}"
+                )
+            for key, (dtype, shape) in layout.items():
+                value = saved_state[key]
+                if not isinstance(value, Tensor):
+                    raise ValueError(f"parameter {pid}: state {key!r} must be a tensor, got {type(value).__name__}")
+                if value.dtype != dtype or tuple(value.shape) != shape:
+                    raise ValueError(
+                        f"parameter {pid}: state {key!r} is {value.dtype} of shape {tuple(value.shape)}, "
+                        f"expected {dtype} of shape {shape}"
+                    )
+            new_state[p] = {
+                k: v.to(device="cpu" if k == "step" else p.device, copy=True) for k, v in saved_state.items()
+            }
+        # All checks passed: apply.
+        for group, saved in zip(self.param_groups, saved_groups):
+            for key, value in saved.items():
+                if key != "params":
+                    group[key] = copy.deepcopy(value)
+        self.state = new_state
+        meta = state_dict.get("leanopt", {})
+        self.nonfinite_skipped = int(meta.get("nonfinite_skipped", 0))
+
+
+def _binding(rule: Rule, doc: str) -> Callable[[type], type]:
+    def decorate(cls: type) -> type:
+        cls.rule = rule
+        cls.__doc__ = doc + "\n\n" + (LeanOptimizer.__doc__ or "")
+        return cls
+
+    return decorate
+
+
+@_binding(SGDRule(), "SGD with momentum, dampening, Nesterov and L2 weight decay, as torch.optim.SGD.")
+class SGD(LeanOptimizer):
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        *,
+        maximize: bool = False,
+        **options: Any,
+    ) -> None:
+        super().__init__(
+            params, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+            nesterov=nesterov, maximize=maximize, **options,
+        )  # fmt: skip
+
+
+@_binding(AdamRule(), "Adam with L2 weight decay added to the gradient, as torch.optim.Adam.")
+class Adam(LeanOptimizer):
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        **options: Any,
+    ) -> None:
+        super().__init__(
+            params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+            maximize=maximize, **options,
+        )  # fmt: skip
+
+
+@_binding(AdamWRule(), "AdamW: Adam with decoupled weight decay, as torch.optim.AdamW.")
+class AdamW(Adam):
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        **options: Any,
+    ) -> None:
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize, **options)
+
+
+@_binding(LionRule(), "Lion (Chen et al. 2023) with decoupled weight decay; the paper's defaults.")
+class Lion(LeanOptimizer):
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.99),
+        weight_decay: float = 0.0,
+        *,
+        maximize: bool = False,
+        **options: Any,
+    ) -> None:
+        super().__init__(params, lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize, **options)
