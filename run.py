@@ -25,16 +25,20 @@ def sh(*args: str | Path) -> None:
     subprocess.run([str(a) for a in args], check=True, cwd=ROOT)
 
 
-def setup() -> None:
-    deps = (ROOT / "pyproject.toml").read_bytes()
-    if STAMP.exists() and STAMP.read_bytes() == deps:
+EXTRAS = {"demo": "demo", "test": "test,demo,hf,lightning"}
+
+
+def setup(command: str) -> None:
+    extras = EXTRAS[command]
+    deps = (ROOT / "pyproject.toml").read_bytes() + extras.encode()
+    if STAMP.exists() and STAMP.read_bytes() in (deps, (ROOT / "pyproject.toml").read_bytes() + EXTRAS["test"].encode()):
         return
     if not PY.exists():
         print(f"creating {VENV}", flush=True)
         venv.EnvBuilder(with_pip=True).create(VENV)
     pip = [PY, "-m", "pip", "install", "--disable-pip-version-check", "-q"]
     sh(*pip, TORCH_PIN)
-    sh(*pip, "-e", f"{ROOT}[test,demo]", TORCH_PIN)
+    sh(*pip, "-e", f"{ROOT}[{extras}]", TORCH_PIN)
     STAMP.write_bytes(deps)
 
 
@@ -42,7 +46,7 @@ def main(argv: list[str]) -> int:
     if not argv or argv[0] not in ("demo", "test"):
         print("usage: python3 run.py demo [args...] | python3 run.py test [pytest args...]", file=sys.stderr)
         return 2
-    setup()
+    setup(argv[0])
     if argv[0] == "test":
         code = subprocess.run([str(PY), "-m", "pytest", *argv[1:]], cwd=ROOT).returncode
         if code == 5:  # pytest: no tests collected

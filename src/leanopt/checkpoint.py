@@ -61,6 +61,16 @@ def load_fp32_state_dict(
             raise ValueError(f"{key}: shape {tuple(value.shape)} in state_dict, {tuple(own[key].shape)} in the model")
     names = _param_names(model)
     managed = _managed(optimizer)
+    first_key: dict[int, str] = {}  # a tied parameter (several names) must get one value
+    for key, value in state_dict.items():
+        param = names.get(key)
+        if param is None or id(param) not in managed:
+            continue
+        other = first_key.setdefault(id(param), key)
+        if other != key and not torch.equal(
+            value.float().view(torch.int32), state_dict[other].float().view(torch.int32)
+        ):
+            raise ValueError(f"{key} and {other} are one tied parameter but get different values in state_dict")
     for key, value in state_dict.items():
         if key not in own:
             continue

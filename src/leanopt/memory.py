@@ -76,7 +76,7 @@ def memory_report(optimizer: torch.optim.Optimizer) -> MemoryReport:
 
     params = [p for group in optimizer.param_groups for p in group["params"]]
     for p in params:
-        report.num_params += p.numel()
+        report.num_params += _local(p).numel()  # FSDP2: this rank's elements, as the bytes
         add("weights", p)
     for p in params:
         if p.grad is not None:

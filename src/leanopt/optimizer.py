@@ -13,9 +13,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import distributed as _shards
 from .formats.states import STATE_FORMATS, StateFormat
 from .formats.weights import MASTER_CHOICES, WeightFormat, resolve_weight_format
-from .kernels.reference import reference_step
+from .kernels import fused as _fused
 from .rules import AdamRule, AdamWRule, LionRule, Rule, SGDRule
 
 NONFINITE_CHOICES = ("skip", "raise")
@@ -37,6 +38,10 @@ class LeanOptimizer(torch.optim.Optimizer):
       ``nonfinite_skipped``) or ``"raise"`` (FloatingPointError before any tensor is updated).
     - ``seed``: seed of the stochastic-rounding noise (default: ``torch.initial_seed()``). The noise
       depends only on (seed, parameter index, step), never on the order tensors are updated in.
+    - ``kernel``: the update executor. ``"auto"`` (default) updates the tensors of param groups with
+      at least 2**20 elements in one compiled pass each (``leanopt.kernels.fused``; C++ on CPU, Triton
+      on CUDA) and smaller groups eagerly; ``"fused"`` compiles for every group; ``"reference"`` always
+      runs the eager reference. Without a working compiler the fused path warns once and falls back.
     """
 
     rule: Rule
@@ -49,13 +54,16 @@ class LeanOptimizer(torch.optim.Optimizer):
         states: str = "fp32",
         nonfinite: str = "skip",
         seed: int | None = None,
+        kernel: str = "auto",
         **hyper: Any,
     ) -> None:
+        _fused.check_kernel(kernel)
         if nonfinite not in NONFINITE_CHOICES:
             raise ValueError(f"nonfinite must be one of {list(NONFINITE_CHOICES)}, got {nonfinite!r}")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise ValueError(f"seed must be an int or None, got {seed!r}")
         self.nonfinite = nonfinite
+        self.kernel = kernel
         self.seed = torch.initial_seed() if seed is None else seed
         self.nonfinite_skipped = 0
         self.last_skipped: list[int] = []
@@ -89,12 +97,13 @@ class LeanOptimizer(torch.optim.Optimizer):
         for i, p in enumerate(params):
             if not isinstance(p, Tensor):
                 raise TypeError(f"params[{i}] must be a torch.Tensor, got {type(p).__name__}")
-            if not p.is_floating_point() or p.is_complex():
+            if p.dtype not in (torch.bfloat16, torch.float16, torch.float32):
                 raise ValueError(
-                    f"params[{i}] has dtype {p.dtype}; leanopt optimizes real floating-point params "
-                    "(bfloat16, float16, float32, float64)"
+                    f"params[{i}] has dtype {p.dtype}; leanopt optimizes bfloat16, float16 and float32 "
+                    "params (its arithmetic is fp32: use torch.optim for float64)"
                 )
             resolve_weight_format(group["master"], p.dtype)
+            _shards.check_param(p, f"params[{i}]", lambda shape, p=p: self._expected_layout(p, group, shape))
         group["params"] = params
         super().add_param_group(group)
         self._index = None
@@ -106,17 +115,31 @@ class LeanOptimizer(torch.optim.Optimizer):
         return resolve_weight_format(group["master"], param.dtype), STATE_FORMATS[group["states"]]
 
     def _init_state(self, param: Tensor, group: dict[str, Any]) -> dict[str, Any]:
-        wfmt, sfmt = self.formats(param, group)
+        tensors = self._new_state_tensors(param, group, self.rule.states(group), buffers=True)
         state = self.state[param]
         state["step"] = torch.tensor(0.0, dtype=torch.float32)
-        state.update(wfmt.init_buffers(param.detach()))
-        for spec in self.rule.states(group):
-            state.update(sfmt.init(spec.name, param.detach(), spec.signed))
+        state.update(tensors)
         return state
 
-    def _expected_layout(self, param: Tensor, group: dict[str, Any]) -> dict[str, tuple[torch.dtype, tuple]]:
-        """State key -> (dtype, shape) that this parameter's state must hold."""
-        meta = param.detach().to("meta")
+    def _new_state_tensors(self, param: Tensor, group: dict[str, Any], specs, buffers: bool) -> dict[str, Tensor]:
+        """Zeroed states (and the weight format's buffers) for ``param``, built from its local rows;
+        for a DTensor (FSDP2) parameter they are then sharded like it (see leanopt.distributed)."""
+        wfmt, sfmt = self.formats(param, group)
+        rows = _shards.local(param).detach()
+        tensors = dict(wfmt.init_buffers(rows)) if buffers else {}
+        for spec in specs:
+            tensors.update(sfmt.init(spec.name, rows, spec.signed))
+        if _shards.is_dtensor(param):
+            layout = self._expected_layout(param, group)
+            tensors = _shards.shard_state(param, tensors, layout, f"parameter {self.param_index(param)}")
+        return tensors
+
+    def _expected_layout(
+        self, param: Tensor, group: dict[str, Any], shape: tuple | None = None
+    ) -> dict[str, tuple[torch.dtype, tuple]]:
+        """State key -> (dtype, shape) that this parameter's state must hold (for a parameter of
+        ``shape``; default: the parameter's whole shape, also for a DTensor)."""
+        meta = torch.empty(param.shape if shape is None else shape, dtype=param.dtype, device="meta")
         wfmt, sfmt = self.formats(param, group)
         layout = {"step": (torch.float32, ())}
         tensors = dict(wfmt.init_buffers(meta))
@@ -138,7 +161,11 @@ class LeanOptimizer(torch.optim.Optimizer):
                 gen = self._generators[like.device] = torch.Generator(device=like.device)
             key = (self.seed, self.param_index(param), int(state["step"].item()))
             gen.manual_seed(hash(key) & _SEED_MASK)
-            return torch.randint(0, 1 << 16, like.shape, generator=gen, device=like.device, dtype=torch.int32)
+            # a shard takes its rows of the whole tensor's bits: the same rounding as unsharded
+            return _shards.random_rows(
+                param, like,
+                lambda shape: torch.randint(0, 1 << 16, shape, generator=gen, device=like.device, dtype=torch.int32),
+            )  # fmt: skip
 
         return make
 
@@ -158,7 +185,7 @@ class LeanOptimizer(torch.optim.Optimizer):
         grad = param.grad if grad is None else grad
         if grad is None:
             return False
-        if not bool(torch.isfinite(grad).all()):
+        if not _shards.all_finite(grad):  # a sharded gradient: the same decision on every rank
             if self.nonfinite == "raise":
                 raise FloatingPointError(f"non-finite gradient for parameter {self.param_index(param)}")
             self.nonfinite_skipped += 1
@@ -171,7 +198,9 @@ class LeanOptimizer(torch.optim.Optimizer):
             self._ensure_states(param, group, state)
         wfmt, sfmt = self.formats(param, group)
         random_bits = self._random_bits(param, state) if wfmt.needs_random else None
-        reference_step(self.rule, wfmt, sfmt, param, grad, state, group, random_bits)
+        where = f"parameter {self.param_index(param)}"
+        with _shards.local_views(param, grad, state, where) as (p, g, st):  # FSDP2: this rank's rows
+            _fused.dispatch_step(self.kernel, self.rule, wfmt, sfmt, p, g, st, group, random_bits)
         return True
 
     def _ensure_states(self, param: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
@@ -179,12 +208,30 @@ class LeanOptimizer(torch.optim.Optimizer):
         wfmt, sfmt = self.formats(param, group)
         for spec in self.rule.states(group):
             if spec.name not in state and not any(k.startswith(spec.name + ".") for k in state):
-                state.update(sfmt.init(spec.name, param.detach(), spec.signed))
-        for name in wfmt.buffers:
-            if name not in state:
+                state.update(self._new_state_tensors(param, group, (spec,), buffers=False))
+        self._check_state_layout(param, group, state)
+
+    def _check_state_layout(self, param: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
+        """Raise RuntimeError if ``param``'s existing state was made for other ``master=``/``states=``
+        modes (keys or dtypes differ). A state the rule does not use now (momentum turned off) is fine."""
+        specs = self.rule.states(group)
+        wfmt, _ = self.formats(param, group)
+        # Expected {name: {key: dtype}}, cached: this runs for every parameter on every step.
+        key = (group["master"], group["states"], param.dtype, tuple(param.shape), specs)
+        cache = self.__dict__.setdefault("_layout_cache", {})
+        if key not in cache:
+            layout = self._expected_layout(param, group)
+            cache[key] = {
+                name: {k: d for k, (d, _) in layout.items() if k == name or k.startswith(name + ".")}
+                for name in (*wfmt.buffers, *(s.name for s in specs))
+            }
+        for name, want in cache[key].items():
+            have = {k: v.dtype for k, v in state.items() if k == name or k.startswith(name + ".")}
+            if (have or name in wfmt.buffers) and have != want:
                 raise RuntimeError(
-                    f"parameter {self.param_index(param)}: its state was made for another master= "
-                    f"format than {group['master']!r}; master= cannot change after the first step"
+                    f"parameter {self.param_index(param)}: its state holds {have or 'nothing'} for {name!r}, "
+                    f"but master={group['master']!r}, states={group['states']!r} keep {want}; master= and "
+                    "states= cannot change after the first step"
                 )
 
     def _check_grads(self) -> list[tuple[Tensor, dict[str, Any]]]:
@@ -207,7 +254,13 @@ class LeanOptimizer(torch.optim.Optimizer):
                         f"parameter {self.param_index(p)}: gradient shape {tuple(p.grad.shape)} does not "
                         f"match the parameter's {tuple(p.shape)}"
                     )
-                if self.nonfinite == "raise" and not bool(torch.isfinite(p.grad).all()):
+                try:
+                    self.formats(p, group)  # the group's master= may not suit this dtype
+                except ValueError as err:
+                    raise ValueError(f"param_groups[{gi}], parameter {self.param_index(p)}: {err}") from None
+                if self.state.get(p):
+                    self._check_state_layout(p, group, self.state[p])
+                if self.nonfinite == "raise" and not _shards.all_finite(p.grad):
                     raise FloatingPointError(f"non-finite gradient for parameter {self.param_index(p)}")
                 work.append((p, group))
         return work
@@ -219,10 +272,12 @@ class LeanOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        work = self._check_grads()
-        self.last_skipped = []
-        for p, group in work:
-            self.update_param(p, group)
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        with _shards.finite_checks(grads):  # FSDP2: one all-reduce decides for every sharded gradient
+            work = self._check_grads()
+            self.last_skipped = []
+            for p, group in work:
+                self.update_param(p, group)
         return loss
 
     # ----------------------------------------------------------------------------- master values
@@ -232,9 +287,11 @@ class LeanOptimizer(torch.optim.Optimizer):
         """A new fp32 tensor with the parameter's full-precision (master) value."""
         group = self._group_of(param)
         wfmt, _ = self.formats(param, group)
-        state = self.state.get(param) or wfmt.init_buffers(param.detach())
-        value = wfmt.decode(param, state)
-        return value.clone() if value.data_ptr() == param.data_ptr() else value.float()
+        rows = _shards.local(param)  # FSDP2: this rank's rows; the result is a DTensor placed like param
+        state = _shards.local_state(self.state.get(param) or {}) or wfmt.init_buffers(rows.detach())
+        value = wfmt.decode(rows, state)
+        value = value.clone() if value.data_ptr() == rows.data_ptr() else value.float()
+        return _shards.shard_like(param, value) if _shards.is_dtensor(param) else value
 
     @torch.no_grad()
     def set_master_value(self, param: Tensor, value: Tensor) -> None:
@@ -248,24 +305,43 @@ class LeanOptimizer(torch.optim.Optimizer):
             )
         state = self.state[param] or self._init_state(param, group)
         wfmt, _ = self.formats(param, group)
-        wfmt.encode(value.to(device=param.device, dtype=torch.float32), param, state, None)
+        rows, value = _shards.local(param), _shards.rows_of(param, value)  # FSDP2: this rank's rows
+        wfmt.encode(value.to(device=rows.device, dtype=torch.float32), rows, _shards.local_state(state), None)
 
     # ----------------------------------------------------------------------------- state dicts
 
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
-        sd["leanopt"] = {"version": STATE_DICT_VERSION, "nonfinite_skipped": self.nonfinite_skipped}
+        sd["leanopt"] = {"version": STATE_DICT_VERSION, "nonfinite_skipped": self.nonfinite_skipped, "seed": self.seed}
         return sd
+
+    @staticmethod
+    def _same_master(key: str, saved: Any, group: dict[str, Any]) -> bool:
+        """Whether a saved ``master=`` value keeps every param of ``group`` in the same format as the
+        group's own (e.g. 'auto' and 'exact' for bf16 params)."""
+        if key != "master" or saved not in MASTER_CHOICES:
+            return False
+        try:
+            return all(
+                resolve_weight_format(saved, p.dtype) is resolve_weight_format(group["master"], p.dtype)
+                for p in group["params"]
+            )
+        except ValueError:
+            return False
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict saved by the same kind of optimizer in the same modes.
 
         Everything is checked first; on any mismatch (groups, shapes, dtypes, ``master=``/``states=``
         modes) a ValueError says what differs and the optimizer is left unchanged. Loaded tensors are
-        copied, so the given dict is never modified by later steps.
+        copied, so the given dict is never modified by later steps. The stochastic-rounding ``seed`` and
+        the ``nonfinite_skipped`` count are restored from the state dict too.
         """
         if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
             raise ValueError("state_dict must be a dict with 'state' and 'param_groups' (from optimizer.state_dict())")
+        seed = state_dict.get("leanopt", {}).get("seed", self.seed)  # stochastic rounding resumes its noise
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"state_dict['leanopt']['seed'] must be an int, got {seed!r}")
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(
@@ -283,7 +359,7 @@ class LeanOptimizer(torch.optim.Optimizer):
                     raise ValueError(
                         f"param group {gi} has no {key!r}: this state dict was not saved by a leanopt optimizer"
                     )
-                if saved[key] != group[key]:
+                if saved[key] != group[key] and not self._same_master(key, saved[key], group):
                     raise ValueError(
                         f"param group {gi}: state_dict was saved with {key}={saved[key]!r}, this optimizer "
                         f"uses {key}={group[key]!r}; build the optimizer with {key}={saved[key]!r}"
@@ -317,8 +393,9 @@ class LeanOptimizer(torch.optim.Optimizer):
                         f"parameter {pid}: state {key!r} is {value.dtype} of shape {tuple(value.shape)}, "
                         f"expected {dtype} of shape {shape}"
                     )
+            # private copies; for a DTensor (FSDP2) parameter, sharded like it
             new_state[p] = {
-                k: v.to(device="cpu" if k == "step" else p.device, copy=True) for k, v in saved_state.items()
+                k: _shards.state_value_for(p, v, layout[k][1], on_cpu=k == "step") for k, v in saved_state.items()
             }
         # All checks passed: apply.
         for group, saved in zip(self.param_groups, saved_groups):
@@ -328,6 +405,7 @@ class LeanOptimizer(torch.optim.Optimizer):
         self.state = new_state
         meta = state_dict.get("leanopt", {})
         self.nonfinite_skipped = int(meta.get("nonfinite_skipped", 0))
+        self.seed = seed
 
 
 def _binding(rule: Rule, doc: str) -> Callable[[type], type]:

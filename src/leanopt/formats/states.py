@@ -62,3 +62,9 @@ class BFloat16States(StateFormat):
 
 
 STATE_FORMATS: dict[str, StateFormat] = {f.name: f for f in (Float32States(), BFloat16States())}
+
+
+# Formats in their own modules register here (they import this module, so this comes last).
+from .quantized import INT4, INT8  # noqa: E402
+
+STATE_FORMATS.update({INT8.name: INT8, INT4.name: INT4})

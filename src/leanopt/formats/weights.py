@@ -96,13 +96,13 @@ class WeightFormat:
 
 
 class Plain32(WeightFormat):
-    """fp32 (or fp64) parameters: updated in place, exactly like torch.optim."""
+    """fp32 parameters: updated in place, exactly like torch.optim."""
 
     name = "fp32"
-    dtypes = (torch.float32, torch.float64)
+    dtypes = (torch.float32,)
 
     def decode(self, param, buffers):
-        return param.data if param.dtype == torch.float32 else param.data.float()
+        return param.data
 
     def encode(self, value, param, buffers, random_bits=None):
         if value.data_ptr() != param.data.data_ptr():
@@ -161,7 +161,10 @@ class Stochastic(WeightFormat):
 
 
 def _stochastic_round_generic(value: Tensor, dtype: torch.dtype, random_bits: RandomBits) -> Tensor:
-    """Stochastic rounding to any float dtype: round down, then up with probability frac/ulp."""
+    """Stochastic rounding to any float dtype: round toward zero, then away from zero with
+    probability (distance to the lower neighbour) / ulp. Unbiased; for fp16 normals exactly so (their
+    13 dropped bits are resolved by the 16 random bits), elsewhere to within 2**-16 ulp. Beyond the
+    largest finite value the next neighbour is infinity, one ulp further (as for bf16)."""
     down = value.to(dtype)
     down_f = down.float()
     # Make ``down`` the neighbour at or below value in magnitude.
@@ -170,7 +173,11 @@ def _stochastic_round_generic(value: Tensor, dtype: torch.dtype, random_bits: Ra
     away = torch.nextafter(toward_zero, torch.where(value < 0, -torch.inf, torch.inf).to(dtype))
     lo_f, hi_f = toward_zero.float(), away.float()
     span = (hi_f - lo_f).abs()
-    frac = torch.where(span > 0, (value - lo_f).abs() / span, torch.zeros_like(span))
+    # Past the largest finite value ``away`` is inf: use the ulp below it, so that values at least
+    # one ulp beyond the largest finite value always overflow, as round-to-nearest would.
+    below = torch.nextafter(toward_zero, torch.zeros_like(toward_zero)).float()
+    span = torch.where(torch.isinf(hi_f), (lo_f - below).abs(), span)
+    frac = (value - lo_f).abs() / span
     u = random_bits(value).float() / 65536.0
     out = torch.where(u < frac, away, toward_zero)
     return torch.where(torch.isfinite(value), out, value.to(dtype))
@@ -204,10 +211,12 @@ MASTER_CHOICES = ("auto", "exact", "none", "stochastic", "kahan")
 def resolve_weight_format(master: str, dtype: torch.dtype) -> WeightFormat:
     """The format used for a parameter of ``dtype`` when the group asks for ``master``.
 
-    fp32/fp64 parameters never need a master copy and are updated in place whatever ``master`` says.
+    fp32 parameters never need a master copy and are updated in place whatever ``master`` says.
     """
-    if dtype in (torch.float32, torch.float64):
+    if dtype == torch.float32:
         return WEIGHT_FORMATS["fp32"]
+    if dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"weight formats keep bfloat16, float16 or float32 params, not {dtype}")
     if master == "auto":
         master = "exact" if dtype == torch.bfloat16 else "kahan"
     fmt = WEIGHT_FORMATS[master]
@@ -218,3 +227,10 @@ def resolve_weight_format(master: str, dtype: torch.dtype) -> WeightFormat:
             f"{accepted} (or 'auto'), or keep those parameters in float32"
         )
     return fmt
+
+
+# Formats in their own modules register here (they import this module, so this comes last).
+from .compact import Compact  # noqa: E402
+
+WEIGHT_FORMATS[Compact.name] = Compact()
+MASTER_CHOICES += (Compact.name,)

@@ -1,0 +1,170 @@
+"""One demo configuration, trained in its own process so its memory figures stand alone.
+
+``python -m leanopt.cli.worker CONFIG.json RESULT.json``: reads the configuration written by
+``leanopt demo``, trains, and writes every figure to RESULT.json. Progress goes to stdout as lines
+``@progress STEP TOTAL LOSS STEP_MS`` that the parent turns into a progress bar.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS (Linux >= 4.0). True if it worked."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def current_rss() -> int:
+    """Resident set size in bytes (0 where unknown)."""
+    kib = _status_kib("VmRSS")
+    return 1024 * kib if kib is not None else 0
+
+
+def peak_rss() -> int:
+    """Peak resident set size in bytes: VmHWM where available, else getrusage's ru_maxrss."""
+    kib = _status_kib("VmHWM")
+    if kib is not None:
+        return 1024 * kib
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(maxrss if sys.platform == "darwin" else 1024 * maxrss)
+
+
+def train(cfg: dict[str, Any], emit=print) -> dict[str, Any]:
+    """Train one configuration; returns the figures (see ``leanopt demo``'s JSON)."""
+    import leanopt
+    from leanopt.data import get_batch, stdlib_corpus
+    from leanopt.models import GPT, GPTConfig
+
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg["threads"]))
+    device = torch.device(cfg["device"])
+    mcfg = GPTConfig(**cfg["model"])
+    train_data, val_data = stdlib_corpus(int(cfg["corpus_bytes"]))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    base_alloc = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    reset = reset_peak_rss()
+    rss_before = current_rss()
+
+    torch.manual_seed(cfg["seed"])
+    model = GPT(mcfg).to(device)  # the same fp32 initialisation for every configuration
+    standard = cfg["kind"] == "standard"
+    hyper = {"lr": cfg["lr"], "betas": (0.9, 0.95), "weight_decay": 0.1}
+    handle = None
+    if standard:
+        opt: torch.optim.Optimizer = torch.optim.AdamW(model.parameters(), fused=True, **hyper)
+    else:
+        model = model.to(torch.bfloat16)
+        opt = leanopt.AdamW(model.parameters(), master=cfg["master"], states=cfg["states"], **hyper)
+        if cfg["release"]:
+            handle = leanopt.release_gradients(opt)
+    steps, warm = int(cfg["steps"]), max(1, int(cfg["steps"]) // 10)
+
+    def lr_at(i: int) -> float:  # linear warm-up, cosine decay to 10%
+        if i < warm:
+            return (i + 1) / warm
+        return 0.1 + 0.45 * (1 + math.cos(math.pi * (i - warm) / max(1, steps - warm)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if standard else nullcontext
+    gen = torch.Generator().manual_seed(cfg["seed"])
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    losses, times, report = [], [], None
+    parent = os.getppid()
+    for step in range(1, steps + 1):
+        if os.getppid() != parent:  # the demo was stopped: do not train on as an orphan
+            raise SystemExit(1)
+        x, y = (t.to(device) for t in get_batch(train_data, cfg["batch"], mcfg.block_size, gen))
+        sync()
+        t0 = time.perf_counter()
+        with autocast():
+            _, loss = model(x, y)
+        loss.backward()
+        opt.step()
+        if step == steps:
+            report = leanopt.memory_report(opt)  # gradients still held (unless released)
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+        value = loss.item()  # synchronises
+        times.append(time.perf_counter() - t0)
+        losses.append(value)
+        emit(f"@progress {step} {steps} {value:.4f} {1e3 * times[-1]:.1f}")
+        if not math.isfinite(value):
+            break
+    peak = peak_rss()
+    cuda_peak = torch.cuda.max_memory_allocated(device) - base_alloc if device.type == "cuda" else None
+
+    model.eval()
+    vgen = torch.Generator().manual_seed(1234)
+    with torch.no_grad(), autocast():
+        val = [model(*(t.to(device) for t in get_batch(val_data, cfg["batch"], mcfg.block_size, vgen)))[1].item()
+               for _ in range(cfg["eval_batches"])]  # fmt: skip
+    if handle is not None and hasattr(handle, "remove"):
+        handle.remove()
+    tail = losses[-max(1, len(losses) // 10) :]
+    timed = times[min(len(times) - 1, max(1, len(times) // 10)) :]  # drop warm-up steps
+    assert report is not None or len(losses) < steps
+    return {
+        "name": cfg["name"],
+        "num_params": report.num_params if report else sum(p.numel() for p in model.parameters()),
+        "bytes_by_category": dict(report.by_category) if report else {},
+        "bytes_per_param": report.bytes_per_param if report else None,
+        "peak_rss_bytes": peak,
+        "rss_before_model_bytes": rss_before,
+        "peak_rss_above_start_bytes": peak - rss_before,
+        "peak_rss_reset": reset,
+        "cuda_peak_allocated_bytes": cuda_peak,
+        "median_step_s": statistics.median(timed),
+        "step_times_s": times,
+        "train_losses": losses,
+        "final_train_loss": statistics.fmean(tail),
+        "val_loss": statistics.fmean(val),
+        "completed_steps": len(losses),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 2:
+        print("usage: python -m leanopt.cli.worker CONFIG.json RESULT.json", file=sys.stderr)
+        return 2
+    with open(argv[0]) as f:
+        cfg = json.load(f)
+    result = train(cfg, emit=lambda line: print(line, flush=True))
+    tmp = argv[1] + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f)
+    os.replace(tmp, argv[1])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

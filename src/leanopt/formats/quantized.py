@@ -1,0 +1,186 @@
+"""8-bit and 4-bit optimizer states: companded codes in groups of 32 with one bf16 scale per group.
+
+Layout of a state ``name`` for a tensor of shape ``(*lead, n)``:
+
+- Groups are ``GROUP_SIZE`` (32) consecutive elements of one row of the last dimension; the last group
+  of a row is padded (in the computation only) when ``n`` is not a multiple of 32. A group never
+  straddles two rows, so a dim-0 shard (FSDP2) quantises exactly like the same rows of the whole tensor.
+- ``name.scales``: bf16, shape ``(*lead, ceil(n / 32))``: the group's largest magnitude (of the
+  companded quantity), rounded to nearest bf16. bf16 has fp32's exponent range, so tiny states
+  (gradients of 1e-8 and below) keep their precision where fp16 scales go subnormal and then zero.
+  Codes are taken relative to the stored scale, and the group's largest element always gets the
+  largest code, so decode -> encode reproduces the same codes and scales bit for bit.
+- ``name.codes``: ``int8`` (one code per byte, shape ``(*lead, n)``) or, for 4-bit states with even
+  ``n``, ``uint8`` with two codes per byte (shape ``(*lead, n // 2)``, low nibble first). 4-bit states
+  with odd ``n`` keep one 4-bit code per int8 byte.
+
+Companding (``signed`` comes from the rule's ``StateSpec``):
+
+- signed states (momentum): ``x = m / scale`` in [-1, 1], ``y = 2x / (1 + |x|)``, code
+  ``round(y * Q)`` with ``Q = 127`` (int8) or ``7`` (int4); decoded ``x = y / (2 - |y|)``.
+- unsigned states (second moments): ``s = sqrt(v)``, ``x = s / scale`` in [0, 1], code
+  ``clamp(round(x * L) - 1, 0, L - 1)`` with ``L = 256`` or ``16``; decoded ``s = (code + 1) / L * scale``,
+  ``v = s**2``. The map has no zero level (as in Li et al. 2023, 4-bit optimizers): a second moment
+  far below its group's largest decodes slightly too large (a smaller, safe Adam step), never as 0,
+  which would turn ``m / (sqrt(v) + eps)`` into ``m / eps``. A group that is all zero stays zero.
+
+Small tensors: a tensor with fewer than 2 dimensions, or whose rows are shorter than ``MIN_ROW`` (32),
+keeps its states in fp32 under the key ``name`` (biases and norms: under 0.01 bytes/param on GPT-2
+124M). The choice depends on the tensor's number of dimensions and row length only, so sharding dim 0
+never changes it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .states import StateFormat
+
+GROUP_SIZE = 32
+MIN_ROW = 32
+
+
+def is_compressed(shape: torch.Size | tuple[int, ...]) -> bool:
+    """Whether a state of this shape is quantised (else it stays fp32): ndim >= 2 and rows >= MIN_ROW."""
+    return len(shape) >= 2 and shape[-1] >= MIN_ROW
+
+
+class QuantizedStates(StateFormat):
+    """Companded ``bits``-bit states (8 or 4) in row-aligned groups of 32 with one scale each.
+
+    ``scale_dtype`` (bf16 by default) and ``compand`` are exposed for measurements (the NMSE sweep
+    with fp16 scales, the companding ablation); the registered formats use the defaults.
+    ``compand=False`` is plain linear quantisation: ``round(x * Q)`` for signed states and
+    ``round(v / scale * (L - 1))`` (no square root, with a zero level) for unsigned ones.
+    """
+
+    def __init__(self, name: str, bits: int, scale_dtype: torch.dtype = torch.bfloat16, compand: bool = True) -> None:
+        if bits not in (4, 8):
+            raise ValueError(f"bits must be 4 or 8, got {bits!r}")
+        self.name = name
+        self.bits = bits
+        self.scale_dtype = scale_dtype
+        self.compand = compand
+        self.q_signed = (1 << (bits - 1)) - 1  # 127 or 7
+        self.levels = 1 << bits  # 256 or 16
+
+    # ------------------------------------------------------------------ layout
+
+    def _packed(self, n: int) -> bool:
+        return self.bits == 4 and n % 2 == 0
+
+    def keys(self, name: str) -> tuple[str, ...]:
+        """Keys of a compressed state (a state below the size threshold is stored under ``name``)."""
+        return (f"{name}.codes", f"{name}.scales")
+
+    def init(self, name: str, like: Tensor, signed: bool) -> dict[str, Tensor]:
+        """Zero state. Works on meta tensors (shapes depend on ``like.shape`` only)."""
+        if not is_compressed(like.shape):
+            return {name: torch.zeros_like(like, dtype=torch.float32, memory_format=torch.contiguous_format)}
+        *lead, n = like.shape
+        groups = -(-n // GROUP_SIZE)
+        width = n // 2 if self._packed(n) else n
+        return {
+            f"{name}.codes": torch.zeros(
+                (*lead, width), dtype=torch.uint8 if self._packed(n) else torch.int8, device=like.device
+            ),
+            f"{name}.scales": torch.zeros((*lead, groups), dtype=self.scale_dtype, device=like.device),
+        }
+
+    # ------------------------------------------------------------------ codes <-> values
+
+    def _grouped(self, value: Tensor) -> Tensor:
+        """(rows, groups, GROUP_SIZE) fp32 view of ``value`` (rows of the last dim), zero padded."""
+        n = value.shape[-1]
+        flat = value.reshape(-1, n)
+        pad = (-n) % GROUP_SIZE
+        if pad:
+            flat = F.pad(flat, (0, pad))
+        return flat.view(flat.shape[0], -1, GROUP_SIZE)
+
+    def quantize(self, value: Tensor, signed: bool) -> tuple[Tensor, Tensor]:
+        """fp32 ``value`` (*lead, n) -> (int32 codes (*lead, n), scales (*lead, groups))."""
+        *lead, n = value.shape
+        if signed:
+            g = self._grouped(value)
+            mag = g.abs()
+        else:
+            g = self._grouped(value.clamp_min(0))
+            g = g.sqrt() if self.compand else g
+            mag = g
+        top = mag.amax(dim=-1, keepdim=True)
+        scale = top.to(self.scale_dtype)
+        s32 = scale.float()
+        x = g / torch.where(s32 > 0, s32, torch.ones_like(s32))
+        is_top = (mag == top) & (top > 0)
+        if signed:
+            x = torch.where(is_top, torch.sign(g), x.clamp(-1.0, 1.0))
+            y = 2 * x / (1 + x.abs()) if self.compand else x
+            codes = torch.round(y * self.q_signed)
+        else:
+            x = torch.where(is_top, torch.ones_like(x), x.clamp(0.0, 1.0))
+            if self.compand:
+                codes = (torch.round(x * self.levels) - 1).clamp_(0, self.levels - 1)
+            else:
+                codes = torch.round(x * (self.levels - 1))
+        codes = codes.to(torch.int32).reshape(-1, g.shape[1] * GROUP_SIZE)[:, :n].reshape(*lead, n)
+        return codes, scale.reshape(*lead, -1)
+
+    def dequantize(self, codes: Tensor, scales: Tensor, signed: bool) -> Tensor:
+        """int codes (*lead, n) and scales (*lead, groups) -> fp32 values (*lead, n)."""
+        *lead, n = codes.shape
+        c = self._grouped(codes.float())
+        s = scales.float().reshape(c.shape[0], -1, 1)
+        if signed:
+            y = c / self.q_signed
+            x = y / (2 - y.abs()) if self.compand else y
+            out = x * s
+        elif self.compand:
+            out = ((c + 1) / self.levels * s).square()
+        else:
+            out = c / (self.levels - 1) * s
+        return out.reshape(-1, c.shape[1] * GROUP_SIZE)[:, :n].reshape(*lead, n)
+
+    # ------------------------------------------------------------------ storage of codes
+
+    def _offset(self, signed: bool) -> int:
+        """Stored byte = code - offset: codes are kept centred in a signed byte or a nibble."""
+        return 0 if signed else self.levels // 2
+
+    def _store_codes(self, codes: Tensor, stored: Tensor, signed: bool) -> None:
+        if stored.dtype == torch.int8:
+            stored.copy_(codes - self._offset(signed))
+            return
+        nib = codes + (self.levels // 2 if signed else 0)  # 0..15
+        pairs = nib.reshape(*nib.shape[:-1], -1, 2)
+        stored.copy_((pairs[..., 0] | (pairs[..., 1] << 4)).to(torch.uint8))
+
+    def _load_codes(self, stored: Tensor, signed: bool) -> Tensor:
+        if stored.dtype == torch.int8:
+            return stored.to(torch.int32) + self._offset(signed)
+        b = stored.to(torch.int32)
+        nib = torch.stack((b & 0xF, b >> 4), dim=-1).reshape(*b.shape[:-1], -1)
+        return nib - (self.levels // 2 if signed else 0)
+
+    # ------------------------------------------------------------------ StateFormat
+
+    def decode(self, name: str, stored: dict[str, Tensor], signed: bool) -> Tensor:
+        if name in stored:
+            return stored[name]
+        codes = self._load_codes(stored[f"{name}.codes"], signed)
+        return self.dequantize(codes, stored[f"{name}.scales"], signed)
+
+    def encode(self, name: str, value: Tensor, stored: dict[str, Tensor], signed: bool) -> None:
+        if name in stored:
+            if value.data_ptr() != stored[name].data_ptr():
+                stored[name].copy_(value)
+            return
+        codes, scales = self.quantize(value, signed)
+        self._store_codes(codes, stored[f"{name}.codes"], signed)
+        stored[f"{name}.scales"].copy_(scales)
+
+
+INT8 = QuantizedStates("int8", 8)
+INT4 = QuantizedStates("int4", 4)
