@@ -273,8 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--workloads", default="gpt2-small,tensor50m", help=f"comma list of {list(WORKLOADS)}")
     ap.add_argument("--modes", default="default", help="'default', 'all', or a comma list of mode names")
-    ap.add_argument("--steps", type=int, default=5, help="timed steps per mode (median reported)")
-    ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation happens here)")
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per mode (median reported)")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed steps first (compilation happens here)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--out", default=str(HERE / "results" / "kernels.json"))
     args = ap.parse_args(argv)
@@ -310,10 +310,17 @@ def main(argv: list[str] | None = None) -> int:
                     r.ratio_to_torch_fused = r.step_ms / fused_ms
             results.append(r)
             _print_row(r)
+            _write(args, argv, device, bw, None, started, results)  # partial results survive an interrupted run
         print()
     bw_end = copy_gbps(device)
     print(f"plain fp32 copy at the end: {bw_end:.1f} GB/s (the bound uses the start's {bw:.1f})\n")
     _print_targets(results)
+    out = _write(args, argv, device, bw, bw_end, started, results)
+    print(f"\nwrote {out} ({time.time() - started:.0f} s)")
+    return 0
+
+
+def _write(args, argv, device, bw, bw_end, started, results) -> Path:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     payload = {
@@ -329,10 +336,10 @@ def main(argv: list[str] | None = None) -> int:
         "wall_s": time.time() - started,
         "results": [asdict(r) for r in results],
         "targets": _targets(results),
+        "complete": bw_end is not None,
     }
     out.write_text(json.dumps(payload, indent=1))
-    print(f"\nwrote {out} ({time.time() - started:.0f} s)")
-    return 0
+    return out
 
 
 def _device_name(device: torch.device) -> str:

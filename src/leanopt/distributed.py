@@ -208,15 +208,24 @@ def _all_ranks_min(flags: Tensor, mesh: Any) -> Tensor:
     return flags
 
 
+def finite_flag(t: Tensor) -> Tensor:
+    """0-d bool tensor: every element of the (local) tensor ``t`` is finite. One min/max reduction
+    (NaN and inf propagate to the extremes), several times faster than ``isfinite(t).all()``."""
+    if t.numel() == 0:
+        return torch.ones((), dtype=torch.bool, device=t.device)
+    lo, hi = torch.aminmax(t)
+    return torch.isfinite(lo) & torch.isfinite(hi)
+
+
 def all_finite(t: Tensor) -> bool:
     """Whether every element of ``t`` is finite; for a DTensor, on every rank (one all-reduce, or none
     inside :func:`finite_checks`), so all ranks take the same decision for the whole tensor."""
     if not is_dtensor(t):
-        return bool(torch.isfinite(t).all())
+        return bool(finite_flag(t))
     cached = getattr(_finite_cache, "flags", {}).get(id(t))
     if cached is not None:
         return cached
-    flag = torch.isfinite(local(t)).all().to(torch.int32).reshape(1)
+    flag = finite_flag(local(t)).to(torch.int32).reshape(1)
     return bool(_all_ranks_min(flag, t.device_mesh).item())
 
 
@@ -230,7 +239,7 @@ def finite_checks(grads: list[Tensor]) -> Iterator[None]:
             by_mesh.setdefault(g.device_mesh, []).append(g)
     flags: dict[int, bool] = {}
     for mesh, group in by_mesh.items():
-        local_flags = torch.stack([torch.isfinite(local(g)).all() for g in group]).to(torch.int32)
+        local_flags = torch.stack([finite_flag(local(g)) for g in group]).to(torch.int32)
         for g, ok in zip(group, _all_ranks_min(local_flags, mesh).tolist(), strict=True):
             flags[id(g)] = bool(ok)
     previous = getattr(_finite_cache, "flags", None)

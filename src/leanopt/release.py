@@ -49,11 +49,21 @@ def tensor_norm(grad: Tensor, norm_type: float) -> Tensor:
 
 
 def total_norm(norms: list[Tensor], norm_type: float) -> Tensor:
-    """Combine per-tensor norms (in torch's order: grouped by device and dtype) into the global norm."""
+    """Combine per-tensor norms, given in parameter order, into the global norm as get_total_norm does.
+
+    torch groups the gradients by (device, dtype) with its own grouping function and concatenates the
+    groups' norms in that function's order (on CPU the fp32 group comes before the bf16 group of a mixed
+    model, whatever the parameter order); the same function is applied here to the norms (each has its
+    gradient's device and dtype), so the sum runs in the same order and gives the same bits.
+    """
     if not norms:
         return torch.tensor(0.0)
-    first = norms[0].device
-    return torch.linalg.vector_norm(torch.stack([n.to(first) for n in norms]), norm_type)
+    from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
+
+    first = norms[0].device  # get_total_norm moves every norm to the first gradient's device
+    grouped = _group_tensors_by_device_and_dtype([list(norms)], with_indices=True)
+    ordered = [norms[i] for _, (_, indices) in grouped.items() for i in indices]
+    return torch.linalg.vector_norm(torch.stack([n.to(first) for n in ordered]), norm_type)
 
 
 def clip_(grad: Tensor, max_norm: float, norm: Tensor) -> None:
@@ -318,6 +328,11 @@ class ReleaseHandle:
         index = opt.param_index(p)
         if grad.is_sparse:
             raise ValueError(f"parameter {index} has a sparse gradient; leanopt optimizers accept dense gradients only")
+        if index in self._updated:
+            raise RuntimeError(
+                f"parameter {index} was already updated in this step: a second backward ran before "
+                "optimizer.step(); run all but the last micro-batch's backward inside handle.accumulate()"
+            )
         group = self._group(p)
         if self.per_param_max_norm is not None:
             clip_(grad, self.per_param_max_norm, tensor_norm(grad, self.norm_type))
@@ -380,7 +395,13 @@ class ReleaseHandle:
 
     # ----------------------------------------------------------------------------- step()
 
-    def _before_step(self, optimizer: Any, args: tuple, kwargs: dict) -> None:
+    def _before_step(self, optimizer: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        """Step pre-hook: run ``step(closure)``'s closure first, then finish the step's release work.
+
+        ``args`` starts with the optimizer itself. torch runs pre-hooks before ``step`` calls the closure,
+        but the closure's backward is what decides this step (deferred updates, their exact clipping, the
+        norm): the closure is called here, and ``step`` gets back a closure that returns its result.
+        """
         if "grad_scaler" in kwargs or getattr(optimizer, "grad_scale", None) is not None:
             raise RuntimeError(
                 "torch.amp.GradScaler cannot drive an optimizer with gradient release: its updates ran during "
@@ -388,7 +409,25 @@ class ReleaseHandle:
                 "bfloat16 (no loss scaling needed), or call handle.remove() and use GradScaler without release."
             )
         if not self._active:
-            return
+            return None
+        replaced: tuple[tuple, dict] | None = None
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
+        if closure is not None:
+            with torch.enable_grad():
+                result = closure()
+
+            def done() -> Any:
+                return result
+
+            if "closure" in kwargs:
+                replaced = (args, {**kwargs, "closure": done})
+            else:
+                replaced = ((args[0], done, *args[2:]), kwargs)
+        self._complete_step()
+        return replaced
+
+    def _complete_step(self) -> None:
+        """Before ``step`` updates from ``.grad``: clip deferred gradients, or drop already-applied ones."""
         if self._deferred:
             params = [p for p in self._params() if p.grad is not None]
             if self.max_norm is not None:
@@ -429,14 +468,8 @@ class ReleaseHandle:
         self._poisoned = set()
 
     def _gathered_norm(self) -> Tensor:
-        """The global norm from this step's per-tensor norms, combined in torch's order."""
-        params = self._params()
-        order: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-        for i, p in enumerate(params):
-            if i in self._norms:
-                n = self._norms[i]
-                order.setdefault((p.device, n.dtype if p.grad is None else p.grad.dtype), []).append(i)
-        return total_norm([self._norms[i] for idx in order.values() for i in idx], self.norm_type)
+        """The global norm from this step's per-tensor norms, combined in torch's order (see total_norm)."""
+        return total_norm([self._norms[i] for i in sorted(self._norms)], self.norm_type)
 
     # ----------------------------------------------------------------------------- public API
 
@@ -565,10 +598,10 @@ def release_gradients(
             raise ValueError(f"accumulation='states' needs micro_batches= a positive int, got {micro_batches!r}")
         if ddp is not None:
             raise ValueError("accumulation='states' is not available with ddp=; use accumulation='grad'")
-        if max_norm is not None:
+        if max_norm is not None or per_param_max_norm is not None:
             raise ValueError(
-                "accumulation='states' cannot clip the global norm (the accumulated gradient never exists); "
-                "use accumulation='grad' with max_norm, or per_param_max_norm"
+                "accumulation='states' cannot clip (max_norm/per_param_max_norm): the accumulated gradient "
+                "never exists; use accumulation='grad' to clip"
             )
     elif micro_batches is not None:
         raise ValueError("micro_batches= is only used with accumulation='states'")

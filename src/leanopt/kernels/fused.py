@@ -345,7 +345,7 @@ def _split_bits(value: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _uses_pair_mode(weight_format: WeightFormat, state_format: StateFormat, param: Tensor, grad: Tensor,
-                    stored: dict[str, Tensor], specs: tuple) -> bool:  # fmt: skip
+                    stored: dict[str, Tensor], specs: tuple, buffers: dict[str, Tensor]) -> bool:  # fmt: skip
     return (
         PAIR_MODE
         and param.device.type == "cpu"
@@ -358,6 +358,7 @@ def _uses_pair_mode(weight_format: WeightFormat, state_format: StateFormat, para
         and grad.is_contiguous()
         and set(stored) == {spec.name for spec in specs}
         and all(t.dtype == torch.float32 and t.is_contiguous() for t in stored.values())
+        and all(t.is_contiguous() for t in buffers.values())
     )
 
 
@@ -451,7 +452,7 @@ def fused_step(
     wdecode, wencode = weight_codec(weight_format, param.dtype)
     stored = {k: v for k, v in state.items() if k != "step" and k not in weight_format.buffers}
     buffers = {k: state[k] for k in weight_format.buffers}
-    pairs = _uses_pair_mode(weight_format, state_format, param, grad, stored, specs)
+    pairs = _uses_pair_mode(weight_format, state_format, param, grad, stored, specs, buffers)
     key = (
         type(rule), getattr(rule, "decoupled", None), flags, specs, weight_format.name, state_format.name,
         param.dtype, grad.dtype, param.device.type, 1 if pairs else param.dim(), pairs,

@@ -5,6 +5,7 @@ Readable and exact; the ground truth that faster executors are tested against.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -13,6 +14,12 @@ from torch import Tensor
 from ..formats.states import StateFormat
 from ..formats.weights import RandomBits, WeightFormat
 from ..rules.base import Rule
+
+
+#: Tensors larger than this many elements are updated a block of rows at a time, so the fp32 working
+#: copies (decoded weight, gradient, states, the rule's temporaries) never exceed a few MiB whatever the
+#: tensor's size. The rules are elementwise and formats keep whole rows, so the result is bit-identical.
+CHUNK_ELEMENTS = 1 << 20
 
 
 def reference_step(
@@ -27,12 +34,37 @@ def reference_step(
 ) -> None:
     """One update of ``param`` from ``grad`` (any float dtype). ``state['step']`` is advanced."""
     specs = rule.states(group)
-    g32 = grad if grad.dtype == torch.float32 else grad.float()
-    master = weight_format.decode(param, state)
-    states32 = {s.name: state_format.decode(s.name, state, s.signed) for s in specs}
     state["step"] += 1
-    rule.update(master, g32, states32, float(state["step"]), group)
-    for s in specs:
-        state_format.encode(s.name, states32[s.name], state, s.signed)
-    weight_format.encode(master, param, state, random_bits)
+    step = float(state["step"])
+    for p, g, st in _row_blocks(param, grad, state, random_bits is not None):
+        g32 = g if g.dtype == torch.float32 else g.float()
+        master = weight_format.decode(p, st)
+        states32 = {s.name: state_format.decode(s.name, st, s.signed) for s in specs}
+        rule.update(master, g32, states32, step, group)
+        for s in specs:
+            state_format.encode(s.name, states32[s.name], st, s.signed)
+        weight_format.encode(master, p, st, random_bits)
 
+
+def _row_blocks(
+    param: Tensor, grad: Tensor, state: dict[str, Any], whole: bool
+) -> Iterator[tuple[Tensor, Tensor, dict[str, Any]]]:
+    """(param, grad, state) views over blocks of rows (dim 0) of at most about CHUNK_ELEMENTS elements.
+
+    Yields the whole tensor when it is small, 0-d, when ``whole`` (random rounding noise is drawn for
+    the whole tensor), or when some state tensor does not follow the parameter's rows.
+    """
+    tensors = {k: v for k, v in state.items() if k != "step" and isinstance(v, Tensor)}
+    rows = param.shape[0] if param.dim() else 0
+    if (
+        whole
+        or param.numel() <= CHUNK_ELEMENTS
+        or rows < 2
+        or any(v.dim() == 0 or v.shape[0] != rows for v in tensors.values())
+    ):
+        yield param, grad, state
+        return
+    step_rows = max(1, CHUNK_ELEMENTS // (param.numel() // rows))
+    for start in range(0, rows, step_rows):
+        block = slice(start, start + step_rows)
+        yield param[block], grad[block], {k: v[block] for k, v in tensors.items()}
