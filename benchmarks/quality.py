@@ -3,8 +3,11 @@
 Same seed, same initial weights, same batches and the same LR schedule for every run; only the
 precision recipe changes. Prints a table and writes benchmarks/results/quality.json.
 
-    python benchmarks/quality.py              # full: 1000 steps per run (about 45 min on a busy 2-core CPU)
+    python benchmarks/quality.py              # full: 500 steps per run, six runs (~15 CPU-minutes)
     python benchmarks/quality.py --short      # 60 steps, a smaller model: a smoke test
+
+The six runs can also go in parallel (``--runs NAME --out part.json`` each) and be merged with
+``--combine part1.json part2.json ...``. ms/step is wall time and only meaningful on a quiet machine.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ class Setup:
     """Everything that is the same across runs."""
 
     model: GPTConfig = QUALITY_MODEL
-    steps: int = 1000
+    steps: int = 500
     batch_size: int = 16
     lr: float = 2e-3
     min_lr_ratio: float = 0.1
@@ -145,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--short", action="store_true", help="a 60-step smoke version on a smaller model")
     parser.add_argument("--steps", type=int, default=None, help="override the number of steps")
     parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated subset of {list(RUNS)}")
+    parser.add_argument("--seed", type=int, default=None, help="override the seed (weights, batches, validation)")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "quality.json")
     parser.add_argument(
@@ -167,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     s = SHORT if args.short else Setup()
     if args.steps is not None:
         s = replace(s, steps=args.steps)
+    if args.seed is not None:
+        s = replace(s, seed=args.seed)
     data = stdlib_corpus(s.corpus_bytes)
     print(f"train {data[0].numel():,} bytes, validation {data[1].numel():,} bytes; {s.steps} steps, "
           f"batch {s.batch_size}x{s.model.block_size}, model {s.model}", flush=True)  # fmt: skip

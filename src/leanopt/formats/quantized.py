@@ -98,7 +98,7 @@ class QuantizedStates(StateFormat):
         pad = (-n) % GROUP_SIZE
         if pad:
             flat = F.pad(flat, (0, pad))
-        return flat.view(flat.shape[0], -1, GROUP_SIZE)
+        return flat.view(flat.shape[0], (n + pad) // GROUP_SIZE, GROUP_SIZE)  # explicit: rows may be 0
 
     def quantize(self, value: Tensor, signed: bool) -> tuple[Tensor, Tensor]:
         """fp32 ``value`` (*lead, n) -> (int32 codes (*lead, n), scales (*lead, groups))."""
@@ -126,13 +126,13 @@ class QuantizedStates(StateFormat):
             else:
                 codes = torch.round(x * (self.levels - 1))
         codes = codes.to(torch.int32).reshape(-1, g.shape[1] * GROUP_SIZE)[:, :n].reshape(*lead, n)
-        return codes, scale.reshape(*lead, -1)
+        return codes, scale.reshape(*lead, g.shape[1])
 
     def dequantize(self, codes: Tensor, scales: Tensor, signed: bool) -> Tensor:
         """int codes (*lead, n) and scales (*lead, groups) -> fp32 values (*lead, n)."""
         *lead, n = codes.shape
         c = self._grouped(codes.float())
-        s = scales.float().reshape(c.shape[0], -1, 1)
+        s = scales.float().reshape(c.shape[0], c.shape[1], 1)
         if signed:
             y = c / self.q_signed
             x = y / (2 - y.abs()) if self.compand else y
@@ -154,14 +154,14 @@ class QuantizedStates(StateFormat):
             stored.copy_(codes - self._offset(signed))
             return
         nib = codes + (self.levels // 2 if signed else 0)  # 0..15
-        pairs = nib.reshape(*nib.shape[:-1], -1, 2)
+        pairs = nib.reshape(*nib.shape[:-1], nib.shape[-1] // 2, 2)
         stored.copy_((pairs[..., 0] | (pairs[..., 1] << 4)).to(torch.uint8))
 
     def _load_codes(self, stored: Tensor, signed: bool) -> Tensor:
         if stored.dtype == torch.int8:
             return stored.to(torch.int32) + self._offset(signed)
         b = stored.to(torch.int32)
-        nib = torch.stack((b & 0xF, b >> 4), dim=-1).reshape(*b.shape[:-1], -1)
+        nib = torch.stack((b & 0xF, b >> 4), dim=-1).reshape(*b.shape[:-1], 2 * b.shape[-1])
         return nib - (self.levels // 2 if signed else 0)
 
     # ------------------------------------------------------------------ StateFormat
