@@ -142,19 +142,12 @@ def test_lean_trainer_builds_leanopt_adamw_from_the_arguments(tmp_path):
     assert "transformer.ln_f.weight" in {names[id(p)] for p in no_decay["params"]}
 
 
-MIXED_NORM_ORDER = pytest.mark.xfail(
-    strict=True,
-    reason="release.py combines per-tensor norms bf16-group first; clip_grad_norm_ puts the fp32 group first, "
-    "so the global norm differs by 1 ulp on mixed bf16/fp32 models (remove this mark once release.py is fixed)",
-)
-
-
 @pytest.mark.parametrize(
     "arch, accum, keep_fp32",
     [
         ("gpt2", 2, ()),  # accumulated gradient: clipped exactly in optimizer.step()
         ("llama", 1, ()),  # no accumulation: a measuring backward gives the norm first
-        pytest.param("gpt2", 2, None, marks=MIXED_NORM_ORDER, id="gpt2-2-mixed"),
+        pytest.param("gpt2", 2, None, id="gpt2-2-mixed"),  # bf16 + fp32 norms, combined in torch's order
     ],
 )
 def test_release_in_lean_trainer_matches_the_trainer_without_release_bit_for_bit(tmp_path, arch, accum, keep_fp32):

@@ -555,7 +555,8 @@ def test_step_with_closure_is_bit_identical():
     assert_same(a, opt_a, b, opt_b)
 
 
-def test_step_with_closure_clips_exactly_with_accumulation():
+@pytest.mark.parametrize("keyword", [False, True], ids=["step(closure)", "step(closure=closure)"])
+def test_step_with_closure_clips_exactly_with_accumulation(keyword):
     """step(closure) whose closure runs the last micro-batch's backward: clipped like clip_grad_norm_."""
     a, opt_a, b, opt_b = pair("adam")
     handle = leanopt.release_gradients(opt_b, max_norm=0.05)
@@ -566,7 +567,7 @@ def test_step_with_closure_clips_exactly_with_accumulation():
         loss_of(a, first, 0.5).backward()
         norms = []
 
-        def closure_a():
+        def closure_a(last=last, norms=norms):
             loss = loss_of(a, last, 0.5)
             loss.backward()
             norms.append(torch.nn.utils.clip_grad_norm_(params_a, 0.05))
@@ -577,12 +578,12 @@ def test_step_with_closure_clips_exactly_with_accumulation():
         with handle.accumulate():
             handle.backward(loss_of(b, first, 0.5))
 
-        def closure_b():
+        def closure_b(last=last):
             loss = loss_of(b, last, 0.5)
             handle.backward(loss)
             return loss
 
-        loss_b = opt_b.step(closure_b)
+        loss_b = opt_b.step(closure=closure_b) if keyword else opt_b.step(closure_b)
         opt_b.zero_grad()
         assert torch.equal(bits(loss_a), bits(loss_b)), "step(closure) returns the closure's loss"
         assert handle.last_norm is not None, "the step was clipped"

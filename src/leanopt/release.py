@@ -52,9 +52,10 @@ def total_norm(norms: list[Tensor], norm_type: float) -> Tensor:
     """Combine per-tensor norms, given in parameter order, into the global norm as get_total_norm does.
 
     torch groups the gradients by (device, dtype) with its own grouping function and concatenates the
-    groups' norms in that function's order (on CPU the fp32 group comes before the bf16 group of a mixed
-    model, whatever the parameter order); the same function is applied here to the norms (each has its
-    gradient's device and dtype), so the sum runs in the same order and gives the same bits.
+    groups' norms in that function's order, not the parameter order (torch 2.13 on CPU: the reverse of
+    first appearance, so a bf16 model with fp32 LayerNorms gets its fp32 group first). The same function
+    is applied here to the norms (each has its gradient's device and dtype), so the sum runs in the same
+    order and gives the same bits.
     """
     if not norms:
         return torch.tensor(0.0)
