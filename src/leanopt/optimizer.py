@@ -191,17 +191,22 @@ class LeanOptimizer(torch.optim.Optimizer):
             self.nonfinite_skipped += 1
             self.last_skipped.append(self.param_index(param))
             return False
-        state = self.state[param]
-        if not state:
-            state = self._init_state(param, group)
-        else:
-            self._ensure_states(param, group, state)
+        state = self.state_for(param, group)
         wfmt, sfmt = self.formats(param, group)
         random_bits = self._random_bits(param, state) if wfmt.needs_random else None
         where = f"parameter {self.param_index(param)}"
         with _shards.local_views(param, grad, state, where) as (p, g, st):  # FSDP2: this rank's rows
             _fused.dispatch_step(self.kernel, self.rule, wfmt, sfmt, p, g, st, group, random_bits)
         return True
+
+    def state_for(self, param: Tensor, group: dict[str, Any]) -> dict[str, Any]:
+        """The parameter's state, created on first use and completed when a hyper-parameter change
+        needs a new state (e.g. momentum turned on)."""
+        state = self.state[param]
+        if not state:
+            return self._init_state(param, group)
+        self._ensure_states(param, group, state)
+        return state
 
     def _ensure_states(self, param: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
         """Add states a hyper-parameter change made necessary (e.g. momentum turned on)."""

@@ -370,11 +370,7 @@ class ReleaseHandle:
         if last and index in self._poisoned:
             self._skip(index)
             return
-        state = opt.state[p]
-        if not state:
-            state = opt._init_state(p, group)
-        else:
-            opt._ensure_states(p, group, state)
+        state = opt.state_for(p, group)
         _, sfmt = opt.formats(p, group)
         specs = opt.rule.states(group)
         working = {s.name: sfmt.decode(s.name, state, s.signed) for s in specs}
