@@ -15,6 +15,7 @@ benchmarks/results/release_memory.json.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -55,10 +56,12 @@ def current_rss_bytes() -> int:
     return 0
 
 
-def worker(config: str, short: bool, batch: int, seq: int, warmup: int, steps: int) -> dict:
+def worker(config: str, short: bool, batch: int, seq: int, warmup: int, steps: int, untied: bool = False) -> dict:
     """One configuration, in this (fresh) process."""
     torch.manual_seed(0)
     cfg = SHORT_MODEL if short else GPT2_SMALL
+    if untied:  # the same shapes with a separate output layer (GPT-2 small untied: 163M params)
+        cfg = dataclasses.replace(cfg, tie_embeddings=False)
     torch.set_default_dtype(torch.bfloat16)  # build the model in bf16: no fp32 copy ever exists
     model = GPT(cfg)
     torch.set_default_dtype(torch.float32)
@@ -101,6 +104,7 @@ def worker(config: str, short: bool, batch: int, seq: int, warmup: int, steps: i
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--short", action="store_true", help="a small model (smoke test)")
+    parser.add_argument("--untied", action="store_true", help="output layer not tied to the token embedding")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--warmup", type=int, default=1)
@@ -116,7 +120,7 @@ def main() -> None:
         parser.error("--warmup must be >= 0")
 
     if args.worker:
-        result = worker(args.worker, args.short, args.batch, args.seq, args.warmup, args.steps)
+        result = worker(args.worker, args.short, args.batch, args.seq, args.warmup, args.steps, args.untied)
         print(json.dumps(result))
         return
 
@@ -126,6 +130,7 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--worker", config, "--batch", str(args.batch), "--seq", str(args.seq),
                    "--warmup", str(args.warmup), "--steps", str(args.steps)]  # fmt: skip
             cmd += ["--short"] if args.short else []
+            cmd += ["--untied"] if args.untied else []
             done = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if done.returncode != 0:
                 sys.exit(f"{config} failed:\n{done.stderr[-3000:]}")
@@ -141,7 +146,7 @@ def main() -> None:
     saved = base["peak_rss_bytes"] - rel["peak_rss_bytes"]
     after = base["rss_after_backward_bytes"] - rel["rss_after_backward_bytes"]
     mib = 2**20
-    print(f"model: {'small (--short)' if args.short else 'GPT-2 small'}, {runs[0]['params']:,} params, bf16; "
+    print(f"model: {'small (--short)' if args.short else 'GPT-2 small'}{' untied' if args.untied else ''}, {runs[0]['params']:,} params, bf16; "
           f"batch {args.batch} x {args.seq} tokens; {args.warmup} warm-up + {args.steps} timed steps; "
           f"median of {args.repeats} run(s) per config")  # fmt: skip
     print(f"{'config':<12} {'peak RSS MiB':>13} {'RSS after build':>16} {'RSS after backward':>19} "

@@ -18,6 +18,8 @@ class GPTConfig:
     n_head: int = 4
     n_embd: int = 128
     dropout: float = 0.0
+    #: GPT-2 ties the output layer to the token embedding; False gives each its own weight
+    tie_embeddings: bool = True
 
 
 #: GPT-2 small: 124M parameters (with the output layer tied to the token embedding).
@@ -59,7 +61,8 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        self.lm_head.weight = self.wte.weight  # tied, as in GPT-2
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.wte.weight  # tied, as in GPT-2
         self.apply(self._init)
         for name, p in self.named_parameters():
             if name.endswith("proj.weight"):
