@@ -16,8 +16,23 @@ def _local(t: Tensor) -> Tensor:
     return to_local() if callable(to_local) else t
 
 
+class ByteTotals:
+    """Totals over ``by_category`` (bytes) for ``num_params`` parameters; shared by reports and plans."""
+
+    num_params: int
+    by_category: dict[str, int]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.by_category.values())
+
+    @property
+    def bytes_per_param(self) -> float:
+        return self.total_bytes / self.num_params if self.num_params else 0.0
+
+
 @dataclass
-class MemoryReport:
+class MemoryReport(ByteTotals):
     """Bytes held for an optimizer's parameters, by category, from real storage sizes.
 
     ``by_category`` has ``weights`` (the model's parameter tensors), ``master`` (extra bits that stand
@@ -27,14 +42,6 @@ class MemoryReport:
 
     num_params: int
     by_category: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(self.by_category.values())
-
-    @property
-    def bytes_per_param(self) -> float:
-        return self.total_bytes / self.num_params if self.num_params else 0.0
 
     def __str__(self) -> str:
         rows = [("category", "bytes", "MiB", "bytes/param")]

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..memory import ByteTotals
 from .common import CLIError, Features, detect_features, format_bytes, format_count, jsonable, parse_bytes, parse_count
 
 Shape = tuple[int, ...]
@@ -273,7 +274,7 @@ class Mode:
 
 
 @dataclass
-class Layout:
+class Layout(ByteTotals):
     """Bytes by category (the same categories as :class:`leanopt.MemoryReport`)."""
 
     name: str
@@ -283,14 +284,6 @@ class Layout:
     kind: str = "leanopt"  # leanopt | standard | peer
     source: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(self.by_category.values())
-
-    @property
-    def bytes_per_param(self) -> float:
-        return self.total_bytes / self.num_params if self.num_params else 0.0
 
 
 def _state_tensors(opt: torch.optim.Optimizer, p: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
