@@ -47,11 +47,13 @@ class MemoryReport(ByteTotals):
         rows = [("category", "bytes", "MiB", "bytes/param")]
         for name, nbytes in self.by_category.items():
             rows.append((name, f"{nbytes:,}", f"{nbytes / 2**20:.2f}", f"{nbytes / max(self.num_params, 1):.3f}"))
-        rows.append(("total", f"{self.total_bytes:,}", f"{self.total_bytes / 2**20:.2f}", f"{self.bytes_per_param:.3f}"))
+        total = self.total_bytes
+        rows.append(("total", f"{total:,}", f"{total / 2**20:.2f}", f"{self.bytes_per_param:.3f}"))
         widths = [max(len(r[i]) for r in rows) for i in range(4)]
         lines = [f"memory for {self.num_params:,} parameters"]
         for k, r in enumerate(rows):
-            lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+            cells = zip(r, widths, strict=True)
+            lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(cells)))
             if k == 0 or k == len(rows) - 2:
                 lines.append("  ".join("-" * w for w in widths))
         return "\n".join(lines)
