@@ -16,6 +16,14 @@ import leanopt
 from leanopt.formats.weights import WEIGHT_FORMATS
 from leanopt.kernels import fused
 
+
+@pytest.fixture(autouse=True)
+def _inductor_path(monkeypatch):
+    """These tests are about the torch.compile executor; on CPU the native kernels (tests/test_native.py)
+    would take the updates first, so they are switched off here."""
+    monkeypatch.setenv("LEANOPT_NATIVE", "0")
+
+
 DEVICES = [
     "cpu",
     pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")),

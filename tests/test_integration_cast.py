@@ -152,7 +152,7 @@ def test_mixed_groups_update_fp32_params_exactly_like_torch_optim(cls):
     torch_cls = {leanopt.AdamW: torch.optim.AdamW, leanopt.Adam: torch.optim.Adam, leanopt.SGD: torch.optim.SGD}[cls]
     model = tiny_gpt()
     kw = {"lr": 1e-2, "weight_decay": 0.1} | ({"momentum": 0.9} if cls is leanopt.SGD else {})
-    opt = cls(model.parameters(), **kw)
+    opt = cls(model.parameters(), kernel="reference", **kw)  # torch.optim's single-tensor arithmetic
     fp32 = [p for p in model.parameters() if p.dtype == torch.float32]
     copies = [p.detach().clone().requires_grad_() for p in fp32]
     ref = torch_cls(copies, foreach=False, **kw)

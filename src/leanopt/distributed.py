@@ -28,6 +28,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .kernels import native as _native
+
 # ----------------------------------------------------------------------------------------- adapter
 
 
@@ -221,7 +223,8 @@ def all_finite(t: Tensor) -> bool:
     """Whether every element of ``t`` is finite; for a DTensor, on every rank (one all-reduce, or none
     inside :func:`finite_checks`), so all ranks take the same decision for the whole tensor."""
     if not is_dtensor(t):
-        return bool(finite_flag(t))
+        fast = _native.all_finite(t)  # CPU: one native pass
+        return bool(finite_flag(t)) if fast is None else fast
     cached = getattr(_finite_cache, "flags", {}).get(id(t))
     if cached is not None:
         return cached

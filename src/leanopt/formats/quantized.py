@@ -113,7 +113,9 @@ class QuantizedStates(StateFormat):
         top = mag.amax(dim=-1, keepdim=True)
         scale = top.to(self.scale_dtype)
         s32 = scale.float()
-        x = g / torch.where(s32 > 0, s32, torch.ones_like(s32))
+        # One reciprocal per group and a product per element (not a division per element): the same
+        # codes up to the last bit of x, and the fused CPU kernel computes exactly this.
+        x = g * (1 / torch.where(s32 > 0, s32, torch.ones_like(s32)))
         is_top = (mag == top) & (top > 0)
         if signed:
             x = torch.where(is_top, torch.sign(g), x.clamp(-1.0, 1.0))

@@ -41,6 +41,7 @@ from ..rules.adam import AdamRule
 from ..rules.base import Rule
 from ..rules.lion import LionRule
 from ..rules.sgd import SGDRule
+from . import native
 from .reference import reference_step
 
 KERNEL_CHOICES = ("auto", "reference", "fused")
@@ -81,6 +82,10 @@ def _fma(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
     """a * b + c with one rounding (compiled to a hardware FMA). Eager CPU kernels use FMAs in
     ``lerp``, ``addcmul`` and ``add(alpha=)``, so the fused forms do too (bit-identical results).
     Only meaningful inside compiled code: the prim's eager fallback rounds twice."""
+    for t in (a, b, c):  # symbolic values (kernels/native.py traces the fused forms into C)
+        hook = getattr(type(t), "__leanopt_fma__", None)
+        if hook is not None:
+            return hook(a, b, c)
     a, b, c = torch.broadcast_tensors(a, b, c)
     return torch.ops.prims.fma(a, b, c)
 
@@ -535,6 +540,9 @@ def dispatch_step(
     "reference"). ``"auto"`` uses the fused path when the parameter's group holds at least
     FUSED_MIN_NUMEL elements (a model big enough to repay a compile; its small tensors then use the
     same kernels) and the rule has a fused form; ``"fused"`` for every tensor it can."""
+    if kernel != "reference" and param.device.type == "cpu":
+        if native.native_step(rule, weight_format, state_format, param, grad, state, group):
+            return "native"
     want = kernel == "fused" or (kernel == "auto" and _group_numel(group) >= FUSED_MIN_NUMEL)
     if want and supports(rule, weight_format, param, state_format):
         if fused_step(rule, weight_format, state_format, param, grad, state, group, random_bits):

@@ -15,7 +15,6 @@ from ..formats.states import StateFormat
 from ..formats.weights import RandomBits, WeightFormat
 from ..rules.base import Rule
 
-
 #: Tensors larger than this many elements are updated a block of rows at a time, so the fp32 working
 #: copies (decoded weight, gradient, states, the rule's temporaries) never exceed a few MiB whatever the
 #: tensor's size. The rules are elementwise and formats keep whole rows, so the result is bit-identical.

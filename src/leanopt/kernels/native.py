@@ -1,0 +1,814 @@
+"""Native CPU kernels: each rule's fused form, generated as C and compiled once with the system compiler.
+
+Why (measured, docs/kernels.md): Inductor's C++ backend does not vectorise 16-bit integers and compiles
+the grouped int8/int4 formats into several passes, so the exact split ran at ~3.5x torch's fused AdamW
+and int8 states stayed on the eager path. Here one loop reads and writes every byte once:
+
+    decode weight -> decode states -> fused rule (fp32) -> encode states -> encode weight
+
+The C for the rule is not written by hand: ``FusedRule.update`` (kernels/fused.py, the same code the
+compiled CUDA path runs) is traced once with symbolic values (:class:`Expr`), each tensor operation
+becomes one fp32 C expression with the same rounding (``fmaf`` where torch's eager CPU kernels use an
+FMA, ``-ffp-contract=off`` everywhere else), so results are bit-identical to the reference executor
+(tests/test_native.py compares bits). Weight and state formats contribute short C load/store snippets
+(:data:`WEIGHT_CODECS`, :data:`STATE_CODECS`); a format without one runs on the other executors.
+
+Kernels are cached on disk (``$LEANOPT_CACHE_DIR`` or ``~/.cache/leanopt/kernels``) keyed by their
+source, compiler flags and CPU, so a machine compiles each (rule, formats, dtypes) combination once
+(about a second with gcc). Threads: OpenMP with ``torch.get_num_threads()`` threads (the process's
+libgomp, which torch has already loaded). No C compiler: one warning, then the other executors.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..formats.quantized import GROUP_SIZE, QuantizedStates, is_compressed
+from ..formats.states import StateFormat
+from ..formats.weights import WeightFormat
+from ..rules.base import Rule
+
+# ---------------------------------------------------------------------------------------------------
+# Tracing a fused form into C.
+
+
+def _lit(x: float) -> str:
+    """An fp32 C literal with the exact value of ``x`` rounded to fp32 (as torch does with scalars)."""
+    value = torch.tensor(float(x), dtype=torch.float32).item()
+    if value != value:
+        return "NAN"
+    if value in (float("inf"), float("-inf")):
+        return "INFINITY" if value > 0 else "(-INFINITY)"
+    return f"({value.hex()}f)"
+
+
+class Program:
+    """The C statements of one element's update, in order."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self._n = 0
+
+    def tmp(self, code: str, kind: str = "float") -> Expr:
+        self._n += 1
+        name = f"t{self._n}"
+        self.lines.append(f"const {kind} {name} = {code};")
+        return Expr(name, self, kind)
+
+
+class Expr:
+    """A symbolic fp32 (or boolean) value inside a traced fused form. Supports the tensor operations
+    the fused forms use; each one emits one C statement, evaluated where the Python code runs it."""
+
+    __hash__ = None  # type: ignore[assignment]  # == builds an expression
+
+    def __init__(self, code: str, prog: Program, kind: str = "float", mutable: bool = False) -> None:
+        self.code, self.prog, self.kind, self.mutable = code, prog, kind, mutable
+
+    # operands ------------------------------------------------------------------------------------
+    def _c(self, other: Any) -> str:
+        if isinstance(other, Expr):
+            return other.code
+        if isinstance(other, bool | int | float):
+            return _lit(other)
+        raise TypeError(f"leanopt.native: cannot trace operand of type {type(other).__name__}")
+
+    def _bin(self, op: str, other: Any, reverse: bool = False) -> Expr:
+        a, b = (self._c(other), self.code) if reverse else (self.code, self._c(other))
+        return self.prog.tmp(f"{a} {op} {b}")
+
+    def _cmp(self, op: str, other: Any) -> Expr:
+        return self.prog.tmp(f"{self.code} {op} {self._c(other)}", "int")
+
+    def __add__(self, o):
+        return self._bin("+", o)  # noqa: E704
+
+    def __radd__(self, o):
+        return self._bin("+", o, True)  # noqa: E704
+
+    def __sub__(self, o):
+        return self._bin("-", o)  # noqa: E704
+
+    def __rsub__(self, o):
+        return self._bin("-", o, True)  # noqa: E704
+
+    def __mul__(self, o):
+        return self._bin("*", o)  # noqa: E704
+
+    def __rmul__(self, o):
+        return self._bin("*", o, True)  # noqa: E704
+
+    def __truediv__(self, o):
+        return self._bin("/", o)  # noqa: E704
+
+    def __rtruediv__(self, o):
+        return self._bin("/", o, True)  # noqa: E704
+
+    def __neg__(self):
+        return self.prog.tmp(f"-{self.code}")  # noqa: E704
+
+    def __lt__(self, o):
+        return self._cmp("<", o)  # noqa: E704
+
+    def __le__(self, o):
+        return self._cmp("<=", o)  # noqa: E704
+
+    def __gt__(self, o):
+        return self._cmp(">", o)  # noqa: E704
+
+    def __ge__(self, o):
+        return self._cmp(">=", o)  # noqa: E704
+
+    def __eq__(self, o):
+        return self._cmp("==", o)  # type: ignore[override]  # noqa: E704
+
+    def __ne__(self, o):
+        return self._cmp("!=", o)  # type: ignore[override]  # noqa: E704
+
+    def abs(self) -> Expr:
+        return self.prog.tmp(f"fabsf({self.code})")
+
+    def sqrt(self) -> Expr:
+        return self.prog.tmp(f"sqrtf({self.code})")
+
+    def sign(self) -> Expr:
+        return self.prog.tmp(f"lo_sign({self.code})")
+
+    def float(self) -> Expr:
+        return self
+
+    def clone(self) -> Expr:
+        return self
+
+    def copy_(self, other: Any) -> Expr:
+        if not self.mutable:
+            raise TypeError("leanopt.native: copy_ into a temporary")
+        self.prog.lines.append(f"{self.code} = {self._c(other)};")
+        return self
+
+    @staticmethod
+    def __leanopt_fma__(a: Any, b: Any, c: Any) -> Expr:
+        e = next(x for x in (a, b, c) if isinstance(x, Expr))
+        return e.prog.tmp(f"fmaf({e._c(a)}, {e._c(b)}, {e._c(c)})")
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.where:
+            cond, a, b = args
+            return cond.prog.tmp(f"({cond.code} ? {cond._c(a)} : {cond._c(b)})")
+        if func in (torch.maximum, torch.minimum) and not kwargs:
+            a, b = args
+            e = a if isinstance(a, Expr) else b
+            return e.prog.tmp(f"lo_{func.__name__}({e._c(a)}, {e._c(b)})")
+        if func is torch.broadcast_tensors:
+            return args
+        raise TypeError(f"leanopt.native: cannot trace {getattr(func, '__name__', func)}")
+
+
+class _Scalars:
+    """``s[k]`` inside a traced form: the k-th hyper-parameter, read from the kernel's fp32 array."""
+
+    def __init__(self, prog: Program) -> None:
+        self.prog = prog
+
+    def __getitem__(self, k: int) -> Expr:
+        return Expr(f"s[{int(k)}]", self.prog)
+
+
+def trace_rule(form: Any, flags: tuple, state_names: tuple[str, ...]) -> list[str]:
+    """C statements updating the locals ``p``, ``g`` and ``st_<name>`` with ``form.update``."""
+    prog = Program()
+    param = Expr("p", prog, mutable=True)
+    grad = Expr("g", prog)
+    states = {n: Expr(f"st_{_ident(n)}", prog, mutable=True) for n in state_names}
+    form.update(param, grad, states, _Scalars(prog), flags)
+    return prog.lines
+
+
+def _ident(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Formats as C load/store snippets. ``{i}`` is the element index; buffers are named by the caller.
+
+
+@dataclass(frozen=True)
+class WeightCodec:
+    """C for one weight format on one parameter dtype: pointer types of (param, *buffers), the load
+    of ``p`` from element ``i`` and the store of ``p`` back."""
+
+    ctypes_: tuple[str, ...]
+    load: str
+    store: str
+
+
+WEIGHT_CODECS: dict[tuple[str, torch.dtype], WeightCodec] = {
+    ("exact", torch.bfloat16): WeightCodec(
+        ("uint16_t", "int16_t"),
+        "lo_f(((uint32_t)W0[i] << 16) + (uint32_t)(int32_t)W1[i])",
+        "{ uint32_t b = lo_canon(p); uint32_t hi = (b + 0x8000u) & 0xFFFF0000u;"
+        " W0[i] = (uint16_t)(hi >> 16); W1[i] = (int16_t)(uint16_t)(b - hi); }",
+    ),
+    ("compact", torch.bfloat16): WeightCodec(
+        ("uint16_t", "int8_t"),
+        "lo_f(((uint32_t)W0[i] << 16) + (uint32_t)((int32_t)W1[i] * 256))",
+        "{ uint32_t b = (lo_canon(p) + 0x80u) & 0xFFFFFF00u; uint32_t hi = (b + 0x8000u) & 0xFFFF0000u;"
+        " W0[i] = (uint16_t)(hi >> 16); W1[i] = (int8_t)((int32_t)(b - hi) >> 8); }",
+    ),
+    ("none", torch.bfloat16): WeightCodec(("uint16_t",), "lo_f((uint32_t)W0[i] << 16)", "W0[i] = lo_bf16(p);"),
+    ("fp32", torch.float32): WeightCodec(("float",), "W0[i]", "W0[i] = p;"),
+}
+
+#: gradient dtype -> (C pointer type, load of element i from ``G``)
+GRAD_CODECS: dict[torch.dtype, tuple[str, str]] = {
+    torch.bfloat16: ("uint16_t", "lo_f((uint32_t)G[i] << 16)"),
+    torch.float32: ("float", "G[i]"),
+}
+
+
+@dataclass(frozen=True)
+class StateCodec:
+    """C for one stored state: ``kind`` is "flat" (elementwise load/store of ``S[i]``) or "q8", "q4p"
+    (two 4-bit codes per byte), "q4b" (one 4-bit code per byte) for grouped quantised states."""
+
+    kind: str
+    ctype: str = ""
+    load: str = ""
+    store: str = ""
+
+
+FLAT_STATE_CODECS: dict[torch.dtype, StateCodec] = {
+    torch.float32: StateCodec("flat", "float", "S[i]", "S[i] = v;"),
+    torch.bfloat16: StateCodec("flat", "uint16_t", "lo_f((uint32_t)S[i] << 16)", "S[i] = lo_bf16(v);"),
+}
+
+
+def state_codec(fmt: StateFormat, name: str, stored: dict[str, Tensor], like: Tensor) -> StateCodec | None:
+    """The C codec for state ``name`` as ``fmt`` stores it for a tensor shaped like ``like`` (None: no
+    native code for this format)."""
+    if isinstance(fmt, QuantizedStates):
+        if not is_compressed(like.shape):
+            return FLAT_STATE_CODECS[torch.float32]
+        if not fmt.compand or fmt.scale_dtype != torch.bfloat16:
+            return None
+        if fmt.bits == 8:
+            return StateCodec("q8")
+        return StateCodec("q4p" if fmt._packed(like.shape[-1]) else "q4b")
+    if fmt.name in ("fp32", "bf16"):
+        return FLAT_STATE_CODECS[torch.float32 if fmt.name == "fp32" else torch.bfloat16]
+    return None
+
+
+_PRELUDE = r"""
+#include <stdint.h>
+#include <string.h>
+#include <math.h>
+#include <omp.h>
+static inline float lo_f(uint32_t b) { float f; memcpy(&f, &b, 4); return f; }
+static inline uint32_t lo_u(float f) { uint32_t b; memcpy(&b, &f, 4); return b; }
+/* fp32 bits with NaNs made quiet NaNs of the same sign (as the formats' encode). */
+static inline uint32_t lo_canon(float f) {
+  uint32_t b = lo_u(f); return (f != f) ? ((b & 0x80000000u) | 0x7FC00000u) : b; }
+/* fp32 -> bf16, round to nearest even (torch's conversion; NaN -> 0x7FC0). */
+static inline uint16_t lo_bf16(float f) {
+  uint32_t b = lo_u(f); return (f != f) ? (uint16_t)0x7FC0 : (uint16_t)((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16); }
+static inline float lo_sign(float x) { return (float)((0.0f < x) - (x < 0.0f)); }
+static inline float lo_maximum(float a, float b) { return (a != a) ? a : ((b != b) ? b : (a > b ? a : b)); }
+static inline float lo_minimum(float a, float b) { return (a != a) ? a : ((b != b) ? b : (a < b ? a : b)); }
+"""
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """Everything that decides a kernel's code."""
+
+    form: str  # the fused form's class name and structural flags, for the cache key
+    body: tuple[str, ...]  # traced rule statements
+    weight: WeightCodec
+    grad: tuple[str, str]
+    states: tuple[tuple[str, bool, StateCodec], ...]  # (name, signed, codec)
+
+    @property
+    def grouped(self) -> bool:
+        return any(c.kind != "flat" for _, _, c in self.states)
+
+
+def _quant_consts(kind: str) -> tuple[int, int]:
+    """(Q for signed codes, L levels for unsigned) of a quantised codec kind."""
+    return (127, 256) if kind == "q8" else (7, 16)
+
+
+def generate(spec: KernelSpec) -> str:
+    """C source of ``void lo_step(int64_t rows, int64_t n, void **ptrs, const float *s, int threads)``.
+
+    ``ptrs`` holds, in order: the weight tensors, the gradient, then per state its tensors (flat: one;
+    quantised: codes, scales). Tensors are contiguous and shaped (rows, n) (flat kernels use rows=1).
+    """
+    lines = [_PRELUDE, "void lo_step(int64_t rows, int64_t n, void **ptrs, const float *s, int threads) {"]
+    k = 0
+    for j, ct in enumerate(spec.weight.ctypes_):
+        lines.append(f"  {ct} *restrict W{j} = ({ct} *)ptrs[{k}];")
+        k += 1
+    lines.append(f"  const {spec.grad[0]} *restrict G = (const {spec.grad[0]} *)ptrs[{k}];")
+    k += 1
+    for name, _, codec in spec.states:
+        v = _ident(name)
+        if codec.kind == "flat":
+            lines.append(f"  {codec.ctype} *restrict S_{v} = ({codec.ctype} *)ptrs[{k}];")
+            k += 1
+        else:
+            ct = "uint8_t" if codec.kind == "q4p" else "int8_t"
+            lines.append(f"  {ct} *restrict C_{v} = ({ct} *)ptrs[{k}];")
+            lines.append(f"  uint16_t *restrict K_{v} = (uint16_t *)ptrs[{k + 1}];")
+            k += 2
+    used = sorted({int(m) for line in spec.body for m in re.findall(r"\bs\[(\d+)\]", line)})
+    lines += [f"  const float s_{k} = s[{k}];" for k in used]
+    body = "\n".join("      " + re.sub(r"\bs\[(\d+)\]", r"s_\1", line) for line in spec.body)
+    wload = spec.weight.load
+    wstore = spec.weight.store
+    gload = spec.grad[1]
+    if not spec.grouped:
+        loads = "\n".join(
+            f"      float st_{_ident(n)} = {c.load.replace('S[', f'S_{_ident(n)}[')};" for n, _, c in spec.states
+        )
+        stores = "\n".join(
+            f"      {{ const float v = st_{_ident(n)}; {c.store.replace('S[', f'S_{_ident(n)}[')} }}"
+            for n, _, c in spec.states
+        )
+        lines.append(
+            f"""  const int64_t total = rows * n, chunk = 16384, nchunks = (total + chunk - 1) / chunk;
+  #pragma omp parallel for schedule(static) num_threads(threads) if(nchunks > 1)
+  for (int64_t c = 0; c < nchunks; c++) {{
+    const int64_t end = (c + 1) * chunk < total ? (c + 1) * chunk : total;
+    #pragma GCC ivdep
+    for (int64_t i = c * chunk; i < end; i++) {{
+      float p = {wload};
+      const float g = {gload};
+{loads}
+{body}
+{stores}
+      {wstore}
+    }}
+  }}
+}}"""
+        )
+        return "\n".join(lines)
+    # Grouped: one group of GROUP_SIZE elements of one row at a time, decoded into local arrays.
+    gs = GROUP_SIZE
+    for qs in sorted({_quant_consts(c.kind)[0] for _, signed, c in spec.states if signed}):
+        lines.append(f"  float lo_signed_{qs}[{2 * qs + 1}];")
+        lines.append(
+            f"  for (int c = -{qs}; c <= {qs}; c++) {{ const float y = (float)c / {_lit(qs)};"
+            f" lo_signed_{qs}[c + {qs}] = y / ({_lit(2)} - fabsf(y)); }}"
+        )
+    decl = "\n".join(f"    float A_{_ident(n)}[{gs}];" for n, _, _ in spec.states)
+    dec, enc = [], []
+    for name, signed, codec in spec.states:
+        dec.append(_group_decode(name, signed, codec))
+        enc.append(_group_encode(name, signed, codec))
+    loads = "\n".join(f"      float st_{_ident(n)} = A_{_ident(n)}[e];" for n, _, _ in spec.states)
+    stores = "\n".join(f"      A_{_ident(n)}[e] = st_{_ident(n)};" for n, _, _ in spec.states)
+    group = f"""{decl}
+{"".join(dec)}
+    for (int64_t e = 0; e < len; e++) {{
+      const int64_t i = r * n + j0 + e;
+      float p = {wload};
+      const float g = {gload};
+{loads}
+{body}
+{stores}
+      {wstore}
+    }}
+{"".join(enc)}"""
+    # Full groups get a copy with a constant trip count (vectorised); a row's last group may be shorter.
+    lines.append(
+        f"""  const int64_t groups = (n + {gs} - 1) / {gs}, total = rows * groups;
+  const int nt = total >= 256 * threads ? threads : 1;
+  #pragma omp parallel num_threads(nt)
+  {{
+  /* each thread a contiguous range of groups; (row, group) advanced without dividing */
+  const int64_t tid = omp_get_thread_num(), per = (total + nt - 1) / nt;
+  const int64_t t0 = tid * per < total ? tid * per : total, t1 = t0 + per < total ? t0 + per : total;
+  int64_t r = groups ? t0 / groups : 0, q = groups ? t0 % groups : 0;
+  for (int64_t t = t0; t < t1; t++, q = (q + 1 == groups) ? (r++, 0) : q + 1) {{
+    const int64_t j0 = q * {gs};
+    if (n - j0 >= {gs}) {{
+{group.replace("< len;", f"< {gs};")}
+    }} else {{
+    const int64_t len = n - j0;
+{group}
+    }}
+  }}
+  }}
+}}"""
+    )
+    return "\n".join(lines)
+
+
+def _code_at(codec: StateCodec, v: str) -> tuple[str, str]:
+    """(index expression of element e's code, expression of its stored byte) for a grouped codec."""
+    if codec.kind == "q4p":
+        return "(r * (n / 2) + (j0 + e) / 2)", f"C_{v}"
+    return "(r * n + j0 + e)", f"C_{v}"
+
+
+def _group_decode(name: str, signed: bool, codec: StateCodec) -> str:
+    v = _ident(name)
+    qs, levels = _quant_consts(codec.kind)
+    idx, arr = _code_at(codec, v)
+    if codec.kind == "q4p":
+        raw = f"(((j0 + e) & 1) ? ({arr}[{idx}] >> 4) : ({arr}[{idx}] & 15))"
+        code = f"((int)({raw}) - {8 if signed else 0})"
+    else:
+        offset = 0 if signed else levels // 2
+        code = f"((int){arr}[{idx}] + {offset})"
+    if signed:  # y = c / Q; x = y / (2 - |y|): from a table of the 2Q + 1 codes' values (no division)
+        value = f"A_{v}[e] = lo_signed_{qs}[({code}) + {qs}] * sc;"
+    else:
+        value = f"const float u = ((float)({code}) + {_lit(1)}) / {_lit(levels)} * sc; A_{v}[e] = u * u;"
+    return f"""    {{
+      const float sc = lo_f((uint32_t)K_{v}[r * groups + q] << 16);
+      for (int64_t e = 0; e < len; e++) {{ {value} }}
+    }}
+"""
+
+
+def _group_encode(name: str, signed: bool, codec: StateCodec) -> str:
+    v = _ident(name)
+    qs, levels = _quant_consts(codec.kind)
+    idx, arr = _code_at(codec, v)
+    if signed:
+        mag = f"fabsf(A_{v}[e])"
+        src = f"A_{v}[e]"
+        quant = (
+            f"float xr = gv * inv; xr = xr < {_lit(-1)} ? {_lit(-1)} : xr; xr = xr > {_lit(1)} ? {_lit(1)} : xr;"
+            f" float x = is_top ? lo_sign(gv) : xr; x = {_lit(2)} * x / ({_lit(1)} + fabsf(x));"
+            f" const int code = (int)rintf(x * {_lit(qs)});"
+        )
+    else:
+        src = f"sqrtf(A_{v}[e] < 0.0f ? 0.0f : A_{v}[e])"
+        mag = "M[e]"
+        quant = (
+            f"float xr = gv * inv; xr = xr < {_lit(0)} ? {_lit(0)} : xr; xr = xr > {_lit(1)} ? {_lit(1)} : xr;"
+            f" const float x = is_top ? {_lit(1)} : xr; float cf = rintf(x * {_lit(levels)}) - {_lit(1)};"
+            f" cf = cf < {_lit(0)} ? {_lit(0)} : cf; cf = cf > {_lit(levels - 1)} ? {_lit(levels - 1)} : cf;"
+            f" const int code = (int)cf;"
+        )
+    if codec.kind == "q4p":
+        nib = "code + 8" if signed else "code"
+        put = (
+            f"if (((j0 + e) & 1) == 0) lo_lo = (uint8_t)({nib}); else {arr}[{idx}] = (uint8_t)(lo_lo | (({nib}) << 4));"
+        )
+        pre = "uint8_t lo_lo = 0;"
+    else:
+        offset = 0 if signed else levels // 2
+        put = f"{arr}[{idx}] = (int8_t)(code - {offset});"
+        pre = ""
+    return f"""    {{
+      float M[{GROUP_SIZE}]; uint32_t topb = 0;
+      for (int64_t e = 0; e < len; e++) M[e] = {src if not signed else mag};
+      for (int64_t e = 0; e < len; e++) {{  /* >= 0: the bits order like the values, NaN above inf */
+        const uint32_t mb = lo_u(M[e]) & 0x7FFFFFFFu;
+        topb = mb > topb ? mb : topb;
+      }}
+      const float top = lo_f(topb);
+      const uint16_t sb = lo_bf16(top); const float s32 = lo_f((uint32_t)sb << 16);
+      const float inv = 1.0f / (s32 > 0.0f ? s32 : 1.0f);
+      {pre}
+      for (int64_t e = 0; e < len; e++) {{
+        const float gv = {"A_" + v + "[e]" if signed else "M[e]"};
+        const int is_top = ({mag} == top) & (top > 0.0f);
+        {quant}
+        {put}
+      }}
+      K_{v}[r * groups + q] = sb;
+    }}
+"""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Building and loading.
+
+CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off",
+          "-std=c11", "-shared", "-fPIC"]  # fmt: skip
+
+
+def cache_dir() -> Path:
+    """Where compiled kernels live: ``$LEANOPT_CACHE_DIR`` or ``~/.cache/leanopt/kernels``."""
+    env = os.environ.get("LEANOPT_CACHE_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "leanopt" / "kernels"
+
+
+def compiler() -> str | None:
+    """The C compiler: ``$CC``, else cc / gcc / clang on PATH (None if there is none)."""
+    env = os.environ.get("CC")
+    if env:
+        return env
+    for name in ("cc", "gcc", "clang"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def _cpu_id() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        flags = next((line for line in text.splitlines() if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        flags = ""
+    return f"{platform.machine()}|{platform.processor()}|{flags}"
+
+
+class BuildError(RuntimeError):
+    """The C compiler failed (message holds its output)."""
+
+
+@dataclass
+class Kernel:
+    fn: Any
+    key: str
+    compile_seconds: float  # 0.0 when loaded from the disk cache
+    calls: int = 0
+    symbol: str = "lo_step"
+
+
+_LOCK = threading.Lock()
+_LOADED: dict[str, Kernel] = {}
+
+
+_STEP_ARGS = [ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+
+
+def build(source: str, symbol: str = "lo_step", argtypes: list | None = None, restype: Any = None) -> Kernel:
+    """Compile (or load from the cache) ``source`` and return its function ``symbol``."""
+    cc = compiler()
+    if cc is None:
+        raise BuildError("no C compiler found (set CC or install gcc/clang)")
+    key = hashlib.sha256("\n".join([source, cc, " ".join(CFLAGS), _cpu_id(), sys.platform]).encode()).hexdigest()[:24]
+    with _LOCK:
+        kernel = _LOADED.get(key)
+        if kernel is not None:
+            return kernel
+        folder = cache_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        lib = folder / f"lo_{key}.so"
+        seconds = 0.0
+        if not lib.exists():
+            start = time.perf_counter()
+            with tempfile.TemporaryDirectory(dir=folder) as tmp:
+                src = Path(tmp) / "k.c"
+                src.write_text(source)
+                out = Path(tmp) / "k.so"
+                proc = subprocess.run([cc, *CFLAGS, str(src), "-o", str(out), "-lm"], capture_output=True, text=True)
+                if proc.returncode != 0:
+                    raise BuildError(f"{Path(cc).name} failed: {(proc.stderr or proc.stdout).strip()[:2000]}")
+                os.replace(out, lib)  # atomic: concurrent processes may build the same kernel
+            seconds = time.perf_counter() - start
+        fn = getattr(ctypes.CDLL(str(lib)), symbol)
+        fn.argtypes = _STEP_ARGS if argtypes is None else argtypes
+        fn.restype = restype
+        kernel = _LOADED[key] = Kernel(fn, key, seconds, symbol=symbol)
+        return kernel
+
+
+# ---------------------------------------------------------------------------------------------------
+# The executor.
+
+
+def _form_key(form: Any) -> str:
+    return f"{type(form).__name__}:{getattr(form, 'decoupled', '')}"
+
+
+_SPECS: dict[tuple, KernelSpec | None] = {}
+
+
+def plan(
+    rule: Rule, weight_format: WeightFormat, state_format: StateFormat, param: Tensor, grad_dtype: torch.dtype,
+    state: dict[str, Any], group: dict[str, Any],
+) -> tuple[KernelSpec, list[Tensor]] | None:  # fmt: skip
+    """The kernel spec and the tensors it reads (in ``ptrs`` order) for this update, or None when the
+    native path does not cover it (device, dtype, format, layout)."""
+    from .fused import fused_form  # fused imports this module
+
+    form = fused_form(rule)
+    if form is None or param.device.type != "cpu" or param.layout != torch.strided:
+        return None
+    wcodec = WEIGHT_CODECS.get((weight_format.name, param.dtype))
+    gcodec = GRAD_CODECS.get(grad_dtype)
+    if wcodec is None or gcodec is None:
+        return None
+    specs = tuple(rule.states(group))
+    tensors: list[Tensor] = [param.data, *(state[b] for b in weight_format.buffers)]
+    codecs = []
+    for sp in specs:
+        codec = state_codec(state_format, sp.name, state, param)
+        if codec is None:
+            return None
+        codecs.append((sp.name, bool(sp.signed), codec))
+        if codec.kind == "flat":
+            t = state.get(sp.name)
+            if t is None or t.dtype != (torch.float32 if codec.ctype == "float" else torch.bfloat16):
+                return None
+            tensors.append(t)
+        else:
+            tensors += [state.get(f"{sp.name}.codes"), state.get(f"{sp.name}.scales")]
+    if any(t is None or not t.is_contiguous() or t.device != param.device for t in tensors):
+        return None
+    flags = form.flags(group)
+    key = (_form_key(form), flags, wcodec, gcodec, tuple(codecs))
+    spec = _SPECS.get(key)
+    if spec is None:
+        body = tuple(trace_rule(form, flags, tuple(sp.name for sp in specs)))
+        spec = _SPECS[key] = KernelSpec(f"{_form_key(form)}{flags}", body, wcodec, gcodec, tuple(codecs))
+    return spec, tensors
+
+
+_STATUS: dict[str, Any] = {"disabled": None, "warned": False}
+_BY_SPEC: dict[KernelSpec, Kernel] = {}
+
+
+def disabled_reason() -> str | None:
+    """Why the native path is off in this process (None while it works)."""
+    if os.environ.get("LEANOPT_NATIVE", "1") == "0":
+        return "LEANOPT_NATIVE=0"
+    return _STATUS["disabled"]
+
+
+def kernel_for(spec: KernelSpec) -> Kernel | None:
+    """The compiled kernel for ``spec``; None (after one warning) if the compiler fails."""
+    if disabled_reason() is not None:
+        return None
+    kernel = _BY_SPEC.get(spec)
+    if kernel is not None:
+        return kernel
+    try:
+        kernel = _BY_SPEC[spec] = build(generate(spec))
+        return kernel
+    except (BuildError, OSError) as err:
+        _STATUS["disabled"] = str(err).splitlines()[0] if str(err) else type(err).__name__
+        if not _STATUS["warned"]:
+            _STATUS["warned"] = True
+            import warnings
+
+            warnings.warn(
+                f"leanopt: native CPU kernels are not available ({_STATUS['disabled']}); using the slower "
+                "executors. Pass kernel='reference' to silence this warning.",
+                RuntimeWarning,
+                stacklevel=5,
+            )
+        return None
+
+
+def native_step(
+    rule: Rule,
+    weight_format: WeightFormat,
+    state_format: StateFormat,
+    param: Tensor,
+    grad: Tensor,
+    state: dict[str, Any],
+    group: dict[str, Any],
+) -> bool:
+    """One update like ``reference_step``, in one native pass. False (nothing changed) if not covered."""
+    if disabled_reason() is not None or not grad.is_contiguous() or grad.device != param.device:
+        return False
+    planned = plan(rule, weight_format, state_format, param, grad.dtype, state, group)
+    if planned is None:
+        return False
+    spec, tensors = planned
+    kernel = kernel_for(spec)
+    if kernel is None:
+        return False
+    from .fused import fused_form
+
+    state["step"] += 1
+    scalars = torch.tensor(fused_form(rule).scalars(group, float(state["step"])), dtype=torch.float32)
+    tensors.insert(len(spec.weight.ctypes_), grad)
+    ptrs = (ctypes.c_void_p * len(tensors))(*[t.data_ptr() for t in tensors])
+    n = param.shape[-1] if param.dim() else 1
+    rows = param.numel() // n if n else 0
+    if param.numel():
+        kernel.fn(rows, n, ptrs, scalars.data_ptr(), torch.get_num_threads())
+    kernel.calls += 1
+    return True
+
+
+def prepare_param(rule: Rule, weight_format: WeightFormat, state_format: StateFormat, param: Tensor,
+                  state: dict[str, Any], group: dict[str, Any], grad_dtype: torch.dtype) -> bool:  # fmt: skip
+    """Build (or load) the kernel this parameter's updates will use, changing nothing. True if one is ready."""
+    planned = plan(rule, weight_format, state_format, param, grad_dtype, state, group)
+    return planned is not None and kernel_for(planned[0]) is not None
+
+
+def prepare(optimizer: Any) -> int:
+    """Build (or load from the disk cache) every native kernel ``optimizer``'s parameters will use,
+    so the first ``step()`` does not compile (e.g. before measuring peak memory or step time).
+    Creates the optimizer state (zeros, as the first step would) but changes no weight or value.
+    Assumes gradients of the parameters' own dtype. Returns how many parameters have a kernel ready."""
+    ready = 0
+    if optimizer.kernel == "reference":
+        return 0
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            state = optimizer.state_for(param, group)
+            wfmt, sfmt = optimizer.formats(param, group)
+            ready += prepare_param(optimizer.rule, wfmt, sfmt, param, state, group, param.dtype)
+    return ready
+
+
+def reset() -> None:
+    """Forget loaded kernels and a disabled state (tests; after changing ``CC``)."""
+    _LOADED.clear()
+    _BY_SPEC.clear()
+    _FINITE.clear()
+    _STATUS.update(disabled=None, warned=False)
+
+
+def compile_stats() -> list[Kernel]:
+    """Update kernels loaded in this process (``compile_seconds`` 0.0 when they came from the disk cache)."""
+    return [k for k in _LOADED.values() if k.symbol == "lo_step"]
+
+
+__all__ = [
+    "BuildError",
+    "Expr",
+    "Kernel",
+    "KernelSpec",
+    "FLAT_STATE_CODECS",
+    "WEIGHT_CODECS",
+    "build",
+    "cache_dir",
+    "compile_stats",
+    "compiler",
+    "disabled_reason",
+    "all_finite",
+    "generate",
+    "native_step",
+    "plan",
+    "prepare",
+    "prepare_param",
+    "reset",
+    "trace_rule",
+]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Non-finite check (the optimizer's skip/raise decision), at memory speed.
+
+_FINITE_SOURCE = r"""
+#include <stdint.h>
+#include <omp.h>
+/* 1 if no element has an all-ones exponent (inf or NaN). bits: 16 or 32; mask: the exponent bits. */
+int lo_all_finite(const void *data, int64_t n, int bits, uint32_t mask, int threads) {
+  int bad = 0;
+  const int nt = n >= (1 << 18) ? threads : 1;
+  if (bits == 16) {
+    const uint16_t *x = (const uint16_t *)data; const uint16_t m = (uint16_t)mask;
+    #pragma omp parallel for reduction(|:bad) num_threads(nt) schedule(static)
+    for (int64_t i = 0; i < n; i++) bad |= (x[i] & m) == m;
+  } else {
+    const uint32_t *x = (const uint32_t *)data;
+    #pragma omp parallel for reduction(|:bad) num_threads(nt) schedule(static)
+    for (int64_t i = 0; i < n; i++) bad |= (x[i] & mask) == mask;
+  }
+  return !bad;
+}
+"""
+
+_EXPONENT_MASKS = {torch.bfloat16: (16, 0x7F80), torch.float16: (16, 0x7C00), torch.float32: (32, 0x7F800000)}
+_FINITE: list[Any] = []
+
+
+def all_finite(t: Tensor) -> bool | None:
+    """Whether every element of the CPU tensor ``t`` is finite, in one native pass; None when the
+    native path cannot answer (other device, dtype or layout, or no compiler)."""
+    spec = _EXPONENT_MASKS.get(t.dtype)
+    if spec is None or t.device.type != "cpu" or not t.is_contiguous() or disabled_reason() is not None:
+        return None
+    if not _FINITE:
+        args = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_uint32, ctypes.c_int]
+        try:
+            _FINITE.append(build(_FINITE_SOURCE, "lo_all_finite", args, ctypes.c_int).fn)
+        except (BuildError, OSError):
+            return None
+    if t.numel() == 0:
+        return True
+    return bool(_FINITE[0](t.data_ptr(), t.numel(), spec[0], spec[1], torch.get_num_threads()))

@@ -1,0 +1,256 @@
+"""The native CPU kernels (leanopt.kernels.native) against the eager reference executor.
+
+What holds (docs/kernels.md): SGD and Lion are bit-identical to the reference for every weight and
+state format; Adam/AdamW states are bit-identical for fp32/bf16 states and the master is within one
+fp32 ULP per step (torch's eager sqrt on CPU is MKL's, which is not always correctly rounded; the native
+kernel's is, like torch's fused=True AdamW, which it matches bit for bit: tests/test_core_exactness.py).
+"""
+
+from __future__ import annotations
+
+import itertools
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+import leanopt
+from leanopt.kernels import native
+
+_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32}
+SHAPES = [(7,), (5, 64), (3, 70), (4, 33), (2, 3, 40), (130,)]
+WEIGHTS = ["exact", "compact", "none", "auto"]  # auto on fp32 params: the plain fp32 format
+STATES = ["fp32", "bf16", "int8", "int4"]
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().contiguous().view(_INT[t.element_size()])
+
+
+def run(kernel, cls, master, states, shape, hyper, steps=4, seed=0):
+    """A parameter trained for ``steps`` with changing gradient scales and learning rates."""
+    g = torch.Generator().manual_seed(seed)
+    dtype = torch.float32 if master == "auto" else torch.bfloat16
+    p = torch.nn.Parameter((torch.randn(shape, generator=g) * 0.5).to(dtype))
+    opt = cls([p], master=master, states=states, kernel=kernel, **hyper)
+    for i in range(steps):
+        p.grad = (torch.randn(shape, generator=g) * 10.0 ** (-(i % 4))).to(dtype)
+        opt.param_groups[0]["lr"] = hyper["lr"] * (1 + i) / steps  # a schedule: no recompiles
+        opt.step()
+    return p, opt
+
+
+def tensors(p, opt):
+    return {"param": p.detach(), **{k: v for k, v in opt.state[p].items() if isinstance(v, torch.Tensor)}}
+
+
+EXACT_CASES = {
+    "sgd": (leanopt.SGD, dict(lr=1e-2)),
+    "sgd_nesterov_wd": (leanopt.SGD, dict(lr=1e-2, momentum=0.9, nesterov=True, weight_decay=0.01)),
+    "sgd_dampening_max": (leanopt.SGD, dict(lr=1e-2, momentum=0.8, dampening=0.3, maximize=True)),
+    "lion": (leanopt.Lion, dict(lr=1e-3, weight_decay=0.1)),
+}
+
+
+@pytest.mark.parametrize("case", list(EXACT_CASES))
+def test_sgd_and_lion_are_bit_identical_to_the_reference_for_every_format(case):
+    cls, hyper = EXACT_CASES[case]
+    calls = sum(k.calls for k in native.compile_stats())
+    checked = 0
+    for master, states, shape in itertools.product(WEIGHTS, STATES, SHAPES):
+        if cls is leanopt.Lion and master == "auto":
+            continue  # Lion keeps bf16/fp16 weights only
+        ref = tensors(*run("reference", cls, master, states, shape, hyper))
+        nat = tensors(*run("auto", cls, master, states, shape, hyper))
+        assert ref.keys() == nat.keys()
+        for key in ref:
+            diff = int((bits(ref[key]) != bits(nat[key])).sum())
+            assert diff == 0, f"{master}/{states}{shape} {key}: {diff} elements differ"
+        checked += 1
+    assert checked >= 72
+    assert sum(k.calls for k in native.compile_stats()) - calls >= 4 * checked  # the native path ran
+
+
+ADAM_CASES = {
+    "adamw": (leanopt.AdamW, dict(lr=1e-2, weight_decay=0.1)),
+    "adam_l2_amsgrad": (leanopt.Adam, dict(lr=1e-2, weight_decay=0.1, amsgrad=True)),
+    "adamw_maximize": (leanopt.AdamW, dict(lr=1e-2, maximize=True)),
+}
+
+
+def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """|a - b| in units of fp32 ULPs (monotone integer mapping of the bit patterns)."""
+
+    def key(x):
+        i = x.view(torch.int32).to(torch.int64)
+        return torch.where(i < 0, -(i & 0x7FFFFFFF), i)
+
+    return (key(a) - key(b)).abs()
+
+
+@pytest.mark.parametrize("case", list(ADAM_CASES))
+@pytest.mark.parametrize("states", STATES)
+def test_adam_one_step_states_match_and_master_within_one_ulp(case, states):
+    """From the same state, one step: fp32/bf16 states bit-identical, quantised states decode within one
+    code of each other, the master within 1 ULP (the reference's MKL sqrt is the only difference)."""
+    cls, hyper = ADAM_CASES[case]
+    for master, shape in itertools.product(["exact", "compact", "auto"], [(64, 96), (3, 70), (130,)]):
+        p, opt = run("reference", cls, master, states, shape, hyper, steps=3)
+        twin = torch.nn.Parameter(p.detach().clone())
+        opt2 = cls([twin], master=master, states=states, kernel="auto", **hyper)
+        opt2.load_state_dict(opt.state_dict())
+        grad = torch.randn(shape, generator=torch.Generator().manual_seed(9)).to(p.dtype)
+        p.grad, twin.grad = grad.clone(), grad.clone()
+        before = opt.master_value(p).float().clone()
+        opt.step()
+        assert native.native_step(opt2.rule, *opt2.formats(twin, opt2.param_groups[0]), twin, twin.grad,
+                                  opt2.state[twin], opt2.param_groups[0])  # fmt: skip
+        a, b = opt.master_value(p).float(), opt2.master_value(twin).float()
+        # one ULP of the master plus the last bits of the update (a 1-ULP sqrt moves the update by ~2^-23)
+        ulp = torch.nextafter(a.abs(), torch.tensor(float("inf"))) - a.abs()
+        bound = ulp.double() + 2.0**-20 * (a.double() - before.double()).abs()
+        assert bool(((a.double() - b.double()).abs() <= bound).all()), f"{master}{shape}: master outside bound"
+        d = ulp_distance(a, b)
+        assert int((d > 0).sum()) <= max(2, p.numel() // 20)  # rare: only where MKL's sqrt rounds differently
+        for key, ref in opt.state[p].items():
+            if not isinstance(ref, torch.Tensor) or key == "remainder" or key == "residual":
+                continue
+            got = opt2.state[twin][key]
+            if key.endswith(".codes"):
+                assert int((ref.to(torch.int32) - got.to(torch.int32)).abs().max()) <= (1 if states == "int8" else 17)
+            elif key.endswith(".scales") or states == "fp32" or states == "bf16" or key in ("exp_avg",):
+                if key.startswith("exp_avg_sq") or key.startswith("max_exp_avg_sq"):
+                    assert torch.allclose(ref.float(), got.float(), rtol=2**-7, atol=0), key
+                else:
+                    assert torch.equal(bits(ref), bits(got)), f"{master}{shape} {key}"
+
+
+def test_results_do_not_depend_on_the_thread_count():
+    shape = (512, 1024)  # large enough that the kernels split the work
+    results = []
+    for threads in (1, 2, 3):
+        old = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            results.append(tensors(*run("auto", leanopt.AdamW, "compact", "int8", shape, dict(lr=1e-2), steps=2)))
+        finally:
+            torch.set_num_threads(old)
+    for other in results[1:]:
+        for key in results[0]:
+            assert torch.equal(bits(results[0][key]), bits(other[key])), key
+
+
+def test_hyperparameter_and_step_changes_build_no_new_kernel():
+    p, opt = run("auto", leanopt.AdamW, "exact", "fp32", (8, 40), dict(lr=1e-2), steps=2)
+    before = len(native.compile_stats())
+    for i in range(3):
+        opt.param_groups[0].update(lr=0.1 / (i + 1), betas=(0.8 + 0.05 * i, 0.99), eps=10.0 ** -(6 + i),
+                                   weight_decay=0.01 * (i + 1))  # fmt: skip
+        p.grad = torch.randn_like(p)
+        opt.step()
+    assert len(native.compile_stats()) == before
+
+
+def test_non_contiguous_or_unsupported_tensors_fall_back_to_the_reference():
+    base = torch.randn(6, 8).bfloat16()
+    p = torch.nn.Parameter(base.t())  # a transposed (non-contiguous) parameter
+    q = torch.nn.Parameter(base.t().contiguous())
+    for t in (p, q):
+        t.grad = torch.ones_like(t)
+    a = leanopt.AdamW([p], kernel="auto")
+    b = leanopt.AdamW([q], kernel="reference")
+    calls = sum(k.calls for k in native.compile_stats())
+    a.step()
+    b.step()
+    assert sum(k.calls for k in native.compile_stats()) == calls  # not taken natively
+    assert torch.equal(bits(p.detach().contiguous()), bits(q.detach()))
+    assert not native.native_step(a.rule, *a.formats(p, a.param_groups[0]), p, p.grad, a.state[p], a.param_groups[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_all_finite_finds_every_kind_of_non_finite_value(dtype):
+    x = torch.randn(300_001).to(dtype)
+    assert native.all_finite(x) is True
+    assert native.all_finite(x[:0].contiguous()) is True
+    big = torch.finfo(dtype).max
+    y = x.clone()
+    y[[0, -1]] = big
+    assert native.all_finite(y) is True
+    for value in (float("nan"), float("inf"), -float("inf")):
+        for where in (0, 150_000, 300_000):
+            y = x.clone()
+            y[where] = value
+            assert native.all_finite(y) is False, (value, where)
+    assert native.all_finite(x.double()) is None  # not covered: the caller uses torch
+
+
+def test_kernels_are_cached_on_disk_and_reloaded_without_compiling(tmp_path, monkeypatch):
+    monkeypatch.setenv("LEANOPT_CACHE_DIR", str(tmp_path))
+    native.reset()
+    try:
+        run("auto", leanopt.SGD, "exact", "fp32", (4, 32), dict(lr=0.1, momentum=0.9), steps=1)
+        first = native.compile_stats()
+        assert len(first) == 1 and first[0].compile_seconds > 0
+        assert len(list(tmp_path.glob("lo_*.so"))) == 2  # the step kernel and the finiteness check
+        native.reset()
+        run("auto", leanopt.SGD, "exact", "fp32", (4, 32), dict(lr=0.1, momentum=0.9), steps=1)
+        assert [k.compile_seconds for k in native.compile_stats()] == [0.0]
+    finally:
+        native.reset()
+
+
+def test_prepare_builds_every_kernel_before_the_first_step(tmp_path, monkeypatch):
+    monkeypatch.setenv("LEANOPT_CACHE_DIR", str(tmp_path))
+    native.reset()
+    try:
+        model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.Linear(64, 8)).bfloat16()
+        opt = leanopt.AdamW(model.parameters(), master="compact", states="int8")
+        weights = [p.detach().clone() for p in model.parameters()]
+        assert leanopt.kernels.prepare(opt) == 4
+        assert all(torch.equal(w, p) for w, p in zip(weights, model.parameters(), strict=True))
+        built = len(native.compile_stats())
+        assert built == 2  # 2-D weights (int8 groups) and 1-D biases (fp32 states)
+        model(torch.randn(3, 32).bfloat16()).sum().backward()
+        opt.step()
+        assert len(native.compile_stats()) == built
+    finally:
+        native.reset()
+
+
+def test_without_a_compiler_it_warns_once_and_uses_the_reference(tmp_path, monkeypatch):
+    monkeypatch.setenv("LEANOPT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    native.reset()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got = tensors(*run("auto", leanopt.AdamW, "exact", "bf16", (4, 40), dict(lr=1e-2), steps=3))
+        ours = [w for w in caught if "native CPU kernels are not available" in str(w.message)]
+        assert len(ours) == 1
+        assert native.disabled_reason() is not None
+    finally:
+        native.reset()
+    monkeypatch.setenv("LEANOPT_NATIVE", "0")  # the reference, and Inductor off: compare with the reference
+    want = tensors(*run("reference", leanopt.AdamW, "exact", "bf16", (4, 40), dict(lr=1e-2), steps=3))
+    for key in want:
+        assert torch.equal(bits(want[key]), bits(got[key])), key
+
+
+def test_a_compiler_error_is_reported_with_its_message(tmp_path, monkeypatch):
+    monkeypatch.setenv("LEANOPT_CACHE_DIR", str(tmp_path))
+    with pytest.raises(native.BuildError, match="error"):
+        native.build("this is not C;")
+
+
+def test_a_fresh_process_uses_the_disk_cache(tmp_path):
+    code = (
+        "import torch, leanopt; from leanopt.kernels import native\n"
+        "p = torch.nn.Parameter(torch.ones(4, 32, dtype=torch.bfloat16)); p.grad = torch.ones_like(p)\n"
+        "leanopt.Lion([p]).step(); print(sum(k.compile_seconds for k in native.compile_stats()) > 0)\n"
+    )
+    env = {"LEANOPT_CACHE_DIR": str(tmp_path), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    out = [subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+           for _ in range(2)]  # fmt: skip
+    assert [o.stdout.strip() for o in out] == ["True", "False"]
