@@ -411,7 +411,8 @@ def generate(spec: KernelSpec) -> str:
   for (int64_t t = t0; t < t1; t++, q = (q + 1 == groups) ? (r++, 0) : q + 1) {{
     const int64_t j0 = q * {gs};
     if (n - j0 >= {gs}) {{
-{group.replace("< len;", f"< {gs};")}
+    const int64_t len = {gs};
+{group}
     }} else {{
     const int64_t len = n - j0;
 {group}
@@ -424,9 +425,7 @@ def generate(spec: KernelSpec) -> str:
 
 
 def _code_at(codec: StateCodec, v: str) -> tuple[str, str]:
-    """(index expression of element e's code, expression of its stored byte) for a grouped codec."""
-    if codec.kind == "q4p":
-        return "(r * (n / 2) + (j0 + e) / 2)", f"C_{v}"
+    """(index of element e's byte, array name) for a codec with one code per byte."""
     return "(r * n + j0 + e)", f"C_{v}"
 
 
@@ -434,9 +433,14 @@ def _group_decode(name: str, signed: bool, codec: StateCodec) -> str:
     v = _ident(name)
     qs, levels = _quant_consts(codec.kind)
     idx, arr = _code_at(codec, v)
-    if codec.kind == "q4p":
-        raw = f"(((j0 + e) & 1) ? ({arr}[{idx}] >> 4) : ({arr}[{idx}] & 15))"
-        code = f"((int)({raw}) - {8 if signed else 0})"
+    unpack = ""
+    if codec.kind == "q4p":  # two codes per byte, low nibble first: unpacked first (vectorises)
+        unpack = (
+            f"      int U[{GROUP_SIZE}];\n"
+            f"      for (int64_t e = 0; e < len / 2; e++) {{ const uint8_t b = {arr}[r * (n / 2) + j0 / 2 + e];"
+            f" U[2 * e] = b & 15; U[2 * e + 1] = b >> 4; }}\n"
+        )
+        code = f"(U[e] - {8 if signed else 0})"
     else:
         offset = 0 if signed else levels // 2
         code = f"((int){arr}[{idx}] + {offset})"
@@ -446,7 +450,7 @@ def _group_decode(name: str, signed: bool, codec: StateCodec) -> str:
         value = f"const float u = ((float)({code}) + {_lit(1)}) / {_lit(levels)} * sc; A_{v}[e] = u * u;"
     return f"""    {{
       const float sc = lo_f((uint32_t)K_{v}[r * groups + q] << 16);
-      for (int64_t e = 0; e < len; e++) {{ {value} }}
+{unpack}      for (int64_t e = 0; e < len; e++) {{ {value} }}
     }}
 """
 
@@ -472,12 +476,14 @@ def _group_encode(name: str, signed: bool, codec: StateCodec) -> str:
             f" cf = cf < {_lit(0)} ? {_lit(0)} : cf; cf = cf > {_lit(levels - 1)} ? {_lit(levels - 1)} : cf;"
             f" const int code = (int)cf;"
         )
-    if codec.kind == "q4p":
-        nib = "code + 8" if signed else "code"
-        put = (
-            f"if (((j0 + e) & 1) == 0) lo_lo = (uint8_t)({nib}); else {arr}[{idx}] = (uint8_t)(lo_lo | (({nib}) << 4));"
+    pack = ""
+    if codec.kind == "q4p":  # nibbles collected, then packed two per byte
+        put = f"U[e] = code + {8 if signed else 0};"
+        pre = f"int U[{GROUP_SIZE}];"
+        pack = (
+            f"      for (int64_t e = 0; e < len / 2; e++)"
+            f" {arr}[r * (n / 2) + j0 / 2 + e] = (uint8_t)(U[2 * e] | (U[2 * e + 1] << 4));\n"
         )
-        pre = "uint8_t lo_lo = 0;"
     else:
         offset = 0 if signed else levels // 2
         put = f"{arr}[{idx}] = (int8_t)(code - {offset});"
@@ -499,7 +505,7 @@ def _group_encode(name: str, signed: bool, codec: StateCodec) -> str:
         {quant}
         {put}
       }}
-      K_{v}[r * groups + q] = sb;
+{pack}      K_{v}[r * groups + q] = sb;
     }}
 """
 
