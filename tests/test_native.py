@@ -93,8 +93,9 @@ def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("case", list(ADAM_CASES))
 @pytest.mark.parametrize("states", STATES)
 def test_adam_one_step_states_match_and_master_within_one_ulp(case, states):
-    """From the same state, one step: fp32/bf16 states bit-identical, quantised states decode within one
-    code of each other, the master within 1 ULP (the reference's MKL sqrt is the only difference)."""
+    """From the same state, one step: fp32/bf16 states and the first moment's codes and scales
+    bit-identical, the second moment's codes within one code (its encode takes a square root), the master
+    within 1 ULP + 2^-20 |update| (the reference's MKL sqrt is the only difference)."""
     cls, hyper = ADAM_CASES[case]
     for master, shape in itertools.product(["exact", "compact", "auto"], [(64, 96), (3, 70), (130,)]):
         p, opt = run("reference", cls, master, states, shape, hyper, steps=3)
@@ -115,16 +116,19 @@ def test_adam_one_step_states_match_and_master_within_one_ulp(case, states):
         d = ulp_distance(a, b)
         assert int((d > 0).sum()) <= max(2, p.numel() // 20)  # rare: only where MKL's sqrt rounds differently
         for key, ref in opt.state[p].items():
-            if not isinstance(ref, torch.Tensor) or key == "remainder" or key == "residual":
+            if not isinstance(ref, torch.Tensor) or key in ("remainder", "residual", "step"):
                 continue
             got = opt2.state[twin][key]
-            if key.endswith(".codes"):
-                assert int((ref.to(torch.int32) - got.to(torch.int32)).abs().max()) <= (1 if states == "int8" else 17)
-            elif key.endswith(".scales") or states == "fp32" or states == "bf16" or key in ("exp_avg",):
-                if key.startswith("exp_avg_sq") or key.startswith("max_exp_avg_sq"):
-                    assert torch.allclose(ref.float(), got.float(), rtol=2**-7, atol=0), key
-                else:
-                    assert torch.equal(bits(ref), bits(got)), f"{master}{shape} {key}"
+            quantised_second_moment = key.endswith((".codes", ".scales")) and not key.startswith("exp_avg.")
+            if not quantised_second_moment:  # moments in fp32/bf16 and the first moment's codes and scales
+                assert torch.equal(bits(ref), bits(got)), f"{master}{shape} {key}"
+            elif key.endswith(".codes"):  # within one code (4-bit: per nibble)
+                a, b = ref.to(torch.int32), got.to(torch.int32)
+                if ref.dtype == torch.uint8:
+                    a, b = torch.stack((a & 15, a >> 4)), torch.stack((b & 15, b >> 4))
+                assert int((a - b).abs().max()) <= 1, key
+            else:  # bf16 scales: within one bf16 rounding step
+                assert torch.allclose(ref.float(), got.float(), rtol=2**-7, atol=0), key
 
 
 def test_results_do_not_depend_on_the_thread_count():

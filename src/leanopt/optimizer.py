@@ -38,10 +38,13 @@ class LeanOptimizer(torch.optim.Optimizer):
       ``nonfinite_skipped``) or ``"raise"`` (FloatingPointError before any tensor is updated).
     - ``seed``: seed of the stochastic-rounding noise (default: ``torch.initial_seed()``). The noise
       depends only on (seed, parameter index, step), never on the order tensors are updated in.
-    - ``kernel``: the update executor. ``"auto"`` (default) updates the tensors of param groups with
-      at least 2**20 elements in one compiled pass each (``leanopt.kernels.fused``; C++ on CPU, Triton
-      on CUDA) and smaller groups eagerly; ``"fused"`` compiles for every group; ``"reference"`` always
-      runs the eager reference. Without a working compiler the fused path warns once and falls back.
+    - ``kernel``: the update executor. ``"auto"`` (default): on CPU every tensor is updated by a
+      native kernel (``leanopt.kernels.native``: the rule's fused form generated as C, compiled once per
+      combination with the system C compiler and cached on disk); on CUDA, param groups with at least
+      2**20 elements use ``torch.compile`` (Triton; ``leanopt.kernels.fused``) and smaller ones the
+      eager reference. ``"fused"``: the compiled paths for every group. ``"reference"``: always the eager
+      reference (torch.optim's single-tensor arithmetic, op for op). Without a working compiler the
+      compiled paths warn once and fall back. What each path reproduces bit for bit: docs/kernels.md.
     """
 
     rule: Rule
@@ -353,7 +356,7 @@ class LeanOptimizer(torch.optim.Optimizer):
                 f"state_dict has {len(saved_groups)} param groups, this optimizer has {len(self.param_groups)}"
             )
         id_map: dict[Any, tuple[Tensor, dict[str, Any]]] = {}
-        for gi, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
+        for gi, (group, saved) in enumerate(zip(self.param_groups, saved_groups, strict=True)):
             if len(saved["params"]) != len(group["params"]):
                 raise ValueError(
                     f"param group {gi}: state_dict has {len(saved['params'])} params, this optimizer has "
@@ -374,7 +377,7 @@ class LeanOptimizer(torch.optim.Optimizer):
                 self._check_group(merged)
             except ValueError as err:
                 raise ValueError(f"param group {gi} in state_dict: {err}") from None
-            id_map.update({pid: (p, merged) for pid, p in zip(saved["params"], group["params"])})
+            id_map.update({pid: (p, merged) for pid, p in zip(saved["params"], group["params"], strict=True)})
         new_state: dict[Tensor, dict[str, Any]] = defaultdict(dict)
         for pid, saved_state in state_dict["state"].items():
             if pid not in id_map:
@@ -403,7 +406,7 @@ class LeanOptimizer(torch.optim.Optimizer):
                 k: _shards.state_value_for(p, v, layout[k][1], on_cpu=k == "step") for k, v in saved_state.items()
             }
         # All checks passed: apply.
-        for group, saved in zip(self.param_groups, saved_groups):
+        for group, saved in zip(self.param_groups, saved_groups, strict=True):
             for key, value in saved.items():
                 if key != "params":
                     group[key] = copy.deepcopy(value)
