@@ -70,7 +70,7 @@ def trained(cls=leanopt.AdamW, dtype=torch.bfloat16, **options):
         (leanopt.SGD, {"nesterov": True}, r"nesterov=True requires momentum > 0"),
         (leanopt.AdamW, {"master": "fp8"}, r"master must be one of \['auto', 'exact'"),
         (leanopt.AdamW, {"states": "fp64"}, r"states must be one of \['fp32', 'bf16'"),
-        (leanopt.AdamW, {"nonfinite": "ignore"}, r"nonfinite must be one of \['skip', 'raise'\]"),
+        (leanopt.AdamW, {"nonfinite": "drop"}, r"nonfinite must be one of \['skip', 'raise', 'ignore'\]"),
         (leanopt.AdamW, {"seed": 1.5}, r"seed must be an int or None"),
     ],
 )
@@ -254,6 +254,18 @@ def test_nonfinite_raise_changes_nothing():
     with pytest.raises(FloatingPointError, match="non-finite gradient for parameter 3"):
         opt.step()
     assert_same(before, snapshot(opt, params))
+
+
+def test_nonfinite_ignore_checks_nothing_like_torch_optim():
+    """nonfinite="ignore": no check; the NaN reaches the weights exactly as in torch.optim."""
+    for kernel in ("auto", "reference"):
+        p = nn.Parameter(torch.ones(40, dtype=torch.bfloat16))
+        opt = leanopt.AdamW([p], nonfinite="ignore", kernel=kernel)
+        p.grad = torch.ones(40, dtype=torch.bfloat16)
+        p.grad[7] = math.nan
+        opt.step()
+        assert opt.nonfinite_skipped == 0 and opt.last_skipped == []
+        assert torch.isnan(p[7]) and bool(torch.isfinite(p[:7]).all()) and bool(torch.isfinite(p[8:]).all())
 
 
 def test_nonfinite_gradient_on_first_step_creates_no_state():

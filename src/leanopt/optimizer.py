@@ -19,7 +19,7 @@ from .formats.weights import MASTER_CHOICES, WeightFormat, resolve_weight_format
 from .kernels import fused as _fused
 from .rules import AdamRule, AdamWRule, LionRule, Rule, SGDRule
 
-NONFINITE_CHOICES = ("skip", "raise")
+NONFINITE_CHOICES = ("skip", "raise", "ignore")
 STATE_DICT_VERSION = 1
 _SEED_MASK = (1 << 63) - 1
 
@@ -35,7 +35,9 @@ class LeanOptimizer(torch.optim.Optimizer):
     - ``states`` (per group): ``"fp32"`` (default) or ``"bf16"``.
     - ``nonfinite``: what to do with a gradient tensor holding NaN or inf: ``"skip"`` (default; that
       tensor's update is skipped, its weights and states stay as they were, and the skip is counted in
-      ``nonfinite_skipped``) or ``"raise"`` (FloatingPointError before any tensor is updated).
+      ``nonfinite_skipped``), ``"raise"`` (FloatingPointError before any tensor is updated) or
+      ``"ignore"`` (no check, as torch.optim: NaN/inf reach weights and states; saves one read of each
+      gradient per step, about 2 of the 26 bytes per parameter of an exact/fp32 AdamW step).
     - ``seed``: seed of the stochastic-rounding noise (default: ``torch.initial_seed()``). The noise
       depends only on (seed, parameter index, step), never on the order tensors are updated in.
     - ``kernel``: the update executor. ``"auto"`` (default): on CPU every tensor is updated by a
@@ -188,7 +190,7 @@ class LeanOptimizer(torch.optim.Optimizer):
         grad = param.grad if grad is None else grad
         if grad is None:
             return False
-        if not _shards.all_finite(grad):  # a sharded gradient: the same decision on every rank
+        if self.nonfinite != "ignore" and not _shards.all_finite(grad):  # sharded: the same decision on every rank
             if self.nonfinite == "raise":
                 raise FloatingPointError(f"non-finite gradient for parameter {self.param_index(param)}")
             self.nonfinite_skipped += 1

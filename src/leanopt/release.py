@@ -360,7 +360,7 @@ class ReleaseHandle:
         group = self._group(p)
         if grad.is_sparse:
             raise ValueError(f"parameter {index} has a sparse gradient; release needs dense gradients")
-        if not bool(torch.isfinite(grad).all()):
+        if opt.nonfinite != "ignore" and not bool(torch.isfinite(grad).all()):
             if opt.nonfinite == "raise":
                 raise FloatingPointError(f"non-finite gradient for parameter {index}")
             self._poisoned.add(index)
