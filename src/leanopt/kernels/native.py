@@ -464,17 +464,17 @@ def _group_encode(name: str, signed: bool, codec: StateCodec) -> str:
         src = f"A_{v}[e]"
         quant = (
             f"float xr = gv * inv; xr = xr < {_lit(-1)} ? {_lit(-1)} : xr; xr = xr > {_lit(1)} ? {_lit(1)} : xr;"
-            f" float x = is_top ? lo_sign(gv) : xr; x = {_lit(2)} * x / ({_lit(1)} + fabsf(x));"
+            f" float x = is_top ? copysignf(1.0f, gv) : xr; x = {_lit(2)} * x / ({_lit(1)} + fabsf(x));"
             f" const int code = (int)rintf(x * {_lit(qs)});"
         )
     else:
         src = f"sqrtf(A_{v}[e] < 0.0f ? 0.0f : A_{v}[e])"
         mag = "M[e]"
+        # gv >= 0 (a square root) and x <= 1, so of the format's clamps only x <= 1 and code >= 0 can bind
         quant = (
-            f"float xr = gv * inv; xr = xr < {_lit(0)} ? {_lit(0)} : xr; xr = xr > {_lit(1)} ? {_lit(1)} : xr;"
+            f"float xr = gv * inv; xr = xr > {_lit(1)} ? {_lit(1)} : xr;"
             f" const float x = is_top ? {_lit(1)} : xr; float cf = rintf(x * {_lit(levels)}) - {_lit(1)};"
-            f" cf = cf < {_lit(0)} ? {_lit(0)} : cf; cf = cf > {_lit(levels - 1)} ? {_lit(levels - 1)} : cf;"
-            f" const int code = (int)cf;"
+            f" cf = cf < {_lit(0)} ? {_lit(0)} : cf; const int code = (int)cf;"
         )
     pack = ""
     if codec.kind == "q4p":  # nibbles collected, then packed two per byte
