@@ -182,6 +182,16 @@ class FusedLion(FusedRule):
 
 def fused_form(rule: Rule) -> FusedRule | None:
     """The fused form of ``rule``, or None (then the reference executor runs it)."""
+    key = (type(rule), getattr(rule, "decoupled", None))
+    if key not in _FORMS:
+        _FORMS[key] = _make_form(rule)
+    return _FORMS[key]
+
+
+_FORMS: dict[tuple, FusedRule | None] = {}
+
+
+def _make_form(rule: Rule) -> FusedRule | None:
     if isinstance(rule, AdamRule):
         return FusedAdam(rule.decoupled)
     if isinstance(rule, SGDRule):

@@ -706,13 +706,14 @@ def native_step(
     from .fused import fused_form
 
     state["step"] += 1
-    scalars = torch.tensor(fused_form(rule).scalars(group, float(state["step"])), dtype=torch.float32)
+    values = fused_form(rule).scalars(group, float(state["step"]))
+    scalars = (ctypes.c_float * len(values))(*values)  # double -> float rounds to nearest, as torch does
     tensors.insert(len(spec.weight.ctypes_), grad)
     ptrs = (ctypes.c_void_p * len(tensors))(*[t.data_ptr() for t in tensors])
     n = param.shape[-1] if param.dim() else 1
     rows = param.numel() // n if n else 0
     if param.numel():
-        kernel.fn(rows, n, ptrs, scalars.data_ptr(), torch.get_num_threads())
+        kernel.fn(rows, n, ptrs, ctypes.addressof(scalars), torch.get_num_threads())
     kernel.calls += 1
     return True
 
