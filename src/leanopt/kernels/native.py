@@ -386,6 +386,14 @@ def generate(spec: KernelSpec) -> str:
         enc.append(_group_encode(name, signed, codec))
     loads = "\n".join(f"      float st_{_ident(n)} = A_{_ident(n)}[e];" for n, _, _ in spec.states)
     stores = "\n".join(f"      A_{_ident(n)}[e] = st_{_ident(n)};" for n, _, _ in spec.states)
+    # Unsigned states are quantised by their square root: taken here, next to the rule's own sqrt of the
+    # same value (Adam's denominator), the compiler computes it once.
+    stores += "".join(
+        f"\n      R_{_ident(n)}[e] = st_{_ident(n)} < 0.0f ? 0.0f : sqrtf(st_{_ident(n)});"
+        for n, signed, _ in spec.states
+        if not signed
+    )
+    decl += "".join(f"\n    float R_{_ident(n)}[{gs}];" for n, signed, _ in spec.states if not signed)
     group = f"""{decl}
 {"".join(dec)}
     for (int64_t e = 0; e < len; e++) {{
@@ -468,7 +476,7 @@ def _group_encode(name: str, signed: bool, codec: StateCodec) -> str:
             f" const int code = (int)rintf(x * {_lit(qs)});"
         )
     else:
-        src = f"sqrtf(A_{v}[e] < 0.0f ? 0.0f : A_{v}[e])"
+        src = f"R_{v}[e]"  # sqrt(max(v, 0)), taken in the update loop
         mag = "M[e]"
         # gv >= 0 (a square root) and x <= 1, so of the format's clamps only x <= 1 and code >= 0 can bind
         quant = (
