@@ -258,3 +258,17 @@ def test_a_fresh_process_uses_the_disk_cache(tmp_path):
     out = [subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
            for _ in range(2)]  # fmt: skip
     assert [o.stdout.strip() for o in out] == ["True", "False"]
+
+
+def test_an_unwritable_cache_folder_falls_back_to_the_temp_folder(tmp_path, monkeypatch):
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")  # the cache path exists as a file: it cannot be created
+    monkeypatch.setenv("LEANOPT_CACHE_DIR", str(blocked / "kernels"))
+    native.reset()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no fallback warning: the kernels were built
+            run("auto", leanopt.SGD, "exact", "fp32", (4, 32), dict(lr=0.1, momentum=0.9), steps=1)
+        assert native.disabled_reason() is None and len(native.compile_stats()) == 1
+    finally:
+        native.reset()

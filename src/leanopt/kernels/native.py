@@ -583,7 +583,13 @@ def build(source: str, symbol: str = "lo_step", argtypes: list | None = None, re
         if kernel is not None:
             return kernel
         folder = cache_dir()
-        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            if not os.access(folder, os.W_OK):
+                raise PermissionError(folder)
+        except OSError:  # e.g. a read-only home directory: a private folder under the temp dir
+            folder = Path(tempfile.gettempdir()) / f"leanopt-kernels-{os.getuid() if hasattr(os, 'getuid') else 0}"
+            folder.mkdir(parents=True, exist_ok=True)
         lib = folder / f"lo_{key}.so"
         seconds = 0.0
         if not lib.exists():
