@@ -311,6 +311,10 @@ class KernelSpec:
         return any(c.kind != "flat" for _, _, c in self.states)
 
 
+#: groups of one row processed together by the grouped kernels
+BLOCK_GROUPS = int(os.environ.get("LEANOPT_BLOCK_GROUPS", 4))
+
+
 def _quant_consts(kind: str) -> tuple[int, int]:
     """(Q for signed codes, L levels for unsigned) of a quantised codec kind."""
     return (127, 256) if kind == "q8" else (7, 16)
@@ -379,7 +383,10 @@ def generate(spec: KernelSpec) -> str:
             f"  for (int c = -{qs}; c <= {qs}; c++) {{ const float y = (float)c / {_lit(qs)};"
             f" lo_signed_{qs}[c + {qs}] = y / ({_lit(2)} - fabsf(y)); }}"
         )
-    decl = "\n".join(f"    float A_{_ident(n)}[{gs}];" for n, _, _ in spec.states)
+    bs = gs * BLOCK_GROUPS
+    decl = "\n".join(f"    float A_{_ident(n)}[{bs}];" for n, _, _ in spec.states)
+    decl += f"\n    float M[{bs}];"
+    decl += "".join(f"\n    int U_{_ident(n)}[{bs}];" for n, _, c in spec.states if c.kind == "q4p")
     dec, enc = [], []
     for name, signed, codec in spec.states:
         dec.append(_group_decode(name, signed, codec))
@@ -393,8 +400,8 @@ def generate(spec: KernelSpec) -> str:
         for n, signed, _ in spec.states
         if not signed
     )
-    decl += "".join(f"\n    float R_{_ident(n)}[{gs}];" for n, signed, _ in spec.states if not signed)
-    group = f"""{decl}
+    decl += "".join(f"\n    float R_{_ident(n)}[{bs}];" for n, signed, _ in spec.states if not signed)
+    block = f"""{decl}
 {"".join(dec)}
     for (int64_t e = 0; e < len; e++) {{
       const int64_t i = r * n + j0 + e;
@@ -406,24 +413,26 @@ def generate(spec: KernelSpec) -> str:
       {wstore}
     }}
 {"".join(enc)}"""
-    # Full groups get a copy with a constant trip count (vectorised); a row's last group may be shorter.
+    # A block is BLOCK_GROUPS groups of one row (independent groups side by side keep the core busy);
+    # full blocks get a copy with constant trip counts (vectorised); a row's last block may be shorter.
     lines.append(
-        f"""  const int64_t groups = (n + {gs} - 1) / {gs}, total = rows * groups;
-  const int nt = total >= 256 * threads ? threads : 1;
+        f"""  const int64_t groups = (n + {gs} - 1) / {gs}, blocks = (groups + {BLOCK_GROUPS - 1}) / {BLOCK_GROUPS};
+  const int64_t total = rows * blocks;
+  const int nt = total >= 64 * threads ? threads : 1;
   #pragma omp parallel num_threads(nt)
   {{
-  /* each thread a contiguous range of groups; (row, group) advanced without dividing */
+  /* each thread a contiguous range of blocks; (row, block) advanced without dividing */
   const int64_t tid = omp_get_thread_num(), per = (total + nt - 1) / nt;
   const int64_t t0 = tid * per < total ? tid * per : total, t1 = t0 + per < total ? t0 + per : total;
-  int64_t r = groups ? t0 / groups : 0, q = groups ? t0 % groups : 0;
-  for (int64_t t = t0; t < t1; t++, q = (q + 1 == groups) ? (r++, 0) : q + 1) {{
-    const int64_t j0 = q * {gs};
-    if (n - j0 >= {gs}) {{
-    const int64_t len = {gs};
-{group}
+  int64_t r = blocks ? t0 / blocks : 0, b = blocks ? t0 % blocks : 0;
+  for (int64_t t = t0; t < t1; t++, b = (b + 1 == blocks) ? (r++, 0) : b + 1) {{
+    const int64_t q0 = b * {BLOCK_GROUPS}, j0 = q0 * {gs};
+    if (n - j0 >= {bs}) {{
+    const int64_t len = {bs}, ng = {BLOCK_GROUPS};
+{block}
     }} else {{
-    const int64_t len = n - j0;
-{group}
+    const int64_t len = n - j0, ng = (len + {gs - 1}) / {gs};
+{block}
     }}
   }}
   }}
@@ -438,17 +447,17 @@ def _code_at(codec: StateCodec, v: str) -> tuple[str, str]:
 
 
 def _group_decode(name: str, signed: bool, codec: StateCodec) -> str:
+    """C decoding state ``name`` of the block's groups into ``A_<name>[0, len)``."""
     v = _ident(name)
     qs, levels = _quant_consts(codec.kind)
     idx, arr = _code_at(codec, v)
     unpack = ""
     if codec.kind == "q4p":  # two codes per byte, low nibble first: unpacked first (vectorises)
         unpack = (
-            f"      int U[{GROUP_SIZE}];\n"
-            f"      for (int64_t e = 0; e < len / 2; e++) {{ const uint8_t b = {arr}[r * (n / 2) + j0 / 2 + e];"
-            f" U[2 * e] = b & 15; U[2 * e + 1] = b >> 4; }}\n"
+            f"        for (int64_t e = e0 / 2; e < e1 / 2; e++) {{ const uint8_t b = {arr}[r * (n / 2) + j0 / 2 + e];"
+            f" U_{v}[2 * e] = b & 15; U_{v}[2 * e + 1] = b >> 4; }}\n"
         )
-        code = f"(U[e] - {8 if signed else 0})"
+        code = f"(U_{v}[e] - {8 if signed else 0})"
     else:
         offset = 0 if signed else levels // 2
         code = f"((int){arr}[{idx}] + {offset})"
@@ -456,9 +465,10 @@ def _group_decode(name: str, signed: bool, codec: StateCodec) -> str:
         value = f"A_{v}[e] = lo_signed_{qs}[({code}) + {qs}] * sc;"
     else:
         value = f"const float u = ((float)({code}) + {_lit(1)}) / {_lit(levels)} * sc; A_{v}[e] = u * u;"
-    return f"""    {{
-      const float sc = lo_f((uint32_t)K_{v}[r * groups + q] << 16);
-{unpack}      for (int64_t e = 0; e < len; e++) {{ {value} }}
+    return f"""    for (int64_t gi = 0; gi < ng; gi++) {{
+        const int64_t e0 = gi * {GROUP_SIZE}, e1 = e0 + {GROUP_SIZE} < len ? e0 + {GROUP_SIZE} : len;
+        const float sc = lo_f((uint32_t)K_{v}[r * groups + q0 + gi] << 16);
+{unpack}        for (int64_t e = e0; e < e1; e++) {{ {value} }}
     }}
 """
 
@@ -486,34 +496,32 @@ def _group_encode(name: str, signed: bool, codec: StateCodec) -> str:
         )
     pack = ""
     if codec.kind == "q4p":  # nibbles collected, then packed two per byte
-        put = f"U[e] = code + {8 if signed else 0};"
-        pre = f"int U[{GROUP_SIZE}];"
+        put = f"U_{v}[e] = code + {8 if signed else 0};"
         pack = (
-            f"      for (int64_t e = 0; e < len / 2; e++)"
-            f" {arr}[r * (n / 2) + j0 / 2 + e] = (uint8_t)(U[2 * e] | (U[2 * e + 1] << 4));\n"
+            f"        for (int64_t e = e0 / 2; e < e1 / 2; e++)"
+            f" {arr}[r * (n / 2) + j0 / 2 + e] = (uint8_t)(U_{v}[2 * e] | (U_{v}[2 * e + 1] << 4));\n"
         )
     else:
         offset = 0 if signed else levels // 2
         put = f"{arr}[{idx}] = (int8_t)(code - {offset});"
-        pre = ""
-    return f"""    {{
-      float M[{GROUP_SIZE}]; uint32_t topb = 0;
-      for (int64_t e = 0; e < len; e++) M[e] = {src if not signed else mag};
-      for (int64_t e = 0; e < len; e++) {{  /* >= 0: the bits order like the values, NaN above inf */
-        const uint32_t mb = lo_u(M[e]) & 0x7FFFFFFFu;
-        topb = mb > topb ? mb : topb;
-      }}
-      const float top = lo_f(topb);
-      const uint16_t sb = lo_bf16(top); const float s32 = lo_f((uint32_t)sb << 16);
-      const float inv = 1.0f / (s32 > 0.0f ? s32 : 1.0f);
-      {pre}
-      for (int64_t e = 0; e < len; e++) {{
-        const float gv = {"A_" + v + "[e]" if signed else "M[e]"};
-        const int is_top = ({mag} == top) & (top > 0.0f);
-        {quant}
-        {put}
-      }}
-{pack}      K_{v}[r * groups + q] = sb;
+    return f"""    for (int64_t gi = 0; gi < ng; gi++) {{
+        const int64_t e0 = gi * {GROUP_SIZE}, e1 = e0 + {GROUP_SIZE} < len ? e0 + {GROUP_SIZE} : len;
+        uint32_t topb = 0;
+        for (int64_t e = e0; e < e1; e++) M[e] = {src if not signed else mag};
+        for (int64_t e = e0; e < e1; e++) {{  /* >= 0: the bits order like the values, NaN above inf */
+          const uint32_t mb = lo_u(M[e]) & 0x7FFFFFFFu;
+          topb = mb > topb ? mb : topb;
+        }}
+        const float top = lo_f(topb);
+        const uint16_t sb = lo_bf16(top); const float s32 = lo_f((uint32_t)sb << 16);
+        const float inv = 1.0f / (s32 > 0.0f ? s32 : 1.0f);
+        for (int64_t e = e0; e < e1; e++) {{
+          const float gv = {"A_" + v + "[e]" if signed else "M[e]"};
+          const int is_top = ({mag} == top) & (top > 0.0f);
+          {quant}
+          {put}
+        }}
+{pack}        K_{v}[r * groups + q0 + gi] = sb;
     }}
 """
 
