@@ -1,16 +1,34 @@
-"""``leanopt bench``: the reusable timing pieces and a short run that writes its JSON."""
+"""``leanopt bench`` (the kernel benchmark): cases, measuring, derived figures, targets, and short runs
+through the command line and through benchmarks/kernels.py."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 import leanopt
 from leanopt.cli import main
-from leanopt.cli.bench import bench_cases, make_params, run_bench, time_steps
-from leanopt.cli.plan import Mode
+from leanopt.cli.bench import (
+    PEERS,
+    Case,
+    Result,
+    _peer,
+    held_bytes,
+    make_params,
+    relate,
+    run_case,
+    select_cases,
+    targets,
+    time_steps,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_make_params_gives_the_same_values_in_every_dtype():
@@ -20,34 +38,161 @@ def test_make_params_gives_the_same_values_in_every_dtype():
         assert torch.equal(a.detach().bfloat16(), b.detach()) and torch.equal(a.grad.bfloat16(), b.grad)
 
 
-def test_time_steps_runs_warmup_plus_timed_steps():
+def test_time_steps_runs_warmup_plus_timed_steps_and_changes_the_lr():
     params = make_params([(4, 4)], torch.bfloat16, "cpu")
     opt = leanopt.AdamW(params, lr=1e-3)
     times = time_steps(opt, steps=3, warmup=2)
     assert len(times) == 3 and all(t > 0 for t in times)
     assert int(opt.state[params[0]]["step"].item()) == 5
+    assert opt.param_groups[0]["lr"] == pytest.approx(1.02e-4)  # set before each timed step
 
 
-def test_cases_cover_torch_baselines_and_requested_modes():
-    names = [c.name for c in bench_cases("adamw", [Mode("exact", "fp32"), Mode("exact", "bf16")])]
-    assert names == ["torch-fused", "torch-foreach", "exact/fp32", "exact/bf16"]
-    assert [c.name for c in bench_cases("lion", [Mode("exact", "fp32")])] == ["exact/fp32"]  # no torch Lion
+def test_default_cases_are_the_kernel_benchmark_and_quick_leaves_the_peers_out():
+    keys = [c.key for c in select_cases("adamw")]
+    assert keys == ["torch-fused", "torch-foreach", "exact/fp32", "compact/int8", "compact/int4",
+                    "torchao-8bit", "torchao-4bit", "bnb-8bit", "optimi-kahan", "flashoptim"]  # fmt: skip
+    assert [c.key for c in select_cases("adamw", quick=True)] == keys[:5]
+    every = [c.key for c in select_cases("adamw", "all")]
+    assert "exact/fp32@reference" in every and "exact/bf16" in every and "flashoptim" in every
 
 
-def test_run_bench_reports_bytes_from_memory_report():
-    cases = bench_cases("adamw", [Mode("exact", "fp32")])
-    results = run_bench([(64, 32), (32,)], cases, steps=2, warmup=1)
-    by_name = {r["name"]: r for r in results}
-    assert by_name["torch-fused"]["bytes_per_param"] == pytest.approx(16.0 + 8 / (64 * 32 + 32))  # + 2 step counters
-    assert by_name["exact/fp32"]["bytes_per_param"] == pytest.approx(14.0 + 8 / (64 * 32 + 32))
-    assert all(len(r["times_ms"]) == 2 and len(r["warmup_ms"]) == 1 and r["median_ms"] > 0 for r in results)
+def test_named_cases_get_torch_fused_first_and_accept_the_old_long_names():
+    assert [c.key for c in select_cases("adamw", "exact/fp32,torchao-8bit")] == [
+        "torch-fused", "exact/fp32", "torchao-8bit"
+    ]  # fmt: skip
+    old = select_cases("adamw", "torch AdamW fp32 fused,leanopt exact/fp32,leanopt exact/fp32 reference")
+    assert [c.key for c in old] == ["torch-fused", "exact/fp32", "exact/fp32@reference"]
+    assert [c.key for c in select_cases("sgd", "compact/int8")] == ["torch-fused", "compact/int8"]
+    assert [c.key for c in select_cases("lion", "default")] == ["exact/fp32", "compact/int8", "compact/int4"]
 
 
-def test_bench_command_prints_table_and_writes_json(tmp_path, capsys):
+def test_bytes_touched_and_held_come_from_the_tensors():
+    shapes, n = [(64, 32), (32,)], 64 * 32 + 32
+    cases = {c.key: c for c in select_cases("adamw", "torch-fused,exact/fp32,compact/int8")}
+    fused = run_case("w", shapes, cases["torch-fused"], torch.device("cpu"), steps=2)
+    exact = run_case("w", shapes, cases["exact/fp32"], torch.device("cpu"), steps=2)
+    assert fused.status == exact.status == "ok" and fused.params == exact.params == n
+    assert fused.bytes_per_param == pytest.approx(16.0 + 8 / n)  # + two fp32 step counters
+    assert exact.bytes_per_param == pytest.approx(14.0 + 8 / n)
+    assert fused.touched_bytes_per_param == pytest.approx(28.0 + 16 / n)  # fp32 AdamW reads + writes 28 B/param
+    assert exact.touched_bytes_per_param == pytest.approx(26.0 + 16 / n)
+    assert exact.bytes_by_category == {"weights": 2 * n, "gradients": 2 * n, "state": 10 * n + 8}
+    assert len(exact.step_ms_all) == 2 and exact.step_ms > 0 and exact.first_step_s > 0
+    reference = run_case("w", shapes, select_cases("adamw", "exact/fp32@reference")[1], torch.device("cpu"), steps=1)
+    assert reference.status == "ok" and reference.kernels_used == [] == fused.kernels_used  # no compiled kernel ran
+
+
+class _Wrapped(torch.Tensor):
+    """A tensor subclass that keeps its data in two inner tensors, as torchao's quantised states do."""
+
+    def __tensor_flatten__(self):
+        return ["codes", "scales"], None
+
+
+def test_held_bytes_looks_inside_tensor_subclasses_and_counts_shared_storage_once():
+    params = make_params([(8, 8)], torch.bfloat16, "cpu")
+    wrapped = torch.Tensor._make_subclass(_Wrapped, torch.empty(0))
+    wrapped.codes, wrapped.scales = torch.zeros(64, dtype=torch.uint8), torch.zeros(2, dtype=torch.float32)
+    opt = torch.optim.SGD(params, lr=0.1)
+    opt.state[params[0]] = {"q": wrapped, "alias": params[0].detach()}  # the weight again: counted once
+    assert held_bytes(params, opt) == {"weights": 128, "gradients": 128, "state": 64 + 8}
+
+
+def test_a_missing_peer_is_recorded_as_not_installed_and_a_cuda_only_one_is_skipped_on_cpu():
+    missing = Case("nope", "nope AdamW", torch.bfloat16, _peer("no_such_module_xyz", "AdamW"), "peer")
+    res = run_case("w", [(4, 4)], missing, torch.device("cpu"))
+    assert res.status == "not installed" and "no_such_module_xyz" in res.error
+    flash = next(c for c in PEERS if c.key == "flashoptim")
+    assert run_case("w", [(4, 4)], flash, torch.device("cpu")).status == "skipped"
+
+    def broken(ps):
+        raise RuntimeError("kernel exploded")
+
+    res = run_case("w", [(4, 4)], Case("b", "broken", torch.bfloat16, broken, "peer"), torch.device("cpu"))
+    assert res.status == "error" and res.error == "RuntimeError: kernel exploded"
+
+
+def _result(workload, key, kind, step_ms, touched=10.0, params=10**6):
+    return Result(workload, key, key, kind, params=params, step_ms=step_ms, touched_bytes_per_param=touched)
+
+
+def test_ratios_and_targets_follow_the_measured_figures():
+    results = [
+        _result("w", "torch-fused", "baseline", 10.0, touched=28.0),
+        _result("w", "exact/fp32", "leanopt", 9.0, touched=26.0),
+        _result("w", "compact/int8", "leanopt", 9.0, touched=12.0),
+        _result("w", "exact/fp32@reference", "leanopt", 90.0, touched=26.0),
+    ]
+    relate(results, gbps=2.0)  # 1e6 params x 26 B at 2 GB/s = 13 ms
+    assert results[1].bound_ms == pytest.approx(13.0) and results[1].ratio_to_bound == pytest.approx(9 / 13)
+    assert results[2].ratio_to_torch_fused == pytest.approx(0.9) and results[2].ratio_to_bound == pytest.approx(1.5)
+    met = {c["check"]: c["met"] for c in targets(results)}
+    assert met == {
+        "exact/fp32 <= 1.0x torch fused": True,
+        "exact/fp32 <= 1.5x its bandwidth bound": True,
+        "compact/int8 <= 0.8x torch fused": False,  # 0.9x
+        "compact/int8 <= 1.5x its bandwidth bound": True,  # exactly 1.5x
+    }  # the reference executor has no target
+    assert targets(results, "sgd") == []
+
+
+def test_bench_quick_prints_table_and_targets_and_writes_json(tmp_path, capsys):
     out = tmp_path / "b.json"
-    assert main(["bench", "--size", "20000", "--steps", "2", "--modes", "exact/fp32", "--out", str(out)]) == 0
+    assert main(["bench", "--quick", "--modes", "exact/fp32,compact/int8", "--out", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "torch-fused" in text and "exact/fp32" in text and "vs torch fused" in text
+    assert "vs torch fused" in text and "vs bound" in text and "targets" in text and "wrote" in text
     doc = json.loads(out.read_text())
-    assert doc["model"]["num_params"] == 20000
-    assert [r["name"] for r in doc["results"]] == ["torch-fused", "torch-foreach", "exact/fp32"]
+    assert doc["complete"] and doc["steps"] == 2 and doc["copy_gbps"] > 0 and doc["copy_gbps_end"] > 0
+    assert list(doc["workloads"]) == ["tiny"]
+    assert [r["key"] for r in doc["results"]] == ["torch-fused", "exact/fp32", "compact/int8"]
+    assert all(r["status"] == "ok" and r["ratio_to_bound"] > 0 for r in doc["results"])
+    assert {t["check"] for t in doc["targets"]} >= {
+        "exact/fp32 <= 1.0x torch fused",
+        "compact/int8 <= 0.8x torch fused",
+    }
+    for t in doc["targets"]:  # printed as measured, marked as measured
+        assert ("MISSED" if not t["met"] else "met") in text
+
+
+def test_size_adds_a_workload_from_a_model_spec(tmp_path, capsys):
+    out = tmp_path / "b.json"
+    assert main(["bench", "--size", "20000", "--steps", "1", "--modes", "exact/fp32", "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert (
+        doc["workloads"]["20000"]["num_params"] == 20000 and doc["workloads"]["20000"]["source"] == "a parameter count"
+    )
+    assert [r["mode"] for r in doc["results"]] == ["torch AdamW fp32 fused", "leanopt exact/fp32"]
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--workloads", "nope"], "--workloads: unknown model 'nope'"),
+        (["--modes", "frobnicate"], "--modes: unknown mode 'frobnicate'; accepted: default, all, torch-fused"),
+        (["--optimizer", "lion", "--modes", "torchao-8bit"], "does not exist for --optimizer lion"),
+        (["--modes", "default,exact/bf16"], "'default' and 'all' stand alone"),
+        (["--warmup", "0"], "--warmup must be at least 1"),
+        (["--out", "/no/such/folder/b.json"], "folder '/no/such/folder' does not exist"),
+        (["--kernel", "warp"], "--modes/--kernel"),
+        (["--threads", "0"], "--threads must be at least 1"),
+    ],
+)
+def test_bad_bench_arguments_give_one_line_and_exit_2(args, needle, capsys):
+    assert main(["bench", "--quick", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err and err.startswith("leanopt bench: error:")
+
+
+def test_benchmarks_kernels_py_is_leanopt_bench_with_its_own_output(tmp_path):
+    out = tmp_path / "k.json"
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks/kernels.py"), "--quick", "--modes", "exact/fp32", "--out", str(out)],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "LEANOPT_DEBUG": "1"},
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    doc = json.loads(out.read_text())
+    assert (
+        doc["command"].startswith("leanopt bench --out ")
+        and str(ROOT / "benchmarks/results/kernels.json") in doc["command"]
+    )  # the default output, overridden by the later --out
+    assert [r["key"] for r in doc["results"]] == ["torch-fused", "exact/fp32"]

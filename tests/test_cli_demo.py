@@ -146,6 +146,9 @@ def test_demo_end_to_end_in_fresh_processes_writes_table_json_and_png(tmp_path):
     assert lean["ratios_vs_standard"]["bytes_per_param"] < 1.0
     # each run was its own process: the workers' start RSS is measured separately
     assert all(r["peak_rss_bytes"] > 0 and len(r["train_losses"]) == 3 for r in runs.values())
+    # where the time went: each run's wall time (process start to end) and its phases inside the worker
+    assert sum(r["wall_s"] for r in runs.values()) <= doc["wall_s"] and f"({doc['wall_s']:.0f} s)" in res.stdout
+    assert all(sum(r["phase_s"].values()) < r["wall_s"] for r in runs.values())
     try:
         import matplotlib  # noqa: F401
 
@@ -158,3 +161,52 @@ def test_list_configs_names_what_can_run(capsys):
     assert main(["demo", "--list-configs"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("standard") and "exact/fp32" in out and "(default)" in out
+
+
+def test_worker_builds_kernels_before_the_peak_is_measured_and_trains_the_same(monkeypatch):
+    import torch
+
+    import leanopt.kernels
+
+    kept, calls = [], []
+
+    def fake_prepare(opt):  # as leanopt.kernels.prepare: creates the state, plus a kernel build's memory
+        calls.append(sum(len(s) for s in opt.state.values()))  # no state exists before
+        for group in opt.param_groups:
+            for p in group["params"]:
+                opt.state_for(p, group)  # zeros, as the first step would create them
+        transient = torch.ones(64 * 2**20)  # 256 MiB, touched, then freed
+        kept.append(torch.ones(16 * 2**20))  # 64 MiB kept, as a kernel cache would be
+        del transient
+
+    monkeypatch.delattr(leanopt.kernels, "prepare", raising=False)  # as before leanopt had it
+    plain = train(_cfg(), emit=lambda line: None)
+    monkeypatch.setattr(leanopt.kernels, "prepare", fake_prepare, raising=False)
+    prepared = train(_cfg(), emit=lambda line: None)
+    assert calls == [0] and plain["kernel_prepare"]["called"] is False and prepared["kernel_prepare"]["called"]
+    assert prepared["train_losses"] == plain["train_losses"] and prepared["val_loss"] == plain["val_loss"]
+    assert set(prepared["phase_s"]) == {"warmup", "build", "prepare", "train", "eval"}
+    assert all(v >= 0 for v in prepared["phase_s"].values())
+    state = {k: v for k, v in prepared["bytes_by_category"].items() if k not in ("weights", "gradients")}
+    assert prepared["kernel_prepare"]["state_bytes"] == sum(state.values()) > 0  # the state is training memory
+    if not prepared["peak_rss_reset"]:
+        pytest.skip("this kernel cannot reset the peak RSS (/proc/self/clear_refs)")
+    assert 56 * 2**20 < prepared["kernel_prepare"]["rss_bytes"] < 72 * 2**20  # the kept 64 MiB, not the state
+    # neither the 256 MiB transient nor the 64 MiB cache counts as training memory
+    assert abs(prepared["peak_rss_above_start_bytes"] - plain["peak_rss_above_start_bytes"]) < 32 * 2**20
+    assert train(_cfg(kind="standard", name="standard"), emit=lambda line: None)["kernel_prepare"]["called"] is False
+    assert calls == [0]  # the standard recipe has no leanopt kernels to prepare
+    monkeypatch.undo()
+    if callable(getattr(leanopt.kernels, "prepare", None)):  # the real one, where this leanopt has it
+        real = train(_cfg(), emit=lambda line: None)
+        assert real["kernel_prepare"]["called"] and real["train_losses"] == plain["train_losses"]
+
+
+def test_a_busy_machine_is_named_before_timings_are_trusted(monkeypatch):
+    from leanopt.cli import common
+
+    monkeypatch.setattr(common.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(common.os, "getloadavg", lambda: (3.2, 2.0, 1.0))
+    assert common.busy_note() == "note: this machine is busy (load average 3.2 on 2 CPUs): times will be noisy"
+    monkeypatch.setattr(common.os, "getloadavg", lambda: (0.4, 2.0, 1.0))
+    assert common.busy_note() is None and common.loadavg() == 0.4

@@ -19,7 +19,7 @@ examples:
   leanopt demo --quick         # the same in under a minute
   leanopt plan 7B --memory 24GB
   leanopt plan path/to/config.json --optimizer adamw --json
-  leanopt bench --size 10M     # optimizer step time: torch AdamW vs leanopt modes
+  leanopt bench --quick        # the kernel benchmark: step time vs bandwidth, torch AdamW, leanopt, peers
 
 Run 'leanopt <command> --help' for each command's options and examples.
 """

@@ -1,8 +1,22 @@
-"""``leanopt bench``: optimizer step time of leanopt's modes next to torch.optim's fused and foreach AdamW.
+"""``leanopt bench``: the kernel benchmark. Optimizer-step speed against memory bandwidth, leanopt's modes
+next to torch.optim's fused and foreach AdamW and the peers (torchao, bitsandbytes, optimi; FlashOptim on
+CUDA), in one run.
 
-Importable for other benchmarks: :func:`make_params` builds parameters with fixed gradients,
-:func:`time_steps` times ``optimizer.step()``, :func:`bench_cases` lists what is installed and
-:func:`run_bench` runs cases and returns one JSON-ready dict per case.
+For each workload (default: GPT-2 small's 148 parameter tensors, 124M parameters, and one 50M-element
+tensor) and each optimizer it times ``optimizer.step()`` on fixed random gradients (the median of the
+timed steps; the first step, which includes any kernel compilation, is reported apart) and derives
+
+- persistent bytes per parameter (weights + gradient + optimizer state, read from the tensors held),
+- bytes touched per parameter per step: every persistent byte but the gradient's is read and written
+  once, the gradient is read once,
+- achieved GB/s = touched bytes / step time, the bandwidth bound = touched bytes / the GB/s of a plain
+  fp32 copy measured in the same run, and the step's ratio to that bound and to torch's fused AdamW.
+
+It prints a table and the targets of the kernel work (CPU, AdamW: leanopt exact/fp32 at most 1.0x torch's
+fused fp32 AdamW, compact/int8 at most 0.8x, every leanopt mode within 1.5x of its bandwidth bound), each
+marked met or missed from the measured figures, and writes every figure as JSON. Peers are optional
+(``pip install 'leanopt[bench]'``); one that is missing or fails is recorded with its error.
+``benchmarks/kernels.py`` is this command with ``--out benchmarks/results/kernels.json``.
 """
 
 from __future__ import annotations
@@ -11,78 +25,163 @@ import argparse
 import gc
 import json
 import math
+import os
 import platform
 import statistics
 import time
+import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from .common import CLIError, detect_features, jsonable, ratio, table
-from .plan import OPTIMIZERS, Mode, Shape, check_mode, resolve_model
+from .common import CLIError, busy_note, detect_features, jsonable, loadavg, table
+from .plan import OPTIMIZERS, Mode, ModelShapes, Shape, check_mode, resolve_model
 
 EXAMPLES = """\
 examples:
-  leanopt bench                          # GPT-2-small shapes (124M parameters), AdamW
-  leanopt bench --size 10M --steps 10    # 10M parameters as rows of 4096
+  leanopt bench                                  # GPT-2 small shapes + one 50M tensor, peers included
+  leanopt bench --quick                          # seconds: tiny shapes, 2 steps, no peers
+  leanopt bench --workloads tensor50m --steps 10
+  leanopt bench --size 10M --modes exact/fp32,compact/int8 --out bench.json
   leanopt bench --size path/to/config.json --optimizer sgd
-  leanopt bench --modes exact/fp32,compact/int8 --out bench.json
+  leanopt bench --device cuda --modes all        # adds FlashOptim on CUDA
 """
+
+#: named workloads besides the models ``resolve_model`` knows (gpt2-small, counts, config.json, ...)
+SPECIAL_WORKLOADS: dict[str, tuple[str, list[Shape]]] = {
+    # 2-D so that row-grouped quantised states apply to it
+    "tensor50m": ("one 50M-element tensor", [(12_500, 4_000)]),
+    # --quick: small enough for a test, 2-D tensors with rows of 256 plus a vector
+    "tiny": ("a few small tensors (--quick)", [(256, 256), (512, 256), (256,)]),
+}
+DEFAULT_WORKLOADS = "gpt2-small,tensor50m"
+TORCH_FUSED = "torch-fused"
+
+
+# ------------------------------------------------------------------------------------ the cases
 
 
 @dataclass
-class BenchCase:
-    """One optimizer to time: ``make(params)`` builds it; ``dtype`` is the parameters' dtype."""
+class Case:
+    """One optimizer to time. ``key`` is what ``--modes`` accepts, ``name`` what the table prints."""
 
+    key: str
     name: str
-    label: str
     dtype: torch.dtype
-    make: Callable[[list[nn.Parameter]], torch.optim.Optimizer]
-    kind: str = "leanopt"
+    build: Callable[[list[nn.Parameter]], torch.optim.Optimizer]
+    kind: str  # baseline | leanopt | peer
+    device_types: tuple[str, ...] = ("cpu", "cuda")
 
 
-def _torch_cases(optimizer: str) -> list[BenchCase]:
-    if optimizer in ("adamw", "adam"):
-        cls = torch.optim.AdamW if optimizer == "adamw" else torch.optim.Adam
-        return [
-            BenchCase(f"torch-{impl}", f"torch.optim.{cls.__name__}(fp32, {impl}=True)", torch.float32,
-                      lambda ps, cls=cls, impl=impl: cls(ps, lr=1e-3, **{impl: True}), "torch")
-            for impl in ("fused", "foreach")
-        ]  # fmt: skip
-    if optimizer == "sgd":
-        return [
-            BenchCase(f"torch-{impl}", f"torch.optim.SGD(fp32, momentum=0.9, {impl}=True)", torch.float32,
-                      lambda ps, impl=impl: torch.optim.SGD(ps, lr=1e-3, momentum=0.9, **{impl: True}), "torch")
-            for impl in ("fused", "foreach")
-        ]  # fmt: skip
-    return []  # torch has no Lion
+def _torch_cases(optimizer: str) -> list[Case]:
+    """torch.optim's fused and foreach implementations on fp32 parameters (torch has no Lion)."""
+    hyper = {"sgd": {"momentum": 0.9}}.get(optimizer, {})
+    cls = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}.get(optimizer)
+    if cls is None:
+        return []
+    return [
+        Case(f"torch-{impl}", f"torch {cls.__name__} fp32 {impl}", torch.float32,
+             lambda ps, impl=impl: cls(ps, lr=1e-4, **hyper, **{impl: True}), "baseline")
+        for impl in ("fused", "foreach")
+    ]  # fmt: skip
 
 
-def bench_cases(optimizer: str = "adamw", modes: list[Mode] | None = None, **leanopt_options: Any) -> list[BenchCase]:
-    """torch.optim baselines plus leanopt in each mode (default: every installed master/state pairing
-    of interest). ``leanopt_options`` are passed to the leanopt optimizers (e.g. ``kernel=``)."""
+def _peer(module: str, path: str, **kwargs: Any) -> Callable[[list[nn.Parameter]], torch.optim.Optimizer]:
+    """A builder for ``module.path(params, lr=1e-4, **kwargs)``, importing ``module`` only when called."""
+
+    def build(ps: list[nn.Parameter]) -> torch.optim.Optimizer:
+        import importlib
+
+        obj: Any = importlib.import_module(module)
+        for name in path.split("."):
+            obj = getattr(obj, name)
+        return obj(ps, lr=1e-4, **kwargs)
+
+    return build
+
+
+#: the peers, all AdamW on bf16 parameters (installed by ``pip install 'leanopt[bench]'``)
+PEERS: list[Case] = [
+    Case("torchao-8bit", "torchao AdamW8bit", torch.bfloat16, _peer("torchao.optim", "AdamW8bit"), "peer"),
+    Case("torchao-4bit", "torchao AdamW4bit", torch.bfloat16, _peer("torchao.optim", "AdamW4bit"), "peer"),
+    Case("bnb-8bit", "bitsandbytes AdamW8bit", torch.bfloat16, _peer("bitsandbytes", "optim.AdamW8bit"), "peer"),
+    Case("optimi-kahan", "optimi AdamW kahan", torch.bfloat16, _peer("optimi", "AdamW", kahan_sum=True), "peer"),
+    Case("flashoptim", "FlashOptim AdamW", torch.bfloat16, _peer("flashoptim", "FlashAdamW"), "peer", ("cuda",)),
+]  # fmt: skip
+DEFAULT_LEANOPT = ["exact/fp32", "compact/int8", "compact/int4"]
+MORE_LEANOPT = ["exact/bf16", "exact/fp32@reference"]  # in --modes all
+
+
+def leanopt_case(optimizer: str, spec: str, **options: Any) -> Case:
+    """leanopt in mode ``MASTER/STATES`` (optionally ``@KERNEL``: ``exact/fp32@reference``), bf16 params."""
     import leanopt
 
-    features = detect_features()
-    if modes is None:
-        wanted = [Mode("exact", "fp32"), Mode("exact", "bf16"), Mode("compact", "int8"), Mode("compact", "int4")]
-        modes = [m for m in wanted if features.has_master(m.master) and features.has_states(m.states)]
+    text, _, kernel = spec.partition("@")
+    mode = Mode.parse(text)
+    if mode.release:
+        raise CLIError(f"--modes {spec!r}: bench times optimizer.step() alone; drop '+release'")
+    check_mode(mode, detect_features())
     cls_name, hyper = OPTIMIZERS[optimizer]
-    cases = _torch_cases(optimizer)
-    for m in modes:
-        if m.release:
-            raise CLIError(f"mode {m.name!r}: bench times optimizer.step() alone; drop '+release'")
-        check_mode(m, features)
-        cls = getattr(leanopt, cls_name)
-        cases.append(BenchCase(
-            m.name, f"leanopt.{cls_name}(bf16, master={m.master}, states={m.states})", torch.bfloat16,
-            lambda ps, cls=cls, m=m: cls(ps, lr=1e-3, master=m.master, states=m.states, **hyper, **leanopt_options),
-        ))  # fmt: skip
-    return cases
+    cls = getattr(leanopt, cls_name)
+    opts = {**options, **({"kernel": kernel} if kernel else {})}
+    if opts:  # check kernel= now, on a meta parameter, so that a bad one is a one-line error
+        try:
+            cls([nn.Parameter(torch.empty(2, dtype=torch.bfloat16, device="meta"))], **opts)
+        except (ValueError, TypeError) as err:
+            raise CLIError(f"--modes/--kernel {spec!r}: {err}") from None
+    return Case(
+        mode.name + (f"@{kernel}" if kernel else ""),
+        f"leanopt {mode.name}" + (f" {kernel}" if kernel else ""),
+        torch.bfloat16,
+        lambda ps: cls(ps, lr=1e-4, master=mode.master, states=mode.states, **hyper, **opts),
+        "leanopt",
+    )
+
+
+def select_cases(optimizer: str = "adamw", modes: str = "default", quick: bool = False, **options: Any) -> list[Case]:
+    """The cases ``--modes`` names: ``default``, ``all``, or a comma list of keys or names (``torch-fused``,
+    ``exact/fp32``, ``torchao-8bit``, ``"torch AdamW fp32 fused"``, ...). torch's fused step is added first
+    when the list lacks it, since every ratio is taken against it. ``quick`` leaves the peers out of
+    ``default`` (their first steps compile for up to a minute). ``options`` go to the leanopt optimizers."""
+    features = detect_features()
+    torch_cases = _torch_cases(optimizer)
+    peers = PEERS if optimizer == "adamw" else []
+
+    def installed(spec: str) -> bool:
+        m = Mode.parse(spec.partition("@")[0])
+        return features.has_master(m.master) and features.has_states(m.states)
+
+    tokens = [t.strip() for t in modes.split(",") if t.strip()]
+    if tokens in (["default"], ["all"]):
+        lean = DEFAULT_LEANOPT + (MORE_LEANOPT if tokens == ["all"] else [])
+        cases = torch_cases + [leanopt_case(optimizer, s, **options) for s in lean if installed(s)]
+        return cases + ([] if quick and tokens == ["default"] else peers)
+    if {"default", "all"} & set(tokens):
+        raise CLIError(f"--modes {modes!r}: 'default' and 'all' stand alone; otherwise give a comma list of modes")
+    known = {c.key: c for c in torch_cases + peers} | {c.name.lower(): c for c in torch_cases + peers}
+    cases = []
+    for token in tokens:
+        if token.lower() in known:
+            cases.append(known[token.lower()])
+        elif any(token.lower() in (c.key, c.name.lower()) for c in _torch_cases("adamw") + PEERS):
+            raise CLIError(f"--modes {token!r} does not exist for --optimizer {optimizer}; drop it")
+        elif "/" in token:
+            cases.append(leanopt_case(optimizer, token.removeprefix("leanopt ").replace(" ", "@"), **options))
+        else:
+            accepted = ", ".join(["default", "all", *[c.key for c in torch_cases + peers], "MASTER/STATES[@KERNEL]"])
+            raise CLIError(f"--modes: unknown mode {token!r}; accepted: {accepted}")
+    if not cases:
+        raise CLIError("--modes is empty; accepted: default, all or a comma list such as exact/fp32,torchao-8bit")
+    if torch_cases and not any(c.kind == "baseline" for c in cases):
+        cases.insert(0, torch_cases[0])  # the ratios need torch's fused step
+    return list({c.key: c for c in cases}.values())
+
+
+# ------------------------------------------------------------------------------------ measuring
 
 
 def make_params(
@@ -104,13 +203,17 @@ def _sync(device: torch.device) -> None:
 
 
 def time_steps(opt: torch.optim.Optimizer, steps: int, warmup: int = 1) -> list[float]:
-    """Seconds per ``opt.step()`` for ``steps`` steps after ``warmup`` untimed ones (gradients stay set)."""
+    """Seconds per ``opt.step()`` for ``steps`` steps after ``warmup`` untimed ones (gradients stay set).
+    The learning rate changes before every timed step: a step that recompiles for it shows up here."""
     device = next(p.device for g in opt.param_groups for p in g["params"])
     for _ in range(warmup):
         opt.step()
     _sync(device)
     times = []
-    for _ in range(steps):
+    for i in range(steps):
+        for group in opt.param_groups:
+            if not isinstance(group["lr"], torch.Tensor):
+                group["lr"] = 1e-4 * (1 + 0.01 * i)
         t0 = time.perf_counter()
         opt.step()
         _sync(device)
@@ -118,58 +221,228 @@ def time_steps(opt: torch.optim.Optimizer, steps: int, warmup: int = 1) -> list[
     return times
 
 
-def run_bench(
-    shapes: list[Shape],
-    cases: list[BenchCase],
-    steps: int = 5,
-    warmup: int = 1,
-    device: str | torch.device = "cpu",
-    progress: Callable[[str], None] | None = None,
-) -> list[dict[str, Any]]:
-    """Time each case on fresh parameters; returns dicts with median/min ms and bytes per parameter."""
-    from leanopt import memory_report
+def copy_gbps(device: torch.device, n: int = 50_000_000, reps: int = 7) -> float:
+    """Plain fp32 copy bandwidth (read + write bytes per second, GB/s): the best of ``reps`` copies, i.e.
+    the attainable bandwidth (on a shared machine the median moves with the load)."""
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(reps):
+        _sync(device)
+        t = time.perf_counter()
+        dst.copy_(src)
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    del src, dst
+    return 8 * n / min(times) / 1e9
 
-    device = torch.device(device)
-    results = []
-    for case in cases:
-        if progress:
-            progress(case.name)
+
+def _plain_tensors(t: torch.Tensor) -> list[torch.Tensor]:
+    """The plain tensors inside a tensor subclass (torchao keeps codes and scales in one)."""
+    flatten = getattr(t, "__tensor_flatten__", None)
+    if type(t) in (torch.Tensor, nn.Parameter) or flatten is None:
+        return [t]
+    return [inner for name in flatten()[0] for inner in _plain_tensors(getattr(t, name))]
+
+
+def held_bytes(params: list[nn.Parameter], opt: torch.optim.Optimizer) -> dict[str, int]:
+    """Bytes held by weights, gradients and optimizer state (leanopt's master bits included), counting each
+    storage once. Works for any optimizer, tensor-subclass states included."""
+    seen: set[tuple[torch.device, int]] = set()
+    out = {"weights": 0, "gradients": 0, "state": 0}
+
+    def add(category: str, value: Any) -> None:
+        if not isinstance(value, torch.Tensor) or value.device.type == "meta":
+            return
+        for t in _plain_tensors(value):
+            storage = t.untyped_storage()
+            key = (t.device, storage.data_ptr())
+            if storage.nbytes() and key not in seen:
+                seen.add(key)
+                out[category] += storage.nbytes()
+
+    for p in params:
+        add("weights", p)
+        add("gradients", p.grad)
+    for state in opt.state.values():
+        for value in state.values():
+            add("state", value)
+    return out
+
+
+@dataclass
+class Result:
+    """One (workload, case) measurement. Times in ms except ``first_step_s``; bytes per parameter."""
+
+    workload: str
+    mode: str
+    key: str
+    kind: str
+    params: int = 0
+    status: str = "ok"  # ok | not installed | skipped | error
+    error: str = ""
+    first_step_s: float = 0.0
+    step_ms: float = 0.0
+    min_ms: float = 0.0
+    step_ms_all: list[float] = field(default_factory=list)
+    bytes_by_category: dict[str, int] = field(default_factory=dict)
+    bytes_per_param: float = 0.0
+    touched_bytes_per_param: float = 0.0
+    achieved_gbps: float = 0.0
+    bound_ms: float = 0.0
+    ratio_to_bound: float = 0.0
+    ratio_to_torch_fused: float = 0.0
+    kernels_used: list[str] = field(default_factory=list)
+
+
+def _kernel_records() -> dict[tuple[str, Any], Any]:
+    """leanopt's compiled kernels so far, from the executors that report them (``compile_stats()`` of
+    ``leanopt.kernels.native`` and ``.fused``: records with ``key`` and ``calls``)."""
+    import importlib
+
+    records = {}
+    for name in ("native", "fused"):
+        try:
+            stats = getattr(importlib.import_module(f"leanopt.kernels.{name}"), "compile_stats", None)
+        except ImportError:
+            continue
+        if callable(stats):
+            records.update({(name, r.key): r for r in stats()})
+    return records
+
+
+def run_case(
+    workload: str, shapes: list[Shape], case: Case, device: torch.device, steps: int = 3, warmup: int = 1
+) -> Result:
+    """Time ``case`` on fresh parameters of ``shapes``. Never raises for the optimizer's own failures:
+    a peer that is missing or cannot run is a result too (``status``, ``error``)."""
+    res = Result(workload, case.name, case.key, case.kind)
+    if device.type not in case.device_types:
+        res.status, res.error = "skipped", f"runs on {'/'.join(case.device_types)} only"
+        return res
+    params: list[nn.Parameter] = []
+    opt = None
+    before = {k: r.calls for k, r in _kernel_records().items()} if case.kind == "leanopt" else {}
+    try:
         params = make_params(shapes, case.dtype, device)
-        opt = case.make(params)
-        first = time_steps(opt, warmup, 0)  # warm-up steps, timed apart (they include any compilation)
-        times = time_steps(opt, steps, 0)
-        report = memory_report(opt)
-        results.append({
-            "name": case.name, "label": case.label, "kind": case.kind, "dtype": str(case.dtype).replace("torch.", ""),
-            "median_ms": 1e3 * statistics.median(times), "min_ms": 1e3 * min(times),
-            "times_ms": [1e3 * t for t in times], "warmup_ms": [1e3 * t for t in first],
-            "bytes_per_param": report.bytes_per_param,
-            "by_category": dict(report.by_category),
-        })  # fmt: skip
-        del opt, params, report
+        res.params = sum(p.numel() for p in params)
+        opt = case.build(params)
+        _sync(device)
+        t = time.perf_counter()
+        opt.step()
+        _sync(device)
+        res.first_step_s = time.perf_counter() - t
+        times = time_steps(opt, steps, max(warmup - 1, 0))
+        res.step_ms_all = [round(1e3 * x, 3) for x in times]
+        res.step_ms, res.min_ms = 1e3 * statistics.median(times), 1e3 * min(times)
+        res.bytes_by_category = held_bytes(params, opt)
+        held = res.bytes_by_category
+        res.bytes_per_param = sum(held.values()) / res.params
+        res.touched_bytes_per_param = (2 * (held["weights"] + held["state"]) + held["gradients"]) / res.params
+        res.achieved_gbps = res.touched_bytes_per_param * res.params / (res.step_ms / 1e3) / 1e9
+        res.kernels_used = [  # which compiled kernels this case's steps called (none: the eager path)
+            f"{k[0]} {k[1]} (built in {getattr(r, 'compile_seconds', getattr(r, 'seconds', 0.0)):.1f} s)"
+            for k, r in _kernel_records().items()
+            if case.kind == "leanopt" and r.calls > before.get(k, 0)
+        ]
+    except ImportError as err:
+        res.status, res.error = "not installed", f"{type(err).__name__}: {err}"[:600]
+    except Exception as err:  # record the exact error; a peer that cannot run is a result too
+        res.status, res.error = "error", f"{type(err).__name__}: {err}".strip()[:600]
+        if os.environ.get("LEANOPT_DEBUG"):
+            traceback.print_exc()
+    finally:
+        del params, opt
         gc.collect()
-    return results
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return res
+
+
+def relate(results: list[Result], gbps: float) -> None:
+    """Fill in the bandwidth bound (from the copy GB/s) and the ratio to torch's fused step per workload."""
+    fused = {r.workload: r.step_ms for r in results if r.key == TORCH_FUSED and r.status == "ok"}
+    for r in results:
+        if r.status != "ok":
+            continue
+        r.bound_ms = r.touched_bytes_per_param * r.params / (gbps * 1e9) * 1e3
+        r.ratio_to_bound = r.step_ms / r.bound_ms
+        r.ratio_to_torch_fused = r.step_ms / fused[r.workload] if r.workload in fused else 0.0
+
+
+#: (case key, target ratio to torch's fused fp32 AdamW) from the kernel issue; CPU, AdamW
+SPEED_TARGETS = {"exact/fp32": 1.0, "compact/int8": 0.8}
+BOUND_TARGET = 1.5
+
+
+def targets(results: list[Result], optimizer: str = "adamw") -> list[dict[str, Any]]:
+    """The kernel work's targets, each with the measured value and whether it is met (AdamW only)."""
+    if optimizer != "adamw":
+        return []
+    checks = []
+    for r in results:
+        if r.status != "ok" or r.kind != "leanopt" or "@" in r.key:
+            continue
+        if r.key in SPEED_TARGETS and r.ratio_to_torch_fused:
+            goal = SPEED_TARGETS[r.key]
+            checks.append({"workload": r.workload, "check": f"{r.key} <= {goal:.1f}x torch fused",
+                           "value": r.ratio_to_torch_fused, "met": r.ratio_to_torch_fused <= goal})  # fmt: skip
+        checks.append({"workload": r.workload, "check": f"{r.key} <= {BOUND_TARGET}x its bandwidth bound",
+                       "value": r.ratio_to_bound, "met": r.ratio_to_bound <= BOUND_TARGET})  # fmt: skip
+    return checks
+
+
+def results_table(results: list[Result]) -> str:
+    """The measured rows as a table, then one line per case that was not measured (and why)."""
+    rows = [
+        [
+            r.workload, r.mode, f"{r.step_ms:.1f}", f"{r.first_step_s:.1f}",
+            f"{r.ratio_to_torch_fused:.2f}x" if r.ratio_to_torch_fused else "-", f"{r.achieved_gbps:.1f}",
+            f"{r.bound_ms:.1f}", f"{r.ratio_to_bound:.2f}x", f"{r.touched_bytes_per_param:.2f}",
+            f"{r.bytes_per_param:.2f}",
+        ]
+        for r in results
+        if r.status == "ok"
+    ]  # fmt: skip
+    header = ["workload", "mode", "step ms", "first s", "vs torch fused", "GB/s", "bound ms", "vs bound",
+              "touched B/p", "memory B/p"]  # fmt: skip
+    lines = [table(rows, header, right=set(range(2, len(header))))]
+    lines += [f"{r.workload}  {r.mode}: {r.status}: {r.error[:200]}" for r in results if r.status != "ok"]
+    return "\n".join(lines)
+
+
+def targets_table(checks: list[dict[str, Any]]) -> str:
+    rows = [[c["workload"], c["check"], f"{c['value']:.2f}x", "met" if c["met"] else "MISSED"] for c in checks]
+    return table(rows, ["workload", "target", "measured", ""], right={2})
+
+
+# ------------------------------------------------------------------------------------ command line
 
 
 def build_parser(sub: Any) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "bench",
-        help="time optimizer steps: leanopt modes vs torch.optim fused/foreach",
-        description="Times optimizer.step() (fixed gradients, no model) for leanopt's modes and torch.optim's "
-        "fused and foreach implementations, prints a table and writes JSON.",
+        help="the kernel benchmark: optimizer step time vs bandwidth, leanopt vs torch.optim and peers",
+        description=__doc__.split("\n\n")[0].replace("``", "'"),
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument(
-        "--size", default="gpt2-small", help="model: gpt2-small (default), a count (10M), config.json, module:factory"
-    )
-    p.add_argument("--optimizer", default="adamw", choices=sorted(OPTIMIZERS))
-    p.add_argument("--modes", help="comma list of MASTER/STATES for leanopt (default: installed ones)")
-    p.add_argument("--steps", type=int, default=5, help="timed steps per case (default 5)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
+    p.add_argument("--workloads", help=f"comma list: {', '.join(SPECIAL_WORKLOADS)} or any model --size takes "
+                   f"(default {DEFAULT_WORKLOADS}; --quick: tiny)")  # fmt: skip
+    p.add_argument("--size", help="one more workload: a model as for 'leanopt plan' (a count such as 10M, "
+                   "gpt2-small, config.json, module:factory); alone it replaces the default workloads")  # fmt: skip
+    p.add_argument("--optimizer", default="adamw", choices=sorted(OPTIMIZERS),
+                   help="default adamw (the peers are AdamW only)")  # fmt: skip
+    p.add_argument("--modes", default="default", help="'default', 'all', or a comma list: torch-fused, torch-foreach, "
+                   "MASTER/STATES[@KERNEL] (exact/fp32, compact/int8, exact/fp32@reference), torchao-8bit, "
+                   "torchao-4bit, bnb-8bit, optimi-kahan, flashoptim")  # fmt: skip
+    p.add_argument("--steps", type=int, help="timed steps per case, median reported (default 3; --quick 2)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps first, the first one timed apart (default 1)")
+    p.add_argument("--quick", action="store_true", help="seconds: tiny workload, 2 steps, no peers unless named")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: cuda when present)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--kernel", help="passed to leanopt optimizers as kernel= (e.g. reference, fused, auto)")
+    p.add_argument("--kernel", help="kernel= for every leanopt mode (auto, fused, reference)")
     p.add_argument("--out", default="leanopt-bench.json", help="JSON file to write (default leanopt-bench.json)")
     p.set_defaults(func=run)
     return p
@@ -190,56 +463,107 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def resolve_workloads(spec: str | None, size: str | None, quick: bool) -> dict[str, ModelShapes]:
+    """Workload name -> shapes, from ``--workloads`` and ``--size``."""
+    if spec is None:
+        spec = "" if size else ("tiny" if quick else DEFAULT_WORKLOADS)
+    names = [t.strip() for t in spec.split(",") if t.strip()] + ([size.strip()] if size else [])
+    if not names:
+        raise CLIError(f"--workloads is empty; accepted: {', '.join(SPECIAL_WORKLOADS)} or a model (gpt2-small, 10M)")
+    out = {}
+    for name in names:
+        if name in SPECIAL_WORKLOADS:
+            source, shapes = SPECIAL_WORKLOADS[name]
+            out[name] = ModelShapes(source, shapes)
+            continue
+        try:
+            out[name] = resolve_model(name)
+        except CLIError as err:
+            flag = "--size" if name == (size or "").strip() else "--workloads"
+            raise CLIError(f"{flag}: {err} (or a workload: {', '.join(SPECIAL_WORKLOADS)})") from None
+    return out
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``leanopt bench``."""
-    if args.steps < 1:
-        raise CLIError(f"--steps must be at least 1, got {args.steps}")
-    if args.warmup < 0:
-        raise CLIError(f"--warmup must be 0 or more, got {args.warmup}")
+    steps = args.steps if args.steps is not None else (2 if args.quick else 3)
+    if steps < 1:
+        raise CLIError(f"--steps must be at least 1, got {steps}")
+    if args.warmup < 1:
+        raise CLIError(f"--warmup must be at least 1 (the first step is timed apart), got {args.warmup}")
     if args.threads is not None:
         if args.threads < 1:
             raise CLIError(f"--threads must be at least 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     out = Path(args.out)
-    if out.parent and not out.parent.exists():
+    if not out.parent.is_dir():
         raise CLIError(f"--out {args.out!r}: folder {str(out.parent)!r} does not exist")
-    model = resolve_model(args.size)
-    modes = [Mode.parse(t) for t in args.modes.split(",") if t.strip()] if args.modes else None
+    workloads = resolve_workloads(args.workloads, args.size, args.quick)
     options = {} if args.kernel is None else {"kernel": args.kernel}
-    if options:
-        import leanopt
+    cases = select_cases(args.optimizer, args.modes, args.quick, **options)
 
-        try:
-            leanopt.AdamW([nn.Parameter(torch.empty(2, dtype=torch.bfloat16, device="meta"))], **options)
-        except (ValueError, TypeError) as err:
-            raise CLIError(f"--kernel {args.kernel!r}: {err}") from None
-    cases = bench_cases(args.optimizer, modes, **options)
-    n = model.num_params
-    print(
-        f"bench: {model.source}, {n:,} parameters in {len(model.shapes)} tensors, {args.optimizer}, "
-        f"{device}, {torch.get_num_threads()} threads, {args.steps} steps after {args.warmup} warm-up",
-        flush=True,
-    )
-    results = run_bench(model.shapes, cases, args.steps, args.warmup, device,
-                        progress=lambda name: print(f"  timing {name} ...", flush=True))  # fmt: skip
-    base = next((r["median_ms"] for r in results if r["name"] == "torch-fused"), None)
-    rows = [
-        [r["name"], f"{r['median_ms']:.2f}", f"{r['min_ms']:.2f}", ratio(r["median_ms"], base),
-         f"{r['bytes_per_param']:.3f}", f"{sum(r['warmup_ms']):.0f}" if r["warmup_ms"] else "-"]
-        for r in results
-    ]  # fmt: skip
-    print()
-    print(table(rows, ["case", "median ms", "min ms", "vs torch fused", "B/param", "warm-up ms"]))
-    print("\nB/param: weights + gradients + optimizer states, from leanopt.memory_report. warm-up ms: the untimed")
-    print("first steps together (they include any kernel compilation).")
-    doc = {
-        "command": "leanopt bench",
-        "model": {"source": model.source, "num_params": n, "num_tensors": len(model.shapes)},
-        "optimizer": args.optimizer, "device": str(device), "threads": torch.get_num_threads(),
-        "steps": args.steps, "warmup": args.warmup, "torch": torch.__version__, "platform": platform.platform(),
-        "results": results,
+    started = time.time()
+    copy_n = 4_000_000 if args.quick else 50_000_000
+    gbps = copy_gbps(device, copy_n)
+    threads = torch.get_num_threads()
+    where = f"{device} ({_device_name(device)}), torch {torch.__version__}, {threads} threads"
+    print(f"bench: {args.optimizer} on {where}, {steps} timed steps after {args.warmup} warm-up", flush=True)
+    for name, model in workloads.items():
+        print(f"  workload {name}: {model.source}, {model.num_params:,} parameters in {len(model.shapes)} tensors")
+    print(f"plain fp32 copy: {gbps:.1f} GB/s (read + write)", flush=True)
+    busy = busy_note()
+    if busy:
+        print(busy, flush=True)
+    doc: dict[str, Any] = {
+        "command": " ".join(["leanopt", *getattr(args, "argv", ["bench"])]),
+        "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+        "device": str(device), "device_name": _device_name(device), "torch": torch.__version__,
+        "threads": threads, "platform": platform.platform(), "optimizer": args.optimizer,
+        "steps": steps, "warmup": args.warmup,
+        "workloads": {n: {"source": m.source, "num_params": m.num_params, "num_tensors": len(m.shapes)}
+                      for n, m in workloads.items()},
+        "copy_gbps": gbps, "copy_gbps_end": None, "loadavg_start": loadavg(), "loadavg_end": None,
+        "touched_bytes_rule": "2 x (weights + optimizer state) + gradients, per parameter",
     }  # fmt: skip
-    out.write_text(json.dumps(jsonable(doc), indent=2))
-    print(f"wrote {out}")
-    return 0 if all(math.isfinite(r["median_ms"]) for r in results) else 1
+    results: list[Result] = []
+
+    def write(complete: bool) -> None:  # after every case: an interrupted run keeps what it measured
+        relate(results, gbps)
+        doc.update(wall_s=time.time() - started, results=[asdict(r) for r in results],
+                   targets=targets(results, args.optimizer), complete=complete)  # fmt: skip
+        out.write_text(json.dumps(jsonable(doc), indent=1))
+
+    for name, model in workloads.items():
+        for case in cases:
+            r = run_case(name, model.shapes, case, device, steps, args.warmup)
+            results.append(r)
+            note = f"{r.step_ms:.1f} ms/step, first step {r.first_step_s:.1f} s" if r.status == "ok" else r.status
+            print(f"  {name:<12} {case.name:<28} {note}", flush=True)
+            write(False)
+    doc["copy_gbps_end"], doc["loadavg_end"] = copy_gbps(device, copy_n), loadavg()
+    write(True)
+    print(f"plain fp32 copy at the end: {doc['copy_gbps_end']:.1f} GB/s (the bound uses the start's {gbps:.1f})\n")
+    print(results_table(results))
+    print("\nstep ms: median of the timed steps; first s: the first step (includes kernel compilation); touched:")
+    print("bytes read + written per parameter per step; bound: touched bytes at the plain-copy GB/s; memory:")
+    print("weights + gradient + optimizer state per parameter, from the tensors held.")
+    checks = targets(results, args.optimizer)
+    if checks:
+        where = "" if device.type == "cpu" else f" (set for CPU; this run is on {device})"
+        print(f"\ntargets{where}:\n{targets_table(checks)}")
+    print(f"\nwrote {out} ({time.time() - started:.0f} s)")
+    broken = [r for r in results if r.status == "error" and r.kind != "peer"]
+    return 1 if broken or any(not math.isfinite(r.step_ms) for r in results) else 0

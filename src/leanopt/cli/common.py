@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import re
 import sys
 from dataclasses import dataclass
@@ -142,6 +143,23 @@ class ProgressBar:
         if self.tty:
             self.stream.write("\r\033[K" + self.render(self.total, note) + "\n")
             self.stream.flush()
+
+
+def loadavg() -> float | None:
+    """The 1-minute load average (None where the platform has none)."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def busy_note() -> str | None:
+    """A warning when other work is keeping this machine's CPUs busy (1-minute load average above half
+    the CPU count), since timings then move from run to run; None when it is quiet or unknown."""
+    load, cpus = loadavg(), os.cpu_count() or 1
+    if load is None or load <= 0.5 * cpus:
+        return None
+    return f"note: this machine is busy (load average {load:.1f} on {cpus} CPUs): times will be noisy"
 
 
 def ratio(value: float | None, base: float | None) -> str:

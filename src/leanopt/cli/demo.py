@@ -18,11 +18,23 @@ import platform
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .common import CLIError, Features, ProgressBar, detect_features, format_count, jsonable, ratio, table
+from .common import (
+    CLIError,
+    Features,
+    ProgressBar,
+    busy_note,
+    detect_features,
+    format_count,
+    jsonable,
+    loadavg,
+    ratio,
+    table,
+)
 from .plan import Mode, check_mode
 
 EXAMPLES = """\
@@ -40,6 +52,8 @@ MODELS: dict[str, dict[str, int]] = {
     "small": {"vocab_size": 256, "block_size": 128, "n_layer": 6, "n_head": 6, "n_embd": 384},
 }
 DEFAULT_OUT = "leanopt-demo"
+#: steps per configuration: the default run takes a few minutes on a 2-core CPU, --quick under one
+DEFAULT_STEPS, QUICK_STEPS = 80, 30
 
 
 @dataclass(frozen=True)
@@ -113,8 +127,10 @@ def build_parser(sub: Any) -> argparse.ArgumentParser:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--quick", action="store_true", help="tiny model and 30 steps: under a minute on a CPU")
-    p.add_argument("--steps", type=int, help="training steps per configuration (default 100; --quick 30)")
+    p.add_argument("--quick", action="store_true", help=f"tiny model, {QUICK_STEPS} steps: under a minute on a CPU")
+    p.add_argument(
+        "--steps", type=int, help=f"training steps per configuration (default {DEFAULT_STEPS}; --quick {QUICK_STEPS})"
+    )
     p.add_argument("--model", choices=sorted(MODELS), help="model size (default small, 10.8M params; --quick tiny)")
     p.add_argument("--batch", type=int, default=8, help="sequences of 128 bytes per step (default 8)")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default 2e-3)")
@@ -140,6 +156,7 @@ def run_config(config: DemoConfig, settings: dict[str, Any], workdir: Path) -> d
     )
     cfg_path.write_text(json.dumps({**asdict(config), **settings}))
     bar = ProgressBar(f"{config.name:<22}", settings["steps"])
+    started = time.perf_counter()
     cmd = [sys.executable, "-m", "leanopt.cli.worker", str(cfg_path), str(res_path)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     err_path = workdir / f"{config.name.replace('/', '_')}.stderr.txt"
@@ -166,7 +183,7 @@ def run_config(config: DemoConfig, settings: dict[str, Any], workdir: Path) -> d
         lines = [ln for ln in err.strip().splitlines() if ln.strip()]
         reason = lines[-1] if lines else f"exit code {code}"
         return {"name": config.name, "error": reason, "stderr": err[-4000:]}
-    return json.loads(res_path.read_text())
+    return {**json.loads(res_path.read_text()), "wall_s": time.perf_counter() - started}  # process start to end
 
 
 def _grouped(by_cat: dict[str, int]) -> dict[str, int]:
@@ -293,7 +310,7 @@ def run(args: argparse.Namespace) -> int:
         for c in every:
             print(f"{c.name:<22} {'(default) ' if c in default else ''}{c.label}")
         return 0
-    steps = args.steps if args.steps is not None else (30 if args.quick else 100)
+    steps = args.steps if args.steps is not None else (QUICK_STEPS if args.quick else DEFAULT_STEPS)
     if steps < 2:
         raise CLIError(f"--steps must be at least 2, got {steps}")
     if args.batch < 1:
@@ -328,7 +345,10 @@ def run(args: argparse.Namespace) -> int:
         flush=True,
     )
     print(f"{len(configs)} configurations, each in a fresh process; output in {out}/\n", flush=True)
-    results = []
+    load_start, busy = loadavg(), busy_note()
+    if busy:
+        print(busy + "\n", flush=True)
+    results, started = [], time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="leanopt-demo-") as tmp:
         for config in configs:
             results.append(run_config(config, settings, Path(tmp)))
@@ -339,8 +359,10 @@ def run(args: argparse.Namespace) -> int:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "settings": {**settings, "model_name": model_name, "num_params": n},
         "machine": {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-                    "cpu_count": os.cpu_count(), "cuda": torch.cuda.get_device_name(device) if cuda else None},
+                    "cpu_count": os.cpu_count(), "cuda": torch.cuda.get_device_name(device) if cuda else None,
+                    "loadavg_start": load_start, "loadavg_end": loadavg()},
         "peak_memory_measure": "cuda max_memory_allocated" if cuda else "peak RSS (VmHWM) minus RSS before model",
+        "wall_s": time.perf_counter() - started,
         "runs": [
             {**asdict(c), **r, "ratios_vs_standard": rat} for c, r, rat in zip(configs, results, ratios, strict=True)
         ],
@@ -357,7 +379,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"note: {skipped}", file=sys.stderr)
         else:
             written.append(str(out / "demo.png"))
-    print(f"\nwrote {' and '.join(written)}")
+    print(f"\nwrote {' and '.join(written)} ({doc['wall_s']:.0f} s)")
     failed = [r["name"] for r in results if "error" in r]
     if failed:
         print(

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import json
 import math
@@ -57,9 +58,26 @@ def peak_rss() -> int:
     return int(maxrss if sys.platform == "darwin" else 1024 * maxrss)
 
 
+def trim_heap() -> None:
+    """Return freed heap memory to the system (glibc's malloc_trim; nothing elsewhere)."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (AttributeError, OSError):
+        pass
+
+
+def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
+    """Bytes of optimizer state (master bits included) that ``opt`` holds now, from its tensors."""
+    from leanopt import memory_report
+
+    by_category = memory_report(opt).by_category
+    return sum(v for k, v in by_category.items() if k not in ("weights", "gradients"))
+
+
 def train(cfg: dict[str, Any], emit=print) -> dict[str, Any]:
     """Train one configuration; returns the figures (see ``leanopt demo``'s JSON)."""
     import leanopt
+    import leanopt.kernels
     from leanopt.data import get_batch, stdlib_corpus
     from leanopt.models import GPT, GPTConfig
 
@@ -83,6 +101,7 @@ def train(cfg: dict[str, Any], emit=print) -> dict[str, Any]:
 
     # One step of the same recipe on a throwaway miniature model first, so that per-process costs
     # (lazy imports, thread pools, kernel caches) are paid before the baseline and not counted.
+    t_start = time.perf_counter()
     mini_cfg = GPTConfig(vocab_size=mcfg.vocab_size, block_size=16, n_layer=1, n_head=1, n_embd=16)
     mini, mini_opt, mini_handle = build(mini_cfg)
     with autocast():
@@ -92,13 +111,36 @@ def train(cfg: dict[str, Any], emit=print) -> dict[str, Any]:
         mini_handle.remove()
     del mini, mini_opt, mini_handle
     gc.collect()
+    trim_heap()  # memory freed so far leaves the RSS: what the model takes must raise it to count
 
-    if device.type == "cuda":
+    cuda = device.type == "cuda"
+    if cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    base_alloc = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    base_alloc = torch.cuda.memory_allocated(device) if cuda else 0
     reset = reset_peak_rss()
     rss_before = current_rss()
+    t_build = time.perf_counter()
     model, opt, handle = build(mcfg)
+    build_peak = peak_rss()
+    build_cuda_peak = torch.cuda.max_memory_allocated(device) if cuda else 0
+    # Build every kernel the optimizer will need now (leanopt.kernels.prepare, where it exists; it may
+    # create the optimizer state, as the first step would, but changes no value), so that compiling is
+    # not counted as training memory: the peak counters are reset after it, and the RSS it added beyond
+    # the state it created (kernel code and caches) is subtracted. Without prepare this measures the
+    # same peak as one reset before the build.
+    prepare = None if standard else getattr(leanopt.kernels, "prepare", None)
+    t_prepare, prepare_rss, prepare_state = time.perf_counter(), 0, 0
+    if prepare is not None:
+        rss0, state0 = current_rss(), optimizer_state_bytes(opt)
+        prepare(opt)
+        gc.collect()
+        trim_heap()  # freed scratch memory leaves the RSS, so that what remains is what prepare keeps
+        prepare_state = optimizer_state_bytes(opt) - state0
+        prepare_rss = max(0, current_rss() - rss0 - prepare_state)
+    t_train = time.perf_counter()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    reset = reset_peak_rss() and reset
     steps, warm = int(cfg["steps"]), max(1, int(cfg["steps"]) // 10)
 
     def lr_at(i: int) -> float:  # linear warm-up, cosine decay to 10%
@@ -108,7 +150,7 @@ def train(cfg: dict[str, Any], emit=print) -> dict[str, Any]:
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     gen = torch.Generator().manual_seed(cfg["seed"])
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
     losses, times, report = [], [], None
     parent = os.getppid()
     for step in range(1, steps + 1):
@@ -131,14 +173,16 @@ def train(cfg: dict[str, Any], emit=print) -> dict[str, Any]:
         emit(f"@progress {step} {steps} {value:.4f} {1e3 * times[-1]:.1f}")
         if not math.isfinite(value):
             break
-    peak = peak_rss()
-    cuda_peak = torch.cuda.max_memory_allocated(device) - base_alloc if device.type == "cuda" else None
+    peak = max(build_peak, peak_rss() - prepare_rss)
+    cuda_peak = max(build_cuda_peak, torch.cuda.max_memory_allocated(device)) - base_alloc if cuda else None
 
+    t_eval = time.perf_counter()
     model.eval()
     vgen = torch.Generator().manual_seed(1234)
     with torch.no_grad(), autocast():
         val = [model(*(t.to(device) for t in get_batch(val_data, cfg["batch"], mcfg.block_size, vgen)))[1].item()
                for _ in range(cfg["eval_batches"])]  # fmt: skip
+    t_end = time.perf_counter()
     if handle is not None and hasattr(handle, "remove"):
         handle.remove()
     tail = losses[-max(1, len(losses) // 10) :]
@@ -152,6 +196,8 @@ def train(cfg: dict[str, Any], emit=print) -> dict[str, Any]:
         "peak_rss_bytes": peak,
         "rss_before_model_bytes": rss_before,
         "peak_rss_above_start_bytes": peak - rss_before,
+        # RSS added by leanopt.kernels.prepare beyond the state it created: subtracted from the peak
+        "kernel_prepare": {"called": prepare is not None, "rss_bytes": prepare_rss, "state_bytes": prepare_state},
         "peak_rss_reset": reset,
         "cuda_peak_allocated_bytes": cuda_peak,
         "median_step_s": statistics.median(timed),
@@ -161,6 +207,14 @@ def train(cfg: dict[str, Any], emit=print) -> dict[str, Any]:
         "val_loss": statistics.fmean(val),
         "completed_steps": len(losses),
         "torch_threads": torch.get_num_threads(),
+        # wall seconds by phase: miniature-model warm-up, build, kernel prepare, training steps, evaluation
+        "phase_s": {
+            "warmup": t_build - t_start,
+            "build": t_prepare - t_build,
+            "prepare": t_train - t_prepare,
+            "train": t_eval - t_train,
+            "eval": t_end - t_eval,
+        },
     }
 
 
