@@ -49,9 +49,9 @@ def test_time_steps_runs_warmup_plus_timed_steps_and_changes_the_lr():
 
 def test_default_cases_are_the_kernel_benchmark_and_quick_leaves_the_peers_out():
     keys = [c.key for c in select_cases("adamw")]
-    assert keys == ["torch-fused", "torch-foreach", "exact/fp32", "compact/int8", "compact/int4",
+    assert keys == ["torch-fused", "torch-foreach", "exact/fp32", "exact/fp32:ignore", "compact/int8", "compact/int4",
                     "torchao-8bit", "torchao-4bit", "bnb-8bit", "optimi-kahan", "flashoptim"]  # fmt: skip
-    assert [c.key for c in select_cases("adamw", quick=True)] == keys[:5]
+    assert [c.key for c in select_cases("adamw", quick=True)] == keys[:6]
     every = [c.key for c in select_cases("adamw", "all")]
     assert "exact/fp32@reference" in every and "exact/bf16" in every and "flashoptim" in every
 
@@ -63,7 +63,8 @@ def test_named_cases_get_torch_fused_first_and_accept_the_old_long_names():
     old = select_cases("adamw", "torch AdamW fp32 fused,leanopt exact/fp32,leanopt exact/fp32 reference")
     assert [c.key for c in old] == ["torch-fused", "exact/fp32", "exact/fp32@reference"]
     assert [c.key for c in select_cases("sgd", "compact/int8")] == ["torch-fused", "compact/int8"]
-    assert [c.key for c in select_cases("lion", "default")] == ["exact/fp32", "compact/int8", "compact/int4"]
+    lion = ["exact/fp32", "exact/fp32:ignore", "compact/int8", "compact/int4"]
+    assert [c.key for c in select_cases("lion", "default")] == lion
 
 
 def test_bytes_touched_and_held_come_from_the_tensors():
@@ -196,3 +197,14 @@ def test_benchmarks_kernels_py_is_leanopt_bench_with_its_own_output(tmp_path):
         and str(ROOT / "benchmarks/results/kernels.json") in doc["command"]
     )  # the default output, overridden by the later --out
     assert [r["key"] for r in doc["results"]] == ["torch-fused", "exact/fp32"]
+
+
+def test_a_mode_can_turn_the_finiteness_check_off_and_a_bad_choice_is_one_line():
+    case = select_cases("adamw", "exact/fp32:ignore")[-1]
+    assert case.key == "exact/fp32:ignore"
+    p = torch.nn.Parameter(torch.zeros(4, 32, dtype=torch.bfloat16))
+    assert case.build([p]).nonfinite == "ignore"
+    from leanopt.cli.common import CLIError
+
+    with pytest.raises(CLIError, match=r"nonfinite must be one of \['skip', 'raise', 'ignore'\]"):
+        select_cases("adamw", "exact/fp32:never")
