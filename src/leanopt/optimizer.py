@@ -187,6 +187,10 @@ class LeanOptimizer(torch.optim.Optimizer):
 
         The building block of ``step``; gradient release calls it from backward hooks.
         """
+        return self._update_param(param, group, grad, layout_checked=False)
+
+    def _update_param(self, param: Tensor, group: dict[str, Any], grad: Tensor | None, layout_checked: bool) -> bool:
+        """``update_param``; ``layout_checked``: ``_check_grads`` has just checked this state's layout."""
         grad = param.grad if grad is None else grad
         if grad is None:
             return False
@@ -196,7 +200,7 @@ class LeanOptimizer(torch.optim.Optimizer):
             self.nonfinite_skipped += 1
             self.last_skipped.append(self.param_index(param))
             return False
-        state = self.state_for(param, group)
+        state = self.state_for(param, group, check_layout=not layout_checked)
         wfmt, sfmt = self.formats(param, group)
         random_bits = self._random_bits(param, state) if wfmt.needs_random else None
         where = f"parameter {self.param_index(param)}"
@@ -204,22 +208,27 @@ class LeanOptimizer(torch.optim.Optimizer):
             _fused.dispatch_step(self.kernel, self.rule, wfmt, sfmt, p, g, st, group, random_bits)
         return True
 
-    def state_for(self, param: Tensor, group: dict[str, Any]) -> dict[str, Any]:
+    def state_for(self, param: Tensor, group: dict[str, Any], check_layout: bool = True) -> dict[str, Any]:
         """The parameter's state, created on first use and completed when a hyper-parameter change
-        needs a new state (e.g. momentum turned on)."""
+        needs a new state (e.g. momentum turned on); its layout is checked unless ``check_layout`` is
+        False (the caller just did)."""
         state = self.state[param]
         if not state:
             return self._init_state(param, group)
-        self._ensure_states(param, group, state)
+        self._ensure_states(param, group, state, check_layout)
         return state
 
-    def _ensure_states(self, param: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
+    def _ensure_states(
+        self, param: Tensor, group: dict[str, Any], state: dict[str, Any], check_layout: bool = True
+    ) -> None:
         """Add states a hyper-parameter change made necessary (e.g. momentum turned on)."""
-        wfmt, sfmt = self.formats(param, group)
+        added = False
         for spec in self.rule.states(group):
             if spec.name not in state and not any(k.startswith(spec.name + ".") for k in state):
                 state.update(self._new_state_tensors(param, group, (spec,), buffers=False))
-        self._check_state_layout(param, group, state)
+                added = True
+        if check_layout or added:
+            self._check_state_layout(param, group, state)
 
     def _check_state_layout(self, param: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
         """Raise RuntimeError if ``param``'s existing state was made for other ``master=``/``states=``
@@ -287,7 +296,7 @@ class LeanOptimizer(torch.optim.Optimizer):
             work = self._check_grads()
             self.last_skipped = []
             for p, group in work:
-                self.update_param(p, group)
+                self._update_param(p, group, None, layout_checked=True)
         return loss
 
     # ----------------------------------------------------------------------------- master values
