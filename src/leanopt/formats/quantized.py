@@ -16,9 +16,9 @@ Layout of a state ``name`` for a tensor of shape ``(*lead, n)``:
 
 Companding (``signed`` comes from the rule's ``StateSpec``):
 
-- signed states (momentum): ``x = m / scale`` in [-1, 1], ``y = 2x / (1 + |x|)``, code
+- signed states (momentum): ``x = m * (1 / scale)`` (one reciprocal per group) in [-1, 1], ``y = 2x / (1 + |x|)``, code
   ``round(y * Q)`` with ``Q = 127`` (int8) or ``7`` (int4); decoded ``x = y / (2 - |y|)``.
-- unsigned states (second moments): ``s = sqrt(v)``, ``x = s / scale`` in [0, 1], code
+- unsigned states (second moments): ``s = sqrt(v)``, ``x = s * (1 / scale)`` in [0, 1], code
   ``clamp(round(x * L) - 1, 0, L - 1)`` with ``L = 256`` or ``16``; decoded ``s = (code + 1) / L * scale``,
   ``v = s**2``. The map has no zero level (as in Li et al. 2023, 4-bit optimizers): a second moment
   far below its group's largest decodes slightly too large (a smaller, safe Adam step), never as 0,
