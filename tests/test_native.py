@@ -29,10 +29,10 @@ def bits(t: torch.Tensor) -> torch.Tensor:
     return t.detach().contiguous().view(_INT[t.element_size()])
 
 
-def run(kernel, cls, master, states, shape, hyper, steps=4, seed=0):
+def run(kernel, cls, master, states, shape, hyper, steps=4, seed=0, dtype=None):
     """A parameter trained for ``steps`` with changing gradient scales and learning rates."""
     g = torch.Generator().manual_seed(seed)
-    dtype = torch.float32 if master == "auto" else torch.bfloat16
+    dtype = dtype or (torch.float32 if master == "auto" else torch.bfloat16)
     p = torch.nn.Parameter((torch.randn(shape, generator=g) * 0.5).to(dtype))
     opt = cls([p], master=master, states=states, kernel=kernel, **hyper)
     for i in range(steps):
@@ -272,3 +272,39 @@ def test_an_unwritable_cache_folder_falls_back_to_the_temp_folder(tmp_path, monk
         assert native.disabled_reason() is None and len(native.compile_stats()) == 1
     finally:
         native.reset()
+
+
+@pytest.mark.parametrize("case", ["sgd_nesterov_wd", "lion"])
+@pytest.mark.parametrize("master,dtype", [("kahan", torch.bfloat16), ("kahan", torch.float16),
+                                          ("none", torch.float16)])  # fmt: skip
+def test_kahan_and_fp16_weights_are_bit_identical_to_the_reference(case, master, dtype):
+    cls, hyper = EXACT_CASES[case]
+    calls = sum(k.calls for k in native.compile_stats())
+    for states, shape in itertools.product(STATES, [(5, 64), (3, 70), (130,)]):
+        ref = tensors(*run("reference", cls, master, states, shape, hyper, dtype=dtype))
+        nat = tensors(*run("auto", cls, master, states, shape, hyper, dtype=dtype))
+        for key in ref:
+            diff = int((bits(ref[key]) != bits(nat[key])).sum())
+            assert diff == 0, f"{master}/{states}{shape} {key}: {diff} elements differ"
+    assert sum(k.calls for k in native.compile_stats()) - calls == 4 * len(STATES) * 3
+
+
+def test_a_kernel_that_fails_to_compile_falls_back_alone(tmp_path, monkeypatch):
+    """A compiler error on one combination (e.g. an old gcc without _Float16) warns and sends only
+    that combination to the other executors; the others stay native."""
+    monkeypatch.setenv("LEANOPT_CACHE_DIR", str(tmp_path))
+    native.reset()
+    real = native.generate
+    monkeypatch.setattr(native, "generate", lambda spec: "#error broken" if spec.weight.ctypes_ == ("_Float16",)
+                        else real(spec))  # fmt: skip
+    try:
+        with pytest.warns(RuntimeWarning, match="a native kernel failed to compile"):
+            got = tensors(*run("auto", leanopt.Lion, "none", "fp32", (4, 40), dict(lr=1e-3), dtype=torch.float16))
+        assert native.disabled_reason() is None
+        run("auto", leanopt.Lion, "exact", "fp32", (4, 40), dict(lr=1e-3))
+        assert [k.calls for k in native.compile_stats()] == [4]  # the bf16 one ran natively
+    finally:
+        native.reset()
+    want = tensors(*run("reference", leanopt.Lion, "none", "fp32", (4, 40), dict(lr=1e-3), dtype=torch.float16))
+    for key in want:
+        assert torch.equal(bits(want[key]), bits(got[key])), key

@@ -32,6 +32,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -235,6 +236,19 @@ WEIGHT_CODECS: dict[tuple[str, torch.dtype], WeightCodec] = {
         " W0[i] = (uint16_t)(hi >> 16); W1[i] = (int8_t)((int32_t)(b - hi) >> 8); }",
     ),
     ("none", torch.bfloat16): WeightCodec(("uint16_t",), "lo_f((uint32_t)W0[i] << 16)", "W0[i] = lo_bf16(p);"),
+    ("kahan", torch.bfloat16): WeightCodec(
+        ("uint16_t", "uint16_t"),
+        "lo_f((uint32_t)W0[i] << 16) + lo_f((uint32_t)W1[i] << 16)",
+        "{ const uint16_t h = lo_bf16(p); const float err = p - lo_f((uint32_t)h << 16);"
+        " W0[i] = h; W1[i] = lo_bf16(fabsf(err) <= FLT_MAX ? err : 0.0f); }",
+    ),
+    ("none", torch.float16): WeightCodec(("_Float16",), "(float)W0[i]", "W0[i] = (_Float16)p;"),
+    ("kahan", torch.float16): WeightCodec(
+        ("_Float16", "_Float16"),
+        "(float)W0[i] + (float)W1[i]",
+        "{ const _Float16 h = (_Float16)p; const float err = p - (float)h;"
+        " W0[i] = h; W1[i] = (_Float16)(fabsf(err) <= FLT_MAX ? err : 0.0f); }",
+    ),
     ("fp32", torch.float32): WeightCodec(("float",), "W0[i]", "W0[i] = p;"),
 }
 
@@ -242,6 +256,7 @@ WEIGHT_CODECS: dict[tuple[str, torch.dtype], WeightCodec] = {
 GRAD_CODECS: dict[torch.dtype, tuple[str, str]] = {
     torch.bfloat16: ("uint16_t", "lo_f((uint32_t)G[i] << 16)"),
     torch.float32: ("float", "G[i]"),
+    torch.float16: ("_Float16", "(float)G[i]"),
 }
 
 
@@ -282,6 +297,7 @@ _PRELUDE = r"""
 #include <stdint.h>
 #include <string.h>
 #include <math.h>
+#include <float.h>
 #include <omp.h>
 static inline float lo_f(uint32_t b) { float f; memcpy(&f, &b, 4); return f; }
 static inline uint32_t lo_u(float f) { uint32_t b; memcpy(&b, &f, 4); return b; }
@@ -687,6 +703,7 @@ _STATUS: dict[str, Any] = {"disabled": None, "warned": False}
 #: id(state dict) -> (what the plan depends on, spec, kernel, [(state key, weakref to tensor)]); checked on use
 _PLANS: dict[int, tuple] = {}
 _BY_SPEC: dict[KernelSpec, Kernel] = {}
+_FAILED: dict[KernelSpec, str] = {}
 
 
 def disabled_reason() -> str | None:
@@ -703,15 +720,23 @@ def kernel_for(spec: KernelSpec) -> Kernel | None:
     kernel = _BY_SPEC.get(spec)
     if kernel is not None:
         return kernel
+    if spec in _FAILED:
+        return None
     try:
         kernel = _BY_SPEC[spec] = build(generate(spec))
         return kernel
     except (BuildError, OSError) as err:
-        _STATUS["disabled"] = str(err).splitlines()[0] if str(err) else type(err).__name__
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        if compiler() is not None and isinstance(err, BuildError):
+            # the compiler works but not on this kernel (e.g. an old gcc without _Float16): only this
+            # combination falls back
+            _FAILED[spec] = reason
+            warnings.warn(f"leanopt: a native kernel failed to compile ({reason}); that parameter uses the "
+                          "slower executors", RuntimeWarning, stacklevel=5)  # fmt: skip
+            return None
+        _STATUS["disabled"] = reason
         if not _STATUS["warned"]:
             _STATUS["warned"] = True
-            import warnings
-
             warnings.warn(
                 f"leanopt: native CPU kernels are not available ({_STATUS['disabled']}); using the slower "
                 "executors. Pass kernel='reference' to silence this warning.",
@@ -799,6 +824,7 @@ def reset() -> None:
     """Forget loaded kernels and a disabled state (tests; after changing ``CC``)."""
     _LOADED.clear()
     _BY_SPEC.clear()
+    _FAILED.clear()
     _PLANS.clear()
     _FINITE.clear()
     _STATUS.update(disabled=None, warned=False)
