@@ -276,8 +276,8 @@ def test_an_unwritable_cache_folder_falls_back_to_the_temp_folder(tmp_path, monk
 
 @pytest.mark.parametrize("case", ["sgd_nesterov_wd", "lion"])
 @pytest.mark.parametrize("master,dtype", [("kahan", torch.bfloat16), ("kahan", torch.float16),
-                                          ("none", torch.float16)])  # fmt: skip
-def test_kahan_and_fp16_weights_are_bit_identical_to_the_reference(case, master, dtype):
+                                          ("none", torch.float16), ("stochastic", torch.bfloat16)])  # fmt: skip
+def test_kahan_stochastic_and_fp16_weights_are_bit_identical_to_the_reference(case, master, dtype):
     cls, hyper = EXACT_CASES[case]
     calls = sum(k.calls for k in native.compile_stats())
     for states, shape in itertools.product(STATES, [(5, 64), (3, 70), (130,)]):

@@ -551,7 +551,7 @@ def dispatch_step(
     FUSED_MIN_NUMEL elements (a model big enough to repay a compile; its small tensors then use the
     same kernels) and the rule has a fused form; ``"fused"`` for every tensor it can."""
     if kernel != "reference" and param.device.type == "cpu":
-        if native.native_step(rule, weight_format, state_format, param, grad, state, group):
+        if native.native_step(rule, weight_format, state_format, param, grad, state, group, random_bits):
             return "native"
     want = kernel == "fused" or (kernel == "auto" and _group_numel(group) >= FUSED_MIN_NUMEL)
     if want and supports(rule, weight_format, param, state_format):

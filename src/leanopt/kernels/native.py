@@ -220,6 +220,7 @@ class WeightCodec:
     ctypes_: tuple[str, ...]
     load: str
     store: str
+    random: bool = False  # the store reads ``RB[i]``, 16 random bits per element (stochastic rounding)
 
 
 WEIGHT_CODECS: dict[tuple[str, torch.dtype], WeightCodec] = {
@@ -236,6 +237,12 @@ WEIGHT_CODECS: dict[tuple[str, torch.dtype], WeightCodec] = {
         " W0[i] = (uint16_t)(hi >> 16); W1[i] = (int8_t)((int32_t)(b - hi) >> 8); }",
     ),
     ("none", torch.bfloat16): WeightCodec(("uint16_t",), "lo_f((uint32_t)W0[i] << 16)", "W0[i] = lo_bf16(p);"),
+    ("stochastic", torch.bfloat16): WeightCodec(
+        ("uint16_t",),
+        "lo_f((uint32_t)W0[i] << 16)",
+        "W0[i] = (uint16_t)(((lo_canon(p) + (uint32_t)RB[i]) & 0xFFFF0000u) >> 16);",
+        random=True,
+    ),
     ("kahan", torch.bfloat16): WeightCodec(
         ("uint16_t", "uint16_t"),
         "lo_f((uint32_t)W0[i] << 16) + lo_f((uint32_t)W1[i] << 16)",
@@ -360,6 +367,9 @@ def generate(spec: KernelSpec) -> str:
             lines.append(f"  {ct} *restrict C_{v} = ({ct} *)ptrs[{k}];")
             lines.append(f"  uint16_t *restrict K_{v} = (uint16_t *)ptrs[{k + 1}];")
             k += 2
+    if spec.weight.random:
+        lines.append(f"  const int32_t *restrict RB = (const int32_t *)ptrs[{k}];")
+        k += 1
     used = sorted({int(m) for line in spec.body for m in re.findall(r"\bs\[(\d+)\]", line)})
     lines += [f"  const float s_{k} = s[{k}];" for k in used]
     body = "\n".join("      " + re.sub(r"\bs\[(\d+)\]", r"s_\1", line) for line in spec.body)
@@ -754,9 +764,14 @@ def native_step(
     grad: Tensor,
     state: dict[str, Any],
     group: dict[str, Any],
+    random_bits: Any = None,
 ) -> bool:
-    """One update like ``reference_step``, in one native pass. False (nothing changed) if not covered."""
+    """One update like ``reference_step``, in one native pass. False (nothing changed) if not covered.
+    ``random_bits`` (stochastic rounding) is called once, after the step count advances, as the
+    reference executor does."""
     if disabled_reason() is not None or not grad.is_contiguous() or grad.device != param.device:
+        return False
+    if weight_format.needs_random and random_bits is None:
         return False
     from .fused import fused_form
 
@@ -788,6 +803,9 @@ def native_step(
     values = fused_form(rule).scalars(group, float(state["step"]))
     scalars = (ctypes.c_float * len(values))(*values)  # double -> float rounds to nearest, as torch does
     tensors.insert(len(spec.weight.ctypes_), grad)
+    if spec.weight.random:  # the same noise the reference draws: whole tensor, after the step advanced
+        noise = random_bits(param).to(torch.int32).contiguous()
+        tensors.append(noise)
     ptrs = (ctypes.c_void_p * len(tensors))(*[t.data_ptr() for t in tensors])
     n = param.shape[-1] if param.dim() else 1
     rows = param.numel() // n if n else 0
