@@ -305,7 +305,11 @@ _PRELUDE = r"""
 #include <string.h>
 #include <math.h>
 #include <float.h>
+#ifdef _OPENMP
 #include <omp.h>
+#else
+#include <pthread.h>
+#endif
 static inline float lo_f(uint32_t b) { float f; memcpy(&f, &b, 4); return f; }
 static inline uint32_t lo_u(float f) { uint32_t b; memcpy(&b, &f, 4); return b; }
 /* fp32 bits with NaNs made quiet NaNs of the same sign (as the formats' encode). */
@@ -350,7 +354,8 @@ def generate(spec: KernelSpec) -> str:
     ``ptrs`` holds, in order: the weight tensors, the gradient, then per state its tensors (flat: one;
     quantised: codes, scales). Tensors are contiguous and shaped (rows, n) (flat kernels use rows=1).
     """
-    lines = [_PRELUDE, "void lo_step(int64_t rows, int64_t n, void **ptrs, const float *s, int threads) {"]
+    head = "static void lo_body(int64_t rows, int64_t n, void **ptrs, const float *s, int64_t t0, int64_t t1) {"
+    lines = [_PRELUDE, head]
     k = 0
     for j, ct in enumerate(spec.weight.ctypes_):
         lines.append(f"  {ct} *restrict W{j} = ({ct} *)ptrs[{k}];")
@@ -385,9 +390,8 @@ def generate(spec: KernelSpec) -> str:
             for n, _, c in spec.states
         )
         lines.append(
-            f"""  const int64_t total = rows * n, chunk = 16384, nchunks = (total + chunk - 1) / chunk;
-  #pragma omp parallel for schedule(static) num_threads(threads) if(nchunks > 1)
-  for (int64_t c = 0; c < nchunks; c++) {{
+            f"""  const int64_t total = rows * n, chunk = {FLAT_CHUNK};
+  for (int64_t c = t0; c < t1; c++) {{
     const int64_t end = (c + 1) * chunk < total ? (c + 1) * chunk : total;
     #pragma GCC ivdep
     for (int64_t i = c * chunk; i < end; i++) {{
@@ -401,14 +405,17 @@ def generate(spec: KernelSpec) -> str:
   }}
 }}"""
         )
+        lines.append(_launcher(f"(rows * n + {FLAT_CHUNK} - 1) / {FLAT_CHUNK}"))
         return "\n".join(lines)
     # Grouped: one group of GROUP_SIZE elements of one row at a time, decoded into local arrays.
     gs = GROUP_SIZE
     for qs in sorted({_quant_consts(c.kind)[0] for _, signed, c in spec.states if signed}):
-        lines.append(f"  float lo_signed_{qs}[{2 * qs + 1}];")
+        # every code a stored byte or nibble can hold (-128..127), not only the ones encode writes: a
+        # zero nibble is code -8, and the table must give what the formula gives for it
+        lines.append(f"  float lo_signed_{qs}[256];")
         lines.append(
-            f"  for (int c = -{qs}; c <= {qs}; c++) {{ const float y = (float)c / {_lit(qs)};"
-            f" lo_signed_{qs}[c + {qs}] = y / ({_lit(2)} - fabsf(y)); }}"
+            f"  for (int c = -128; c <= 127; c++) {{ const float y = (float)c / {_lit(qs)};"
+            f" lo_signed_{qs}[c + 128] = y / ({_lit(2)} - fabsf(y)); }}"
         )
     bs = gs * BLOCK_GROUPS
     decl = "\n".join(f"    float A_{_ident(n)}[{bs}];" for n, _, _ in spec.states)
@@ -444,28 +451,69 @@ def generate(spec: KernelSpec) -> str:
     # full blocks get a copy with constant trip counts (vectorised); a row's last block may be shorter.
     lines.append(
         f"""  const int64_t groups = (n + {gs} - 1) / {gs}, blocks = (groups + {BLOCK_GROUPS - 1}) / {BLOCK_GROUPS};
-  const int64_t total = rows * blocks;
-  const int nt = total >= 64 * threads ? threads : 1;
-  #pragma omp parallel num_threads(nt)
-  {{
-  /* each thread a contiguous range of blocks; (row, block) advanced without dividing */
-  const int64_t tid = omp_get_thread_num(), per = (total + nt - 1) / nt;
-  const int64_t t0 = tid * per < total ? tid * per : total, t1 = t0 + per < total ? t0 + per : total;
+  /* blocks [t0, t1) of the rows * blocks; (row, block) advanced without dividing */
   int64_t r = blocks ? t0 / blocks : 0, b = blocks ? t0 % blocks : 0;
   for (int64_t t = t0; t < t1; t++, b = (b + 1 == blocks) ? (r++, 0) : b + 1) {{
     const int64_t q0 = b * {BLOCK_GROUPS}, j0 = q0 * {gs};
     if (n - j0 >= {bs}) {{
     const int64_t len = {bs}, ng = {BLOCK_GROUPS};
-{block}
+{block.replace(f"e1 = e0 + {gs} < len ? e0 + {gs} : len", f"e1 = e0 + {gs}")}
     }} else {{
     const int64_t len = n - j0, ng = (len + {gs - 1}) / {gs};
 {block}
     }}
   }}
-  }}
 }}"""
     )
+    blocks = f"rows * (((n + {gs - 1}) / {gs} + {BLOCK_GROUPS - 1}) / {BLOCK_GROUPS})"
+    lines.append(_launcher(blocks))
     return "\n".join(lines)
+
+
+#: elements per work unit of the flat kernels
+FLAT_CHUNK = 16384
+#: below this many elements a kernel runs on the calling thread (OpenMP: a pooled team is cheap, so lower)
+PARALLEL_MIN = {"openmp": 1 << 15, "pthreads": 1 << 20}
+
+
+def _launcher(units: str) -> str:
+    """``lo_step``: splits ``units`` work units (chunks or blocks) into contiguous ranges, one per thread:
+    an OpenMP team where the compiler has OpenMP (the process's libgomp, shared with torch), else
+    POSIX threads."""
+    return f"""
+typedef struct {{ int64_t rows, n, t0, t1; void **ptrs; const float *s; }} lo_job;
+static void *lo_run(void *a) {{
+  lo_job *j = (lo_job *)a; lo_body(j->rows, j->n, j->ptrs, j->s, j->t0, j->t1); return 0; }}
+void lo_step(int64_t rows, int64_t n, void **ptrs, const float *s, int threads) {{
+  const int64_t total = {units};
+#ifdef _OPENMP
+  int64_t nt = rows * n >= {PARALLEL_MIN["openmp"]} ? threads : 1;
+#else
+  int64_t nt = rows * n >= {PARALLEL_MIN["pthreads"]} ? threads : 1;
+  if (nt > 64) nt = 64;
+#endif
+  if (nt > total) nt = total;
+  if (nt <= 1) {{ lo_body(rows, n, ptrs, s, 0, total); return; }}
+  const int64_t per = (total + nt - 1) / nt;
+#ifdef _OPENMP
+  #pragma omp parallel num_threads((int)nt)
+  {{
+    const int64_t t0 = omp_get_thread_num() * per, t1 = t0 + per < total ? t0 + per : total;
+    if (t0 < total) lo_body(rows, n, ptrs, s, t0, t1);
+  }}
+#else
+  pthread_t th[64]; lo_job jobs[64]; int started[64];
+  for (int64_t k = 0; k < nt; k++) {{
+    const int64_t t0 = k * per < total ? k * per : total, t1 = t0 + per < total ? t0 + per : total;
+    jobs[k] = (lo_job){{rows, n, t0, t1, ptrs, s}};
+    started[k] = k > 0 && pthread_create(&th[k], 0, lo_run, &jobs[k]) == 0;
+    if (k > 0 && !started[k]) lo_run(&jobs[k]);  /* no thread: do it here */
+  }}
+  lo_run(&jobs[0]);
+  for (int64_t k = 1; k < nt; k++) if (started[k]) pthread_join(th[k], 0);
+#endif
+}}
+"""
 
 
 def _code_at(codec: StateCodec, v: str) -> tuple[str, str]:
@@ -488,8 +536,8 @@ def _group_decode(name: str, signed: bool, codec: StateCodec) -> str:
     else:
         offset = 0 if signed else levels // 2
         code = f"((int){arr}[{idx}] + {offset})"
-    if signed:  # y = c / Q; x = y / (2 - |y|): from a table of the 2Q + 1 codes' values (no division)
-        value = f"A_{v}[e] = lo_signed_{qs}[({code}) + {qs}] * sc;"
+    if signed:  # y = c / Q; x = y / (2 - |y|): from a table of every storable code (no division)
+        value = f"A_{v}[e] = lo_signed_{qs}[({code}) + 128] * sc;"
     else:
         value = f"const float u = ((float)({code}) + {_lit(1)}) / {_lit(levels)} * sc; A_{v}[e] = u * u;"
     return f"""    for (int64_t gi = 0; gi < ng; gi++) {{
