@@ -332,3 +332,25 @@ def test_every_storable_code_decodes_like_the_reference(states, shape):
         results.append(tensors(p, opt))
     for key in results[0]:
         assert torch.equal(bits(results[0][key]), bits(results[1][key])), key
+
+
+def test_posix_threads_path_gives_the_same_bits(tmp_path, monkeypatch):
+    """Compilers without OpenMP (zig cc, clang without libomp) build the kernels with POSIX threads;
+    LEANOPT_OPENMP=0 forces that path with any compiler. Big enough for two threads."""
+    shape = (1024, 1040)  # > 2**20 elements: the pthreads path splits it
+    monkeypatch.setenv("LEANOPT_CACHE_DIR", str(tmp_path))
+    results = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("LEANOPT_OPENMP", flag)
+        native.reset()
+        try:
+            for states in ("fp32", "int8"):
+                results[flag, states] = tensors(*run("auto", leanopt.AdamW, "compact", states, shape, dict(lr=1e-2),
+                                                     steps=2))  # fmt: skip
+            assert len(native.compile_stats()) == 2
+        finally:
+            native.reset()
+    assert len(list(tmp_path.glob("lo_*.so"))) == 6  # 2 kernels + the finiteness check, built once per threading model
+    for states in ("fp32", "int8"):
+        for key in results["1", states]:
+            assert torch.equal(bits(results["1", states][key]), bits(results["0", states][key])), (states, key)

@@ -26,6 +26,7 @@ import hashlib
 import os
 import platform
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -608,6 +609,10 @@ CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-
           "-std=c11", "-shared", "-fPIC"]  # fmt: skip
 
 
+#: without OpenMP the kernels split their work over POSIX threads (``LEANOPT_OPENMP=0`` forces this)
+_NO_OPENMP = [f for f in CFLAGS if f != "-fopenmp"] + ["-pthread"]
+
+
 def cache_dir() -> Path:
     """Where compiled kernels live: ``$LEANOPT_CACHE_DIR`` or ``~/.cache/leanopt/kernels``."""
     env = os.environ.get("LEANOPT_CACHE_DIR")
@@ -615,7 +620,9 @@ def cache_dir() -> Path:
 
 
 def compiler() -> str | None:
-    """The C compiler: ``$CC``, else cc / gcc / clang on PATH (None if there is none)."""
+    """The C compiler command: ``$CC`` (may carry arguments, e.g. ``python -m ziglang cc``), else
+    cc / gcc / clang on PATH. None if there is none. clang's code for the grouped int8/int4 kernels
+    runs faster than gcc 12's (docs/kernels.md), so ``CC=clang`` is worth setting where it exists."""
     env = os.environ.get("CC")
     if env:
         return env
@@ -660,7 +667,8 @@ def build(source: str, symbol: str = "lo_step", argtypes: list | None = None, re
     cc = compiler()
     if cc is None:
         raise BuildError("no C compiler found (set CC or install gcc/clang)")
-    key = hashlib.sha256("\n".join([source, cc, " ".join(CFLAGS), _cpu_id(), sys.platform]).encode()).hexdigest()[:24]
+    flags = CFLAGS if os.environ.get("LEANOPT_OPENMP", "1") != "0" else _NO_OPENMP
+    key = hashlib.sha256("\n".join([source, cc, " ".join(flags), _cpu_id(), sys.platform]).encode()).hexdigest()[:24]
     with _LOCK:
         kernel = _LOADED.get(key)
         if kernel is not None:
@@ -681,9 +689,14 @@ def build(source: str, symbol: str = "lo_step", argtypes: list | None = None, re
                 src = Path(tmp) / "k.c"
                 src.write_text(source)
                 out = Path(tmp) / "k.so"
-                proc = subprocess.run([cc, *CFLAGS, str(src), "-o", str(out), "-lm"], capture_output=True, text=True)
+                cmd = [*shlex.split(cc), *flags, str(src), "-o", str(out), "-lm"]
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+                if proc.returncode != 0 and "-fopenmp" in cmd:  # no OpenMP (zig, clang without libomp)
+                    cmd = [*shlex.split(cc), *_NO_OPENMP, str(src), "-o", str(out), "-lm"]
+                    proc = subprocess.run(cmd, capture_output=True, text=True)
                 if proc.returncode != 0:
-                    raise BuildError(f"{Path(cc).name} failed: {(proc.stderr or proc.stdout).strip()[:2000]}")
+                    name = Path(shlex.split(cc)[0]).name
+                    raise BuildError(f"{name} failed: {(proc.stderr or proc.stdout).strip()[:2000]}")
                 os.replace(out, lib)  # atomic: concurrent processes may build the same kernel
             seconds = time.perf_counter() - start
         fn = getattr(ctypes.CDLL(str(lib)), symbol)
@@ -929,7 +942,6 @@ __all__ = [
 
 _FINITE_SOURCE = r"""
 #include <stdint.h>
-#include <omp.h>
 /* 1 if no element has an all-ones exponent (inf or NaN). bits: 16 or 32; mask: the exponent bits. */
 int lo_all_finite(const void *data, int64_t n, int bits, uint32_t mask, int threads) {
   int bad = 0;
