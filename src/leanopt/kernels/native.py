@@ -662,6 +662,24 @@ _LOADED: dict[str, Kernel] = {}
 _STEP_ARGS = [ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
 
 
+def _compile(cc: str, flags: list[str], source: str, lib: Path) -> None:
+    """Compile ``source`` into the shared library ``lib`` (atomically replaced). Without OpenMP
+    support (zig cc, clang without its headers) the build is repeated with POSIX threads."""
+    with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
+        src = Path(tmp) / "k.c"
+        src.write_text(source)
+        out = Path(tmp) / "k.so"
+        cmd = [*shlex.split(cc), *flags, str(src), "-o", str(out), "-lm"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0 and "-fopenmp" in flags:
+            cmd = [*shlex.split(cc), *_NO_OPENMP, str(src), "-o", str(out), "-lm"]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            name = Path(shlex.split(cc)[0]).name
+            raise BuildError(f"{name} failed: {(proc.stderr or proc.stdout).strip()[:2000]}")
+        os.replace(out, lib)  # atomic: concurrent processes may build the same kernel
+
+
 def build(source: str, symbol: str = "lo_step", argtypes: list | None = None, restype: Any = None) -> Kernel:
     """Compile (or load from the cache) ``source`` and return its function ``symbol``."""
     cc = compiler()
@@ -685,21 +703,19 @@ def build(source: str, symbol: str = "lo_step", argtypes: list | None = None, re
         seconds = 0.0
         if not lib.exists():
             start = time.perf_counter()
-            with tempfile.TemporaryDirectory(dir=folder) as tmp:
-                src = Path(tmp) / "k.c"
-                src.write_text(source)
-                out = Path(tmp) / "k.so"
-                cmd = [*shlex.split(cc), *flags, str(src), "-o", str(out), "-lm"]
-                proc = subprocess.run(cmd, capture_output=True, text=True)
-                if proc.returncode != 0 and "-fopenmp" in cmd:  # no OpenMP (zig, clang without libomp)
-                    cmd = [*shlex.split(cc), *_NO_OPENMP, str(src), "-o", str(out), "-lm"]
-                    proc = subprocess.run(cmd, capture_output=True, text=True)
-                if proc.returncode != 0:
-                    name = Path(shlex.split(cc)[0]).name
-                    raise BuildError(f"{name} failed: {(proc.stderr or proc.stdout).strip()[:2000]}")
-                os.replace(out, lib)  # atomic: concurrent processes may build the same kernel
+            _compile(cc, flags, source, lib)
             seconds = time.perf_counter() - start
-        fn = getattr(ctypes.CDLL(str(lib)), symbol)
+        try:
+            handle = ctypes.CDLL(str(lib))
+        except OSError:
+            if "-fopenmp" not in flags:
+                raise
+            # compiled for an OpenMP runtime this process lacks (clang's libomp): POSIX threads instead
+            start = time.perf_counter()
+            _compile(cc, _NO_OPENMP, source, lib)
+            seconds += time.perf_counter() - start
+            handle = ctypes.CDLL(str(lib))
+        fn = getattr(handle, symbol)
         fn.argtypes = _STEP_ARGS if argtypes is None else argtypes
         fn.restype = restype
         kernel = _LOADED[key] = Kernel(fn, key, seconds, symbol=symbol)
