@@ -35,6 +35,7 @@ import threading
 import time
 import warnings
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -99,50 +100,8 @@ class Expr:
     def _cmp(self, op: str, other: Any) -> Expr:
         return self.prog.tmp(f"{self.code} {op} {self._c(other)}", "int")
 
-    def __add__(self, o):
-        return self._bin("+", o)  # noqa: E704
-
-    def __radd__(self, o):
-        return self._bin("+", o, True)  # noqa: E704
-
-    def __sub__(self, o):
-        return self._bin("-", o)  # noqa: E704
-
-    def __rsub__(self, o):
-        return self._bin("-", o, True)  # noqa: E704
-
-    def __mul__(self, o):
-        return self._bin("*", o)  # noqa: E704
-
-    def __rmul__(self, o):
-        return self._bin("*", o, True)  # noqa: E704
-
-    def __truediv__(self, o):
-        return self._bin("/", o)  # noqa: E704
-
-    def __rtruediv__(self, o):
-        return self._bin("/", o, True)  # noqa: E704
-
     def __neg__(self):
-        return self.prog.tmp(f"-{self.code}")  # noqa: E704
-
-    def __lt__(self, o):
-        return self._cmp("<", o)  # noqa: E704
-
-    def __le__(self, o):
-        return self._cmp("<=", o)  # noqa: E704
-
-    def __gt__(self, o):
-        return self._cmp(">", o)  # noqa: E704
-
-    def __ge__(self, o):
-        return self._cmp(">=", o)  # noqa: E704
-
-    def __eq__(self, o):
-        return self._cmp("==", o)  # type: ignore[override]  # noqa: E704
-
-    def __ne__(self, o):
-        return self._cmp("!=", o)  # type: ignore[override]  # noqa: E704
+        return self.prog.tmp(f"-{self.code}")
 
     def abs(self) -> Expr:
         return self.prog.tmp(f"fabsf({self.code})")
@@ -183,6 +142,25 @@ class Expr:
         if func is torch.broadcast_tensors:
             return args
         raise TypeError(f"leanopt.native: cannot trace {getattr(func, '__name__', func)}")
+
+
+def _operators() -> None:
+    """Expr's arithmetic (both operand orders) and comparisons, one C operator each."""
+
+    def binary(op: str, reverse: bool) -> Callable[[Expr, Any], Expr]:
+        return lambda self, other: self._bin(op, other, reverse)
+
+    def compare(op: str) -> Callable[[Expr, Any], Expr]:
+        return lambda self, other: self._cmp(op, other)
+
+    for name, op in (("add", "+"), ("sub", "-"), ("mul", "*"), ("truediv", "/")):
+        setattr(Expr, f"__{name}__", binary(op, False))
+        setattr(Expr, f"__r{name}__", binary(op, True))
+    for name, op in (("lt", "<"), ("le", "<="), ("gt", ">"), ("ge", ">="), ("eq", "=="), ("ne", "!=")):
+        setattr(Expr, f"__{name}__", compare(op))
+
+
+_operators()
 
 
 class _Scalars:
