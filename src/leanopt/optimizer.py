@@ -194,7 +194,10 @@ class LeanOptimizer(torch.optim.Optimizer):
         grad = param.grad if grad is None else grad
         if grad is None:
             return False
-        if self.nonfinite != "ignore" and not _shards.all_finite(grad):  # sharded: the same decision on every rank
+        # From step() in "raise" mode _check_grads has just checked every gradient. A sharded gradient
+        # gets the same decision on every rank.
+        checked = layout_checked and self.nonfinite == "raise"
+        if self.nonfinite != "ignore" and not checked and not _shards.all_finite(grad):
             if self.nonfinite == "raise":
                 raise FloatingPointError(f"non-finite gradient for parameter {self.param_index(param)}")
             self.nonfinite_skipped += 1
