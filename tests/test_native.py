@@ -197,7 +197,7 @@ def test_kernels_are_cached_on_disk_and_reloaded_without_compiling(tmp_path, mon
         run("auto", leanopt.SGD, "exact", "fp32", (4, 32), dict(lr=0.1, momentum=0.9), steps=1)
         first = native.compile_stats()
         assert len(first) == 1 and first[0].compile_seconds > 0
-        assert len(list(tmp_path.glob("lo_*.so"))) == 2  # the step kernel and the finiteness check
+        assert len(list(tmp_path.glob("lo_*.so"))) == 3  # the step kernel, the finiteness check, the batch runner
         native.reset()
         run("auto", leanopt.SGD, "exact", "fp32", (4, 32), dict(lr=0.1, momentum=0.9), steps=1)
         assert [k.compile_seconds for k in native.compile_stats()] == [0.0]
@@ -350,7 +350,38 @@ def test_posix_threads_path_gives_the_same_bits(tmp_path, monkeypatch):
             assert len(native.compile_stats()) == 2
         finally:
             native.reset()
-    assert len(list(tmp_path.glob("lo_*.so"))) == 6  # 2 kernels + the finiteness check, built once per threading model
+    assert len(list(tmp_path.glob("lo_*.so"))) == 8  # 2 kernels, the check, the batch runner, per threading model
     for states in ("fp32", "int8"):
         for key in results["1", states]:
             assert torch.equal(bits(results["1", states][key]), bits(results["0", states][key])), (states, key)
+
+
+def test_step_runs_many_tensors_in_one_batch_like_one_at_a_time():
+    """step() prepares every covered tensor and runs them in one native call (small ones several at a
+    time, one per thread); skipped tensors, fallbacks and results are as with one update at a time."""
+
+    def make(kernel):
+        torch.manual_seed(5)
+        params = [torch.nn.Parameter(torch.randn(16, 24).bfloat16()) for _ in range(40)]
+        params += [
+            torch.nn.Parameter(torch.randn(300, 300).bfloat16()),  # above SMALL_TENSOR
+            torch.nn.Parameter(torch.randn(7, 9).t()),
+        ]  # fp32 and not contiguous: the other path
+        return params, leanopt.SGD(params, lr=0.05, momentum=0.9, states="int8", kernel=kernel)
+
+    runs = []
+    for kernel in ("reference", "auto"):
+        params, opt = make(kernel)
+        for step in range(3):
+            for i, p in enumerate(params):
+                p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(step * 100 + i)).to(p.dtype)
+            params[3].grad[0, 0] = float("nan") if step == 1 else params[3].grad[0, 0]
+            calls = sum(k.calls for k in native.compile_stats())
+            opt.step()
+            if kernel == "auto":
+                assert sum(k.calls for k in native.compile_stats()) - calls == 41 - (step == 1)
+                assert opt.last_skipped == ([3] if step == 1 else [])
+        runs.append([tensors(p, opt) for p in params])
+    for i, (a, b) in enumerate(zip(*runs, strict=True)):
+        for key in a:
+            assert torch.equal(bits(a[key]), bits(b[key])), (i, key)

@@ -17,6 +17,7 @@ from . import distributed as _shards
 from .formats.states import STATE_FORMATS, StateFormat
 from .formats.weights import MASTER_CHOICES, WeightFormat, resolve_weight_format
 from .kernels import fused as _fused
+from .kernels import native as _native
 from .rules import AdamRule, AdamWRule, LionRule, Rule, SGDRule
 
 NONFINITE_CHOICES = ("skip", "raise", "ignore")
@@ -211,6 +212,23 @@ class LeanOptimizer(torch.optim.Optimizer):
             _fused.dispatch_step(self.kernel, self.rule, wfmt, sfmt, p, g, st, group, random_bits)
         return True
 
+    def _native_job(self, param: Tensor, group: dict[str, Any], scalars: dict) -> Any:
+        """For ``step()``: the parameter's update prepared as a native launch (its step count advanced),
+        False if its gradient is non-finite and was skipped, None if the native path does not take it
+        (then ``_update_param`` runs it). Plain CPU tensors only; the same decisions as ``_update_param``."""
+        grad = param.grad
+        if self.kernel == "reference" or grad.device.type != "cpu" or _shards.is_dtensor(param):
+            return None
+        wfmt, sfmt = self.formats(param, group)
+        if wfmt.needs_random:
+            return None
+        if self.nonfinite == "skip" and not _shards.all_finite(grad):  # "raise": checked in _check_grads
+            self.nonfinite_skipped += 1
+            self.last_skipped.append(self.param_index(param))
+            return False
+        state = self.state_for(param, group, check_layout=False)
+        return _native.launch(self.rule, wfmt, sfmt, param, grad, state, group, None, scalars)
+
     def state_for(self, param: Tensor, group: dict[str, Any], check_layout: bool = True) -> dict[str, Any]:
         """The parameter's state, created on first use and completed when a hyper-parameter change
         needs a new state (e.g. momentum turned on); its layout is checked unless ``check_layout`` is
@@ -298,8 +316,14 @@ class LeanOptimizer(torch.optim.Optimizer):
         with _shards.finite_checks(grads):  # FSDP2: one all-reduce decides for every sharded gradient
             work = self._check_grads()
             self.last_skipped = []
+            jobs, scalars = [], {}
             for p, group in work:
-                self._update_param(p, group, None, layout_checked=True)
+                job = self._native_job(p, group, scalars)
+                if job is None:  # not a plain CPU tensor the native kernels cover: one update now
+                    self._update_param(p, group, None, layout_checked=True)
+                elif job is not False:
+                    jobs.append(job)
+            _native.run_many(jobs)  # every prepared update in one native call
         return loss
 
     # ----------------------------------------------------------------------------- master values

@@ -57,6 +57,8 @@ SPECIAL_WORKLOADS: dict[str, tuple[str, list[Shape]]] = {
     "tensor50m": ("one 50M-element tensor", [(12_500, 4_000)]),
     # --quick: small enough for a test, 2-D tensors with rows of 256 plus a vector
     "tiny": ("a few small tensors (--quick)", [(256, 256), (512, 256), (256,)]),
+    # per-tensor overhead: what a launch (and the Python around it) costs when tensors are small
+    "many-small": ("500 tensors of 64 x 64", [(64, 64)] * 500),
 }
 DEFAULT_WORKLOADS = "gpt2-small,tensor50m"
 TORCH_FUSED = "torch-fused"

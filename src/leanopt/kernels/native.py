@@ -811,7 +811,20 @@ def kernel_for(spec: KernelSpec) -> Kernel | None:
         return None
 
 
-def native_step(
+@dataclass
+class Launch:
+    """One prepared kernel call (the step count has already advanced); ``keep`` holds what the pointers
+    point into until the call has run."""
+
+    kernel: Kernel
+    rows: int
+    n: int
+    ptrs: Any
+    scalars: Any
+    keep: list
+
+
+def launch(
     rule: Rule,
     weight_format: WeightFormat,
     state_format: StateFormat,
@@ -820,19 +833,21 @@ def native_step(
     state: dict[str, Any],
     group: dict[str, Any],
     random_bits: Any = None,
-) -> bool:
-    """One update like ``reference_step``, in one native pass. False (nothing changed) if not covered.
-    ``random_bits`` (stochastic rounding) is called once, after the step count advances, as the
-    reference executor does."""
+    scalars: dict | None = None,
+) -> Launch | None:
+    """Prepare one update like ``reference_step`` as a native call, advancing ``state['step']``; None
+    (nothing changed) if the native path does not cover it. ``random_bits`` (stochastic rounding) is
+    called once, after the step count advances, as the reference executor does. ``scalars`` may cache
+    the hyper-parameter arrays per (group, step) across the launches of one optimizer step."""
     if disabled_reason() is not None or not grad.is_contiguous() or grad.device != param.device:
-        return False
+        return None
     if weight_format.needs_random and random_bits is None:
-        return False
+        return None
     from .fused import fused_form
 
     form = fused_form(rule)
     if form is None:
-        return False
+        return None
     # The plan of this state's last update, if nothing it depends on changed (saves ~20 us per tensor).
     check = (rule, weight_format, state_format, form.flags(group), grad.dtype, param.dtype, param.shape,
              param.data_ptr(), param.is_contiguous(), param.device)  # fmt: skip
@@ -844,30 +859,99 @@ def native_step(
     else:
         planned = _plan(rule, weight_format, state_format, param, grad.dtype, state, group)
         if planned is None:
-            return False
+            return None
         spec, tensors, keys = planned
         kernel = kernel_for(spec)
         if kernel is None:
-            return False
+            return None
         if len(_PLANS) > 100_000:
             _PLANS.clear()
         refs = [(k, weakref.ref(t)) for k, t in zip(keys, tensors[1:], strict=True)]  # never keeps states alive
         _PLANS[id(state)] = (check, spec, kernel, refs)
 
     state["step"] += 1
-    values = fused_form(rule).scalars(group, float(state["step"]))
-    scalars = (ctypes.c_float * len(values))(*values)  # double -> float rounds to nearest, as torch does
+    step = float(state["step"])
+    key = (id(group), step)
+    values = None if scalars is None else scalars.get(key)
+    if values is None:
+        floats = form.scalars(group, step)
+        values = (ctypes.c_float * len(floats))(*floats)  # double -> float rounds to nearest, as torch does
+        if scalars is not None:
+            scalars[key] = values
     tensors.insert(len(spec.weight.ctypes_), grad)
     if spec.weight.random:  # the same noise the reference draws: whole tensor, after the step advanced
-        noise = random_bits(param).to(torch.int32).contiguous()
-        tensors.append(noise)
+        tensors.append(random_bits(param).to(torch.int32).contiguous())
     ptrs = (ctypes.c_void_p * len(tensors))(*[t.data_ptr() for t in tensors])
     n = param.shape[-1] if param.dim() else 1
     rows = param.numel() // n if n else 0
-    if param.numel():
-        kernel.fn(rows, n, ptrs, ctypes.addressof(scalars), torch.get_num_threads())
-    kernel.calls += 1
+    return Launch(kernel, rows, n, ptrs, values, tensors)
+
+
+def native_step(
+    rule: Rule,
+    weight_format: WeightFormat,
+    state_format: StateFormat,
+    param: Tensor,
+    grad: Tensor,
+    state: dict[str, Any],
+    group: dict[str, Any],
+    random_bits: Any = None,
+) -> bool:
+    """One update like ``reference_step``, in one native pass. False (nothing changed) if not covered."""
+    job = launch(rule, weight_format, state_format, param, grad, state, group, random_bits)
+    if job is None:
+        return False
+    if job.rows * job.n:
+        job.kernel.fn(job.rows, job.n, job.ptrs, ctypes.addressof(job.scalars), torch.get_num_threads())
+    job.kernel.calls += 1
     return True
+
+
+_MANY_SOURCE = r"""
+#include <stdint.h>
+typedef void (*lo_step_fn)(int64_t, int64_t, void **, const float *, int);
+/* Run many prepared updates in one call. Large tensors one after the other, each split over the
+   threads by its own kernel; small ones spread over the threads, one tensor per thread at a time. */
+void lo_run_many(int64_t count, void **fns, const int64_t *rows, const int64_t *ns, void ***ptrs,
+                 const float **scalars, int threads, int64_t small) {
+  for (int64_t t = 0; t < count; t++)
+    if (rows[t] * ns[t] >= small) ((lo_step_fn)fns[t])(rows[t], ns[t], ptrs[t], scalars[t], threads);
+  #pragma omp parallel for schedule(dynamic, 4) num_threads(threads) if(count > 8)
+  for (int64_t t = 0; t < count; t++)
+    if (rows[t] * ns[t] < small && rows[t] * ns[t] > 0)
+      ((lo_step_fn)fns[t])(rows[t], ns[t], ptrs[t], scalars[t], 1);
+}
+"""
+_MANY: list[Any] = []
+#: tensors below this many elements are updated several at a time, one per thread
+SMALL_TENSOR = 1 << 16
+
+
+def run_many(jobs: list[Launch]) -> None:
+    """Run prepared launches in one native call (one per launch if that call cannot be built)."""
+    if not jobs:
+        return
+    if not _MANY:
+        args = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                ctypes.c_void_p, ctypes.c_int, ctypes.c_int64]  # fmt: skip
+        try:
+            _MANY.append(build(_MANY_SOURCE, "lo_run_many", args).fn)
+        except (BuildError, OSError):
+            _MANY.append(None)
+    count = len(jobs)
+    if _MANY[0] is None:
+        for job in jobs:
+            if job.rows * job.n:
+                job.kernel.fn(job.rows, job.n, job.ptrs, ctypes.addressof(job.scalars), torch.get_num_threads())
+    else:
+        fns = (ctypes.c_void_p * count)(*[ctypes.cast(j.kernel.fn, ctypes.c_void_p).value for j in jobs])
+        rows = (ctypes.c_int64 * count)(*[j.rows for j in jobs])
+        ns = (ctypes.c_int64 * count)(*[j.n for j in jobs])
+        ptrs = (ctypes.c_void_p * count)(*[ctypes.addressof(j.ptrs) for j in jobs])
+        scal = (ctypes.c_void_p * count)(*[ctypes.addressof(j.scalars) for j in jobs])
+        _MANY[0](count, fns, rows, ns, ptrs, scal, torch.get_num_threads(), SMALL_TENSOR)
+    for job in jobs:
+        job.kernel.calls += 1
 
 
 def prepare_param(rule: Rule, weight_format: WeightFormat, state_format: StateFormat, param: Tensor,
@@ -897,6 +981,7 @@ def reset() -> None:
     """Forget loaded kernels and a disabled state (tests; after changing ``CC``)."""
     _LOADED.clear()
     _BY_SPEC.clear()
+    _MANY.clear()
     _FAILED.clear()
     _PLANS.clear()
     _FINITE.clear()
@@ -922,7 +1007,10 @@ __all__ = [
     "disabled_reason",
     "all_finite",
     "generate",
+    "Launch",
+    "launch",
     "native_step",
+    "run_many",
     "plan",
     "prepare",
     "prepare_param",
