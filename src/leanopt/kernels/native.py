@@ -10,13 +10,17 @@ The C for the rule is not written by hand: ``FusedRule.update`` (kernels/fused.p
 compiled CUDA path runs) is traced once with symbolic values (:class:`Expr`), each tensor operation
 becomes one fp32 C expression with the same rounding (``fmaf`` where torch's eager CPU kernels use an
 FMA, ``-ffp-contract=off`` everywhere else), so results are bit-identical to the reference executor
-(tests/test_native.py compares bits). Weight and state formats contribute short C load/store snippets
-(:data:`WEIGHT_CODECS`, :data:`STATE_CODECS`); a format without one runs on the other executors.
+for SGD and Lion, and to torch's fused AdamW for Adam (the reference's eager sqrt is MKL's; see
+docs/kernels.md; tests/test_native.py compares bits). Weight and state formats contribute short C
+load/store snippets (:data:`WEIGHT_CODECS`, :data:`FLAT_STATE_CODECS`, the grouped int8/int4 code
+below); a format without one runs on the other executors.
 
 Kernels are cached on disk (``$LEANOPT_CACHE_DIR`` or ``~/.cache/leanopt/kernels``) keyed by their
-source, compiler flags and CPU, so a machine compiles each (rule, formats, dtypes) combination once
-(about a second with gcc). Threads: OpenMP with ``torch.get_num_threads()`` threads (the process's
-libgomp, which torch has already loaded). No C compiler: one warning, then the other executors.
+source, compiler, flags and CPU, so a machine compiles each (rule, formats, dtypes) combination once
+(0.1-0.4 s with gcc). Threads: ``torch.get_num_threads()``, through OpenMP (the process's libgomp,
+which torch has already loaded) or, for compilers without OpenMP, POSIX threads. ``step()`` prepares
+its updates with :func:`launch` and runs them all in one call (:func:`run_many`). No C compiler: one
+warning, then the other executors.
 """
 
 from __future__ import annotations
