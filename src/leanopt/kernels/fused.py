@@ -1,4 +1,5 @@
-"""The fused executor: one compiled pass over memory per tensor (C++ on CPU, Triton on CUDA).
+"""The compiled executor: one torch.compile pass over memory per tensor (Triton on CUDA; C++ on CPU
+when the native kernels of kernels/native.py are off).
 
 ``fused_step`` is a drop-in replacement for ``reference_step``. For each (rule, weight format, state
 format, structural flags, dtypes, device type) it builds one pure function
