@@ -190,14 +190,18 @@ class LeanOptimizer(torch.optim.Optimizer):
         """
         return self._update_param(param, group, grad, layout_checked=False)
 
-    def _update_param(self, param: Tensor, group: dict[str, Any], grad: Tensor | None, layout_checked: bool) -> bool:
-        """``update_param``; ``layout_checked``: ``_check_grads`` has just checked this state's layout."""
+    def _update_param(
+        self, param: Tensor, group: dict[str, Any], grad: Tensor | None, layout_checked: bool,
+        finite_checked: bool = False,
+    ) -> bool:  # fmt: skip
+        """``update_param``; ``layout_checked``: ``_check_grads`` has just checked this state's layout;
+        ``finite_checked``: the caller has just found the gradient finite."""
         grad = param.grad if grad is None else grad
         if grad is None:
             return False
         # From step() in "raise" mode _check_grads has just checked every gradient. A sharded gradient
         # gets the same decision on every rank.
-        checked = layout_checked and self.nonfinite == "raise"
+        checked = finite_checked or (layout_checked and self.nonfinite == "raise")
         if self.nonfinite != "ignore" and not checked and not _shards.all_finite(grad):
             if self.nonfinite == "raise":
                 raise FloatingPointError(f"non-finite gradient for parameter {self.param_index(param)}")
@@ -214,20 +218,24 @@ class LeanOptimizer(torch.optim.Optimizer):
 
     def _native_job(self, param: Tensor, group: dict[str, Any], scalars: dict) -> Any:
         """For ``step()``: the parameter's update prepared as a native launch (its step count advanced),
-        False if its gradient is non-finite and was skipped, None if the native path does not take it
-        (then ``_update_param`` runs it). Plain CPU tensors only; the same decisions as ``_update_param``."""
+        False when it was dealt with here (a non-finite gradient skipped, or a tensor the kernels do not
+        cover updated at once), None for tensors that are not plain CPU tensors (``_update_param``
+        runs them). The same decisions as ``_update_param``."""
         grad = param.grad
         if self.kernel == "reference" or grad.device.type != "cpu" or _shards.is_dtensor(param):
-            return None
-        wfmt, sfmt = self.formats(param, group)
-        if wfmt.needs_random:
             return None
         if self.nonfinite == "skip" and not _shards.all_finite(grad):  # "raise": checked in _check_grads
             self.nonfinite_skipped += 1
             self.last_skipped.append(self.param_index(param))
             return False
         state = self.state_for(param, group, check_layout=False)
-        return _native.launch(self.rule, wfmt, sfmt, param, grad, state, group, None, scalars)
+        wfmt, sfmt = self.formats(param, group)
+        random_bits = self._random_bits(param, state) if wfmt.needs_random else None
+        job = _native.launch(self.rule, wfmt, sfmt, param, grad, state, group, random_bits, scalars)
+        if job is None:  # not covered (format, layout, no compiler): the other executors, now
+            self._update_param(param, group, None, layout_checked=True, finite_checked=True)
+            return False
+        return job
 
     def state_for(self, param: Tensor, group: dict[str, Any], check_layout: bool = True) -> dict[str, Any]:
         """The parameter's state, created on first use and completed when a hyper-parameter change
@@ -319,7 +327,7 @@ class LeanOptimizer(torch.optim.Optimizer):
             jobs, scalars = [], {}
             for p, group in work:
                 job = self._native_job(p, group, scalars)
-                if job is None:  # not a plain CPU tensor the native kernels cover: one update now
+                if job is None:  # not a plain CPU tensor: one update now
                     self._update_param(p, group, None, layout_checked=True)
                 elif job is not False:
                     jobs.append(job)

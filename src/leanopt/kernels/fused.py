@@ -431,8 +431,8 @@ def available() -> tuple[bool, str]:
 #: State formats the fused path takes. Elementwise formats compile to one fast pass. The grouped
 #: int8/int4 formats (formats/quantized.py) trace and run fused unmodified, but Inductor's CPU kernel
 #: for them took 34.7 s per step on a 50M-element tensor (torch's fused AdamW: 0.22 s in the same run;
-#: grouping, padding and reductions under symbolic shapes; docs/kernels.md), so they stay on the
-#: reference executor for now.
+#: grouping, padding and reductions under symbolic shapes; docs/kernels.md), so this path leaves them to
+#: the reference executor (on CPU the native kernels run them first).
 FUSED_STATE_FORMATS = {"fp32", "bf16"}
 
 
@@ -547,8 +547,9 @@ def dispatch_step(
     group: dict[str, Any],
     random_bits: RandomBits | None = None,
 ) -> str:
-    """Run one update with the executor ``kernel`` asks for; returns the one used ("fused" or
-    "reference"). ``"auto"`` uses the fused path when the parameter's group holds at least
+    """Run one update with the executor ``kernel`` asks for; returns the one used ("native", "fused"
+    or "reference"). Unless ``kernel="reference"``, CPU tensors the native kernels cover run there.
+    Otherwise ``"auto"`` uses the compiled path when the parameter's group holds at least
     FUSED_MIN_NUMEL elements (a model big enough to repay a compile; its small tensors then use the
     same kernels) and the rule has a fused form; ``"fused"`` for every tensor it can."""
     if kernel != "reference" and param.device.type == "cpu":

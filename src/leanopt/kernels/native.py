@@ -206,6 +206,30 @@ class WeightCodec:
     random: bool = False  # the store reads ``RB[i]``, 16 random bits per element (stochastic rounding)
 
 
+#: 16-bit float storage: dtype -> (C type, widen ``{x}`` to fp32, round fp32 ``{x}`` to nearest even)
+HALF_TYPES: dict[torch.dtype, tuple[str, str, str]] = {
+    torch.bfloat16: ("uint16_t", "lo_f((uint32_t){x} << 16)", "lo_bf16({x})"),
+    torch.float16: ("_Float16", "(float){x}", "(_Float16)({x})"),
+}
+
+
+def _round_nearest_codec(dtype: torch.dtype) -> WeightCodec:
+    """``none``: the 16-bit weight itself, rounded to nearest on every write."""
+    ct, widen, narrow = HALF_TYPES[dtype]
+    return WeightCodec((ct,), widen.format(x="W0[i]"), f"W0[i] = {narrow.format(x='p')};")
+
+
+def _kahan_codec(dtype: torch.dtype) -> WeightCodec:
+    """``kahan``: weight + 16-bit compensation; the rounding error is kept when finite, else 0."""
+    ct, widen, narrow = HALF_TYPES[dtype]
+    return WeightCodec(
+        (ct, ct),
+        f"{widen.format(x='W0[i]')} + {widen.format(x='W1[i]')}",
+        f"{{ const {ct} h = {narrow.format(x='p')}; const float err = p - {widen.format(x='h')};"
+        f" W0[i] = h; W1[i] = {narrow.format(x='fabsf(err) <= FLT_MAX ? err : 0.0f')}; }}",
+    )
+
+
 WEIGHT_CODECS: dict[tuple[str, torch.dtype], WeightCodec] = {
     ("exact", torch.bfloat16): WeightCodec(
         ("uint16_t", "int16_t"),
@@ -219,34 +243,21 @@ WEIGHT_CODECS: dict[tuple[str, torch.dtype], WeightCodec] = {
         "{ uint32_t b = (lo_canon(p) + 0x80u) & 0xFFFFFF00u; uint32_t hi = (b + 0x8000u) & 0xFFFF0000u;"
         " W0[i] = (uint16_t)(hi >> 16); W1[i] = (int8_t)((int32_t)(b - hi) >> 8); }",
     ),
-    ("none", torch.bfloat16): WeightCodec(("uint16_t",), "lo_f((uint32_t)W0[i] << 16)", "W0[i] = lo_bf16(p);"),
     ("stochastic", torch.bfloat16): WeightCodec(
         ("uint16_t",),
         "lo_f((uint32_t)W0[i] << 16)",
         "W0[i] = (uint16_t)(((lo_canon(p) + (uint32_t)RB[i]) & 0xFFFF0000u) >> 16);",
         random=True,
     ),
-    ("kahan", torch.bfloat16): WeightCodec(
-        ("uint16_t", "uint16_t"),
-        "lo_f((uint32_t)W0[i] << 16) + lo_f((uint32_t)W1[i] << 16)",
-        "{ const uint16_t h = lo_bf16(p); const float err = p - lo_f((uint32_t)h << 16);"
-        " W0[i] = h; W1[i] = lo_bf16(fabsf(err) <= FLT_MAX ? err : 0.0f); }",
-    ),
-    ("none", torch.float16): WeightCodec(("_Float16",), "(float)W0[i]", "W0[i] = (_Float16)p;"),
-    ("kahan", torch.float16): WeightCodec(
-        ("_Float16", "_Float16"),
-        "(float)W0[i] + (float)W1[i]",
-        "{ const _Float16 h = (_Float16)p; const float err = p - (float)h;"
-        " W0[i] = h; W1[i] = (_Float16)(fabsf(err) <= FLT_MAX ? err : 0.0f); }",
-    ),
+    **{("none", dt): _round_nearest_codec(dt) for dt in HALF_TYPES},
+    **{("kahan", dt): _kahan_codec(dt) for dt in HALF_TYPES},
     ("fp32", torch.float32): WeightCodec(("float",), "W0[i]", "W0[i] = p;"),
 }
 
 #: gradient dtype -> (C pointer type, load of element i from ``G``)
 GRAD_CODECS: dict[torch.dtype, tuple[str, str]] = {
-    torch.bfloat16: ("uint16_t", "lo_f((uint32_t)G[i] << 16)"),
     torch.float32: ("float", "G[i]"),
-    torch.float16: ("_Float16", "(float)G[i]"),
+    **{dt: (ct, widen.format(x="G[i]")) for dt, (ct, widen, _) in HALF_TYPES.items()},
 }
 
 
@@ -263,7 +274,12 @@ class StateCodec:
 
 FLAT_STATE_CODECS: dict[torch.dtype, StateCodec] = {
     torch.float32: StateCodec("flat", "float", "S[i]", "S[i] = v;"),
-    torch.bfloat16: StateCodec("flat", "uint16_t", "lo_f((uint32_t)S[i] << 16)", "S[i] = lo_bf16(v);"),
+    torch.bfloat16: StateCodec(
+        "flat",
+        "uint16_t",
+        HALF_TYPES[torch.bfloat16][1].format(x="S[i]"),
+        f"S[i] = {HALF_TYPES[torch.bfloat16][2].format(x='v')};",
+    ),  # fmt: skip
 }
 
 

@@ -1,0 +1,88 @@
+"""Where the compact/int8 AdamW kernel's time goes: the generated kernel against a variant of itself with
+every division replaced by a multiplication and every square root dropped (wrong numbers, same shape of
+work), timed alternately in one process on the same tensors.
+
+    python benchmarks/int8_cost.py                  # 50M elements, 3 rounds
+    python benchmarks/int8_cost.py --elements 10000000 --rounds 5
+
+If the variant is not much faster, the kernel is bound by its instruction count (table decode, group
+maximum, bf16 scale, codes, packing), not by the divider. Writes benchmarks/results/int8_cost.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import re
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import leanopt
+from leanopt.kernels import native
+from leanopt.kernels.fused import fused_form
+
+OUT = Path(__file__).resolve().parent / "results" / "int8_cost.json"
+
+
+def median_ms(fn, repeats: int = 7) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--elements", type=int, default=50_000_000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=OUT)
+    args = parser.parse_args()
+    cols = 1000
+    rows = max(1, args.elements // cols)
+    p = torch.nn.Parameter(torch.randn(rows, cols).bfloat16())
+    p.grad = (torch.randn(rows, cols) * 1e-3).bfloat16()
+    opt = leanopt.AdamW([p], lr=1e-3, master="compact", states="int8")
+    opt.step()  # states exist
+    group = opt.param_groups[0]
+    spec, tensors = native.plan(opt.rule, *opt.formats(p, group), p, p.grad.dtype, opt.state[p], group)
+    tensors.insert(len(spec.weight.ctypes_), p.grad)
+    ptrs = (ctypes.c_void_p * len(tensors))(*[t.data_ptr() for t in tensors])
+    values = fused_form(opt.rule).scalars(group, 2.0)
+    scalars = (ctypes.c_float * len(values))(*values)
+    source = native.generate(spec)
+    head, body = source.split("static void lo_body", 1)
+    # float divisions only (the rule's temporaries and the companding), and every square root
+    body = re.sub(r"(const float t\d+ = \S+) / ", r"\1 * ", body).replace("* x / (", "* x * (")
+    cheap = head + "static void lo_body" + re.sub(r"sqrtf\(", "(", body)
+    assert cheap.count(" / ") < source.count(" / ") and "sqrtf(" not in cheap
+    kernels = {"generated": native.build(source), "no division or sqrt": native.build(cheap)}
+    rounds = []
+    for _ in range(args.rounds):
+        rounds.append({
+            name: median_ms(lambda k=k: k.fn(rows, cols, ptrs, ctypes.addressof(scalars), torch.get_num_threads()))
+            for name, k in kernels.items()
+        })  # fmt: skip
+        print({k: round(v, 1) for k, v in rounds[-1].items()})
+    result = {
+        "elements": rows * cols,
+        "threads": torch.get_num_threads(),
+        "compiler": native.compiler(),
+        "rounds_ms": rounds,
+        "median_ms": {k: statistics.median(r[k] for r in rounds) for k in kernels},
+    }
+    result["variant_over_generated"] = result["median_ms"]["no division or sqrt"] / result["median_ms"]["generated"]
+    print(f"no division or sqrt / generated: {result['variant_over_generated']:.2f}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
