@@ -385,3 +385,64 @@ def test_step_runs_many_tensors_in_one_batch_like_one_at_a_time():
     for i, (a, b) in enumerate(zip(*runs, strict=True)):
         for key in a:
             assert torch.equal(bits(a[key]), bits(b[key])), (i, key)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("states", ["int8", "int4"])
+def test_avx512_and_portable_grouped_code_give_the_same_bits(tmp_path, monkeypatch, states):
+    """The int8/int4 kernels run full groups 16 elements per AVX-512 register where the compiler
+    targets AVX-512, and portable C elsewhere (and for a row's partial last group everywhere). Both
+    give the same bits: every rule, every weight format with a vector form, full and partial groups,
+    odd rows (one 4-bit code per byte), and NaN/inf gradients let through (nonfinite="ignore")."""
+    monkeypatch.setenv("LEANOPT_CACHE_DIR", str(tmp_path))
+    cases = {
+        "adamw": (leanopt.AdamW, dict(lr=1e-2, weight_decay=0.1, nonfinite="ignore")),
+        "adam_amsgrad": (leanopt.Adam, dict(lr=1e-2, weight_decay=0.1, amsgrad=True, nonfinite="ignore")),
+        "lion": (leanopt.Lion, dict(lr=1e-3, weight_decay=0.1, nonfinite="ignore")),
+        "sgd": (leanopt.SGD, dict(lr=1e-2, momentum=0.9, nesterov=True, nonfinite="ignore")),
+    }
+    shapes = [(6, 96), (3, 70), (4, 33), (2, 3, 64)]
+
+    def train(cls, hyper, master, shape):
+        g = torch.Generator().manual_seed(5)
+        dtype = torch.float32 if master == "auto" else torch.bfloat16
+        p = torch.nn.Parameter((torch.randn(shape, generator=g) * 0.5).to(dtype))
+        opt = cls([p], master=master, states=states, kernel="auto", **hyper)
+        for i in range(4):
+            grad = torch.randn(shape, generator=g) * 10.0 ** (-(i % 3))
+            if i == 2:  # one group meets a NaN and an inf: its scale and codes go non-finite alike
+                grad.view(-1)[5], grad.view(-1)[40] = float("nan"), float("inf")
+            p.grad = grad.to(dtype)
+            opt.step()
+        return tensors(p, opt)
+
+    results = {}
+    widths = {}
+    for flags in ("", "-DLO_NO_VECTOR"):
+        monkeypatch.setenv("LEANOPT_CFLAGS", flags)
+        native.reset()
+        try:
+            widths[flags] = native.vector_width()
+            calls = sum(k.calls for k in native.compile_stats())
+            for name, (cls, hyper) in cases.items():
+                for master in ("exact", "compact", "none", "auto"):
+                    if cls is leanopt.Lion and master == "auto":
+                        continue
+                    for shape in shapes:
+                        results[flags, name, master, shape] = train(cls, hyper, master, shape)
+            assert sum(k.calls for k in native.compile_stats()) > calls  # the native kernels ran
+        finally:
+            native.reset()
+    assert widths["-DLO_NO_VECTOR"] == 1
+    if widths[""] != 16:
+        pytest.skip("this CPU or compiler has no AVX-512: only the portable code exists here")
+    compared = 0
+    for (flags, *case), want in results.items():
+        if flags:
+            continue
+        got = results[("-DLO_NO_VECTOR", *case)]
+        for key in want:
+            same = torch.equal(bits(want[key]), bits(got[key]))
+            assert same, f"{case} {key}: AVX-512 and portable code differ"
+        compared += 1
+    assert compared == 4 * len(shapes) * 4 - len(shapes)

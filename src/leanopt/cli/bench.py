@@ -502,6 +502,14 @@ def _device_name(device: torch.device) -> str:
     return platform.processor() or "cpu"
 
 
+def _native_vector_width() -> int | None:
+    try:
+        from ..kernels import native
+    except ImportError:
+        return None
+    return native.vector_width()
+
+
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``leanopt bench``."""
     steps = args.steps if args.steps is not None else (2 if args.quick else 3)
@@ -530,6 +538,10 @@ def run(args: argparse.Namespace) -> int:
     for name, model in workloads.items():
         print(f"  workload {name}: {model.source}, {model.num_params:,} parameters in {len(model.shapes)} tensors")
     print(f"plain fp32 copy: {gbps:.1f} GB/s (read + write)", flush=True)
+    native_vector = _native_vector_width() if device.type == "cpu" else None
+    if native_vector is not None:
+        kind = "AVX-512, 16 per register" if native_vector == 16 else "portable C"
+        print(f"leanopt native int8/int4 kernels: {kind}", flush=True)
     busy = busy_note()
     if busy:
         print(busy, flush=True)
@@ -541,6 +553,7 @@ def run(args: argparse.Namespace) -> int:
         "steps": steps, "warmup": args.warmup,
         "workloads": {n: {"source": m.source, "num_params": m.num_params, "num_tensors": len(m.shapes)}
                       for n, m in workloads.items()},
+        "native_vector_width": native_vector,
         "copy_gbps": gbps, "copy_gbps_end": None, "loadavg_start": loadavg(), "loadavg_end": None,
         "touched_bytes_rule": "2 x (weights + optimizer state) + gradients, per parameter",
     }  # fmt: skip

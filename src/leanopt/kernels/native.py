@@ -76,13 +76,18 @@ class Program:
     def tmp(self, code: str, kind: str = "float") -> Expr:
         self._n += 1
         name = f"t{self._n}"
-        self.lines.append(f"const {kind} {name} = {code};")
+        self.lines.append(f"const {'LO_M' if kind == 'int' else 'LO_F'} {name} = {code};")
         return Expr(name, self, kind)
 
 
 class Expr:
     """A symbolic fp32 (or boolean) value inside a traced fused form. Supports the tensor operations
-    the fused forms use; each one emits one C statement, evaluated where the Python code runs it."""
+    the fused forms use; each one emits one C statement, evaluated where the Python code runs it.
+
+    Statements are written with the ``LO_*`` macros of :data:`_PRELUDE` (``LO_ADD(a, b)``, ``LO_F`` for
+    the fp32 type, ...): one element at a time they are plain C operators; :func:`generate` also pastes
+    the same statements with ``LV_*`` macros, 16 elements at a time in AVX-512 registers, each macro
+    one instruction with the same IEEE rounding."""
 
     __hash__ = None  # type: ignore[assignment]  # == builds an expression
 
@@ -94,27 +99,27 @@ class Expr:
         if isinstance(other, Expr):
             return other.code
         if isinstance(other, bool | int | float):
-            return _lit(other)
+            return f"LO_K({_lit(other)})"
         raise TypeError(f"leanopt.native: cannot trace operand of type {type(other).__name__}")
 
     def _bin(self, op: str, other: Any, reverse: bool = False) -> Expr:
         a, b = (self._c(other), self.code) if reverse else (self.code, self._c(other))
-        return self.prog.tmp(f"{a} {op} {b}")
+        return self.prog.tmp(f"LO_{op}({a}, {b})")
 
     def _cmp(self, op: str, other: Any) -> Expr:
-        return self.prog.tmp(f"{self.code} {op} {self._c(other)}", "int")
+        return self.prog.tmp(f"LO_{op}({self.code}, {self._c(other)})", "int")
 
     def __neg__(self):
-        return self.prog.tmp(f"-{self.code}")
+        return self.prog.tmp(f"LO_NEG({self.code})")
 
     def abs(self) -> Expr:
-        return self.prog.tmp(f"fabsf({self.code})")
+        return self.prog.tmp(f"LO_ABS({self.code})")
 
     def sqrt(self) -> Expr:
-        return self.prog.tmp(f"sqrtf({self.code})")
+        return self.prog.tmp(f"LO_SQRT({self.code})")
 
     def sign(self) -> Expr:
-        return self.prog.tmp(f"lo_sign({self.code})")
+        return self.prog.tmp(f"LO_SIGN({self.code})")
 
     def float(self) -> Expr:
         return self
@@ -131,25 +136,25 @@ class Expr:
     @staticmethod
     def __leanopt_fma__(a: Any, b: Any, c: Any) -> Expr:
         e = next(x for x in (a, b, c) if isinstance(x, Expr))
-        return e.prog.tmp(f"fmaf({e._c(a)}, {e._c(b)}, {e._c(c)})")
+        return e.prog.tmp(f"LO_FMA({e._c(a)}, {e._c(b)}, {e._c(c)})")
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is torch.where:
             cond, a, b = args
-            return cond.prog.tmp(f"({cond.code} ? {cond._c(a)} : {cond._c(b)})")
+            return cond.prog.tmp(f"LO_SEL({cond.code}, {cond._c(a)}, {cond._c(b)})")
         if func in (torch.maximum, torch.minimum) and not kwargs:
             a, b = args
             e = a if isinstance(a, Expr) else b
-            return e.prog.tmp(f"lo_{func.__name__}({e._c(a)}, {e._c(b)})")
+            return e.prog.tmp(f"LO_{func.__name__[:3].upper()}({e._c(a)}, {e._c(b)})")
         if func is torch.broadcast_tensors:
             return args
         raise TypeError(f"leanopt.native: cannot trace {getattr(func, '__name__', func)}")
 
 
 def _operators() -> None:
-    """Expr's arithmetic (both operand orders) and comparisons, one C operator each."""
+    """Expr's arithmetic (both operand orders) and comparisons, one ``LO_*`` macro each."""
 
     def binary(op: str, reverse: bool) -> Callable[[Expr, Any], Expr]:
         return lambda self, other: self._bin(op, other, reverse)
@@ -157,10 +162,10 @@ def _operators() -> None:
     def compare(op: str) -> Callable[[Expr, Any], Expr]:
         return lambda self, other: self._cmp(op, other)
 
-    for name, op in (("add", "+"), ("sub", "-"), ("mul", "*"), ("truediv", "/")):
+    for name, op in (("add", "ADD"), ("sub", "SUB"), ("mul", "MUL"), ("truediv", "DIV")):
         setattr(Expr, f"__{name}__", binary(op, False))
         setattr(Expr, f"__r{name}__", binary(op, True))
-    for name, op in (("lt", "<"), ("le", "<="), ("gt", ">"), ("ge", ">="), ("eq", "=="), ("ne", "!=")):
+    for name, op in (("lt", "LT"), ("le", "LE"), ("gt", "GT"), ("ge", "GE"), ("eq", "EQ"), ("ne", "NE")):
         setattr(Expr, f"__{name}__", compare(op))
 
 
@@ -204,6 +209,9 @@ class WeightCodec:
     load: str
     store: str
     random: bool = False  # the store reads ``RB[i]``, 16 random bits per element (stochastic rounding)
+    # the same for elements i .. i + 15 in an AVX-512 register ``p`` ("": no vector form)
+    vload: str = ""
+    vstore: str = ""
 
 
 #: 16-bit float storage: dtype -> (C type, widen ``{x}`` to fp32, round fp32 ``{x}`` to nearest even)
@@ -211,12 +219,18 @@ HALF_TYPES: dict[torch.dtype, tuple[str, str, str]] = {
     torch.bfloat16: ("uint16_t", "lo_f((uint32_t){x} << 16)", "lo_bf16({x})"),
     torch.float16: ("_Float16", "(float){x}", "(_Float16)({x})"),
 }
+#: the same 16 at a time (bf16 only): widen 16 values at pointer ``{x}``, store ``{y}`` rounded at ``{x}``
+VECTOR_HALF: dict[torch.dtype, tuple[str, str]] = {
+    torch.bfloat16: ("lv_widen_bf16(lv_u16({x}))", "lv_st16({x}, lv_bf16({y}));"),
+}
 
 
 def _round_nearest_codec(dtype: torch.dtype) -> WeightCodec:
     """``none``: the 16-bit weight itself, rounded to nearest on every write."""
     ct, widen, narrow = HALF_TYPES[dtype]
-    return WeightCodec((ct,), widen.format(x="W0[i]"), f"W0[i] = {narrow.format(x='p')};")
+    vload, vstore = VECTOR_HALF.get(dtype, ("", ""))
+    return WeightCodec((ct,), widen.format(x="W0[i]"), f"W0[i] = {narrow.format(x='p')};",
+                       vload=vload.format(x="W0 + i"), vstore=vstore.format(x="W0 + i", y="p"))  # fmt: skip
 
 
 def _kahan_codec(dtype: torch.dtype) -> WeightCodec:
@@ -236,12 +250,21 @@ WEIGHT_CODECS: dict[tuple[str, torch.dtype], WeightCodec] = {
         "lo_f(((uint32_t)W0[i] << 16) + (uint32_t)(int32_t)W1[i])",
         "{ uint32_t b = lo_canon(p); uint32_t hi = (b + 0x8000u) & 0xFFFF0000u;"
         " W0[i] = (uint16_t)(hi >> 16); W1[i] = (int16_t)(uint16_t)(b - hi); }",
+        vload="lv_f(_mm512_add_epi32(_mm512_slli_epi32(lv_u16(W0 + i), 16), lv_i16(W1 + i)))",
+        vstore="{ const __m512i b = lv_canon(p), hi = _mm512_and_si512(_mm512_add_epi32(b, lv_i(0x8000)),"
+        " lv_i((int32_t)0xFFFF0000u)); lv_st16(W0 + i, _mm512_srli_epi32(hi, 16));"
+        " lv_st16(W1 + i, _mm512_sub_epi32(b, hi)); }",
     ),
     ("compact", torch.bfloat16): WeightCodec(
         ("uint16_t", "int8_t"),
         "lo_f(((uint32_t)W0[i] << 16) + (uint32_t)((int32_t)W1[i] * 256))",
         "{ uint32_t b = (lo_canon(p) + 0x80u) & 0xFFFFFF00u; uint32_t hi = (b + 0x8000u) & 0xFFFF0000u;"
         " W0[i] = (uint16_t)(hi >> 16); W1[i] = (int8_t)((int32_t)(b - hi) >> 8); }",
+        vload="lv_f(_mm512_add_epi32(_mm512_slli_epi32(lv_u16(W0 + i), 16), _mm512_slli_epi32(lv_i8(W1 + i), 8)))",
+        vstore="{ const __m512i b = _mm512_and_si512(_mm512_add_epi32(lv_canon(p), lv_i(0x80)),"
+        " lv_i((int32_t)0xFFFFFF00u)),"
+        " hi = _mm512_and_si512(_mm512_add_epi32(b, lv_i(0x8000)), lv_i((int32_t)0xFFFF0000u));"
+        " lv_st16(W0 + i, _mm512_srli_epi32(hi, 16)); lv_st8(W1 + i, _mm512_srai_epi32(_mm512_sub_epi32(b, hi), 8)); }",
     ),
     ("stochastic", torch.bfloat16): WeightCodec(
         ("uint16_t",),
@@ -251,13 +274,16 @@ WEIGHT_CODECS: dict[tuple[str, torch.dtype], WeightCodec] = {
     ),
     **{("none", dt): _round_nearest_codec(dt) for dt in HALF_TYPES},
     **{("kahan", dt): _kahan_codec(dt) for dt in HALF_TYPES},
-    ("fp32", torch.float32): WeightCodec(("float",), "W0[i]", "W0[i] = p;"),
+    ("fp32", torch.float32): WeightCodec(
+        ("float",), "W0[i]", "W0[i] = p;", vload="_mm512_loadu_ps(W0 + i)", vstore="_mm512_storeu_ps(W0 + i, p);"
+    ),
 }
 
-#: gradient dtype -> (C pointer type, load of element i from ``G``)
-GRAD_CODECS: dict[torch.dtype, tuple[str, str]] = {
-    torch.float32: ("float", "G[i]"),
-    **{dt: (ct, widen.format(x="G[i]")) for dt, (ct, widen, _) in HALF_TYPES.items()},
+#: gradient dtype -> (C pointer type, load of element i from ``G``, load of elements i .. i + 15)
+GRAD_CODECS: dict[torch.dtype, tuple[str, str, str]] = {
+    torch.float32: ("float", "G[i]", "_mm512_loadu_ps(G + i)"),
+    torch.float16: ("_Float16", "(float)G[i]", "_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(G + i)))"),
+    torch.bfloat16: ("uint16_t", HALF_TYPES[torch.bfloat16][1].format(x="G[i]"), "lv_widen_bf16(lv_u16(G + i))"),
 }
 
 
@@ -320,6 +346,152 @@ static inline uint16_t lo_bf16(float f) {
 static inline float lo_sign(float x) { return (float)((0.0f < x) - (x < 0.0f)); }
 static inline float lo_maximum(float a, float b) { return (a != a) ? a : ((b != b) ? b : (a > b ? a : b)); }
 static inline float lo_minimum(float a, float b) { return (a != a) ? a : ((b != b) ? b : (a < b ? a : b)); }
+/* A traced rule, one element at a time. */
+#define LO_F float
+#define LO_M int
+#define LO_K(x) (x)
+#define LO_ADD(a, b) ((a) + (b))
+#define LO_SUB(a, b) ((a) - (b))
+#define LO_MUL(a, b) ((a) * (b))
+#define LO_DIV(a, b) ((a) / (b))
+#define LO_NEG(a) (-(a))
+#define LO_ABS(a) fabsf(a)
+#define LO_SQRT(a) sqrtf(a)
+#define LO_SIGN(a) lo_sign(a)
+#define LO_FMA(a, b, c) fmaf(a, b, c)
+#define LO_MAX(a, b) lo_maximum(a, b)
+#define LO_MIN(a, b) lo_minimum(a, b)
+#define LO_SEL(c, a, b) ((c) ? (a) : (b))
+#define LO_LT(a, b) ((a) < (b))
+#define LO_LE(a, b) ((a) <= (b))
+#define LO_GT(a, b) ((a) > (b))
+#define LO_GE(a, b) ((a) >= (b))
+#define LO_EQ(a, b) ((a) == (b))
+#define LO_NE(a, b) ((a) != (b))
+"""
+
+#: The same, 16 elements at a time (AVX-512; C comparisons are the ordered/unordered quiet predicates
+#: that give the same answers on NaN). Only compiled where the compiler targets AVX-512 F/BW/DQ/VL
+#: (``-march=native`` on such a CPU) and ``LO_NO_VECTOR`` is not defined.
+_VECTOR_PRELUDE = r"""
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__) \
+    && !defined(LO_NO_VECTOR)
+#define LO_VECTOR 1
+#include <immintrin.h>
+#define LV_F __m512
+#define LV_M __mmask16
+#define LV_K(x) _mm512_set1_ps(x)
+#define LV_ADD(a, b) _mm512_add_ps(a, b)
+#define LV_SUB(a, b) _mm512_sub_ps(a, b)
+#define LV_MUL(a, b) _mm512_mul_ps(a, b)
+#define LV_DIV(a, b) _mm512_div_ps(a, b)
+#define LV_NEG(a) _mm512_xor_ps(a, _mm512_set1_ps(-0.0f))
+#define LV_ABS(a) _mm512_abs_ps(a)
+#define LV_SQRT(a) _mm512_sqrt_ps(a)
+#define LV_SIGN(a) lv_sign(a)
+#define LV_FMA(a, b, c) _mm512_fmadd_ps(a, b, c)
+#define LV_MAX(a, b) lv_maximum(a, b)
+#define LV_MIN(a, b) lv_minimum(a, b)
+#define LV_SEL(c, a, b) _mm512_mask_blend_ps(c, b, a)
+#define LV_LT(a, b) _mm512_cmp_ps_mask(a, b, _CMP_LT_OQ)
+#define LV_LE(a, b) _mm512_cmp_ps_mask(a, b, _CMP_LE_OQ)
+#define LV_GT(a, b) _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ)
+#define LV_GE(a, b) _mm512_cmp_ps_mask(a, b, _CMP_GE_OQ)
+#define LV_EQ(a, b) _mm512_cmp_ps_mask(a, b, _CMP_EQ_OQ)
+#define LV_NE(a, b) _mm512_cmp_ps_mask(a, b, _CMP_NEQ_UQ)
+static inline __m512i lv_i(int32_t x) { return _mm512_set1_epi32(x); }
+static inline __m512 lv_sign(__m512 x) {  /* lo_sign: 1, -1, or 0 (also for NaN) */
+  const __m512 z = _mm512_setzero_ps();
+  __m512 r = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, z, _CMP_GT_OQ), z, _mm512_set1_ps(1.0f));
+  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, z, _CMP_LT_OQ), r, _mm512_set1_ps(-1.0f)); }
+/* max_ps/min_ps give (a > b ? a : b) / (a < b ? a : b), b when either is NaN: then a NaN a wins */
+static inline __m512 lv_maximum(__m512 a, __m512 b) {
+  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q), _mm512_max_ps(a, b), a); }
+static inline __m512 lv_minimum(__m512 a, __m512 b) {
+  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q), _mm512_min_ps(a, b), a); }
+/* 16 elements of 8/16-bit storage widened to int32, and back (truncating) */
+static inline __m512i lv_i8(const void *p) { return _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)); }
+static inline __m512i lv_u8(const void *p) { return _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p)); }
+static inline __m512i lv_i16(const void *p) { return _mm512_cvtepi16_epi32(_mm256_loadu_si256((const __m256i *)p)); }
+static inline __m512i lv_u16(const void *p) { return _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)); }
+static inline void lv_st8(void *p, __m512i v) { _mm_storeu_si128((__m128i *)p, _mm512_cvtepi32_epi8(v)); }
+static inline void lv_st16(void *p, __m512i v) { _mm256_storeu_si256((__m256i *)p, _mm512_cvtepi32_epi16(v)); }
+static inline __m512 lv_f(__m512i b) { return _mm512_castsi512_ps(b); }
+static inline __m512i lv_u(__m512 f) { return _mm512_castps_si512(f); }
+static inline __m512 lv_widen_bf16(__m512i h) { return lv_f(_mm512_slli_epi32(h, 16)); }
+/* lo_canon and lo_bf16, 16 at a time */
+static inline __m512i lv_canon(__m512 f) {
+  const __m512i b = lv_u(f);
+  return _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(f, f, _CMP_UNORD_Q), b,
+                                 _mm512_or_si512(_mm512_and_si512(b, lv_i((int32_t)0x80000000u)), lv_i(0x7FC00000))); }
+static inline __m512i lv_bf16(__m512 f) {
+  const __m512i b = lv_u(f);
+  const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(b, lv_i(0x7FFF)),
+                                                       _mm512_and_si512(_mm512_srli_epi32(b, 16), lv_i(1))), 16);
+  return _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(f, f, _CMP_UNORD_Q), r, lv_i(0x7FC0)); }
+/* table[idx] for a 256-entry table held as 16 vectors (idx in 0..255) */
+static inline __m512 lv_table256(const __m512 *t, __m512i idx) {
+  __m512 r[8];
+  for (int k = 0; k < 8; k++) r[k] = _mm512_permutex2var_ps(t[2 * k], idx, t[2 * k + 1]);
+  const __mmask16 b5 = _mm512_test_epi32_mask(idx, lv_i(32)), b6 = _mm512_test_epi32_mask(idx, lv_i(64)),
+                  b7 = _mm512_test_epi32_mask(idx, lv_i(128));
+  for (int k = 0; k < 4; k++) r[k] = _mm512_mask_blend_ps(b5, r[2 * k], r[2 * k + 1]);
+  for (int k = 0; k < 2; k++) r[k] = _mm512_mask_blend_ps(b6, r[2 * k], r[2 * k + 1]);
+  return _mm512_mask_blend_ps(b7, r[0], r[1]); }
+/* One group of 32 (two vectors) of a quantised state, as the scalar code does it element by element.
+   The group's largest |x| (bits: NaN above inf), its bf16 scale and the scale's reciprocal. */
+static inline uint16_t lv_scale(const __m512 *a, __m512 *inv, __m512 *top, __mmask16 *live) {
+  const __m512i m = lv_i(0x7FFFFFFF);
+  const float t = lo_f(_mm512_reduce_max_epu32(_mm512_max_epu32(_mm512_and_si512(lv_u(a[0]), m),
+                                                                 _mm512_and_si512(lv_u(a[1]), m))));
+  const uint16_t sb = lo_bf16(t); const float s32 = lo_f((uint32_t)sb << 16);
+  *inv = _mm512_set1_ps(1.0f / (s32 > 0.0f ? s32 : 1.0f)); *top = _mm512_set1_ps(t); *live = t > 0.0f ? 0xFFFF : 0;
+  return sb; }
+/* signed (momentum): code = rint(q * y), y = 2x / (1 + |x|), x = clamp(a / scale, -1, 1) (+-1 at the top) */
+static inline uint16_t lv_encode_signed(const __m512 *a, float q, __m512i *code) {
+  __m512 inv, top; __mmask16 live; const uint16_t sb = lv_scale(a, &inv, &top, &live);
+  const __m512 one = _mm512_set1_ps(1.0f);
+  for (int h = 0; h < 2; h++) {
+    const __m512 xr = _mm512_min_ps(one, _mm512_max_ps(_mm512_set1_ps(-1.0f), _mm512_mul_ps(a[h], inv)));
+    const __mmask16 is_top = _mm512_mask_cmp_ps_mask(live, _mm512_abs_ps(a[h]), top, _CMP_EQ_OQ);
+    /* copysign(1, a): (a & sign) | 1.0 */
+    __m512 x = _mm512_mask_blend_ps(is_top, xr, lv_f(_mm512_ternarylogic_epi32(lv_u(a[h]), lv_i((int32_t)0x80000000u),
+                                                                                lv_u(one), 0xEA)));
+    x = _mm512_div_ps(_mm512_mul_ps(_mm512_set1_ps(2.0f), x), _mm512_add_ps(one, _mm512_abs_ps(x)));
+    code[h] = _mm512_cvtps_epi32(_mm512_mul_ps(x, _mm512_set1_ps(q)));
+  }
+  return sb; }
+/* unsigned (second moment, by its square root r): code = max(rint(levels * min(r / scale, 1)) - 1, 0) */
+static inline uint16_t lv_encode_unsigned(const __m512 *r, float levels, __m512i *code) {
+  __m512 inv, top; __mmask16 live; const uint16_t sb = lv_scale(r, &inv, &top, &live);
+  const __m512 one = _mm512_set1_ps(1.0f);
+  for (int h = 0; h < 2; h++) {
+    const __m512 xr = _mm512_min_ps(one, _mm512_mul_ps(r[h], inv));
+    const __m512 x = _mm512_mask_blend_ps(_mm512_mask_cmp_ps_mask(live, r[h], top, _CMP_EQ_OQ), xr, one);
+    const __m512 c = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(levels)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    code[h] = _mm512_cvttps_epi32(_mm512_max_ps(_mm512_setzero_ps(), _mm512_sub_ps(c, one)));
+  }
+  return sb; }
+/* unsigned decode: ((code + 1) / levels * scale)^2 (dividing by a power of two = multiplying) */
+static inline __m512 lv_decode_unsigned(__m512i code, float inv_levels, __m512 scale) {
+  const __m512 u = _mm512_mul_ps(_mm512_mul_ps(_mm512_add_ps(_mm512_cvtepi32_ps(code), _mm512_set1_ps(1.0f)),
+                                               _mm512_set1_ps(inv_levels)), scale);
+  return _mm512_mul_ps(u, u); }
+/* 16 bytes of two 4-bit codes each (low nibble first) <-> 32 codes in two vectors */
+static inline void lv_unpack_nibbles(const uint8_t *p, __m512i *code) {
+  const __m512i b = lv_u8(p), lo = _mm512_and_si512(b, lv_i(15)), hi = _mm512_srli_epi32(b, 4);
+  code[0] = _mm512_permutex2var_epi32(lo, _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19,
+                                                             4, 20, 5, 21, 6, 22, 7, 23), hi);
+  code[1] = _mm512_permutex2var_epi32(lo, _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27,
+                                                             12, 28, 13, 29, 14, 30, 15, 31), hi); }
+static inline void lv_pack_nibbles(uint8_t *p, __m512i n0, __m512i n1) {
+  const __m512i even = _mm512_permutex2var_epi32(n0, _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14,
+                                                                        16, 18, 20, 22, 24, 26, 28, 30), n1);
+  const __m512i odd = _mm512_permutex2var_epi32(n0, _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15,
+                                                                       17, 19, 21, 23, 25, 27, 29, 31), n1);
+  lv_st8(p, _mm512_or_si512(even, _mm512_slli_epi32(odd, 4))); }
+#endif
 """
 
 
@@ -354,7 +526,8 @@ def generate(spec: KernelSpec) -> str:
     quantised: codes, scales). Tensors are contiguous and shaped (rows, n) (flat kernels use rows=1).
     """
     head = "static void lo_body(int64_t rows, int64_t n, void **ptrs, const float *s, int64_t t0, int64_t t1) {"
-    lines = [_PRELUDE, head]
+    vector = _vector_group(spec) if spec.grouped else None
+    lines = [_PRELUDE + (_VECTOR_PRELUDE if vector else ""), head]
     k = 0
     for j, ct in enumerate(spec.weight.ctypes_):
         lines.append(f"  {ct} *restrict W{j} = ({ct} *)ptrs[{k}];")
@@ -416,6 +589,15 @@ def generate(spec: KernelSpec) -> str:
             f"  for (int c = -128; c <= 127; c++) {{ const float y = (float)c / {_lit(qs)};"
             f" lo_signed_{qs}[c + 128] = y / ({_lit(2)} - fabsf(y)); }}"
         )
+    if vector:
+        lines.append("#ifdef LO_VECTOR")
+        for qs in sorted({_quant_consts(c.kind)[0] for _, signed, c in spec.states if signed}):
+            lines.append(f"  __m512 lv_signed_{qs}[16];")
+            lines.append(
+                f"  for (int k = 0; k < 16; k++) lv_signed_{qs}[k] = _mm512_loadu_ps(lo_signed_{qs} + 16 * k);"
+            )
+        lines += [f"  const __m512 vs_{k} = _mm512_set1_ps(s_{k});" for k in used]
+        lines.append("#endif")
     bs = gs * BLOCK_GROUPS
     decl = "\n".join(f"    float A_{_ident(n)}[{bs}];" for n, _, _ in spec.states)
     decl += f"\n    float M[{bs}];"
@@ -453,7 +635,7 @@ def generate(spec: KernelSpec) -> str:
   /* blocks [t0, t1) of the rows * blocks; (row, block) advanced without dividing */
   int64_t r = blocks ? t0 / blocks : 0, b = blocks ? t0 % blocks : 0;
   for (int64_t t = t0; t < t1; t++, b = (b + 1 == blocks) ? (r++, 0) : b + 1) {{
-    const int64_t q0 = b * {BLOCK_GROUPS}, j0 = q0 * {gs};
+    int64_t q0 = b * {BLOCK_GROUPS}, j0 = q0 * {gs};{_vector_blocks(vector, body)}
     if (n - j0 >= {bs}) {{
     const int64_t len = {bs}, ng = {BLOCK_GROUPS};
 {block.replace(f"e1 = e0 + {gs} < len ? e0 + {gs} : len", f"e1 = e0 + {gs}")}
@@ -467,6 +649,88 @@ def generate(spec: KernelSpec) -> str:
     blocks = f"rows * (((n + {gs - 1}) / {gs} + {BLOCK_GROUPS - 1}) / {BLOCK_GROUPS})"
     lines.append(_launcher(blocks))
     return "\n".join(lines)
+
+
+def _vector_blocks(vector: str | None, body: str) -> str:
+    """C run at the start of each block where AVX-512 is compiled in: the block's full groups, 16
+    elements per register; a row's last, partial group is left to the scalar code after it."""
+    if not vector:
+        return ""
+    vbody = re.sub(r"\bs_(\d+)\b", r"vs_\1", body.replace("LO_", "LV_"))
+    gs = GROUP_SIZE
+    return f"""
+#ifdef LO_VECTOR
+    {{
+      const int64_t full = (n - j0) / {gs} < {BLOCK_GROUPS} ? (n - j0) / {gs} : {BLOCK_GROUPS};
+      for (int64_t gv = 0; gv < full; gv++) {{
+        const int64_t q = q0 + gv, jg = j0 + gv * {gs}, base = r * n + jg;
+{vector.replace("@BODY@", vbody)}
+      }}
+      if (full == {BLOCK_GROUPS} || j0 + full * {gs} >= n) continue;
+      q0 += full; j0 += full * {gs};
+    }}
+#endif"""
+
+
+def _vector_group(spec: KernelSpec) -> str | None:
+    """C for one full group of a grouped kernel in AVX-512 registers (two halves of 16): the scalar
+    code's operations in the same order, so the same bits (the ``lv_*`` helpers of
+    :data:`_VECTOR_PRELUDE`); ``@BODY@`` stands for the traced rule. None when a part has no vector
+    form (then the scalar code does every group)."""
+    if not (spec.weight.vload and spec.weight.vstore) or any(c.kind == "flat" for _, _, c in spec.states):
+        return None
+    decode, encode, loads, stores = [], [], [], []
+    for name, signed, codec in spec.states:
+        v = _ident(name)
+        qs, levels = _quant_consts(codec.kind)
+        packed = codec.kind == "q4p"
+        at = f"C_{v} + r * (n / 2) + jg / 2" if packed else f"C_{v} + base"
+        decode.append(f"        __m512 VA_{v}[2], VR_{v}[2]; (void)VR_{v};")
+        decode.append(
+            f"        {{ const __m512 sc = _mm512_set1_ps(lo_f((uint32_t)K_{v}[r * groups + q] << 16));"
+            " __m512i code[2];"
+        )
+        decode.append(f"          lv_unpack_nibbles({at}, code);" if packed else
+                      f"          code[0] = lv_i8({at}); code[1] = lv_i8({at} + 16);")  # fmt: skip
+        for h in range(2):
+            if signed and packed:  # nibble 0..15 is code -8..7: 16 table entries
+                value = f"_mm512_mul_ps(_mm512_permutexvar_ps(code[{h}], _mm512_loadu_ps(lo_signed_{qs} + 120)), sc)"
+            elif signed:
+                value = f"_mm512_mul_ps(lv_table256(lv_signed_{qs}, _mm512_add_epi32(code[{h}], lv_i(128))), sc)"
+            else:
+                c = f"code[{h}]" if packed else f"_mm512_add_epi32(code[{h}], lv_i({levels // 2}))"
+                value = f"lv_decode_unsigned({c}, {_lit(1 / levels)}, sc)"
+            decode.append(f"          VA_{v}[{h}] = {value};")
+        decode.append("        }")
+        loads.append(f"          LV_F st_{v} = VA_{v}[h];")
+        stores.append(f"          VA_{v}[h] = st_{v};")
+        if not signed:  # sqrt(max(v, 0)), next to the rule's own sqrt of the same value
+            stores.append(f"          VR_{v}[h] = _mm512_mask_blend_ps(LV_LT(st_{v}, _mm512_setzero_ps()),"
+                          f" _mm512_sqrt_ps(st_{v}), _mm512_setzero_ps());")  # fmt: skip
+        if signed:
+            enc, offset = f"lv_encode_signed(VA_{v}, {_lit(qs)}, code)", 0
+        else:
+            enc, offset = f"lv_encode_unsigned(VR_{v}, {_lit(levels)}, code)", levels // 2
+        if packed:
+            nibble = 8 if signed else 0
+            n0, n1 = (f"_mm512_add_epi32(code[{h}], lv_i({nibble}))" for h in range(2))
+            put = f"lv_pack_nibbles({at}, {n0}, {n1});"
+        else:
+            put = " ".join(f"lv_st8({at} + {16 * h}, _mm512_sub_epi32(code[{h}], lv_i({offset})));" for h in range(2))
+        encode.append(f"        {{ __m512i code[2]; K_{v}[r * groups + q] = {enc};\n          {put} }}")
+    return "\n".join([
+        *decode,
+        "        for (int h = 0; h < 2; h++) {",
+        "          const int64_t i = base + 16 * h;",
+        f"          LV_F p = {spec.weight.vload};",
+        f"          const LV_F g = {spec.grad[2]};",
+        *loads,
+        "@BODY@",
+        *stores,
+        f"          {spec.weight.vstore}",
+        "        }",
+        *encode,
+    ])  # fmt: skip
 
 
 #: elements per work unit of the flat kernels
@@ -670,7 +934,15 @@ def _compile(cc: str, flags: list[str], source: str, lib: Path) -> None:
         cmd = [*shlex.split(cc), *flags, str(src), "-o", str(out), "-lm"]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0 and "-fopenmp" in flags:
-            cmd = [*shlex.split(cc), *_NO_OPENMP, str(src), "-o", str(out), "-lm"]
+            cmd = [
+                *shlex.split(cc),
+                *_NO_OPENMP,
+                *(f for f in flags if f not in CFLAGS),
+                str(src),
+                "-o",
+                str(out),
+                "-lm",
+            ]
             proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             name = Path(shlex.split(cc)[0]).name
@@ -684,6 +956,8 @@ def build(source: str, symbol: str = "lo_step", argtypes: list | None = None, re
     if cc is None:
         raise BuildError("no C compiler found (set CC or install gcc/clang)")
     flags = CFLAGS if os.environ.get("LEANOPT_OPENMP", "1") != "0" else _NO_OPENMP
+    # extra flags, after ours: e.g. "-DLO_NO_VECTOR" (the portable scalar code only) or another -march
+    flags = [*flags, *shlex.split(os.environ.get("LEANOPT_CFLAGS", ""))]
     key = hashlib.sha256("\n".join([source, cc, " ".join(flags), _cpu_id(), sys.platform]).encode()).hexdigest()[:24]
     with _LOCK:
         kernel = _LOADED.get(key)
@@ -710,7 +984,7 @@ def build(source: str, symbol: str = "lo_step", argtypes: list | None = None, re
                 raise
             # compiled for an OpenMP runtime this process lacks (clang's libomp): POSIX threads instead
             start = time.perf_counter()
-            _compile(cc, _NO_OPENMP, source, lib)
+            _compile(cc, [*_NO_OPENMP, *(f for f in flags if f not in CFLAGS)], source, lib)
             seconds += time.perf_counter() - start
             handle = ctypes.CDLL(str(lib))
         fn = getattr(handle, symbol)
@@ -1008,6 +1282,33 @@ def reset() -> None:
     _STATUS.update(disabled=None, warned=False)
 
 
+_VECTOR_PROBE = (
+    r"""
+#include <stdint.h>
+"""
+    + _VECTOR_PRELUDE
+    + r"""
+int lo_vector_width(void) {
+#ifdef LO_VECTOR
+  return 16;
+#else
+  return 1;
+#endif
+}
+"""
+)
+
+
+def vector_width() -> int | None:
+    """Elements per register the grouped (int8/int4) kernels run with under the current compiler, flags
+    and CPU: 16 (AVX-512 compiled in) or 1 (portable C, which the compiler may still vectorise in
+    part). None when no kernel can be built."""
+    try:
+        return int(build(_VECTOR_PROBE, "lo_vector_width", argtypes=[], restype=ctypes.c_int).fn())
+    except BuildError:
+        return None
+
+
 def compile_stats() -> list[Kernel]:
     """Update kernels loaded in this process (``compile_seconds`` 0.0 when they came from the disk cache)."""
     return [k for k in _LOADED.values() if k.symbol == "lo_step"]
@@ -1036,6 +1337,7 @@ __all__ = [
     "prepare_param",
     "reset",
     "trace_rule",
+    "vector_width",
 ]
 
 

@@ -38,9 +38,7 @@ class Rule:
         if "weight_decay" in group:
             check_number("weight_decay", group["weight_decay"], minimum=0.0)
 
-    def update(
-        self, param: Tensor, grad: Tensor, state: dict[str, Tensor], step: float, group: dict[str, Any]
-    ) -> None:
+    def update(self, param: Tensor, grad: Tensor, state: dict[str, Tensor], step: float, group: dict[str, Any]) -> None:
         raise NotImplementedError
 
 
