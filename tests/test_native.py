@@ -190,6 +190,47 @@ def test_all_finite_finds_every_kind_of_non_finite_value(dtype):
     assert native.all_finite(x.double()) is None  # not covered: the caller uses torch
 
 
+def test_all_finite_many_answers_for_each_tensor_in_one_call():
+    """step() checks every plain CPU gradient in one native call: small tensors side by side, large ones
+    split; each tensor's answer is its own."""
+    g = torch.Generator().manual_seed(2)
+    tensors, want = [], []
+    for i in range(40):
+        dtype = (torch.bfloat16, torch.float16, torch.float32)[i % 3]
+        n = (0, 1, 33, 5000, 300_001)[i % 5]
+        t = torch.randn(n, generator=g).to(dtype)
+        bad = n > 0 and i % 4 == 1
+        if bad:
+            t[(i * 7919) % n] = (float("nan"), float("inf"), -float("inf"))[i % 3]
+        tensors.append(t)
+        want.append(not bad)
+    assert native.all_finite_many(tensors) == want
+    assert native.all_finite_many(tensors + [torch.zeros(3, dtype=torch.float64)]) is None  # not covered
+    assert native.all_finite_many([]) == []
+
+
+def test_a_state_tensor_given_new_storage_is_followed(tmp_path):
+    """The native path keeps each state's plan and pointer array between steps; a state tensor whose
+    storage is replaced in place (``.data = ...``, what some wrappers do) or a new step tensor (a
+    loaded checkpoint) must be seen, never written through a stale pointer."""
+    results = []
+    for kernel in ("reference", "auto"):
+        p = torch.nn.Parameter(torch.randn(8, 64, generator=torch.Generator().manual_seed(4)).bfloat16())
+        opt = leanopt.AdamW([p], lr=1e-2, states="int8", kernel=kernel)
+        for i in range(4):
+            p.grad = torch.randn(8, 64, generator=torch.Generator().manual_seed(10 + i)).bfloat16()
+            opt.step()
+            st = opt.state[p]
+            if i == 1:
+                old = st["exp_avg.codes"]
+                old.data = old.clone()  # same tensor object, new storage
+                st["step"] = st["step"].clone()  # a new step tensor
+        results.append(tensors(p, opt))
+    for key in results[0]:
+        assert torch.equal(bits(results[0][key]), bits(results[1][key])), key
+    assert float(results[1]["step"]) == 4.0
+
+
 def test_kernels_are_cached_on_disk_and_reloaded_without_compiling(tmp_path, monkeypatch):
     monkeypatch.setenv("LEANOPT_CACHE_DIR", str(tmp_path))
     native.reset()

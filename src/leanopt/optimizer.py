@@ -25,6 +25,10 @@ STATE_DICT_VERSION = 1
 _SEED_MASK = (1 << 63) - 1
 
 
+#: (master, states, dtype) -> (weight format, state format): formats() runs for every tensor on every step
+_FORMATS: dict[tuple, tuple[WeightFormat, StateFormat]] = {}
+
+
 class LeanOptimizer(torch.optim.Optimizer):
     """A ``torch.optim.Optimizer`` that keeps 16-bit weights without an fp32 master copy.
 
@@ -51,6 +55,8 @@ class LeanOptimizer(torch.optim.Optimizer):
     """
 
     rule: Rule
+    _native_ready = False  # within step(): the native CPU kernels are on for this step
+    _finite: dict[int, bool] = {}  # within step(): all_finite of its plain CPU gradients, by id (never mutated)
 
     def __init__(
         self,
@@ -118,7 +124,12 @@ class LeanOptimizer(torch.optim.Optimizer):
 
     def formats(self, param: Tensor, group: dict[str, Any]) -> tuple[WeightFormat, StateFormat]:
         """The (weight format, state format) a parameter uses in its group."""
-        return resolve_weight_format(group["master"], param.dtype), STATE_FORMATS[group["states"]]
+        key = (group["master"], group["states"], param.dtype)
+        found = _FORMATS.get(key) if isinstance(key[0], str) and isinstance(key[1], str) else None
+        if found is None:  # raises for a master= that does not suit the dtype (nothing cached then)
+            found = resolve_weight_format(group["master"], param.dtype), STATE_FORMATS[group["states"]]
+            _FORMATS[key] = found
+        return found
 
     def _init_state(self, param: Tensor, group: dict[str, Any]) -> dict[str, Any]:
         tensors = self._new_state_tensors(param, group, self.rule.states(group), buffers=True)
@@ -216,6 +227,18 @@ class LeanOptimizer(torch.optim.Optimizer):
             _fused.dispatch_step(self.kernel, self.rule, wfmt, sfmt, p, g, st, group, random_bits)
         return True
 
+    def _finite_flags(self, grads: list[Tensor]) -> dict[int, bool]:
+        """all_finite of every plain CPU gradient from one native call, by id (empty: ask per tensor)."""
+        if self.nonfinite == "ignore" or self.kernel == "reference":
+            return {}
+        plain = [
+            g for g in grads
+            if g.layout == torch.strided and g.device.type == "cpu" and not _shards.is_dtensor(g)
+            and g.dtype in (torch.float32, torch.bfloat16, torch.float16) and g.is_contiguous()
+        ]  # fmt: skip
+        flags = _native.all_finite_many(plain) if len(plain) > 1 else None
+        return {} if flags is None else {id(g): f for g, f in zip(plain, flags, strict=True)}
+
     def _native_job(self, param: Tensor, group: dict[str, Any], scalars: dict) -> Any:
         """For ``step()``: the parameter's update prepared as a native launch (its step count advanced),
         False when it was dealt with here (a non-finite gradient skipped, or a tensor the kernels do not
@@ -224,14 +247,17 @@ class LeanOptimizer(torch.optim.Optimizer):
         grad = param.grad
         if self.kernel == "reference" or grad.device.type != "cpu" or _shards.is_dtensor(param):
             return None
-        if self.nonfinite == "skip" and not _shards.all_finite(grad):  # "raise": checked in _check_grads
-            self.nonfinite_skipped += 1
-            self.last_skipped.append(self.param_index(param))
-            return False
+        if self.nonfinite == "skip":  # "raise": checked in _check_grads
+            finite = self._finite.get(id(grad))
+            if not (_shards.all_finite(grad) if finite is None else finite):
+                self.nonfinite_skipped += 1
+                self.last_skipped.append(self.param_index(param))
+                return False
         state = self.state_for(param, group, check_layout=False)
         wfmt, sfmt = self.formats(param, group)
         random_bits = self._random_bits(param, state) if wfmt.needs_random else None
-        job = _native.launch(self.rule, wfmt, sfmt, param, grad, state, group, random_bits, scalars)
+        job = _native.launch(self.rule, wfmt, sfmt, param, grad, state, group, random_bits, scalars,
+                             ready=self._native_ready)  # fmt: skip
         if job is None:  # not covered (format, layout, no compiler): the other executors, now
             self._update_param(param, group, None, layout_checked=True, finite_checked=True)
             return False
@@ -263,9 +289,14 @@ class LeanOptimizer(torch.optim.Optimizer):
         """Raise RuntimeError if ``param``'s existing state was made for other ``master=``/``states=``
         modes (keys or dtypes differ). A state the rule does not use now (momentum turned off) is fine."""
         specs = self.rule.states(group)
+        key = (group["master"], group["states"], param.dtype, tuple(param.shape), specs)
+        # The same state dict holding the same tensors as at its last check with the same modes: done.
+        seen = self.__dict__.setdefault("_layout_seen", {})
+        mark = (key, tuple(state), tuple(map(id, state.values())))
+        if seen.get(id(state)) == mark:
+            return
         wfmt, _ = self.formats(param, group)
         # Expected {name: {key: dtype}}, cached: this runs for every parameter on every step.
-        key = (group["master"], group["states"], param.dtype, tuple(param.shape), specs)
         cache = self.__dict__.setdefault("_layout_cache", {})
         if key not in cache:
             layout = self._expected_layout(param, group)
@@ -281,6 +312,9 @@ class LeanOptimizer(torch.optim.Optimizer):
                     f"but master={group['master']!r}, states={group['states']!r} keep {want}; master= and "
                     "states= cannot change after the first step"
                 )
+        if len(seen) > 100_000:
+            seen.clear()
+        seen[id(state)] = mark
 
     def _check_grads(self) -> list[tuple[Tensor, dict[str, Any]]]:
         work = []
@@ -308,8 +342,10 @@ class LeanOptimizer(torch.optim.Optimizer):
                     raise ValueError(f"param_groups[{gi}], parameter {self.param_index(p)}: {err}") from None
                 if self.state.get(p):
                     self._check_state_layout(p, group, self.state[p])
-                if self.nonfinite == "raise" and not _shards.all_finite(p.grad):
-                    raise FloatingPointError(f"non-finite gradient for parameter {self.param_index(p)}")
+                if self.nonfinite == "raise":
+                    finite = self._finite.get(id(p.grad))
+                    if not (_shards.all_finite(p.grad) if finite is None else finite):
+                        raise FloatingPointError(f"non-finite gradient for parameter {self.param_index(p)}")
                 work.append((p, group))
         return work
 
@@ -321,17 +357,23 @@ class LeanOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        with _shards.finite_checks(grads):  # FSDP2: one all-reduce decides for every sharded gradient
-            work = self._check_grads()
-            self.last_skipped = []
-            jobs, scalars = [], {}
-            for p, group in work:
-                job = self._native_job(p, group, scalars)
-                if job is None:  # not a plain CPU tensor: one update now
-                    self._update_param(p, group, None, layout_checked=True)
-                elif job is not False:
-                    jobs.append(job)
-            _native.run_many(jobs)  # every prepared update in one native call
+        self._native_ready = self.kernel != "reference" and _native.disabled_reason() is None
+        # plain CPU gradients: checked for NaN/inf in one native call (small ones side by side)
+        self._finite = self._finite_flags(grads) if self._native_ready else {}
+        try:
+            with _shards.finite_checks(grads):  # FSDP2: one all-reduce decides for every sharded gradient
+                work = self._check_grads()
+                self.last_skipped = []
+                jobs, scalars = [], {}
+                for p, group in work:
+                    job = self._native_job(p, group, scalars)
+                    if job is None:  # not a plain CPU tensor: one update now
+                        self._update_param(p, group, None, layout_checked=True)
+                    elif job is not False:
+                        jobs.append(job)
+                _native.run_many(jobs)  # every prepared update in one native call
+        finally:
+            self._finite = {}  # ids of this step's gradients: never reused
         return loss
 
     # ----------------------------------------------------------------------------- master values

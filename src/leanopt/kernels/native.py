@@ -980,7 +980,7 @@ def build(source: str, symbol: str = "lo_step", argtypes: list | None = None, re
     flags = [*flags, *shlex.split(os.environ.get("LEANOPT_CFLAGS", ""))]
     key = hashlib.sha256("\n".join([source, cc, " ".join(flags), _cpu_id(), sys.platform]).encode()).hexdigest()[:24]
     with _LOCK:
-        kernel = _LOADED.get(key)
+        kernel = _LOADED.get(f"{key}:{symbol}")  # one library may export several functions
         if kernel is not None:
             return kernel
         folder = cache_dir()
@@ -1010,7 +1010,7 @@ def build(source: str, symbol: str = "lo_step", argtypes: list | None = None, re
         fn = getattr(handle, symbol)
         fn.argtypes = _STEP_ARGS if argtypes is None else argtypes
         fn.restype = restype
-        kernel = _LOADED[key] = Kernel(fn, key, seconds, symbol=symbol)
+        kernel = _LOADED[f"{key}:{symbol}"] = Kernel(fn, key, seconds, symbol=symbol)
         return kernel
 
 
@@ -1125,10 +1125,11 @@ def kernel_for(spec: KernelSpec) -> Kernel | None:
         return None
 
 
-@dataclass
+@dataclass(slots=True)
 class Launch:
-    """One prepared kernel call (the step count has already advanced); ``keep`` holds what the pointers
-    point into until the call has run."""
+    """One prepared kernel call (the step count has already advanced); ``keep`` holds the gradient and
+    noise the pointers point into until the call has run. ``ptrs`` is the state's pointer array, reused
+    by its next launch: run a launch before preparing the next one for the same state."""
 
     kernel: Kernel
     rows: int
@@ -1148,28 +1149,40 @@ def launch(
     group: dict[str, Any],
     random_bits: Any = None,
     scalars: dict | None = None,
+    ready: bool = False,
 ) -> Launch | None:
     """Prepare one update like ``reference_step`` as a native call, advancing ``state['step']``; None
     (nothing changed) if the native path does not cover it. ``random_bits`` (stochastic rounding) is
     called once, after the step count advances, as the reference executor does. ``scalars`` may cache
-    the hyper-parameter arrays per (group, step) across the launches of one optimizer step."""
-    if disabled_reason() is not None or not grad.is_contiguous() or grad.device != param.device:
+    the hyper-parameter arrays (and the rule's flags) per group across the launches of one optimizer
+    step, so it must not outlive that step (hyper-parameters change between steps); ``ready``:
+    the caller has just seen :func:`disabled_reason` return None."""
+    if (not ready and disabled_reason() is not None) or not grad.is_contiguous() or grad.device != param.device:
         return None
     if weight_format.needs_random and random_bits is None:
         return None
-    from .fused import fused_form
-
-    form = fused_form(rule)
+    form = _fused_form()(rule)
     if form is None:
         return None
-    # The plan of this state's last update, if nothing it depends on changed (saves ~20 us per tensor).
-    check = (rule, weight_format, state_format, form.flags(group), grad.dtype, param.dtype, param.shape,
+    flags = None if scalars is None else scalars.get(("flags", id(group)))
+    if flags is None:
+        flags = form.flags(group)
+        if scalars is not None:
+            scalars["flags", id(group)] = flags
+    # The plan of this state's last update, if nothing it depends on changed (saves ~20 us per tensor):
+    # the same tensors (weakrefs: never keeps states alive) at the same addresses.
+    check = (rule, weight_format, state_format, flags, grad.dtype, param.dtype, param.shape,
              param.data_ptr(), param.is_contiguous(), param.device)  # fmt: skip
     cached = _PLANS.get(id(state))
-    live = None if cached is None or cached[0] != check else [(k, ref()) for k, ref in cached[3]]
-    if live is not None and all(t is not None and state.get(k) is t for k, t in live):
-        spec, kernel = cached[1], cached[2]
-        tensors = [param.data, *(t for _, t in live)]
+    hit = cached is not None and cached[0] == check
+    if hit:
+        for k, ref, ptr in cached[3]:
+            t = ref()
+            if t is None or state.get(k) is not t or t.data_ptr() != ptr:
+                hit = False
+                break
+    if hit:
+        spec, kernel, ptrs, counter = cached[1], cached[2], cached[4], cached[5]
     else:
         planned = _plan(rule, weight_format, state_format, param, grad.dtype, state, group)
         if planned is None:
@@ -1180,11 +1193,26 @@ def launch(
             return None
         if len(_PLANS) > 100_000:
             _PLANS.clear()
-        refs = [(k, weakref.ref(t)) for k, t in zip(keys, tensors[1:], strict=True)]  # never keeps states alive
-        _PLANS[id(state)] = (check, spec, kernel, refs)
+        refs = [(k, weakref.ref(t), t.data_ptr()) for k, t in zip(keys, tensors[1:], strict=True)]
+        tensors.insert(len(spec.weight.ctypes_), grad)
+        if spec.weight.random:
+            tensors.append(grad)  # a slot for the noise, filled below
+        # The pointer array is kept with the plan and reused: only the gradient (and noise) slots change.
+        ptrs = (ctypes.c_void_p * len(tensors))(*[t.data_ptr() for t in tensors])
+        counter = None
+        cached = _PLANS[id(state)] = (check, spec, kernel, refs, ptrs, counter)
 
-    state["step"] += 1
-    step = float(state["step"])
+    count = state["step"]
+    if counter is None or counter[0]() is not count or counter[2] != count.data_ptr():
+        counter = _step_counter(count)  # a new step tensor (e.g. loaded): remember it
+        _PLANS[id(state)] = (*cached[:5], counter)
+    if counter is not None:  # the fp32 step tensor, written in place (~1 us)
+        step = counter[1].value + 1.0
+        counter[1].value = step  # float32 + 1 rounds like torch's add_: t + 1 is exact in double
+        step = counter[1].value
+    else:
+        state["step"] += 1
+        step = float(state["step"])
     key = (id(group), step)
     values = None if scalars is None else scalars.get(key)
     if values is None:
@@ -1192,13 +1220,37 @@ def launch(
         values = (ctypes.c_float * len(floats))(*floats)  # double -> float rounds to nearest, as torch does
         if scalars is not None:
             scalars[key] = values
-    tensors.insert(len(spec.weight.ctypes_), grad)
+    keep: list[Any] = [grad]
+    ptrs[len(spec.weight.ctypes_)] = grad.data_ptr()
     if spec.weight.random:  # the same noise the reference draws: whole tensor, after the step advanced
-        tensors.append(random_bits(param).to(torch.int32).contiguous())
-    ptrs = (ctypes.c_void_p * len(tensors))(*[t.data_ptr() for t in tensors])
-    n = param.shape[-1] if param.dim() else 1
+        noise = random_bits(param).to(torch.int32).contiguous()
+        keep.append(noise)
+        ptrs[len(ptrs) - 1] = noise.data_ptr()
+    n = check[6][-1] if check[6] else 1
     rows = param.numel() // n if n else 0
-    return Launch(kernel, rows, n, ptrs, values, tensors)
+    return Launch(kernel, rows, n, ptrs, values, keep)
+
+
+_FUSED_FORM: list[Any] = []
+
+
+def _fused_form() -> Any:
+    """kernels.fused.fused_form (imported on first use: fused imports this module)."""
+    if not _FUSED_FORM:
+        from .fused import fused_form
+
+        _FUSED_FORM.append(fused_form)
+    return _FUSED_FORM[0]
+
+
+def _step_counter(t: Any) -> tuple | None:
+    """(weakref to the step tensor, a C float over its storage) for a plain 0-d fp32 CPU step tensor
+    (incrementing it through the view skips torch's ~5 us per in-place add); None otherwise."""
+    if not (isinstance(t, Tensor) and t.dtype == torch.float32 and t.device.type == "cpu" and t.dim() == 0):
+        return None
+    if t.requires_grad or type(t) is not Tensor:
+        return None
+    return weakref.ref(t), ctypes.c_float.from_address(t.data_ptr()), t.data_ptr()
 
 
 def native_step(
@@ -1299,6 +1351,7 @@ def reset() -> None:
     _FAILED.clear()
     _PLANS.clear()
     _FINITE.clear()
+    _FINITE_MANY.clear()
     _STATUS.update(disabled=None, warned=False)
 
 
@@ -1347,6 +1400,7 @@ __all__ = [
     "compiler",
     "disabled_reason",
     "all_finite",
+    "all_finite_many",
     "generate",
     "Launch",
     "launch",
@@ -1381,10 +1435,62 @@ int lo_all_finite(const void *data, int64_t n, int bits, uint32_t mask, int thre
   }
   return !bad;
 }
+/* The same for many tensors: ok[k] = 1 if tensor k (n[k] elements) is finite. mask[k]: its exponent
+   bits, bit 0 set for 32-bit elements. Small tensors one per thread, large ones split. */
+static int lo_one(const void *data, int64_t n, uint32_t mask) {
+  int bad = 0;
+  if (mask & 1u) { const uint32_t *x = (const uint32_t *)data, m = mask & ~1u;
+    for (int64_t i = 0; i < n; i++) bad |= (x[i] & m) == m; }
+  else { const uint16_t *x = (const uint16_t *)data; const uint16_t m = (uint16_t)mask;
+    for (int64_t i = 0; i < n; i++) bad |= (x[i] & m) == m; }
+  return !bad;
+}
+void lo_all_finite_many(int64_t count, void **data, const int64_t *n, const uint32_t *mask, int8_t *ok,
+                        int threads) {
+  #pragma omp parallel for schedule(dynamic, 8) num_threads(count > 1 ? threads : 1)
+  for (int64_t k = 0; k < count; k++) if (n[k] < (1 << 18)) ok[k] = (int8_t)lo_one(data[k], n[k], mask[k]);
+  for (int64_t k = 0; k < count; k++)
+    if (n[k] >= (1 << 18))
+      ok[k] = (int8_t)lo_all_finite(data[k], n[k], (mask[k] & 1u) ? 32 : 16, mask[k] & ~1u, threads);
+}
 """
 
 _EXPONENT_MASKS = {torch.bfloat16: (16, 0x7F80), torch.float16: (16, 0x7C00), torch.float32: (32, 0x7F800000)}
 _FINITE: list[Any] = []
+_FINITE_MANY: list[Any] = []
+
+
+def all_finite_many(tensors: list[Tensor]) -> list[bool] | None:
+    """:func:`all_finite` of many CPU tensors in one native call (small ones one per thread); None when
+    the native path cannot answer for every one of them."""
+    specs = [_EXPONENT_MASKS.get(t.dtype) for t in tensors]
+    if any(sp is None or t.device.type != "cpu" or not t.is_contiguous() for sp, t in zip(specs, tensors, strict=True)):
+        return None
+    if disabled_reason() is not None or _finite_fn() is None:
+        return None
+    count = len(tensors)
+    if not _FINITE_MANY:
+        args = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+        try:
+            _FINITE_MANY.append(build(_FINITE_SOURCE, "lo_all_finite_many", args).fn)
+        except (BuildError, OSError):
+            return None
+    data = (ctypes.c_void_p * count)(*[t.data_ptr() for t in tensors])
+    sizes = (ctypes.c_int64 * count)(*[t.numel() for t in tensors])
+    masks = (ctypes.c_uint32 * count)(*[sp[1] | (sp[0] == 32) for sp in specs])  # type: ignore[index]
+    out = (ctypes.c_int8 * count)()
+    _FINITE_MANY[0](count, data, sizes, masks, out, torch.get_num_threads())
+    return [bool(x) for x in out]
+
+
+def _finite_fn() -> Any:
+    if not _FINITE:
+        args = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_uint32, ctypes.c_int]
+        try:
+            _FINITE.append(build(_FINITE_SOURCE, "lo_all_finite", args, ctypes.c_int).fn)
+        except (BuildError, OSError):
+            return None
+    return _FINITE[0]
 
 
 def all_finite(t: Tensor) -> bool | None:
@@ -1393,12 +1499,9 @@ def all_finite(t: Tensor) -> bool | None:
     spec = _EXPONENT_MASKS.get(t.dtype)
     if spec is None or t.device.type != "cpu" or not t.is_contiguous() or disabled_reason() is not None:
         return None
-    if not _FINITE:
-        args = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_uint32, ctypes.c_int]
-        try:
-            _FINITE.append(build(_FINITE_SOURCE, "lo_all_finite", args, ctypes.c_int).fn)
-        except (BuildError, OSError):
-            return None
+    fn = _finite_fn()
+    if fn is None:
+        return None
     if t.numel() == 0:
         return True
-    return bool(_FINITE[0](t.data_ptr(), t.numel(), spec[0], spec[1], torch.get_num_threads()))
+    return bool(fn(t.data_ptr(), t.numel(), spec[0], spec[1], torch.get_num_threads()))

@@ -19,9 +19,11 @@ class AdamRule(Rule):
         "maximize": False,
     }
 
+    _STATES = (StateSpec("exp_avg"), StateSpec("exp_avg_sq", signed=False))
+    _AMSGRAD_STATES = (*_STATES, StateSpec("max_exp_avg_sq", signed=False))
+
     def states(self, group):
-        specs = (StateSpec("exp_avg"), StateSpec("exp_avg_sq", signed=False))
-        return specs + ((StateSpec("max_exp_avg_sq", signed=False),) if group["amsgrad"] else ())
+        return self._AMSGRAD_STATES if group["amsgrad"] else self._STATES
 
     def validate(self, group):
         super().validate(group)

@@ -9,8 +9,10 @@ class LionRule(Rule):
     name = "lion"
     defaults = {"lr": 1e-4, "betas": (0.9, 0.99), "weight_decay": 0.0, "maximize": False}
 
+    _STATES = (StateSpec("exp_avg"),)
+
     def states(self, group):
-        return (StateSpec("exp_avg"),)
+        return self._STATES
 
     def validate(self, group):
         super().validate(group)

@@ -16,8 +16,10 @@ class SGDRule(Rule):
         "maximize": False,
     }
 
+    _STATES = (StateSpec("momentum_buffer"),)
+
     def states(self, group):
-        return (StateSpec("momentum_buffer"),) if group["momentum"] != 0 else ()
+        return self._STATES if group["momentum"] != 0 else ()
 
     def validate(self, group):
         super().validate(group)
