@@ -1420,30 +1420,33 @@ __all__ = [
 
 _FINITE_SOURCE = r"""
 #include <stdint.h>
-/* 1 if no element has an all-ones exponent (inf or NaN). bits: 16 or 32; mask: the exponent bits. */
+/* 1 if no element has an all-ones exponent (inf or NaN). bits: 16 or 32; mask: the exponent bits.
+   A value is non-finite iff its magnitude bits are >= the mask: one unsigned max over the tensor
+   (vectorises to one max instruction per register), one comparison at the end. */
+#define LO_TOP(T, x, n, sign)                                                               \
+  T top = 0;                                                                                \
+  for (int64_t i = 0; i < (n); i++) { const T v = (x)[i] & (T)~(sign); top = v > top ? v : top; }
+static int lo_finite16(const uint16_t *x, int64_t n, uint16_t mask) {
+  LO_TOP(uint16_t, x, n, 0x8000u) return top < mask; }
+static int lo_finite32(const uint32_t *x, int64_t n, uint32_t mask) {
+  LO_TOP(uint32_t, x, n, 0x80000000u) return top < mask; }
 int lo_all_finite(const void *data, int64_t n, int bits, uint32_t mask, int threads) {
-  int bad = 0;
   const int nt = n >= (1 << 18) ? threads : 1;
-  if (bits == 16) {
-    const uint16_t *x = (const uint16_t *)data; const uint16_t m = (uint16_t)mask;
-    #pragma omp parallel for reduction(|:bad) num_threads(nt) schedule(static)
-    for (int64_t i = 0; i < n; i++) bad |= (x[i] & m) == m;
-  } else {
-    const uint32_t *x = (const uint32_t *)data;
-    #pragma omp parallel for reduction(|:bad) num_threads(nt) schedule(static)
-    for (int64_t i = 0; i < n; i++) bad |= (x[i] & mask) == mask;
+  const int64_t per = (n + nt - 1) / nt;
+  int ok = 1;
+  #pragma omp parallel for reduction(&:ok) num_threads(nt) schedule(static, 1)
+  for (int t = 0; t < nt; t++) {
+    const int64_t a = t * per, len = a >= n ? 0 : (a + per < n ? per : n - a);
+    ok &= bits == 16 ? lo_finite16((const uint16_t *)data + a, len, (uint16_t)mask)
+                     : lo_finite32((const uint32_t *)data + a, len, mask);
   }
-  return !bad;
+  return ok;
 }
 /* The same for many tensors: ok[k] = 1 if tensor k (n[k] elements) is finite. mask[k]: its exponent
    bits, bit 0 set for 32-bit elements. Small tensors one per thread, large ones split. */
 static int lo_one(const void *data, int64_t n, uint32_t mask) {
-  int bad = 0;
-  if (mask & 1u) { const uint32_t *x = (const uint32_t *)data, m = mask & ~1u;
-    for (int64_t i = 0; i < n; i++) bad |= (x[i] & m) == m; }
-  else { const uint16_t *x = (const uint16_t *)data; const uint16_t m = (uint16_t)mask;
-    for (int64_t i = 0; i < n; i++) bad |= (x[i] & m) == m; }
-  return !bad;
+  return (mask & 1u) ? lo_finite32((const uint32_t *)data, n, mask & ~1u)
+                     : lo_finite16((const uint16_t *)data, n, (uint16_t)mask);
 }
 void lo_all_finite_many(int64_t count, void **data, const int64_t *n, const uint32_t *mask, int8_t *ok,
                         int threads) {
