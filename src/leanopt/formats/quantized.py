@@ -6,7 +6,8 @@ Layout of a state ``name`` for a tensor of shape ``(*lead, n)``:
   of a row is padded (in the computation only) when ``n`` is not a multiple of 32. A group never
   straddles two rows, so a dim-0 shard (FSDP2) quantises exactly like the same rows of the whole tensor.
 - ``name.scales``: bf16, shape ``(*lead, ceil(n / 32))``: the group's largest magnitude (of the
-  companded quantity), rounded to nearest bf16. bf16 has fp32's exponent range, so tiny states
+  companded quantity), rounded to nearest bf16 (for a group holding a NaN: the canonical NaN
+  0x7FC0). bf16 has fp32's exponent range, so tiny states
   (gradients of 1e-8 and below) keep their precision where fp16 scales go subnormal and then zero.
   Codes are taken relative to the stored scale, and the group's largest element always gets the
   largest code, so decode -> encode reproduces the same codes and scales bit for bit.
@@ -112,6 +113,9 @@ class QuantizedStates(StateFormat):
             mag = g
         top = mag.amax(dim=-1, keepdim=True)
         scale = top.to(self.scale_dtype)
+        # A group holding a NaN gets the one canonical quiet NaN scale (torch's amax returns NaNs with
+        # whatever bits its vector code makes; checkpoints and the native kernels see the same bytes).
+        scale = torch.where(torch.isnan(scale), torch.full_like(scale, float("nan")), scale)
         s32 = scale.float()
         # One reciprocal per group and a product per element (not a division per element): the same
         # codes up to the last bit of x, and the fused CPU kernel computes exactly this.

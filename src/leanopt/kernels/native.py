@@ -219,28 +219,31 @@ HALF_TYPES: dict[torch.dtype, tuple[str, str, str]] = {
     torch.bfloat16: ("uint16_t", "lo_f((uint32_t){x} << 16)", "lo_bf16({x})"),
     torch.float16: ("_Float16", "(float){x}", "(_Float16)({x})"),
 }
-#: the same 16 at a time (bf16 only): widen 16 values at pointer ``{x}``, store ``{y}`` rounded at ``{x}``
-VECTOR_HALF: dict[torch.dtype, tuple[str, str]] = {
-    torch.bfloat16: ("lv_widen_bf16(lv_u16({x}))", "lv_st16({x}, lv_bf16({y}));"),
-}
+#: the same 16 at a time (AVX-512 helpers): the C suffix of ``lv_load_*`` (16 values at a pointer),
+#: ``lv_store_*`` (rounded to nearest) and ``lv_round_*`` (the rounded value, as fp32)
+VECTOR_HALF: dict[torch.dtype, str] = {torch.bfloat16: "bf16", torch.float16: "f16"}
 
 
 def _round_nearest_codec(dtype: torch.dtype) -> WeightCodec:
     """``none``: the 16-bit weight itself, rounded to nearest on every write."""
     ct, widen, narrow = HALF_TYPES[dtype]
-    vload, vstore = VECTOR_HALF.get(dtype, ("", ""))
+    v = VECTOR_HALF[dtype]
     return WeightCodec((ct,), widen.format(x="W0[i]"), f"W0[i] = {narrow.format(x='p')};",
-                       vload=vload.format(x="W0 + i"), vstore=vstore.format(x="W0 + i", y="p"))  # fmt: skip
+                       vload=f"lv_load_{v}(W0 + i)", vstore=f"lv_store_{v}(W0 + i, p);")  # fmt: skip
 
 
 def _kahan_codec(dtype: torch.dtype) -> WeightCodec:
     """``kahan``: weight + 16-bit compensation; the rounding error is kept when finite, else 0."""
     ct, widen, narrow = HALF_TYPES[dtype]
+    v = VECTOR_HALF[dtype]
     return WeightCodec(
         (ct, ct),
         f"{widen.format(x='W0[i]')} + {widen.format(x='W1[i]')}",
         f"{{ const {ct} h = {narrow.format(x='p')}; const float err = p - {widen.format(x='h')};"
         f" W0[i] = h; W1[i] = {narrow.format(x='fabsf(err) <= FLT_MAX ? err : 0.0f')}; }}",
+        vload=f"_mm512_add_ps(lv_load_{v}(W0 + i), lv_load_{v}(W1 + i))",
+        vstore=f"{{ const __m512 h = lv_round_{v}(p), err = _mm512_sub_ps(p, h); lv_store_{v}(W0 + i, h);"
+        f" lv_store_{v}(W1 + i, _mm512_maskz_mov_ps(LV_LE(_mm512_abs_ps(err), LV_K(FLT_MAX)), err)); }}",
     )
 
 
@@ -271,6 +274,13 @@ WEIGHT_CODECS: dict[tuple[str, torch.dtype], WeightCodec] = {
         "lo_f((uint32_t)W0[i] << 16)",
         "W0[i] = (uint16_t)(((lo_canon(p) + (uint32_t)RB[i]) & 0xFFFF0000u) >> 16);",
         random=True,
+    ),
+    # fp16: the weight is the nearest fp16; the int8 residual counts 1/256 of its ULP (formats/compact.py)
+    ("compact", torch.float16): WeightCodec(
+        ("_Float16", "int8_t"), "lo_c16_join(W0[i], W1[i])", "lo_c16_split(p, W0 + i, W1 + i);"
+    ),
+    ("stochastic", torch.float16): WeightCodec(
+        ("_Float16",), "(float)W0[i]", "W0[i] = lo_sr16(p, RB[i]);", random=True
     ),
     **{("none", dt): _round_nearest_codec(dt) for dt in HALF_TYPES},
     **{("kahan", dt): _kahan_codec(dt) for dt in HALF_TYPES},
@@ -346,6 +356,32 @@ static inline uint16_t lo_bf16(float f) {
 static inline float lo_sign(float x) { return (float)((0.0f < x) - (x < 0.0f)); }
 static inline float lo_maximum(float a, float b) { return (a != a) ? a : ((b != b) ? b : (a > b ? a : b)); }
 static inline float lo_minimum(float a, float b) { return (a != a) ? a : ((b != b) ? b : (a < b ? a : b)); }
+/* fp16 compact (formats/compact.py): residual unit = ulp(w) / 256 = 2^(max(floor(log2|w|), -14) - 18) */
+static inline float lo_c16_unit(float w) {
+  int e = w == 0.0f ? -14 : (int)((lo_u(w) >> 23) & 0xFFu) - 127; e = e < -14 ? -14 : e;
+  return lo_f((uint32_t)(e - 18 + 127) << 23); }
+static inline float lo_c16_join(_Float16 h, int8_t r) {
+  const float w = (float)h; return isfinite(w) ? w + (float)r * lo_c16_unit(w) : w; }
+static inline void lo_c16_split(float p, _Float16 *h, int8_t *r) {
+  const _Float16 w16 = (_Float16)p; const float w = (float)w16; const int fin = isfinite(w) && isfinite(p);
+  float q = rintf((p - w) / lo_c16_unit(fin ? w : 0.0f));  /* a power of two: exact */
+  q = q < -128.0f ? -128.0f : (q > 127.0f ? 127.0f : q);
+  *h = w16; *r = (int8_t)(fin ? (int)q : 0); }
+/* fp16 stochastic rounding (formats/weights.py, _stochastic_round_generic), 16 random bits in rb */
+static inline _Float16 lo_h(uint16_t b) { _Float16 h; memcpy(&h, &b, 2); return h; }
+static inline _Float16 lo_next16(_Float16 x, float y) {  /* nextafter(x, y), y one of 0, +-inf */
+  const float xf = (float)x; uint16_t b; memcpy(&b, &x, 2);
+  if (xf == y) return (_Float16)y;
+  if (xf == 0.0f) return lo_h(y > 0.0f ? 0x0001u : 0x8001u);
+  return lo_h((uint16_t)((xf < y) == (xf > 0.0f) ? b + 1u : b - 1u)); }
+static inline _Float16 lo_sr16(float v, int32_t rb) {
+  if (!isfinite(v)) return (_Float16)v;
+  const _Float16 down = (_Float16)v;
+  const _Float16 tz = fabsf((float)down) > fabsf(v) ? lo_next16(down, 0.0f) : down;
+  const _Float16 away = lo_next16(tz, v < 0.0f ? -INFINITY : INFINITY);
+  const float lo = (float)tz, hi = (float)away;
+  const float span = isinf(hi) ? fabsf(lo - (float)lo_next16(tz, 0.0f)) : fabsf(hi - lo);
+  return (float)rb / 65536.0f < fabsf(v - lo) / span ? away : tz; }
 /* A traced rule, one element at a time. */
 #define LO_F float
 #define LO_M int
@@ -420,6 +456,11 @@ static inline void lv_st16(void *p, __m512i v) { _mm256_storeu_si256((__m256i *)
 static inline __m512 lv_f(__m512i b) { return _mm512_castsi512_ps(b); }
 static inline __m512i lv_u(__m512 f) { return _mm512_castps_si512(f); }
 static inline __m512 lv_widen_bf16(__m512i h) { return lv_f(_mm512_slli_epi32(h, 16)); }
+#define LV_F16_ROUND (_MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+static inline __m512 lv_load_f16(const void *p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)); }
+static inline void lv_store_f16(void *p, __m512 x) {
+  _mm256_storeu_si256((__m256i *)p, _mm512_cvtps_ph(x, LV_F16_ROUND)); }
+static inline __m512 lv_round_f16(__m512 x) { return _mm512_cvtph_ps(_mm512_cvtps_ph(x, LV_F16_ROUND)); }
 /* lo_canon and lo_bf16, 16 at a time */
 static inline __m512i lv_canon(__m512 f) {
   const __m512i b = lv_u(f);
@@ -432,6 +473,9 @@ static inline __m512i lv_bf16(__m512 f) {
   const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(b, lv_i(0x7FFF)),
                                                        _mm512_and_si512(_mm512_srli_epi32(b, 16), lv_i(1))), 16);
   return _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(f, f, _CMP_UNORD_Q), r, lv_i(0x7FC0)); }
+static inline __m512 lv_load_bf16(const void *p) { return lv_widen_bf16(lv_u16(p)); }
+static inline void lv_store_bf16(void *p, __m512 x) { lv_st16(p, lv_bf16(x)); }
+static inline __m512 lv_round_bf16(__m512 x) { return lv_widen_bf16(lv_bf16(x)); }
 /* One group of 32 (two vectors) of a quantised state, as the scalar code does it element by element.
    The group's largest |x| (bits: NaN above inf), its bf16 scale and the scale's reciprocal. */
 static inline uint16_t lv_scale(const __m512 *a, __m512 *inv, __m512 *top, __mmask16 *live) {
