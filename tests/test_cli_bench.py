@@ -21,6 +21,7 @@ from leanopt.cli.bench import (
     _peer,
     held_bytes,
     make_params,
+    merge_rounds,
     relate,
     run_case,
     select_cases,
@@ -137,6 +138,36 @@ def test_ratios_and_targets_follow_the_measured_figures():
     assert targets(results, "sgd") == []
 
 
+def test_rounds_pair_each_case_with_torch_fused_of_the_same_round():
+    """A machine whose speed changes between rounds (here 3x slower in round 2 for torch, round 3 for
+    the case) must not fake a speed-up: the ratio is the median of the per-round ratios, not the ratio of
+    pooled medians; a failed round is left out of both."""
+    fused = [10.0, 30.0, 10.0]
+    case = [12.0, 36.0, 36.0]
+    rounds = [
+        [
+            _result("w", "torch-fused", "baseline", f, touched=28.0),
+            _result("w", "compact/int8", "leanopt", c, touched=12.0),
+        ]
+        for f, c in zip(fused, case, strict=True)
+    ]
+    rounds.append([_result("w", "torch-fused", "baseline", 10.0, touched=28.0),
+                   _result("w", "compact/int8", "leanopt", 0.0, touched=12.0)])  # fmt: skip
+    rounds[-1][1].status = "error"
+    for r in (r for this in rounds for r in this):
+        r.step_ms_all, r.min_ms = [r.step_ms, r.step_ms], r.step_ms
+    merged = merge_rounds(rounds)
+    relate(merged, gbps=2.0)
+    by_key = {r.key: r for r in merged}
+    int8 = by_key["compact/int8"]
+    assert int8.round_ms == [12.0, 36.0, 36.0, None]
+    assert int8.step_ms == 36.0  # median of its rounds
+    assert int8.round_ratios == pytest.approx([1.2, 1.2, 3.6])
+    assert int8.ratio_to_torch_fused == pytest.approx(1.2)  # pooled medians would say 36 / 10 = 3.6
+    assert by_key["torch-fused"].step_ms == 10.0 and by_key["torch-fused"].ratio_to_torch_fused == pytest.approx(1.0)
+    assert int8.step_ms_all == [12.0, 12.0, 36.0, 36.0, 36.0, 36.0] and int8.min_ms == 12.0
+
+
 def test_bench_quick_prints_table_and_targets_and_writes_json(tmp_path, capsys):
     out = tmp_path / "b.json"
     assert main(["bench", "--quick", "--modes", "exact/fp32,compact/int8", "--out", str(out)]) == 0
@@ -176,6 +207,7 @@ def test_size_adds_a_workload_from_a_model_spec(tmp_path, capsys):
         (["--out", "/no/such/folder/b.json"], "folder '/no/such/folder' does not exist"),
         (["--kernel", "warp"], "--modes/--kernel"),
         (["--threads", "0"], "--threads must be at least 1"),
+        (["--rounds", "0"], "--rounds must be at least 1"),
     ],
 )
 def test_bad_bench_arguments_give_one_line_and_exit_2(args, needle, capsys):

@@ -31,7 +31,7 @@ import statistics
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -299,6 +299,8 @@ class Result:
     ratio_to_bound: float = 0.0
     ratio_to_torch_fused: float = 0.0
     kernels_used: list[str] = field(default_factory=list)
+    round_ms: list[float | None] = field(default_factory=list)  # --rounds: each round's median (None: failed)
+    round_ratios: list[float] = field(default_factory=list)  # each round's step_ms / torch fused's
 
 
 def _kernel_records() -> dict[tuple[str, Any], Any]:
@@ -366,14 +368,47 @@ def run_case(
 
 
 def relate(results: list[Result], gbps: float) -> None:
-    """Fill in the bandwidth bound (from the copy GB/s) and the ratio to torch's fused step per workload."""
-    fused = {r.workload: r.step_ms for r in results if r.key == TORCH_FUSED and r.status == "ok"}
+    """Fill in the bandwidth bound (from the copy GB/s) and the ratio to torch's fused step per workload:
+    with several rounds, the median of the per-round ratios (each case against torch's fused step of
+    the same round, so a machine that speeds up or slows down between rounds cancels out)."""
+    fused = {r.workload: r for r in results if r.key == TORCH_FUSED and r.status == "ok"}
     for r in results:
         if r.status != "ok":
             continue
         r.bound_ms = r.touched_bytes_per_param * r.params / (gbps * 1e9) * 1e3
         r.ratio_to_bound = r.step_ms / r.bound_ms
-        r.ratio_to_torch_fused = r.step_ms / fused[r.workload] if r.workload in fused else 0.0
+        base = fused.get(r.workload)
+        if base is None:
+            r.ratio_to_torch_fused, r.round_ratios = 0.0, []
+            continue
+        pairs = zip(r.round_ms or [r.step_ms], base.round_ms or [base.step_ms], strict=False)
+        r.round_ratios = [a / b for a, b in pairs if a is not None and b is not None and b > 0]
+        r.ratio_to_torch_fused = statistics.median(r.round_ratios) if r.round_ratios else r.step_ms / base.step_ms
+
+
+def merge_rounds(rounds: list[list[Result]]) -> list[Result]:
+    """One result per (workload, case) from several rounds of the same cases: the median of the rounds'
+    medians, every timed step kept, each round's median in ``round_ms`` (aligned by round)."""
+    merged: dict[tuple[str, str], list[Result | None]] = {}
+    for i, results in enumerate(rounds):
+        for r in results:
+            merged.setdefault((r.workload, r.key), [None] * len(rounds))[i] = r
+    out = []
+    for runs in merged.values():
+        ok = [r for r in runs if r is not None and r.status == "ok"]
+        first = next(r for r in runs if r is not None)
+        if not ok:
+            out.append(first)
+            continue
+        m = replace(ok[0])
+        m.round_ms = [r.step_ms if r is not None and r.status == "ok" else None for r in runs]
+        m.step_ms = statistics.median(r.step_ms for r in ok)
+        m.min_ms = min(r.min_ms for r in ok)
+        m.step_ms_all = [t for r in ok for t in r.step_ms_all]
+        m.first_step_s = ok[0].first_step_s  # the first round's: it includes building the kernels
+        m.achieved_gbps = m.touched_bytes_per_param * m.params / (m.step_ms / 1e3) / 1e9
+        out.append(m)
+    return out
 
 
 #: (case key, target ratio to torch's fused fp32 AdamW) from the kernel issue; CPU, AdamW
@@ -445,6 +480,9 @@ def build_parser(sub: Any) -> argparse.ArgumentParser:
                    "torchao-4bit, bnb-8bit, optimi-kahan, flashoptim")  # fmt: skip
     p.add_argument("--steps", type=int, help="timed steps per case, median reported (default 3; --quick 2)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first, the first one timed apart (default 1)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run every case this many times in turn; step time: median of the rounds, ratio to "
+                        "torch fused: median of each round's ratio (default 1)")  # fmt: skip
     p.add_argument("--quick", action="store_true", help="seconds: tiny workload, 2 steps, no peers unless named")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: cuda when present)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
@@ -517,6 +555,9 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"--steps must be at least 1, got {steps}")
     if args.warmup < 1:
         raise CLIError(f"--warmup must be at least 1 (the first step is timed apart), got {args.warmup}")
+    rounds = getattr(args, "rounds", 1)
+    if rounds < 1:
+        raise CLIError(f"--rounds must be at least 1, got {rounds}")
     if args.threads is not None:
         if args.threads < 1:
             raise CLIError(f"--threads must be at least 1, got {args.threads}")
@@ -550,28 +591,36 @@ def run(args: argparse.Namespace) -> int:
         "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
         "device": str(device), "device_name": _device_name(device), "torch": torch.__version__,
         "threads": threads, "platform": platform.platform(), "optimizer": args.optimizer,
-        "steps": steps, "warmup": args.warmup,
+        "steps": steps, "warmup": args.warmup, "rounds": rounds,
         "workloads": {n: {"source": m.source, "num_params": m.num_params, "num_tensors": len(m.shapes)}
                       for n, m in workloads.items()},
         "native_vector_width": native_vector,
         "copy_gbps": gbps, "copy_gbps_end": None, "loadavg_start": loadavg(), "loadavg_end": None,
         "touched_bytes_rule": "2 x (weights + optimizer state) + gradients, per parameter",
     }  # fmt: skip
+    per_round: list[list[Result]] = []
     results: list[Result] = []
 
     def write(complete: bool) -> None:  # after every case: an interrupted run keeps what it measured
+        nonlocal results
+        results = merge_rounds(per_round)
         relate(results, gbps)
         doc.update(wall_s=time.time() - started, results=[asdict(r) for r in results],
                    targets=targets(results, args.optimizer), complete=complete)  # fmt: skip
         out.write_text(json.dumps(jsonable(doc), indent=1))
 
-    for name, model in workloads.items():
-        for case in cases:
-            r = run_case(name, model.shapes, case, device, steps, args.warmup)
-            results.append(r)
-            note = f"{r.step_ms:.1f} ms/step, first step {r.first_step_s:.1f} s" if r.status == "ok" else r.status
-            print(f"  {name:<12} {case.name:<28} {note}", flush=True)
-            write(False)
+    for index in range(rounds):
+        per_round.append([])
+        if rounds > 1:
+            print(f"round {index + 1} of {rounds}", flush=True)
+        for name, model in workloads.items():
+            for case in cases:
+                r = run_case(name, model.shapes, case, device, steps, args.warmup)
+                per_round[-1].append(r)
+                ok = r.status == "ok"
+                note = f"{r.step_ms:.1f} ms/step, first step {r.first_step_s:.1f} s" if ok else r.status
+                print(f"  {name:<12} {case.name:<28} {note}", flush=True)
+                write(False)
     doc["copy_gbps_end"], doc["loadavg_end"] = copy_gbps(device, copy_n), loadavg()
     write(True)
     print(f"plain fp32 copy at the end: {doc['copy_gbps_end']:.1f} GB/s (the bound uses the start's {gbps:.1f})\n")
