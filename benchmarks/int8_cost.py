@@ -1,12 +1,14 @@
-"""Where the compact/int8 AdamW kernel's time goes: the generated kernel against a variant of itself with
-every division replaced by a multiplication and every square root dropped (wrong numbers, same shape of
-work), timed alternately in one process on the same tensors.
+"""Where the compact/int8 AdamW kernel's time goes: the generated kernel against variants of itself,
+timed alternately in one process on the same tensors (wrong numbers, same shape of work):
+
+- "no division or sqrt": every float division a multiplication, every square root an abs;
+- "no state encode": the int8 states' group maximum, scale and codes not computed or written;
+- "portable C": the same kernel without its AVX-512 code (``LO_NO_VECTOR``), as on CPUs without it.
 
     python benchmarks/int8_cost.py                  # 50M elements, 3 rounds
     python benchmarks/int8_cost.py --elements 10000000 --rounds 5
 
-If the variant is not much faster, the kernel is bound by its instruction count (table decode, group
-maximum, bf16 scale, codes, packing), not by the divider. Writes benchmarks/results/int8_cost.json.
+Writes benchmarks/results/int8_cost.json.
 """
 
 from __future__ import annotations
@@ -57,12 +59,20 @@ def main() -> None:
     values = fused_form(opt.rule).scalars(group, 2.0)
     scalars = (ctypes.c_float * len(values))(*values)
     source = native.generate(spec)
-    head, body = source.split("static void lo_body", 1)
-    # float divisions only (the rule's temporaries and the companding), and every square root
-    body = re.sub(r"(const float t\d+ = \S+) / ", r"\1 * ", body).replace("* x / (", "* x * (")
-    cheap = head + "static void lo_body" + re.sub(r"sqrtf\(", "(", body)
-    assert cheap.count(" / ") < source.count(" / ") and "sqrtf(" not in cheap
-    kernels = {"generated": native.build(source), "no division or sqrt": native.build(cheap)}
+    cheap = source.replace("_mm512_div_ps(", "_mm512_mul_ps(").replace("_mm512_sqrt_ps(", "_mm512_abs_ps(")
+    cheap = cheap.replace("#define LO_DIV(a, b) ((a) / (b))", "#define LO_DIV(a, b) ((a) * (b))")
+    cheap = cheap.replace("#define LO_SQRT(a) sqrtf(a)", "#define LO_SQRT(a) fabsf(a)")
+    encode = r"        \{ __m512i code\[2\]; K_\w+\[r \* groups \+ q\] = lv_encode_\w+\([^\n]*\n[^\n]*\}\n"
+    no_encode = re.sub(encode, "", source)
+    variants = {
+        "generated": source,
+        "no division or sqrt": cheap,
+        "no state encode": no_encode,
+        "portable C": "#define LO_NO_VECTOR 1\n" + source,
+    }
+    for name, text in variants.items():
+        assert name == "generated" or text != source, f"the {name!r} variant did not change the source"
+    kernels = {name: native.build(text) for name, text in variants.items()}
     rounds = []
     for _ in range(args.rounds):
         rounds.append({
@@ -77,8 +87,10 @@ def main() -> None:
         "rounds_ms": rounds,
         "median_ms": {k: statistics.median(r[k] for r in rounds) for k in kernels},
     }
-    result["variant_over_generated"] = result["median_ms"]["no division or sqrt"] / result["median_ms"]["generated"]
-    print(f"no division or sqrt / generated: {result['variant_over_generated']:.2f}")
+    result["vector_width"] = native.vector_width()
+    result["over_generated"] = {k: v / result["median_ms"]["generated"] for k, v in result["median_ms"].items()}
+    for name, ratio in result["over_generated"].items():
+        print(f"{name} / generated: {ratio:.2f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}")

@@ -146,7 +146,8 @@ def main() -> None:
     saved = base["peak_rss_bytes"] - rel["peak_rss_bytes"]
     after = base["rss_after_backward_bytes"] - rel["rss_after_backward_bytes"]
     mib = 2**20
-    print(f"model: {'small (--short)' if args.short else 'GPT-2 small'}{' untied' if args.untied else ''}, {runs[0]['params']:,} params, bf16; "
+    name = f"{'small (--short)' if args.short else 'GPT-2 small'}{' untied' if args.untied else ''}"
+    print(f"model: {name}, {runs[0]['params']:,} params, bf16; "
           f"batch {args.batch} x {args.seq} tokens; {args.warmup} warm-up + {args.steps} timed steps; "
           f"median of {args.repeats} run(s) per config")  # fmt: skip
     print(f"{'config':<12} {'peak RSS MiB':>13} {'RSS after build':>16} {'RSS after backward':>19} "

@@ -932,7 +932,7 @@ def _group_encode(name: str, signed: bool, codec: StateCodec) -> str:
 # Building and loading.
 
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off",
-          "-std=c11", "-shared", "-fPIC"]  # fmt: skip
+          "-std=c11", "-shared", "-fPIC", "-Werror=implicit-function-declaration"]  # fmt: skip
 
 
 #: without OpenMP the kernels split their work over POSIX threads (``LEANOPT_OPENMP=0`` forces this)
@@ -1400,9 +1400,7 @@ def reset() -> None:
 
 
 _VECTOR_PROBE = (
-    r"""
-#include <stdint.h>
-"""
+    _PRELUDE  # the vector helpers use the scalar ones (clang rejects implicit declarations)
     + _VECTOR_PRELUDE
     + r"""
 int lo_vector_width(void) {
