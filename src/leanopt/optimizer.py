@@ -278,10 +278,16 @@ class LeanOptimizer(torch.optim.Optimizer):
     ) -> None:
         """Add states a hyper-parameter change made necessary (e.g. momentum turned on)."""
         added = False
-        for spec in self.rule.states(group):
-            if spec.name not in state and not any(k.startswith(spec.name + ".") for k in state):
-                state.update(self._new_state_tensors(param, group, (spec,), buffers=False))
-                added = True
+        specs = self.rule.states(group)
+        complete = self.__dict__.setdefault("_states_complete", {})  # id(state) -> (specs, keys) seen complete
+        if complete.get(id(state)) != (specs, tuple(state)):
+            for spec in specs:
+                if spec.name not in state and not any(k.startswith(spec.name + ".") for k in state):
+                    state.update(self._new_state_tensors(param, group, (spec,), buffers=False))
+                    added = True
+            if len(complete) > 100_000:
+                complete.clear()
+            complete[id(state)] = (specs, tuple(state))
         if check_layout or added:
             self._check_state_layout(param, group, state)
 

@@ -1205,9 +1205,13 @@ def launch(
         return None
     if weight_format.needs_random and random_bits is None:
         return None
-    form = _fused_form()(rule)
+    form = None if scalars is None else scalars.get(("form", id(rule)))
     if form is None:
-        return None
+        form = _fused_form()(rule)
+        if form is None:
+            return None
+        if scalars is not None:
+            scalars["form", id(rule)] = form
     flags = None if scalars is None else scalars.get(("flags", id(group)))
     if flags is None:
         flags = form.flags(group)
