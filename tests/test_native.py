@@ -490,14 +490,15 @@ def test_avx512_and_portable_grouped_code_give_the_same_bits(tmp_path, monkeypat
 
     results = {}
     widths = {}
-    for flags in ("", "-DLO_NO_VECTOR"):
+    # "-DLO_SLOW_GATHER": the first moment's table lookup by register permutes (CPUs whose gathers are slow)
+    for flags in ("", "-DLO_NO_VECTOR", "-DLO_SLOW_GATHER"):
         monkeypatch.setenv("LEANOPT_CFLAGS", flags)
         native.reset()
         try:
             widths[flags] = native.vector_width()
             calls = sum(k.calls for k in native.compile_stats())
             for name, (cls, hyper) in cases.items():
-                for master in ("exact", "compact", "none", "auto"):
+                for master in ("compact",) if flags == "-DLO_SLOW_GATHER" else ("exact", "compact", "none", "auto"):
                     if cls is leanopt.Lion and master == "auto":
                         continue
                     for shape in shapes:
@@ -509,12 +510,25 @@ def test_avx512_and_portable_grouped_code_give_the_same_bits(tmp_path, monkeypat
     if widths[""] != 16:
         pytest.skip("this CPU or compiler has no AVX-512: only the portable code exists here")
     compared = 0
-    for (flags, *case), want in results.items():
-        if flags:
+    for (flags, *case), got in results.items():
+        if flags == "-DLO_NO_VECTOR":
             continue
-        got = results[("-DLO_NO_VECTOR", *case)]
+        want = results[("-DLO_NO_VECTOR", *case)]
         for key in want:
             same = torch.equal(bits(want[key]), bits(got[key]))
-            assert same, f"{case} {key}: AVX-512 and portable code differ"
+            assert same, f"{case} {key}: AVX-512 ({flags or 'gather'}) and portable code differ"
         compared += 1
-    assert compared == 4 * len(shapes) * 4 - len(shapes)
+    assert compared == (4 * len(shapes) * 4 - len(shapes)) + 4 * len(shapes)
+
+
+@pytest.mark.parametrize("text,slow", [("Mitigation: Microcode", True), ("Not affected", False),
+                                       ("Vulnerable", False), (None, False)])  # fmt: skip
+def test_slow_gathers_are_detected_from_the_kernel_report(tmp_path, monkeypatch, text, slow):
+    """CPUs with the Gather Data Sampling microcode mitigation run gathers several times slower: the
+    int8 kernels are then built with LO_SLOW_GATHER (register permutes; same bits, tested above)."""
+    report = tmp_path / "gather_data_sampling"
+    if text is not None:
+        report.write_text(text + "\n")
+    monkeypatch.setattr(native, "_GDS", report)
+    monkeypatch.setattr(native, "_SLOW_GATHER", [])
+    assert native.slow_gather() is slow

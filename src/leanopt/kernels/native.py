@@ -476,6 +476,24 @@ static inline __m512i lv_bf16(__m512 f) {
 static inline __m512 lv_load_bf16(const void *p) { return lv_widen_bf16(lv_u16(p)); }
 static inline void lv_store_bf16(void *p, __m512 x) { lv_st16(p, lv_bf16(x)); }
 static inline __m512 lv_round_bf16(__m512 x) { return lv_widen_bf16(lv_bf16(x)); }
+/* table[idx] (idx in 0..255) for 16 elements: a gather, or, where gathers are slow (CPUs with the
+   microcode mitigation of Gather Data Sampling: LO_SLOW_GATHER), 8 two-register permutes of the table
+   held in registers (tv) and a blend tree on the index bits. */
+static inline __m512 lv_lookup256(const float *t, const __m512 *tv, __m512i idx) {
+#ifdef LO_SLOW_GATHER
+  __m512 r[8];
+  (void)t;
+  for (int k = 0; k < 8; k++) r[k] = _mm512_permutex2var_ps(tv[2 * k], idx, tv[2 * k + 1]);
+  const __mmask16 b5 = _mm512_test_epi32_mask(idx, lv_i(32)), b6 = _mm512_test_epi32_mask(idx, lv_i(64)),
+                  b7 = _mm512_test_epi32_mask(idx, lv_i(128));
+  for (int k = 0; k < 4; k++) r[k] = _mm512_mask_blend_ps(b5, r[2 * k], r[2 * k + 1]);
+  for (int k = 0; k < 2; k++) r[k] = _mm512_mask_blend_ps(b6, r[2 * k], r[2 * k + 1]);
+  return _mm512_mask_blend_ps(b7, r[0], r[1]);
+#else
+  (void)tv;
+  return _mm512_i32gather_ps(idx, t, 4);
+#endif
+}
 /* One group of 32 (two vectors) of a quantised state, as the scalar code does it element by element.
    The group's largest |x| (bits: NaN above inf), its bf16 scale and the scale's reciprocal. */
 static inline uint16_t lv_scale(const __m512 *a, __m512 *inv, __m512 *top, __mmask16 *live) {
@@ -629,6 +647,11 @@ def generate(spec: KernelSpec) -> str:
         )
     if vector:
         lines.append("#ifdef LO_VECTOR")
+        for qs in sorted({_quant_consts(c.kind)[0] for _, signed, c in spec.states if signed}):
+            lines.append(f"  __m512 lv_signed_{qs}[16];  /* the table in registers (LO_SLOW_GATHER) */")
+            lines.append(
+                f"  for (int k = 0; k < 16; k++) lv_signed_{qs}[k] = _mm512_loadu_ps(lo_signed_{qs} + 16 * k);"
+            )
         lines += [f"  const __m512 vs_{k} = _mm512_set1_ps(s_{k});" for k in used]
         lines.append("#endif")
     bs = gs * BLOCK_GROUPS
@@ -757,10 +780,9 @@ def _vector_group(spec: KernelSpec) -> str | None:
         for h in range(2):
             if signed and packed:  # nibble 0..15 is code -8..7: 16 table entries
                 value = f"_mm512_mul_ps(_mm512_permutexvar_ps(code[{h}], _mm512_loadu_ps(lo_signed_{qs} + 120)), sc)"
-            elif signed:  # a gather from the table (measured faster here than 8 two-register permutes)
-                value = (
-                    f"_mm512_mul_ps(_mm512_i32gather_ps(_mm512_add_epi32(code[{h}], lv_i(128)), lo_signed_{qs}, 4), sc)"
-                )
+            elif signed:  # from the table of every storable code
+                idx = f"_mm512_add_epi32(code[{h}], lv_i(128))"
+                value = f"_mm512_mul_ps(lv_lookup256(lo_signed_{qs}, lv_signed_{qs}, {idx}), sc)"
             else:
                 c = f"code[{h}]" if packed else f"_mm512_add_epi32(code[{h}], lv_i({levels // 2}))"
                 value = f"lv_decode_unsigned({c}, {_lit(1 / levels)}, sc)"
@@ -1014,12 +1036,32 @@ def _compile(cc: str, flags: list[str], source: str, lib: Path) -> None:
         os.replace(out, lib)  # atomic: concurrent processes may build the same kernel
 
 
+_GDS = Path("/sys/devices/system/cpu/vulnerabilities/gather_data_sampling")
+
+
+def slow_gather() -> bool:
+    """Whether this CPU runs AVX-512 gathers under the microcode mitigation of Gather Data Sampling
+    (Intel Skylake to Tiger Lake with current microcode: several times slower gathers); the int8
+    kernels then look their table up with register permutes instead (``LO_SLOW_GATHER``)."""
+    if not _SLOW_GATHER:
+        try:
+            _SLOW_GATHER.append(_GDS.read_text().strip().startswith("Mitigation"))
+        except OSError:
+            _SLOW_GATHER.append(False)
+    return _SLOW_GATHER[0]
+
+
+_SLOW_GATHER: list[bool] = []
+
+
 def build(source: str, symbol: str = "lo_step", argtypes: list | None = None, restype: Any = None) -> Kernel:
     """Compile (or load from the cache) ``source`` and return its function ``symbol``."""
     cc = compiler()
     if cc is None:
         raise BuildError("no C compiler found (set CC or install gcc/clang)")
     flags = CFLAGS if os.environ.get("LEANOPT_OPENMP", "1") != "0" else _NO_OPENMP
+    if slow_gather():
+        flags = [*flags, "-DLO_SLOW_GATHER"]
     # extra flags, after ours: e.g. "-DLO_NO_VECTOR" (the portable scalar code only) or another -march
     flags = [*flags, *shlex.split(os.environ.get("LEANOPT_CFLAGS", ""))]
     key = hashlib.sha256("\n".join([source, cc, " ".join(flags), _cpu_id(), sys.platform]).encode()).hexdigest()[:24]
