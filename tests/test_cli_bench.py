@@ -23,6 +23,7 @@ from leanopt.cli.bench import (
     make_params,
     merge_rounds,
     relate,
+    results_table,
     run_case,
     select_cases,
     targets,
@@ -166,6 +167,8 @@ def test_rounds_pair_each_case_with_torch_fused_of_the_same_round():
     assert int8.ratio_to_torch_fused == pytest.approx(1.2)  # pooled medians would say 36 / 10 = 3.6
     assert by_key["torch-fused"].step_ms == 10.0 and by_key["torch-fused"].ratio_to_torch_fused == pytest.approx(1.0)
     assert int8.step_ms_all == [12.0, 12.0, 36.0, 36.0, 36.0, 36.0] and int8.min_ms == 12.0
+    printed = results_table(merged)
+    assert "rounds (vs fused)" in printed and "1.20-3.60x" in printed  # the spread is shown
 
 
 def test_bench_quick_prints_table_and_targets_and_writes_json(tmp_path, capsys):

@@ -447,6 +447,12 @@ def results_table(results: list[Result]) -> str:
     ]  # fmt: skip
     header = ["workload", "mode", "step ms", "first s", "vs torch fused", "GB/s", "bound ms", "vs bound",
               "touched B/p", "memory B/p"]  # fmt: skip
+    measured = [r for r in results if r.status == "ok"]
+    if any(len(r.round_ratios) > 1 for r in measured):  # --rounds: the spread of the per-round ratios
+        header.append("rounds (vs fused)")
+        for row, r in zip(rows, measured, strict=True):
+            spread = r.round_ratios
+            row.append(f"{min(spread):.2f}-{max(spread):.2f}x" if len(spread) > 1 else "-")
     lines = [table(rows, header, right=set(range(2, len(header))))]
     lines += [f"{r.workload}  {r.mode}: {r.status}: {r.error[:200]}" for r in results if r.status != "ok"]
     return "\n".join(lines)
