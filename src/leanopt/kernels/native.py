@@ -292,8 +292,10 @@ WEIGHT_CODECS: dict[tuple[str, torch.dtype], WeightCodec] = {
 #: gradient dtype -> (C pointer type, load of element i from ``G``, load of elements i .. i + 15)
 GRAD_CODECS: dict[torch.dtype, tuple[str, str, str]] = {
     torch.float32: ("float", "G[i]", "_mm512_loadu_ps(G + i)"),
-    torch.float16: ("_Float16", "(float)G[i]", "_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(G + i)))"),
-    torch.bfloat16: ("uint16_t", HALF_TYPES[torch.bfloat16][1].format(x="G[i]"), "lv_widen_bf16(lv_u16(G + i))"),
+    **{
+        dt: (ct, widen.format(x="G[i]"), f"lv_load_{VECTOR_HALF[dt]}(G + i)")
+        for dt, (ct, widen, _) in HALF_TYPES.items()
+    },
 }
 
 
@@ -1557,7 +1559,7 @@ def all_finite_many(tensors: list[Tensor]) -> list[bool] | None:
     specs = [_EXPONENT_MASKS.get(t.dtype) for t in tensors]
     if any(sp is None or t.device.type != "cpu" or not t.is_contiguous() for sp, t in zip(specs, tensors, strict=True)):
         return None
-    if disabled_reason() is not None or _finite_fn() is None:
+    if disabled_reason() is not None:
         return None
     count = len(tensors)
     if not _FINITE_MANY:
