@@ -18,6 +18,7 @@ from .formats.states import STATE_FORMATS, StateFormat
 from .formats.weights import MASTER_CHOICES, WeightFormat, resolve_weight_format
 from .kernels import fused as _fused
 from .kernels import native as _native
+from .kernels import step_plan as _step_plan
 from .rules import AdamRule, AdamWRule, LionRule, Rule, SGDRule
 
 NONFINITE_CHOICES = ("skip", "raise", "ignore")
@@ -56,6 +57,7 @@ class LeanOptimizer(torch.optim.Optimizer):
 
     rule: Rule
     _native_ready = False  # within step(): the native CPU kernels are on for this step
+    _step_plan: Any = None  # the last step's plan, if it can be repeated in one native call
     _finite: dict[int, bool] = {}  # within step(): all_finite of its plain CPU gradients, by id (never mutated)
 
     def __init__(
@@ -362,8 +364,13 @@ class LeanOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
         self._native_ready = self.kernel != "reference" and _native.disabled_reason() is None
+        # the same step as last time, every update native: one native call (kernels/step_plan.py)
+        plan, self._step_plan = self._step_plan, None
+        if plan is not None and self._native_ready and _step_plan.run(plan, self):
+            self._step_plan, self.last_skipped = plan, []
+            return loss
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
         # plain CPU gradients: checked for NaN/inf in one native call (small ones side by side)
         self._finite = self._finite_flags(grads) if self._native_ready else {}
         try:
@@ -378,6 +385,8 @@ class LeanOptimizer(torch.optim.Optimizer):
                     elif job is not False:
                         jobs.append(job)
                 _native.run_many(jobs)  # every prepared update in one native call
+                if self._native_ready and len(jobs) == len(work):
+                    self._step_plan = _step_plan.build(self, work, jobs)
         finally:
             self._finite = {}  # ids of this step's gradients: never reused
         return loss
@@ -439,6 +448,7 @@ class LeanOptimizer(torch.optim.Optimizer):
         copied, so the given dict is never modified by later steps. The stochastic-rounding ``seed`` and
         the ``nonfinite_skipped`` count are restored from the state dict too.
         """
+        self._step_plan = None  # it refers to the states being replaced
         if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
             raise ValueError("state_dict must be a dict with 'state' and 'param_groups' (from optimizer.state_dict())")
         seed = state_dict.get("leanopt", {}).get("seed", self.seed)  # stochastic rounding resumes its noise

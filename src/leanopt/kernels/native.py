@@ -1225,6 +1225,10 @@ class Launch:
     ptrs: Any
     scalars: Any
     keep: list
+    slot: int = 0  # the gradient's index in ``ptrs``
+    counter: Any = None  # (weakref, C float view, address) of the fp32 step tensor, or None
+    refs: tuple = ()  # (state key, weakref, address) of every state tensor in ``ptrs``
+    random: bool = False  # the weight format's noise is in ``ptrs`` (drawn per step)
 
 
 def launch(
@@ -1274,7 +1278,7 @@ def launch(
                 hit = False
                 break
     if hit:
-        spec, kernel, ptrs, counter = cached[1], cached[2], cached[4], cached[5]
+        spec, kernel, refs, ptrs, counter = cached[1], cached[2], cached[3], cached[4], cached[5]
     else:
         planned = _plan(rule, weight_format, state_format, param, grad.dtype, state, group)
         if planned is None:
@@ -1285,7 +1289,7 @@ def launch(
             return None
         if len(_PLANS) > 100_000:
             _PLANS.clear()
-        refs = [(k, weakref.ref(t), t.data_ptr()) for k, t in zip(keys, tensors[1:], strict=True)]
+        refs = tuple((k, weakref.ref(t), t.data_ptr()) for k, t in zip(keys, tensors[1:], strict=True))
         tensors.insert(len(spec.weight.ctypes_), grad)
         if spec.weight.random:
             tensors.append(grad)  # a slot for the noise, filled below
@@ -1320,7 +1324,7 @@ def launch(
         ptrs[len(ptrs) - 1] = noise.data_ptr()
     n = check[6][-1] if check[6] else 1
     rows = param.numel() // n if n else 0
-    return Launch(kernel, rows, n, ptrs, values, keep)
+    return Launch(kernel, rows, n, ptrs, values, keep, len(spec.weight.ctypes_), counter, refs, spec.weight.random)
 
 
 _FUSED_FORM: list[Any] = []

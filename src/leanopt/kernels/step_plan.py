@@ -1,0 +1,246 @@
+"""Whole-step plans: a CPU ``step()`` that repeats the previous one costs one native call, not a Python
+pass per tensor.
+
+After a step in which every parameter's update ran in a native kernel (:func:`build`), the optimizer
+keeps what that step prepared: each tensor's kernel, pointer array (only the gradient slot changes),
+step counter and the weak references and addresses of its state tensors. The next ``step()``
+(:func:`run`) checks in Python only what could have changed since (the same parameters have gradients,
+each gradient's layout, dtype and shape, each state tensor the same object at the same address, each
+group's hyper-parameters valid and giving the same kernel), fills the hyper-parameter arrays once per
+group, and makes one native call (``lo_step_all``) that checks every gradient for NaN/inf, checks every
+step counter, and only then writes the gradient addresses, advances the counters and runs every
+update. Anything unexpected (a non-finite gradient, a counter changed from outside, a new state)
+makes :func:`run` return False with nothing changed, and ``step()`` takes its general path, which
+decides as it always does (skip, raise, rebuild) and makes a new plan.
+
+The arithmetic is that of the general path: the same kernels on the same pointers with the same
+hyper-parameter values (tests/test_step_plan.py compares bits). Measured on 500 tensors of 64x64:
+``python benchmarks/kernels.py --workloads many-small --steps 10 --rounds 3``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import native as _native
+
+_STEP_ALL_SOURCE = r"""
+#include <stdlib.h>
+/* One optimizer step from a whole-step plan: 0 when every update ran; 1 when a gradient holds NaN/inf
+   (check != 0), 2 when a step counter is not the value the plan expects, 3 when out of memory: then
+   nothing was changed. seg[t]: tensor t's segment (a param group and step count); expect[s]: the step
+   counter of segment s before this step. */
+int lo_step_all(int64_t count, void **grads, const int64_t *sizes, const uint32_t *masks, int check,
+                float **counters, const int32_t *seg, const float *expect, const int64_t *slot,
+                void **fns, const int64_t *rows, const int64_t *ns, void ***ptrs, const float **scalars,
+                int threads, int64_t small) {
+  if (check) {
+    int8_t *ok = (int8_t *)malloc((size_t)(count > 0 ? count : 1));
+    if (!ok) return 3;
+    lo_all_finite_many(count, grads, sizes, masks, ok, threads);
+    int bad = 0;
+    for (int64_t t = 0; t < count; t++) bad |= !ok[t];
+    free(ok);
+    if (bad) return 1;
+  }
+  for (int64_t t = 0; t < count; t++) if (*counters[t] != expect[seg[t]]) return 2;
+  for (int64_t t = 0; t < count; t++) { ptrs[t][slot[t]] = grads[t]; *counters[t] += 1.0f; }
+  lo_run_many(count, fns, rows, ns, ptrs, scalars, threads, small);
+  return 0;
+}
+"""
+
+_FN: list[Any] = []
+
+
+def _step_all() -> Any:
+    """The compiled ``lo_step_all`` (None if it cannot be built)."""
+    if not _FN:
+        c = ctypes
+        args = [c.c_int64, c.c_void_p, c.c_void_p, c.c_void_p, c.c_int, c.c_void_p, c.c_void_p, c.c_void_p,
+                c.c_void_p, c.c_void_p, c.c_void_p, c.c_void_p, c.c_void_p, c.c_void_p, c.c_int, c.c_int64]  # fmt: skip
+        source = _native._FINITE_SOURCE + _native._MANY_SOURCE + _STEP_ALL_SOURCE
+        try:
+            _FN.append(_native.build(source, "lo_step_all", args, c.c_int).fn)
+        except (_native.BuildError, OSError):
+            _FN.append(None)
+    return _FN[0]
+
+
+@dataclass(slots=True)
+class Segment:
+    """Tensors of one param group whose step counters agree: one hyper-parameter array."""
+
+    group: dict
+    flags: tuple
+    states: tuple
+    formats: tuple  # (master, states) of the group
+    expect: float  # the counters' value before the next step
+    scalars: Any  # ctypes float array, refilled each step (its address is in the plan's scalars)
+
+
+@dataclass(slots=True)
+class StepPlan:
+    signature: tuple
+    mode: tuple  # (kernel, nonfinite) of the optimizer
+    form: Any
+    segments: list[Segment]
+    # per tensor, in step order
+    state_ids: list[int]
+    refs: list[tuple]
+    param_ptrs: list[int]
+    shapes: list[torch.Size]
+    grad_dtypes: list[torch.dtype]
+    # the native call's arrays
+    count: int
+    sizes: Any
+    masks: Any
+    counters: Any
+    seg: Any
+    expect: Any
+    slot: Any
+    fns: Any
+    rows: Any
+    ns: Any
+    ptrs: Any
+    scalars: Any
+    kernels: list  # kept alive: their code is what fns points to
+    keep: list  # the pointer arrays (kept alive: ptrs holds their addresses)
+
+
+def _signature(groups: list[dict]) -> tuple[tuple, list[Tensor]]:
+    """What must match for a plan to apply, and the gradients in step order."""
+    params = [p for g in groups for p in g["params"]]
+    grads = [p.grad for p in params]
+    sig = (tuple(map(id, groups)), tuple(len(g["params"]) for g in groups), tuple(map(id, params)),
+           tuple(g is None for g in grads))  # fmt: skip
+    return sig, [g for g in grads if g is not None]
+
+
+def build(opt: Any, work: list[tuple[Tensor, dict]], jobs: list) -> StepPlan | None:
+    """The plan of the step that has just run ``jobs`` for ``work`` (one launch per item, in order), or
+    None when that step is not one a plan can repeat (a tensor updated elsewhere or skipped, noise drawn
+    per step, a step counter that is not a plain fp32 tensor)."""
+    if not jobs or len(jobs) != len(work) or _step_all() is None:
+        return None
+    if any(j.random or j.counter is None for j in jobs):
+        return None
+    form = _native._fused_form()(opt.rule)
+    if form is None:
+        return None
+    sig, grads = _signature(opt.param_groups)
+    if len(grads) != len(jobs):
+        return None
+    segments: list[Segment] = []
+    index: dict[tuple[int, float], int] = {}
+    seg_of = []
+    for (_, group), job in zip(work, jobs, strict=True):
+        value = job.counter[1].value  # after this step
+        key = (id(group), value)
+        if key not in index:
+            index[key] = len(segments)
+            floats = form.scalars(group, value)
+            segments.append(Segment(group, form.flags(group), tuple(opt.rule.states(group)),
+                                    (group["master"], group["states"]), value,
+                                    (ctypes.c_float * len(floats))(*floats)))  # fmt: skip
+        seg_of.append(index[key])
+    count = len(jobs)
+    specs = [_native._EXPONENT_MASKS.get(g.dtype) for g in grads]
+    if any(sp is None for sp in specs):
+        return None
+    c = ctypes
+    return StepPlan(
+        signature=sig,
+        mode=(opt.kernel, opt.nonfinite),
+        form=form,
+        segments=segments,
+        state_ids=[id(opt.state.get(p)) for p, _ in work],
+        refs=[(*j.refs, ("step", j.counter[0], j.counter[2])) for j in jobs],  # the step tensor too
+        param_ptrs=[p.data_ptr() for p, _ in work],
+        shapes=[p.shape for p, _ in work],
+        grad_dtypes=[g.dtype for g in grads],
+        count=count,
+        sizes=(c.c_int64 * count)(*[g.numel() for g in grads]),
+        masks=(c.c_uint32 * count)(*[sp[1] | (sp[0] == 32) for sp in specs]),  # type: ignore[index]
+        counters=(c.c_void_p * count)(*[j.counter[2] for j in jobs]),
+        seg=(c.c_int32 * count)(*seg_of),
+        expect=(c.c_float * len(segments))(*[s.expect for s in segments]),
+        slot=(c.c_int64 * count)(*[j.slot for j in jobs]),
+        fns=(c.c_void_p * count)(*[c.cast(j.kernel.fn, c.c_void_p).value for j in jobs]),
+        rows=(c.c_int64 * count)(*[j.rows for j in jobs]),
+        ns=(c.c_int64 * count)(*[j.n for j in jobs]),
+        ptrs=(c.c_void_p * count)(*[c.addressof(j.ptrs) for j in jobs]),
+        scalars=(c.c_void_p * count)(*[c.addressof(segments[s].scalars) for s in seg_of]),
+        kernels=[j.kernel for j in jobs],
+        keep=[j.ptrs for j in jobs],
+    )
+
+
+def _valid(plan: StepPlan, opt: Any, grads: list[Tensor]) -> bool:
+    """Whether nothing the plan relies on has changed (only reads)."""
+    strided = torch.strided
+    for g, dtype, shape in zip(grads, plan.grad_dtypes, plan.shapes, strict=True):
+        if type(g) is not Tensor or g.layout is not strided or g.dtype is not dtype or g.shape != shape:
+            return False
+        if not g.is_cpu or not g.is_contiguous():
+            return False
+    state = opt.state
+    i = 0
+    for group in opt.param_groups:
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.data_ptr() != plan.param_ptrs[i] or p.shape != plan.shapes[i] or not p.is_contiguous():
+                return False
+            st = state.get(p)
+            if id(st) != plan.state_ids[i]:
+                return False
+            for k, ref, ptr in plan.refs[i]:
+                t = ref()
+                if t is None or st.get(k) is not t or t.data_ptr() != ptr:
+                    return False
+            i += 1
+    for seg in plan.segments:
+        group = seg.group
+        try:
+            opt._check_group(group)
+        except ValueError:
+            return False  # the general path raises it, naming the group
+        if (group["master"], group["states"]) != seg.formats or tuple(opt.rule.states(group)) != seg.states:
+            return False
+        if plan.form.flags(group) != seg.flags:
+            return False
+    return True
+
+
+def run(plan: StepPlan, opt: Any) -> bool:
+    """One ``step()`` of ``opt`` by ``plan``; False (nothing changed) when the plan does not apply or the
+    native call declined (non-finite gradient, changed step counter): the caller's general path runs."""
+    if (opt.kernel, opt.nonfinite) != plan.mode:
+        return False
+    sig, grads = _signature(opt.param_groups)
+    if sig != plan.signature or not _valid(plan, opt, grads):
+        return False
+    fn = _step_all()
+    steps = []
+    for s, seg in enumerate(plan.segments):
+        step = ctypes.c_float(seg.expect + 1.0).value  # float32 + 1, as the counters advance
+        seg.scalars[:] = plan.form.scalars(seg.group, step)
+        plan.expect[s] = seg.expect
+        steps.append(step)
+    gptrs = (ctypes.c_void_p * plan.count)(*[g.data_ptr() for g in grads])
+    rc = fn(plan.count, gptrs, plan.sizes, plan.masks, int(opt.nonfinite != "ignore"), plan.counters, plan.seg,
+            plan.expect, plan.slot, plan.fns, plan.rows, plan.ns, plan.ptrs, plan.scalars,
+            torch.get_num_threads(), _native.SMALL_TENSOR)  # fmt: skip
+    if rc != 0:
+        return False
+    for seg, step in zip(plan.segments, steps, strict=True):
+        seg.expect = step
+    for kernel in plan.kernels:
+        kernel.calls += 1
+    return True

@@ -1,0 +1,257 @@
+"""Whole-step plans (leanopt.kernels.step_plan): a repeated CPU step in one native call.
+
+Every test runs two optimizers on equal copies of the same parameters: one as users get it, one whose
+plan is dropped before each step (so every step takes the general, per-tensor path). Their weights and
+states must agree bit for bit, whatever happens between steps; and the plan must actually be used when
+nothing changed.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import leanopt
+from leanopt.kernels import native, step_plan
+
+pytestmark = pytest.mark.skipif(native.disabled_reason() is not None or native.compiler() is None,
+                                reason="no C compiler")  # fmt: skip
+
+_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32}
+SHAPES = [(64, 64), (3, 70), (130,), (5, 96), (1,)]
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().contiguous().view(_INT[t.element_size()]).clone()
+
+
+class Twin:
+    """The same optimizer twice: ``planned`` as users get it, ``general`` without plans."""
+
+    def __init__(self, make_opt, dtype=torch.bfloat16, shapes=SHAPES, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        base = [(torch.randn(s, generator=g) * 0.5).to(dtype) for s in shapes]
+        self.a = [torch.nn.Parameter(t.clone()) for t in base]
+        self.b = [torch.nn.Parameter(t.clone()) for t in base]
+        self.planned, self.general = make_opt(self.a), make_opt(self.b)
+        self.gen = g
+        self.dtype = dtype
+
+    def grads(self, scale=1.0, skip=()):
+        for i, (pa, pb) in enumerate(zip(self.a, self.b, strict=True)):
+            if i in skip:
+                pa.grad = pb.grad = None
+                continue
+            g = (torch.randn(pa.shape, generator=self.gen) * scale).to(self.dtype)
+            pa.grad, pb.grad = g.clone(), g.clone()
+
+    def step(self):
+        self.general._step_plan = None
+        out = []
+        for opt in (self.planned, self.general):
+            try:
+                opt.step()
+                out.append(None)
+            except Exception as err:  # noqa: BLE001 - compared below
+                out.append(err)
+        assert type(out[0]) is type(out[1]), out
+        if out[0] is not None:
+            assert str(out[0]) == str(out[1])
+            raise out[0]
+
+    def assert_same(self):
+        assert self.planned.nonfinite_skipped == self.general.nonfinite_skipped
+        assert self.planned.last_skipped == self.general.last_skipped
+        for pa, pb in zip(self.a, self.b, strict=True):
+            assert torch.equal(bits(pa), bits(pb))
+            sa, sb = self.planned.state.get(pa, {}), self.general.state.get(pb, {})
+            assert sorted(sa) == sorted(sb)
+            for k in sa:
+                assert torch.equal(bits(sa[k]), bits(sb[k])), k
+
+
+def count_general(monkeypatch):
+    """Counts step()s that took the general path (it runs its launches through run_many)."""
+    calls = []
+    real = native.run_many
+    monkeypatch.setattr(native, "run_many", lambda jobs: (calls.append(len(jobs)), real(jobs))[1])
+    return calls
+
+
+MODES = {
+    "adamw exact/fp32": lambda ps: leanopt.AdamW(ps, lr=1e-2, weight_decay=0.1),
+    "adamw compact/int8": lambda ps: leanopt.AdamW(ps, lr=1e-2, master="compact", states="int8"),
+    "adam exact/bf16 ignore": lambda ps: leanopt.Adam(ps, lr=1e-2, states="bf16", nonfinite="ignore"),
+    "adamw compact/int4": lambda ps: leanopt.AdamW(ps, lr=1e-2, master="compact", states="int4"),
+    "sgd nesterov": lambda ps: leanopt.SGD(ps, lr=1e-2, momentum=0.9, nesterov=True),
+    "lion kahan": lambda ps: leanopt.Lion(ps, lr=1e-3, master="kahan", weight_decay=0.1),
+}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_repeated_steps_use_the_plan_and_match_the_general_path_bit_for_bit(mode, monkeypatch):
+    twin = Twin(MODES[mode])
+    general = count_general(monkeypatch)
+    for i in range(6):
+        twin.grads(scale=10.0 ** -(i % 3))
+        for opt in (twin.planned, twin.general):
+            opt.param_groups[0]["lr"] *= 0.7  # a schedule: the plan still applies
+        twin.step()
+        twin.assert_same()
+    # the general optimizer took the general path 6 times; the planned one only for its first step
+    assert len(general) == 6 + 1
+    assert twin.planned._step_plan is not None
+
+
+def test_fp32_params_and_two_groups_with_different_step_counts(monkeypatch):
+    def make(ps):
+        return leanopt.AdamW([{"params": ps[:2]}, {"params": ps[2:], "lr": 3e-3, "betas": (0.8, 0.99)}], lr=1e-2)
+
+    twin = Twin(make, dtype=torch.float32)
+    twin.grads(skip=(0, 3))  # these two start one step later: 2 step counts per group
+    twin.step()
+    general = count_general(monkeypatch)
+    for _ in range(3):
+        twin.grads()
+        twin.step()
+        twin.assert_same()
+    plan = twin.planned._step_plan
+    assert len(plan.segments) == 4  # (group, step count) pairs
+    assert len(general) == 3 + 1  # second step: the general path (gradients changed), then the plan
+
+
+def test_non_finite_gradient_is_skipped_as_without_a_plan():
+    twin = Twin(MODES["adamw exact/fp32"])
+    for _ in range(2):
+        twin.grads()
+        twin.step()
+    twin.grads()
+    for p in (twin.a[1], twin.b[1]):
+        p.grad[0, 0] = float("nan")
+    twin.step()
+    twin.assert_same()
+    assert twin.planned.last_skipped == [1] and twin.planned.nonfinite_skipped == 1
+    twin.grads()
+    twin.step()  # parameter 1's step count now differs from the others': still the same results
+    twin.assert_same()
+
+
+def test_non_finite_gradient_raises_with_nothing_changed():
+    twin = Twin(lambda ps: leanopt.AdamW(ps, lr=1e-2, nonfinite="raise"))
+    for _ in range(2):
+        twin.grads()
+        twin.step()
+    before = [bits(p) for p in twin.a]
+    twin.grads()
+    for p in (twin.a[-1], twin.b[-1]):
+        p.grad[0] = float("inf")
+    with pytest.raises(FloatingPointError, match="parameter 4"):
+        twin.step()
+    assert all(torch.equal(bits(p), b) for p, b in zip(twin.a, before, strict=True))
+    twin.assert_same()
+
+
+def _replace_state(opt, p, key, how):
+    t = opt.state[p][key]
+    if how == "new tensor":
+        opt.state[p][key] = t.clone() * 0.5
+    elif how == "new storage":
+        t.data = t.clone() * 0.5  # same object, other memory
+    elif how == "in place":
+        t.mul_(0.5)
+    elif how == "step count":
+        t.fill_(100.0)
+
+
+@pytest.mark.parametrize("how", ["new tensor", "new storage", "in place", "step count"])
+def test_states_changed_between_steps_are_followed(how):
+    twin = Twin(MODES["adamw exact/fp32"])
+    for i in range(4):
+        twin.grads()
+        if i == 2:
+            key = "step" if how == "step count" else "exp_avg"
+            for opt, ps in ((twin.planned, twin.a), (twin.general, twin.b)):
+                _replace_state(opt, ps[0], key, how)
+        twin.step()
+        twin.assert_same()
+
+
+def test_gradients_that_change_shape_of_work_are_followed():
+    twin = Twin(MODES["adamw compact/int8"])
+    twin.grads()
+    twin.step()
+    twin.grads(skip=(2,))  # one parameter without a gradient
+    twin.step()
+    twin.assert_same()
+    twin.grads()
+    for ps in (twin.a, twin.b):  # a non-contiguous gradient (same values)
+        ps[0].grad = ps[0].grad.t().contiguous().t()
+    twin.step()
+    twin.assert_same()
+    twin.grads()
+    twin.step()
+    twin.assert_same()
+
+
+def test_hyper_parameter_changes_rebuild_or_raise():
+    twin = Twin(lambda ps: leanopt.SGD(ps, lr=1e-2, momentum=0.9))
+    for _ in range(3):
+        twin.grads()
+        twin.step()
+    for opt in (twin.planned, twin.general):
+        opt.param_groups[0]["nesterov"] = True  # another kernel
+    twin.grads()
+    twin.step()
+    twin.assert_same()
+    before = [bits(p) for p in twin.a]
+    for opt in (twin.planned, twin.general):
+        opt.param_groups[0]["lr"] = -1.0
+    twin.grads()
+    with pytest.raises(ValueError, match="lr"):
+        twin.step()
+    assert all(torch.equal(bits(p), b) for p, b in zip(twin.a, before, strict=True))
+
+
+def test_load_state_dict_and_weights_replaced_are_followed():
+    twin = Twin(MODES["adamw compact/int8"])
+    for _ in range(3):
+        twin.grads()
+        twin.step()
+    saved = twin.general.state_dict()
+    twin.grads()
+    twin.step()
+    for opt in (twin.planned, twin.general):
+        opt.load_state_dict(saved)
+    assert twin.planned._step_plan is None
+    for pa, pb in zip(twin.a, twin.b, strict=True):  # weights given new storage (same values)
+        pa.data, pb.data = pa.data.clone(), pb.data.clone()
+    twin.grads()
+    twin.step()
+    twin.assert_same()
+
+
+def test_stochastic_rounding_is_not_planned():
+    ps = [torch.nn.Parameter(torch.randn(8, 32).bfloat16())]
+    opt = leanopt.AdamW(ps, lr=1e-2, master="stochastic")
+    for _ in range(2):
+        ps[0].grad = torch.randn(8, 32).bfloat16()
+        opt.step()
+    assert opt._step_plan is None  # noise is drawn per tensor per step
+
+
+def test_the_native_call_declines_when_a_gradient_is_not_finite():
+    """lo_step_all itself: it checks before writing anything (return 1), and counters (return 2)."""
+    p = torch.nn.Parameter(torch.randn(4, 32).bfloat16())
+    opt = leanopt.AdamW([p], lr=1e-2)
+    for _ in range(2):
+        p.grad = torch.randn(4, 32).bfloat16()
+        opt.step()
+    plan = opt._step_plan
+    before = bits(p), opt.state[p]["step"].item()
+    p.grad = torch.randn(4, 32).bfloat16()
+    p.grad[3, 31] = float("nan")
+    assert not step_plan.run(plan, opt)
+    assert torch.equal(bits(p), before[0]) and opt.state[p]["step"].item() == before[1]
+    p.grad[3, 31] = 0.0
+    assert step_plan.run(plan, opt)
+    assert opt.state[p]["step"].item() == before[1] + 1
