@@ -120,17 +120,21 @@ def test_fp32_params_and_two_groups_with_different_step_counts(monkeypatch):
     assert len(general) == 3 + 1  # second step: the general path (gradients changed), then the plan
 
 
-def test_non_finite_gradient_is_skipped_as_without_a_plan():
-    twin = Twin(MODES["adamw exact/fp32"])
+@pytest.mark.parametrize("where", [1, 5], ids=["small tensor", "large tensor"])
+def test_non_finite_gradient_is_skipped_as_without_a_plan(where, monkeypatch):
+    # (300, 256): above native.SMALL_TENSOR, checked and updated by all threads
+    twin = Twin(MODES["adamw exact/fp32"], shapes=[*SHAPES, (300, 256)])
     for _ in range(2):
         twin.grads()
         twin.step()
+    general = count_general(monkeypatch)
     twin.grads()
-    for p in (twin.a[1], twin.b[1]):
-        p.grad[0, 0] = float("nan")
+    for p in (twin.a[where], twin.b[where]):
+        p.grad.view(-1)[-1] = float("nan")
     twin.step()
     twin.assert_same()
-    assert twin.planned.last_skipped == [1] and twin.planned.nonfinite_skipped == 1
+    assert twin.planned.last_skipped == [where] and twin.planned.nonfinite_skipped == 1
+    assert len(general) == 1  # the planned optimizer skipped it in its native call
     twin.grads()
     twin.step()  # parameter 1's step count now differs from the others': still the same results
     twin.assert_same()
@@ -239,19 +243,35 @@ def test_stochastic_rounding_is_not_planned():
     assert opt._step_plan is None  # noise is drawn per tensor per step
 
 
-def test_the_native_call_declines_when_a_gradient_is_not_finite():
-    """lo_step_all itself: it checks before writing anything (return 1), and counters (return 2)."""
-    p = torch.nn.Parameter(torch.randn(4, 32).bfloat16())
-    opt = leanopt.AdamW([p], lr=1e-2)
+def test_the_native_call_skips_only_the_non_finite_tensor_and_declines_stale_plans():
+    """lo_step_all itself: a tensor with NaN is left as it was while the others update; a plan whose step
+    counts no longer match the states, or a NaN under nonfinite="raise", changes nothing (None)."""
+    ps = [torch.nn.Parameter(torch.randn(4, 32).bfloat16()) for _ in range(2)]
+    opt = leanopt.AdamW(ps, lr=1e-2)
     for _ in range(2):
-        p.grad = torch.randn(4, 32).bfloat16()
+        for p in ps:
+            p.grad = torch.randn(4, 32).bfloat16()
         opt.step()
     plan = opt._step_plan
-    before = bits(p), opt.state[p]["step"].item()
-    p.grad = torch.randn(4, 32).bfloat16()
-    p.grad[3, 31] = float("nan")
-    assert not step_plan.run(plan, opt)
-    assert torch.equal(bits(p), before[0]) and opt.state[p]["step"].item() == before[1]
-    p.grad[3, 31] = 0.0
-    assert step_plan.run(plan, opt)
-    assert opt.state[p]["step"].item() == before[1] + 1
+
+    def snapshot():
+        return [(bits(p), opt.state[p]["step"].item()) for p in ps]
+
+    before = snapshot()
+    ps[1].grad[3, 31] = float("nan")
+    assert step_plan.run(plan, opt) == [1]
+    after = snapshot()
+    assert not torch.equal(after[0][0], before[0][0]) and after[0][1] == before[0][1] + 1
+    assert torch.equal(after[1][0], before[1][0]) and after[1][1] == before[1][1]
+    ps[1].grad[3, 31] = 0.0
+    assert step_plan.run(plan, opt) is None  # parameter 1's count is behind the plan's now
+    assert all(torch.equal(a[0], b[0]) and a[1] == b[1] for a, b in zip(snapshot(), after, strict=True))
+
+    opt.step()  # the general path, which plans again
+    opt.nonfinite = "raise"
+    opt.step()
+    plan = opt._step_plan
+    before = snapshot()
+    ps[0].grad[0, 0] = float("inf")
+    assert step_plan.run(plan, opt) is None
+    assert all(torch.equal(a[0], b[0]) and a[1] == b[1] for a, b in zip(snapshot(), before, strict=True))

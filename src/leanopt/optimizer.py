@@ -367,8 +367,12 @@ class LeanOptimizer(torch.optim.Optimizer):
         self._native_ready = self.kernel != "reference" and _native.disabled_reason() is None
         # the same step as last time, every update native: one native call (kernels/step_plan.py)
         plan, self._step_plan = self._step_plan, None
-        if plan is not None and self._native_ready and _step_plan.run(plan, self):
-            self._step_plan, self.last_skipped = plan, []
+        skipped = _step_plan.run(plan, self) if plan is not None and self._native_ready else None
+        if skipped is not None:
+            self.last_skipped = skipped
+            self.nonfinite_skipped += len(skipped)
+            if not skipped:  # after a skip the step counts differ: the general path plans again
+                self._step_plan = plan
             return loss
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
         # plain CPU gradients: checked for NaN/inf in one native call (small ones side by side)

@@ -30,28 +30,41 @@ from torch import Tensor
 from . import native as _native
 
 _STEP_ALL_SOURCE = r"""
-#include <stdlib.h>
-/* One optimizer step from a whole-step plan: 0 when every update ran; 1 when a gradient holds NaN/inf
-   (check != 0), 2 when a step counter is not the value the plan expects, 3 when out of memory: then
-   nothing was changed. seg[t]: tensor t's segment (a param group and step count); expect[s]: the step
-   counter of segment s before this step. */
+/* One optimizer step from a whole-step plan. First every step counter is compared with the value the
+   plan expects (expect[seg[t]], seg[t]: tensor t's param group and step count): -1 if one differs. With
+   check == 2 ("raise") every gradient is checked for NaN/inf first: -2 if one is not finite. Nothing has
+   changed in either case. Then each tensor, with check == 1 ("skip"), is checked just before its update
+   (its gradient is then read again from cache): ok[t] = 0 and no change for a non-finite one. Returns
+   the number of tensors skipped. Large tensors one after the other, each split over the threads; small
+   ones one per thread. */
 int lo_step_all(int64_t count, void **grads, const int64_t *sizes, const uint32_t *masks, int check,
                 float **counters, const int32_t *seg, const float *expect, const int64_t *slot,
                 void **fns, const int64_t *rows, const int64_t *ns, void ***ptrs, const float **scalars,
-                int threads, int64_t small) {
-  if (check) {
-    int8_t *ok = (int8_t *)malloc((size_t)(count > 0 ? count : 1));
-    if (!ok) return 3;
+                int8_t *ok, int threads, int64_t small) {
+  for (int64_t t = 0; t < count; t++) if (*counters[t] != expect[seg[t]]) return -1;
+  if (check == 2) {
     lo_all_finite_many(count, grads, sizes, masks, ok, threads);
-    int bad = 0;
-    for (int64_t t = 0; t < count; t++) bad |= !ok[t];
-    free(ok);
-    if (bad) return 1;
+    for (int64_t t = 0; t < count; t++) if (!ok[t]) return -2;
   }
-  for (int64_t t = 0; t < count; t++) if (*counters[t] != expect[seg[t]]) return 2;
-  for (int64_t t = 0; t < count; t++) { ptrs[t][slot[t]] = grads[t]; *counters[t] += 1.0f; }
-  lo_run_many(count, fns, rows, ns, ptrs, scalars, threads, small);
-  return 0;
+  int64_t skipped = 0;
+  for (int64_t t = 0; t < count; t++) {
+    if (rows[t] * ns[t] < small) continue;
+    ok[t] = check != 1 || lo_all_finite(grads[t], sizes[t], (masks[t] & 1u) ? 32 : 16, masks[t] & ~1u, threads);
+    if (!ok[t]) { skipped++; continue; }
+    ptrs[t][slot[t]] = grads[t];
+    *counters[t] += 1.0f;
+    ((lo_step_fn)fns[t])(rows[t], ns[t], ptrs[t], scalars[t], threads);
+  }
+  #pragma omp parallel for schedule(dynamic, 4) num_threads(threads) if(count > 8) reduction(+:skipped)
+  for (int64_t t = 0; t < count; t++) {
+    if (rows[t] * ns[t] >= small) continue;
+    ok[t] = check != 1 || lo_one(grads[t], sizes[t], masks[t]);
+    if (!ok[t]) { skipped++; continue; }
+    ptrs[t][slot[t]] = grads[t];
+    *counters[t] += 1.0f;
+    if (rows[t] * ns[t] > 0) ((lo_step_fn)fns[t])(rows[t], ns[t], ptrs[t], scalars[t], 1);
+  }
+  return (int)skipped;
 }
 """
 
@@ -63,7 +76,8 @@ def _step_all() -> Any:
     if not _FN:
         c = ctypes
         args = [c.c_int64, c.c_void_p, c.c_void_p, c.c_void_p, c.c_int, c.c_void_p, c.c_void_p, c.c_void_p,
-                c.c_void_p, c.c_void_p, c.c_void_p, c.c_void_p, c.c_void_p, c.c_void_p, c.c_int, c.c_int64]  # fmt: skip
+                c.c_void_p, c.c_void_p, c.c_void_p, c.c_void_p, c.c_void_p, c.c_void_p, c.c_void_p, c.c_int,
+                c.c_int64]  # fmt: skip
         source = _native._FINITE_SOURCE + _native._MANY_SOURCE + _STEP_ALL_SOURCE
         try:
             _FN.append(_native.build(source, "lo_step_all", args, c.c_int).fn)
@@ -109,6 +123,7 @@ class StepPlan:
     ns: Any
     ptrs: Any
     scalars: Any
+    ok: Any  # per tensor: its gradient was finite (written by the native call)
     kernels: list  # kept alive: their code is what fns points to
     keep: list  # the pointer arrays (kept alive: ptrs holds their addresses)
 
@@ -176,6 +191,7 @@ def build(opt: Any, work: list[tuple[Tensor, dict]], jobs: list) -> StepPlan | N
         ns=(c.c_int64 * count)(*[j.n for j in jobs]),
         ptrs=(c.c_void_p * count)(*[c.addressof(j.ptrs) for j in jobs]),
         scalars=(c.c_void_p * count)(*[c.addressof(segments[s].scalars) for s in seg_of]),
+        ok=(c.c_int8 * count)(),
         kernels=[j.kernel for j in jobs],
         keep=[j.ptrs for j in jobs],
     )
@@ -218,14 +234,16 @@ def _valid(plan: StepPlan, opt: Any, grads: list[Tensor]) -> bool:
     return True
 
 
-def run(plan: StepPlan, opt: Any) -> bool:
-    """One ``step()`` of ``opt`` by ``plan``; False (nothing changed) when the plan does not apply or the
-    native call declined (non-finite gradient, changed step counter): the caller's general path runs."""
+def run(plan: StepPlan, opt: Any) -> list[int] | None:
+    """One ``step()`` of ``opt`` by ``plan``: the indices of the parameters skipped for a non-finite
+    gradient (``nonfinite="skip"``; the plan no longer applies after a skip), or None, with nothing
+    changed, when the plan does not apply or the native call declined (a step counter changed from
+    outside, a non-finite gradient under ``nonfinite="raise"``): then the general path runs."""
     if (opt.kernel, opt.nonfinite) != plan.mode:
-        return False
+        return None
     sig, grads = _signature(opt.param_groups)
     if sig != plan.signature or not _valid(plan, opt, grads):
-        return False
+        return None
     fn = _step_all()
     steps = []
     for s, seg in enumerate(plan.segments):
@@ -234,13 +252,17 @@ def run(plan: StepPlan, opt: Any) -> bool:
         plan.expect[s] = seg.expect
         steps.append(step)
     gptrs = (ctypes.c_void_p * plan.count)(*[g.data_ptr() for g in grads])
-    rc = fn(plan.count, gptrs, plan.sizes, plan.masks, int(opt.nonfinite != "ignore"), plan.counters, plan.seg,
-            plan.expect, plan.slot, plan.fns, plan.rows, plan.ns, plan.ptrs, plan.scalars,
-            torch.get_num_threads(), _native.SMALL_TENSOR)  # fmt: skip
-    if rc != 0:
-        return False
+    check = {"ignore": 0, "skip": 1, "raise": 2}[opt.nonfinite]
+    rc = fn(plan.count, gptrs, plan.sizes, plan.masks, check, plan.counters, plan.seg, plan.expect, plan.slot,
+            plan.fns, plan.rows, plan.ns, plan.ptrs, plan.scalars, plan.ok, torch.get_num_threads(),
+            _native.SMALL_TENSOR)  # fmt: skip
+    if rc < 0:
+        return None
     for seg, step in zip(plan.segments, steps, strict=True):
         seg.expect = step
     for kernel in plan.kernels:
         kernel.calls += 1
-    return True
+    if rc == 0:
+        return []
+    params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
+    return [opt.param_index(p) for p, ok in zip(params, plan.ok, strict=True) if not ok]
