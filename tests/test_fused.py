@@ -205,7 +205,8 @@ def test_fused_adamw_exact_split_matches_reference_within_the_documented_bound(d
 
 def test_grouped_int8_states_stay_on_the_reference_executor(monkeypatch):
     """int8/int4 states are not in FUSED_STATE_FORMATS (their compiled CPU kernel is slow, see
-    docs/kernels.md): even kernel='fused' runs them eagerly."""
+    docs/kernels.md), and OPT_IN_STATE_FORMATS offers them to kernel='fused' on CUDA only: on CPU
+    even kernel='fused' never compiles them."""
 
     def boom(*args, **kwargs):
         raise AssertionError("fused path used for int8 states")
@@ -216,3 +217,45 @@ def test_grouped_int8_states_stay_on_the_reference_executor(monkeypatch):
     p.grad = torch.randn_like(p)
     opt.step()
     assert float(opt.state[p]["step"]) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("states", ["int8", "int4"])
+def test_opt_in_compiled_grouped_states_stay_within_one_code_of_the_reference(device, states, monkeypatch):
+    """kernel="fused" compiles int8/int4 states too where OPT_IN_STATE_FORMATS allows (CUDA; here also
+    CPU, with the native kernels set aside). Per step from identical inputs: the weights' master within
+    the Adam bound, every group scale identical, every code within one of the reference's. Changing LR
+    and step compiles nothing new. (The CPU run documents Inductor's C++; the CUDA run is the one that
+    matters: benchmarks/gpu_check.sh.)"""
+    if device == "cpu":
+        monkeypatch.setitem(fused.OPT_IN_STATE_FORMATS, "cpu", {"int8", "int4"})
+        monkeypatch.setattr(leanopt.kernels.native, "native_step", lambda *a, **k: False)
+    used = []
+    real = fused.fused_step
+    monkeypatch.setattr(fused, "fused_step", lambda *a, **k: used.append(1) or real(*a, **k))
+    torch.manual_seed(0)
+    p0 = torch.randn(8, 96).bfloat16()
+    grads = [torch.randn(8, 96).bfloat16() * 10.0 ** -i for i in range(3)]
+    graphs = None
+    pairs = _pair(leanopt.AdamW, p0, grads, [1e-2, 5e-3, 2e-3], device, master="compact", states=states)
+    for i, (before, (p_ref, ref), (p_fus, fus)) in enumerate(pairs):
+        for key, value in ref.state[p_ref].items():
+            other = fus.state[p_fus][key]
+            if key.endswith(".codes"):
+                a, b = value.cpu(), other.cpu()
+                if states == "int4":  # two codes per byte
+                    a = torch.stack([a & 15, (a >> 4) & 15], -1)
+                    b = torch.stack([b & 15, (b >> 4) & 15], -1)
+                far = int(((a.int() - b.int()).abs() > 1).sum())
+                assert far == 0, f"step {i} {key}: {far} codes more than one apart"
+            elif key.endswith(".scales") or key == "step":
+                assert_same_bits(other, value, f"step {i} {key}")
+        m_ref, m_fus = ref.master_value(p_ref), fus.master_value(p_fus)
+        ulp = torch.nextafter(m_ref.abs(), torch.tensor(float("inf"), device=m_ref.device)) - m_ref.abs()
+        assert bool(((m_fus - m_ref).abs() <= ulp + 2.0**-20 * (m_ref - before).abs()).all()), f"step {i}: master"
+        if graphs is None:
+            graphs = _unique_graphs()
+    assert used, "the compiled path was not used"
+    assert _unique_graphs() == graphs, "changing lr / step compiled a new kernel"
+    fused.reset()

@@ -434,13 +434,24 @@ def available() -> tuple[bool, str]:
 #: grouping, padding and reductions under symbolic shapes; docs/kernels.md), so this path leaves them to
 #: the reference executor (on CPU the native kernels run them first).
 FUSED_STATE_FORMATS = {"fp32", "bf16"}
+#: ... except when asked for: with ``kernel="fused"`` the compiled path also takes these state formats
+#: on these devices. On CUDA the grouped formats otherwise run eagerly, a dozen small kernels per tensor;
+#: their Triton kernel has not been measured yet (no GPU in the sessions so far: benchmarks/gpu_check.sh
+#: times it), and on CPU Inductor's version writes codes up to one apart from the reference's (tested
+#: bound: tests/test_fused.py, docs/kernels.md).
+OPT_IN_STATE_FORMATS: dict[str, set[str]] = {"cuda": {"int8", "int4"}}
 
 
-def supports(rule: Rule, weight_format: WeightFormat, param: Tensor, state_format: StateFormat | None = None) -> bool:
+def supports(
+    rule: Rule, weight_format: WeightFormat, param: Tensor, state_format: StateFormat | None = None,
+    forced: bool = False,
+) -> bool:  # fmt: skip
     """Whether the fused executor handles this parameter: the rule has a fused form, the state format
-    is in FUSED_STATE_FORMATS, and the tensor is dense."""
+    is in FUSED_STATE_FORMATS (or, when ``forced`` by ``kernel="fused"``, in OPT_IN_STATE_FORMATS for the
+    parameter's device), and the tensor is dense."""
     if state_format is not None and state_format.name not in FUSED_STATE_FORMATS:
-        return False
+        if not (forced and state_format.name in OPT_IN_STATE_FORMATS.get(param.device.type, ())):
+            return False
     return fused_form(rule) is not None and param.layout == torch.strided and not param.is_sparse
 
 
@@ -556,7 +567,7 @@ def dispatch_step(
         if native.native_step(rule, weight_format, state_format, param, grad, state, group, random_bits):
             return "native"
     want = kernel == "fused" or (kernel == "auto" and _group_numel(group) >= FUSED_MIN_NUMEL)
-    if want and supports(rule, weight_format, param, state_format):
+    if want and supports(rule, weight_format, param, state_format, forced=kernel == "fused"):
         if fused_step(rule, weight_format, state_format, param, grad, state, group, random_bits):
             return "fused"
     reference_step(rule, weight_format, state_format, param, grad, state, group, random_bits)
@@ -571,6 +582,7 @@ def _is_toolchain_failure(err: Exception) -> bool:
 __all__ = [
     "FUSED_MIN_NUMEL",
     "FUSED_STATE_FORMATS",
+    "OPT_IN_STATE_FORMATS",
     "KERNEL_CHOICES",
     "FusedRule",
     "TRACEABLE_WEIGHT_CODECS",
