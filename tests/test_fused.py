@@ -236,7 +236,7 @@ def test_opt_in_compiled_grouped_states_stay_within_one_code_of_the_reference(de
     monkeypatch.setattr(fused, "fused_step", lambda *a, **k: used.append(1) or real(*a, **k))
     torch.manual_seed(0)
     p0 = torch.randn(8, 96).bfloat16()
-    grads = [torch.randn(8, 96).bfloat16() * 10.0 ** -i for i in range(3)]
+    grads = [torch.randn(8, 96).bfloat16() * 10.0**-i for i in range(3)]
     graphs = None
     pairs = _pair(leanopt.AdamW, p0, grads, [1e-2, 5e-3, 2e-3], device, master="compact", states=states)
     for i, (before, (p_ref, ref), (p_fus, fus)) in enumerate(pairs):
