@@ -259,3 +259,49 @@ def test_opt_in_compiled_grouped_states_stay_within_one_code_of_the_reference(de
     assert used, "the compiled path was not used"
     assert _unique_graphs() == graphs, "changing lr / step compiled a new kernel"
     fused.reset()
+
+
+def test_hyper_parameters_go_to_the_device_once_per_distinct_values():
+    """fused.device_scalars: one device tensor per distinct (device, values), shared by every tensor
+    of a group at one step (on CUDA each copy is then a pinned, non-blocking one instead of a
+    stream-synchronising copy per tensor); values that differ only in a zero's sign stay apart."""
+    fused.reset()
+    cpu = torch.device("cpu")
+    a = fused.device_scalars([1e-3, 0.9, -0.0], cpu)
+    assert fused.device_scalars([1e-3, 0.9, -0.0], cpu) is a
+    b = fused.device_scalars([1e-3, 0.9, 0.0], cpu)
+    assert b is not a
+    assert a.dtype == torch.float32 and a.view(torch.int32)[2].item() == -(2**31)  # -0.0 kept
+    assert torch.equal(a, torch.tensor([1e-3, 0.9, 0.0], dtype=torch.float32))
+    fused.reset()
+    assert fused.device_scalars([1e-3, 0.9, -0.0], cpu) is not a
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize(
+    "mode", ["exact/fp32@reference", "compact/int8@auto", "exact/fp32@fused", "compact/int8@fused"]
+)
+def test_a_cuda_step_synchronises_at_most_once_not_per_tensor(mode):
+    """On CUDA a step queues its work without waiting for the GPU per tensor: the NaN/inf verdicts of
+    all gradients come back in one transfer, hyper-parameters go over in pinned, non-blocking copies,
+    and the weight formats' NaN handling is branch-free there. torch's sync debug mode counts waits."""
+    master, rest = mode.split("/")
+    states, kernel = rest.split("@")
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(64, 64, device="cuda").bfloat16()) for _ in range(20)]
+    opt = leanopt.AdamW(params, lr=1e-3, master=master, states=states, kernel=kernel)
+    for _ in range(2):  # the first step compiles and creates states
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            opt.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    waits = [str(w.message) for w in caught if "synchroniz" in str(w.message).lower()]
+    assert len(waits) <= 1, waits[:3]
+    assert float(opt.state[params[0]]["step"]) == 3

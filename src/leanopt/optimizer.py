@@ -215,7 +215,8 @@ class LeanOptimizer(torch.optim.Optimizer):
         # From step() in "raise" mode _check_grads has just checked every gradient. A sharded gradient
         # gets the same decision on every rank.
         checked = finite_checked or (layout_checked and self.nonfinite == "raise")
-        if self.nonfinite != "ignore" and not checked and not _shards.all_finite(grad):
+        known = self._finite.get(id(grad))  # within step(): from its batched check
+        if self.nonfinite != "ignore" and not checked and not (_shards.all_finite(grad) if known is None else known):
             if self.nonfinite == "raise":
                 raise FloatingPointError(f"non-finite gradient for parameter {self.param_index(param)}")
             self.nonfinite_skipped += 1
@@ -230,16 +231,27 @@ class LeanOptimizer(torch.optim.Optimizer):
         return True
 
     def _finite_flags(self, grads: list[Tensor]) -> dict[int, bool]:
-        """all_finite of every plain CPU gradient from one native call, by id (empty: ask per tensor)."""
-        if self.nonfinite == "ignore" or self.kernel == "reference":
+        """all_finite of the step's plain gradients, by id (missing: ask per tensor): the CPU ones from
+        one native call, the ones on each other device (CUDA) from one transfer to the host, not one
+        synchronising ``bool()`` per tensor."""
+        if self.nonfinite == "ignore":
             return {}
-        plain = [
-            g for g in grads
-            if g.layout == torch.strided and g.device.type == "cpu" and not _shards.is_dtensor(g)
-            and g.dtype in (torch.float32, torch.bfloat16, torch.float16) and g.is_contiguous()
-        ]  # fmt: skip
-        flags = _native.all_finite_many(plain) if len(plain) > 1 else None
-        return {} if flags is None else {id(g): f for g, f in zip(plain, flags, strict=True)}
+        plain = [g for g in grads if g.layout == torch.strided and not _shards.is_dtensor(g)]
+        out: dict[int, bool] = {}
+        kinds = (torch.float32, torch.bfloat16, torch.float16)
+        on_cpu = [g for g in plain if g.device.type == "cpu" and g.dtype in kinds and g.is_contiguous()]
+        flags = _native.all_finite_many(on_cpu) if len(on_cpu) > 1 and self.kernel != "reference" else None
+        if flags is not None:
+            out.update((id(g), f) for g, f in zip(on_cpu, flags, strict=True))
+        by_device: dict[torch.device, list[Tensor]] = {}
+        for g in plain:
+            if g.device.type != "cpu":
+                by_device.setdefault(g.device, []).append(g)
+        for gs in by_device.values():
+            if len(gs) > 1:
+                found = torch.stack([_shards.finite_flag(g) for g in gs]).tolist()
+                out.update((id(g), bool(f)) for g, f in zip(gs, found, strict=True))
+        return out
 
     def _native_job(self, param: Tensor, group: dict[str, Any], scalars: dict) -> Any:
         """For ``step()``: the parameter's update prepared as a native launch (its step count advanced),
@@ -376,7 +388,7 @@ class LeanOptimizer(torch.optim.Optimizer):
             return loss
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
         # plain CPU gradients: checked for NaN/inf in one native call (small ones side by side)
-        self._finite = self._finite_flags(grads) if self._native_ready else {}
+        self._finite = self._finite_flags(grads)
         try:
             with _shards.finite_checks(grads):  # FSDP2: one all-reduce decides for every sharded gradient
                 work = self._check_grads()

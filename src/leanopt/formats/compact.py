@@ -54,7 +54,7 @@ def round_fp32_to_16_bits(value: Tensor) -> Tensor:
         raise TypeError(f"round_fp32_to_16_bits expects float32 values, got {value.dtype}")
     bits = value.view(torch.int32)
     nan = torch.isnan(value)
-    if bool(nan.any()):
+    if value.device.type != "cpu" or bool(nan.any()):  # off the CPU: no sync, always the where
         bits = torch.where(nan, (bits & torch.iinfo(torch.int32).min) | _CANONICAL_NAN, bits)
     return (bits + _ROUND8) & _LOW8_MASK
 

@@ -35,7 +35,7 @@ def split_fp32(value: Tensor) -> tuple[Tensor, Tensor]:
         raise TypeError(f"split_fp32 expects float32 values, got {value.dtype}")
     bits = value.view(torch.int32)
     nan = torch.isnan(value)
-    if bool(nan.any()):
+    if value.device.type != "cpu" or bool(nan.any()):  # off the CPU: no sync, always the where
         sign = bits & torch.iinfo(torch.int32).min
         bits = torch.where(nan, sign | _CANONICAL_NAN, bits)
     # Adding half an ULP to the int32 bit pattern grows the magnitude (sign-magnitude layout), so
@@ -59,7 +59,7 @@ def stochastic_round_bf16(value: Tensor, random_bits: Tensor) -> Tensor:
     """
     bits = value.view(torch.int32)
     nan = torch.isnan(value)
-    if bool(nan.any()):
+    if value.device.type != "cpu" or bool(nan.any()):  # off the CPU: no sync, always the where
         bits = torch.where(nan, (bits & torch.iinfo(torch.int32).min) | _CANONICAL_NAN, bits)
     rounded = (bits + random_bits) & _HIGH_MASK
     return (rounded >> 16).to(torch.int16).view(torch.bfloat16)

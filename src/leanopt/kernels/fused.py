@@ -289,9 +289,33 @@ def compile_stats() -> list[CompileRecord]:
     return list(_RECORDS.values())
 
 
+#: (device, hyper-parameter values) -> those values as an fp32 tensor on the device
+_SCALARS: dict[tuple, Tensor] = {}
+
+
+def device_scalars(values: list[float], device: torch.device) -> Tensor:
+    """``values`` as an fp32 tensor on ``device``, made once per distinct values (every tensor of a
+    param group at the same step shares one). On CUDA it is copied from pinned memory without waiting:
+    a plain ``.to("cuda")`` of a pageable tensor synchronises the stream, which would make every
+    tensor's update wait for all the work queued before it."""
+    host = torch.tensor(values, dtype=torch.float32)
+    key = (device, *host.view(torch.int32).tolist())  # by bits: -0.0 is not 0.0
+    found = _SCALARS.get(key)
+    if found is None:
+        if device.type == "cuda":  # torch's pinned allocator keeps the buffer until the copy has run
+            found = host.pin_memory().to(device, non_blocking=True)
+        else:
+            found = host.to(device)
+        if len(_SCALARS) >= 1024:  # a new step brings new values: drop the old ones
+            _SCALARS.clear()
+        _SCALARS[key] = found
+    return found
+
+
 def reset() -> None:
     """Forget compiled pipelines and failures (tests; after changing torch._dynamo settings)."""
     global _WARNED, _DISABLED_REASON
+    _SCALARS.clear()
     _PIPELINES.clear()
     _RECORDS.clear()
     _FAILED.clear()
@@ -507,7 +531,7 @@ def fused_step(
     else:
         run = lambda s, rbits: fn(param.data, grad, buffers, stored, s, rbits)  # noqa: E731
     state["step"] += 1  # before drawing random bits: they depend on the step, as in the reference
-    s = torch.tensor(form.scalars(group, float(state["step"])), dtype=torch.float32).to(param.device)
+    s = device_scalars(form.scalars(group, float(state["step"])), param.device)
     rbits = random_bits(param) if (random_bits is not None and weight_format.needs_random) else None
     record = _RECORDS[key]
     if record.calls == 0:
