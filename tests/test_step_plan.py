@@ -275,3 +275,22 @@ def test_the_native_call_skips_only_the_non_finite_tensor_and_declines_stale_pla
     ps[0].grad[0, 0] = float("inf")
     assert step_plan.run(plan, opt) is None
     assert all(torch.equal(a[0], b[0]) and a[1] == b[1] for a, b in zip(snapshot(), before, strict=True))
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        (torch.bfloat16, [(0, 32), (4, 64), (0,)], lambda ps: leanopt.AdamW(ps, lr=1e-2)),
+        (torch.float16, [(4, 64), (3, 70)], lambda ps: leanopt.AdamW(ps, lr=1e-2, states="int8")),
+        (torch.float16, [(4, 64), (3, 70)], lambda ps: leanopt.SGD(ps, lr=1e-2, momentum=0.9, master="compact")),
+    ],
+    ids=["empty tensors", "fp16 kahan int8", "fp16 compact"],
+)
+def test_empty_and_fp16_parameters(case):
+    dtype, shapes, make = case
+    twin = Twin(make, dtype=dtype, shapes=shapes)
+    for _ in range(4):
+        twin.grads()
+        twin.step()
+        twin.assert_same()
+    assert twin.planned._step_plan is not None
