@@ -222,12 +222,13 @@ def test_grouped_int8_states_stay_on_the_reference_executor(monkeypatch):
 @pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("states", ["int8", "int4"])
-def test_opt_in_compiled_grouped_states_stay_within_one_code_of_the_reference(device, states, monkeypatch):
+def test_opt_in_compiled_grouped_states_match_the_reference(device, states, monkeypatch):
     """kernel="fused" compiles int8/int4 states too where OPT_IN_STATE_FORMATS allows (CUDA; here also
-    CPU, with the native kernels set aside). Per step from identical inputs: the weights' master within
-    the Adam bound, every group scale identical, every code within one of the reference's. Changing LR
-    and step compiles nothing new. (The CPU run documents Inductor's C++; the CUDA run is the one that
-    matters: benchmarks/gpu_check.sh.)"""
+    CPU, with the native kernels set aside). Per step from identical inputs: the first moment's codes
+    and scales bit-identical, the second moment's codes within one (its encode takes the square root,
+    which eager CPU torch does not always round correctly) and scales identical, weights as the Adam
+    bound allows; changing LR and step compiles nothing new. Without fused.COMPILE_OPTIONS
+    (emulate_precision_casts) 7-12% of the codes were one apart."""
     if device == "cpu":
         monkeypatch.setitem(fused.OPT_IN_STATE_FORMATS, "cpu", {"int8", "int4"})
         monkeypatch.setattr(leanopt.kernels.native, "native_step", lambda *a, **k: False)
@@ -242,14 +243,14 @@ def test_opt_in_compiled_grouped_states_stay_within_one_code_of_the_reference(de
     for i, (before, (p_ref, ref), (p_fus, fus)) in enumerate(pairs):
         for key, value in ref.state[p_ref].items():
             other = fus.state[p_fus][key]
-            if key.endswith(".codes"):
+            if key.startswith("exp_avg_sq") and key.endswith(".codes"):
                 a, b = value.cpu(), other.cpu()
                 if states == "int4":  # two codes per byte
                     a = torch.stack([a & 15, (a >> 4) & 15], -1)
                     b = torch.stack([b & 15, (b >> 4) & 15], -1)
                 far = int(((a.int() - b.int()).abs() > 1).sum())
                 assert far == 0, f"step {i} {key}: {far} codes more than one apart"
-            elif key.endswith(".scales") or key == "step":
+            elif key != "residual":
                 assert_same_bits(other, value, f"step {i} {key}")
         m_ref, m_fus = ref.master_value(p_ref), fus.master_value(p_fus)
         ulp = torch.nextafter(m_ref.abs(), torch.tensor(float("inf"), device=m_ref.device)) - m_ref.abs()
