@@ -58,7 +58,7 @@ class LeanOptimizer(torch.optim.Optimizer):
     rule: Rule
     _native_ready = False  # within step(): the native CPU kernels are on for this step
     _step_plan: Any = None  # the last step's plan, if it can be repeated in one native call
-    _finite: dict[int, bool] = {}  # within step(): all_finite of its plain CPU gradients, by id (never mutated)
+    _finite: dict[int, bool] = {}  # within step(): all_finite of its plain gradients, by id (never mutated)
 
     def __init__(
         self,
@@ -387,7 +387,7 @@ class LeanOptimizer(torch.optim.Optimizer):
                 self._step_plan = plan
             return loss
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        # plain CPU gradients: checked for NaN/inf in one native call (small ones side by side)
+        # plain gradients checked for NaN/inf together: one native call on CPU, one transfer per GPU
         self._finite = self._finite_flags(grads)
         try:
             with _shards.finite_checks(grads):  # FSDP2: one all-reduce decides for every sharded gradient
