@@ -8,7 +8,7 @@
 #   bash benchmarks/gpu_check.sh                 # results in $OUT, else benchmarks/results/gpu-<date>/
 #   DRY_RUN=1 OUT=/tmp/g bash benchmarks/gpu_check.sh   # the script itself, on a CPU (about 1.5 min)
 #
-# With a lent device machine (the `run` tool): command `bash benchmarks/gpu_check.sh`, timeout_s 450;
+# With a lent device machine (the `run` tool): command `bash benchmarks/gpu_check.sh`, timeout_s 500;
 # the six files come back from its $OUT; commit them as benchmarks/results/gpu-<date>/.
 #
 # It needs no network and no install: it runs leanopt from src/ (PYTHONPATH) with the machine's own
@@ -16,7 +16,7 @@
 # repo) into a temporary folder when they are missing.
 # Environment: PYTHON (default: .venv/bin/python if present, else python3), OUT, WHEELS (default
 # benchmarks/wheels), TEST_TIMEOUT (s, default 180), BENCH_TIMEOUT (s, default 150), FUSED_TIMEOUT (s,
-# default 60): about 5 minutes expected, 6.5 at most. DRY_RUN=1 runs the same steps on the CPU with a
+# default 90): about 5 minutes expected, 7 at most. DRY_RUN=1 runs the same steps on the CPU with a
 # tiny workload (to check the script itself on a machine without a GPU).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -32,7 +32,7 @@ export PYTHONPATH="$PWD/src:$SITE${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 log() { echo "[gpu_check $(date -u +%H:%M:%S)] $*" | tee -a "$OUT/log.txt"; }
 
-DEVICE=cuda WORKLOADS=() STEPS=(--steps 10 --warmup 3) BIG=tensor50m
+DEVICE=cuda WORKLOADS=() STEPS=(--steps 10 --warmup 3) BIG=tensor50m,many-small
 if [[ "${DRY_RUN:-0}" == 1 ]]; then
   DEVICE=cpu WORKLOADS=(--workloads tiny) STEPS=(--steps 1 --warmup 1) BIG=tiny
   log "DRY_RUN=1: the CPU, tiny workloads"
@@ -79,10 +79,11 @@ BENCH_RC=$?
 grep -v "^W[0-9]" "$OUT/kernels.txt" >> "$OUT/log.txt"; tail -n 25 "$OUT/kernels.txt"; rm -f "$OUT/kernels.txt"
 
 # 3. The opt-in compiled path for int8/int4 states (kernel="fused"; by default CUDA runs them eagerly)
-#    on one 50M tensor, next to the default: the data for making it the default.
+#    next to the default, on one 50M tensor and on 500 small tensors (one launch per tensor on CUDA:
+#    how much that costs there): the data for the next decisions.
 log "benchmark ($DEVICE, int8/int4 compiled)"
-timeout "${FUSED_TIMEOUT:-60}" "$PYTHON" benchmarks/kernels.py --device "$DEVICE" --workloads "$BIG" \
-  --modes torch-fused,compact/int8,compact/int8@fused,compact/int4@fused "${STEPS[@]}" \
+timeout "${FUSED_TIMEOUT:-90}" "$PYTHON" benchmarks/kernels.py --device "$DEVICE" --workloads "$BIG" \
+  --modes torch-fused,exact/fp32,compact/int8,compact/int8@fused,compact/int4@fused "${STEPS[@]}" \
   --out "$OUT/kernels_int8_fused.json" > "$OUT/kernels_int8_fused.txt" 2>&1
 FUSED_RC=$?
 grep -v "^W[0-9]" "$OUT/kernels_int8_fused.txt" >> "$OUT/log.txt"; tail -n 12 "$OUT/kernels_int8_fused.txt"
