@@ -306,3 +306,24 @@ def test_a_cuda_step_synchronises_at_most_once_not_per_tensor(mode):
     waits = [str(w.message) for w in caught if "synchroniz" in str(w.message).lower()]
     assert len(waits) <= 1, waits[:3]
     assert float(opt.state[params[0]]["step"]) == 3
+
+
+def test_step_counter_advances_like_torch_add():
+    """fused._advance_step writes the fp32 step tensor through a C view: the same float32 + 1 as
+    torch's in-place add (also where it rounds: 2**24 + 1 stays 2**24), a new tensor or new storage is
+    followed, and a step that is not a plain fp32 CPU tensor takes torch's own add."""
+    for start in (0.0, 5.0, 2.0**24 - 1, 2.0**24, 3.0e38):
+        ours, theirs = {"step": torch.tensor(start)}, torch.tensor(start)
+        for _ in range(3):
+            value = fused._advance_step(ours)
+            theirs += 1
+            assert ours["step"].view(torch.int32).item() == theirs.view(torch.int32).item()
+            assert value == theirs.item()
+    state = {"step": torch.tensor(1.0)}
+    fused._advance_step(state)
+    state["step"] = torch.tensor(10.0)  # a new tensor (e.g. loaded)
+    assert fused._advance_step(state) == 11.0
+    state["step"].data = torch.tensor(20.0)  # same object, new storage
+    assert fused._advance_step(state) == 21.0
+    state = {"step": torch.tensor(1.0, dtype=torch.float64)}
+    assert fused._advance_step(state) == 2.0 and state["step"].dtype == torch.float64
