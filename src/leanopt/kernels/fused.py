@@ -304,11 +304,13 @@ def device_scalars(values: list[float], device: torch.device) -> Tensor:
     """``values`` as an fp32 tensor on ``device``, made once per distinct values (every tensor of a
     param group at the same step shares one). On CUDA it is copied from pinned memory without waiting:
     a plain ``.to("cuda")`` of a pageable tensor synchronises the stream, which would make every
-    tensor's update wait for all the work queued before it."""
+    tensor's update wait for all the work queued before it. The copy is ordered on the current stream,
+    so the cache is kept per stream."""
+    where = (device, torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
     try:  # fp32 bits, rounded as torch converts doubles (to nearest); -0.0 is not 0.0
-        key: tuple = (device, struct.pack(f"<{len(values)}f", *values))
+        key: tuple = (*where, struct.pack(f"<{len(values)}f", *values))
     except (OverflowError, struct.error):  # beyond fp32's range: torch makes it inf
-        key = (device, *torch.tensor(values, dtype=torch.float32).view(torch.int32).tolist())
+        key = (*where, *torch.tensor(values, dtype=torch.float32).view(torch.int32).tolist())
     found = _SCALARS.get(key)
     if found is None:
         host = torch.tensor(values, dtype=torch.float32)
