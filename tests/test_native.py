@@ -190,6 +190,22 @@ def test_all_finite_finds_every_kind_of_non_finite_value(dtype):
     assert native.all_finite(x.double()) is None  # not covered: the caller uses torch
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_all_finite_sees_every_stream_and_the_tail(dtype):
+    """The check reads its range as 8 interleaved eighths plus a tail: a NaN or inf at the first and last
+    element of each eighth and in the tail is found, for lengths below, at and above multiples of 8."""
+    for n in (1, 7, 8, 9, 8 * 37 + 5, 100_003):
+        x = torch.randn(n).to(dtype)
+        assert native.all_finite(x) is True
+        q = n // 8
+        places = {0, n - 1, *(k * q for k in range(8)), *(k * q + q - 1 for k in range(8) if q), *range(8 * q, n)}
+        for where in sorted(places):
+            for value in (float("nan"), float("inf")):
+                y = x.clone()
+                y[where] = value
+                assert native.all_finite(y) is False, (n, where, value)
+
+
 def test_all_finite_many_answers_for_each_tensor_in_one_call():
     """step() checks every plain CPU gradient in one native call: small tensors side by side, large ones
     split; each tensor's answer is its own."""
