@@ -188,8 +188,13 @@ def test_gradients_that_change_shape_of_work_are_followed():
     twin.step()
     twin.assert_same()
     twin.grads()
-    for ps in (twin.a, twin.b):  # a non-contiguous gradient (same values)
-        ps[0].grad = ps[0].grad.t().contiguous().t()
+    # A non-contiguous gradient (same values): that tensor takes the eager reference in both optimizers. A small
+    # one (480 elements): ATen splits eager sqrt over threads from 2048 elements, and in the POSIX-threads build
+    # one such call was seen to return other bits for half the elements (issue 5's notes), which is torch's
+    # arithmetic, not the plan's.
+    for ps in (twin.a, twin.b):
+        ps[3].grad = ps[3].grad.t().contiguous().t()
+        assert not ps[3].grad.is_contiguous()
     twin.step()
     twin.assert_same()
     twin.grads()
