@@ -30,11 +30,12 @@ from torch import Tensor
 from . import native as _native
 
 _STEP_ALL_SOURCE = r"""
+typedef void (*lo_step_fn)(int64_t, int64_t, void **, const float *, int);
 /* One optimizer step from a whole-step plan. First every step counter is compared with the value the
    plan expects (expect[seg[t]], seg[t]: tensor t's param group and step count): -1 if one differs. With
    check == 2 ("raise") every gradient is checked for NaN/inf first: -2 if one is not finite. Nothing has
-   changed in either case. Then each tensor, with check == 1 ("skip"), is checked just before its update
-   (its gradient is then read again from cache): ok[t] = 0 and no change for a non-finite one. Returns
+   changed in either case. Then each tensor, with check == 1 ("skip"), is checked just before its update:
+   ok[t] = 0 and no change for a non-finite one. Returns
    the number of tensors skipped. Large tensors one after the other, each split over the threads; small
    ones one per thread. */
 int lo_step_all(int64_t count, void **grads, const int64_t *sizes, const uint32_t *masks, int check,
@@ -78,7 +79,7 @@ def _step_all() -> Any:
         args = [c.c_int64, c.c_void_p, c.c_void_p, c.c_void_p, c.c_int, c.c_void_p, c.c_void_p, c.c_void_p,
                 c.c_void_p, c.c_void_p, c.c_void_p, c.c_void_p, c.c_void_p, c.c_void_p, c.c_void_p, c.c_int,
                 c.c_int64]  # fmt: skip
-        source = _native._FINITE_SOURCE + _native._MANY_SOURCE + _STEP_ALL_SOURCE
+        source = _native._FINITE_SOURCE + _STEP_ALL_SOURCE
         try:
             _FN.append(_native.build(source, "lo_step_all", args, c.c_int).fn)
         except (_native.BuildError, OSError):
@@ -128,13 +129,15 @@ class StepPlan:
     keep: list  # the pointer arrays (kept alive: ptrs holds their addresses)
 
 
-def _signature(groups: list[dict]) -> tuple[tuple, list[Tensor]]:
-    """What must match for a plan to apply, and the gradients in step order."""
+def _signature(groups: list[dict]) -> tuple[tuple, list[Tensor], list[Tensor]]:
+    """What must match for a plan to apply, and the parameters with a gradient and their gradients, in
+    step order."""
     params = [p for g in groups for p in g["params"]]
     grads = [p.grad for p in params]
     sig = (tuple(map(id, groups)), tuple(len(g["params"]) for g in groups), tuple(map(id, params)),
            tuple(g is None for g in grads))  # fmt: skip
-    return sig, [g for g in grads if g is not None]
+    live = [p for p, g in zip(params, grads, strict=True) if g is not None]
+    return sig, live, [g for g in grads if g is not None]
 
 
 def build(opt: Any, work: list[tuple[Tensor, dict]], jobs: list) -> StepPlan | None:
@@ -148,7 +151,7 @@ def build(opt: Any, work: list[tuple[Tensor, dict]], jobs: list) -> StepPlan | N
     form = _native._fused_form()(opt.rule)
     if form is None:
         return None
-    sig, grads = _signature(opt.param_groups)
+    sig, _, grads = _signature(opt.param_groups)
     if len(grads) != len(jobs):
         return None
     segments: list[Segment] = []
@@ -197,7 +200,7 @@ def build(opt: Any, work: list[tuple[Tensor, dict]], jobs: list) -> StepPlan | N
     )
 
 
-def _valid(plan: StepPlan, opt: Any, grads: list[Tensor]) -> bool:
+def _valid(plan: StepPlan, opt: Any, params: list[Tensor], grads: list[Tensor]) -> bool:
     """Whether nothing the plan relies on has changed (only reads)."""
     strided = torch.strided
     for g, dtype, shape in zip(grads, plan.grad_dtypes, plan.shapes, strict=True):
@@ -206,21 +209,16 @@ def _valid(plan: StepPlan, opt: Any, grads: list[Tensor]) -> bool:
         if not g.is_cpu or not g.is_contiguous():
             return False
     state = opt.state
-    i = 0
-    for group in opt.param_groups:
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            if p.data_ptr() != plan.param_ptrs[i] or p.shape != plan.shapes[i] or not p.is_contiguous():
+    for i, p in enumerate(params):
+        if p.data_ptr() != plan.param_ptrs[i] or p.shape != plan.shapes[i] or not p.is_contiguous():
+            return False
+        st = state.get(p)
+        if id(st) != plan.state_ids[i]:
+            return False
+        for k, ref, ptr in plan.refs[i]:
+            t = ref()
+            if t is None or st.get(k) is not t or t.data_ptr() != ptr:
                 return False
-            st = state.get(p)
-            if id(st) != plan.state_ids[i]:
-                return False
-            for k, ref, ptr in plan.refs[i]:
-                t = ref()
-                if t is None or st.get(k) is not t or t.data_ptr() != ptr:
-                    return False
-            i += 1
     for seg in plan.segments:
         group = seg.group
         try:
@@ -241,8 +239,8 @@ def run(plan: StepPlan, opt: Any) -> list[int] | None:
     outside, a non-finite gradient under ``nonfinite="raise"``): then the general path runs."""
     if (opt.kernel, opt.nonfinite) != plan.mode:
         return None
-    sig, grads = _signature(opt.param_groups)
-    if sig != plan.signature or not _valid(plan, opt, grads):
+    sig, params, grads = _signature(opt.param_groups)
+    if sig != plan.signature or not _valid(plan, opt, params, grads):
         return None
     fn = _step_all()
     steps = []
@@ -264,5 +262,4 @@ def run(plan: StepPlan, opt: Any) -> list[int] | None:
         kernel.calls += 1
     if rc == 0:
         return []
-    params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
     return [opt.param_index(p) for p, ok in zip(params, plan.ok, strict=True) if not ok]
