@@ -20,8 +20,10 @@ from leanopt.kernels import fused
 @pytest.fixture(autouse=True)
 def _inductor_path(monkeypatch):
     """These tests are about the torch.compile executor; on CPU the native kernels (tests/test_native.py)
-    would take the updates first, so they are switched off here."""
+    would take the updates first, so they are switched off here; so are the multi-tensor CUDA kernels
+    that kernel="fused" otherwise picks on CUDA (tests/test_gpu_kernels.py)."""
     monkeypatch.setenv("LEANOPT_NATIVE", "0")
+    monkeypatch.setenv("LEANOPT_GPU_KERNELS", "0")
 
 
 DEVICES = [

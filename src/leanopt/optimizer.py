@@ -17,6 +17,7 @@ from . import distributed as _shards
 from .formats.states import STATE_FORMATS, StateFormat
 from .formats.weights import MASTER_CHOICES, WeightFormat, resolve_weight_format
 from .kernels import fused as _fused
+from .kernels import gpu as _gpu
 from .kernels import native as _native
 from .kernels import step_plan as _step_plan
 from .rules import AdamRule, AdamWRule, LionRule, Rule, SGDRule
@@ -254,12 +255,14 @@ class LeanOptimizer(torch.optim.Optimizer):
         return out
 
     def _native_job(self, param: Tensor, group: dict[str, Any], scalars: dict) -> Any:
-        """For ``step()``: the parameter's update prepared as a native launch (its step count advanced),
+        """For ``step()``: the parameter's update prepared as a native launch (its step count advanced;
+        with ``kernel="fused"`` on CUDA a :class:`kernels.gpu.GpuLaunch`),
         False when it was dealt with here (a non-finite gradient skipped, or a tensor the kernels do not
         cover updated at once), None for tensors that are not plain CPU tensors (``_update_param``
         runs them). The same decisions as ``_update_param``."""
         grad = param.grad
-        if self.kernel == "reference" or grad.device.type != "cpu" or _shards.is_dtensor(param):
+        on_gpu = _gpu.wanted(self.kernel, grad.device)  # kernel="fused" on CUDA: multi-tensor launches
+        if self.kernel == "reference" or (grad.device.type != "cpu" and not on_gpu) or _shards.is_dtensor(param):
             return None
         if self.nonfinite == "skip":  # "raise": checked in _check_grads
             finite = self._finite.get(id(grad))
@@ -270,8 +273,11 @@ class LeanOptimizer(torch.optim.Optimizer):
         state = self.state_for(param, group, check_layout=False)
         wfmt, sfmt = self.formats(param, group)
         random_bits = self._random_bits(param, state) if wfmt.needs_random else None
-        job = _native.launch(self.rule, wfmt, sfmt, param, grad, state, group, random_bits, scalars,
-                             ready=self._native_ready)  # fmt: skip
+        if on_gpu:
+            job = _gpu.launch(self.rule, wfmt, sfmt, param, grad, state, group, scalars)
+        else:
+            job = _native.launch(self.rule, wfmt, sfmt, param, grad, state, group, random_bits, scalars,
+                                 ready=self._native_ready)  # fmt: skip
         if job is None:  # not covered (format, layout, no compiler): the other executors, now
             self._update_param(param, group, None, layout_checked=True, finite_checked=True)
             return False
@@ -393,14 +399,17 @@ class LeanOptimizer(torch.optim.Optimizer):
             with _shards.finite_checks(grads):  # FSDP2: one all-reduce decides for every sharded gradient
                 work = self._check_grads()
                 self.last_skipped = []
-                jobs, scalars = [], {}
+                jobs, gpu_jobs, scalars = [], [], {}
                 for p, group in work:
                     job = self._native_job(p, group, scalars)
                     if job is None:  # not a plain CPU tensor: one update now
                         self._update_param(p, group, None, layout_checked=True)
+                    elif isinstance(job, _gpu.GpuLaunch):
+                        gpu_jobs.append(job)
                     elif job is not False:
                         jobs.append(job)
                 _native.run_many(jobs)  # every prepared update in one native call
+                _gpu.run_many(gpu_jobs)  # one launch per kernel and device
                 if self._native_ready and len(jobs) == len(work):
                     self._step_plan = _step_plan.build(self, work, jobs)
         finally:

@@ -43,7 +43,7 @@ from ..rules.adam import AdamRule
 from ..rules.base import Rule
 from ..rules.lion import LionRule
 from ..rules.sgd import SGDRule
-from . import native
+from . import gpu, native
 from .reference import reference_step
 
 KERNEL_CHOICES = ("auto", "reference", "fused")
@@ -613,11 +613,16 @@ def dispatch_step(
     group: dict[str, Any],
     random_bits: RandomBits | None = None,
 ) -> str:
-    """Run one update with the executor ``kernel`` asks for; returns the one used ("native", "fused"
-    or "reference"). Unless ``kernel="reference"``, CPU tensors the native kernels cover run there.
+    """Run one update with the executor ``kernel`` asks for; returns the one used ("gpu", "native",
+    "fused" or "reference"). ``"fused"`` on CUDA first tries the CUDA kernels (kernels/gpu.py).
+    Unless ``kernel="reference"``, CPU tensors the native kernels cover run there.
     Otherwise ``"auto"`` uses the compiled path when the parameter's group holds at least
     FUSED_MIN_NUMEL elements (a model big enough to repay a compile; its small tensors then use the
     same kernels) and the rule has a fused form; ``"fused"`` for every tensor it can."""
+    if gpu.wanted(kernel, param.device) and gpu.gpu_step(
+        rule, weight_format, state_format, param, grad, state, group
+    ):  # fmt: skip
+        return "gpu"
     if kernel != "reference" and param.device.type == "cpu":
         if native.native_step(rule, weight_format, state_format, param, grad, state, group, random_bits):
             return "native"

@@ -337,7 +337,8 @@ def state_codec(fmt: StateFormat, name: str, stored: dict[str, Tensor], like: Te
     return None
 
 
-_PRELUDE = r"""
+#: C headers and the fp32 bit casts of the CPU kernels
+_C_HEADERS = r"""
 #include <stdint.h>
 #include <string.h>
 #include <math.h>
@@ -347,17 +348,26 @@ _PRELUDE = r"""
 #else
 #include <pthread.h>
 #endif
+#define LO_FN static inline
 static inline float lo_f(uint32_t b) { float f; memcpy(&f, &b, 4); return f; }
 static inline uint32_t lo_u(float f) { uint32_t b; memcpy(&b, &f, 4); return b; }
+"""
+
+#: Helpers of the traced rules and weight codecs, shared with the CUDA kernels (kernels/gpu.py), where
+#: ``LO_FN`` makes them device functions.
+SHARED_HELPERS = r"""
 /* fp32 bits with NaNs made quiet NaNs of the same sign (as the formats' encode). */
-static inline uint32_t lo_canon(float f) {
+LO_FN uint32_t lo_canon(float f) {
   uint32_t b = lo_u(f); return (f != f) ? ((b & 0x80000000u) | 0x7FC00000u) : b; }
 /* fp32 -> bf16, round to nearest even (torch's conversion; NaN -> 0x7FC0). */
-static inline uint16_t lo_bf16(float f) {
+LO_FN uint16_t lo_bf16(float f) {
   uint32_t b = lo_u(f); return (f != f) ? (uint16_t)0x7FC0 : (uint16_t)((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16); }
-static inline float lo_sign(float x) { return (float)((0.0f < x) - (x < 0.0f)); }
-static inline float lo_maximum(float a, float b) { return (a != a) ? a : ((b != b) ? b : (a > b ? a : b)); }
-static inline float lo_minimum(float a, float b) { return (a != a) ? a : ((b != b) ? b : (a < b ? a : b)); }
+LO_FN float lo_sign(float x) { return (float)((0.0f < x) - (x < 0.0f)); }
+LO_FN float lo_maximum(float a, float b) { return (a != a) ? a : ((b != b) ? b : (a > b ? a : b)); }
+LO_FN float lo_minimum(float a, float b) { return (a != a) ? a : ((b != b) ? b : (a < b ? a : b)); }
+"""
+
+_F16_HELPERS = r"""
 /* fp16 compact (formats/compact.py): residual unit = ulp(w) / 256 = 2^(max(floor(log2|w|), -14) - 18) */
 static inline float lo_c16_unit(float w) {
   int e = w == 0.0f ? -14 : (int)((lo_u(w) >> 23) & 0xFFu) - 127; e = e < -14 ? -14 : e;
@@ -384,7 +394,10 @@ static inline _Float16 lo_sr16(float v, int32_t rb) {
   const float lo = (float)tz, hi = (float)away;
   const float span = isinf(hi) ? fabsf(lo - (float)lo_next16(tz, 0.0f)) : fabsf(hi - lo);
   return (float)rb / 65536.0f < fabsf(v - lo) / span ? away : tz; }
-/* A traced rule, one element at a time. */
+"""
+
+#: The ``LO_*`` statements of a traced rule, one element at a time (CPU and CUDA).
+RULE_MACROS = r"""
 #define LO_F float
 #define LO_M int
 #define LO_K(x) (x)
@@ -407,6 +420,8 @@ static inline _Float16 lo_sr16(float v, int32_t rb) {
 #define LO_EQ(a, b) ((a) == (b))
 #define LO_NE(a, b) ((a) != (b))
 """
+
+_PRELUDE = _C_HEADERS + SHARED_HELPERS + _F16_HELPERS + RULE_MACROS
 
 #: The same, 16 elements at a time (AVX-512; C comparisons are the ordered/unordered quiet predicates
 #: that give the same answers on NaN). Only compiled where the compiler targets AVX-512 F/BW/DQ/VL
@@ -899,6 +914,25 @@ def _group_decode(name: str, signed: bool, codec: StateCodec) -> str:
 """
 
 
+def quant_code(signed: bool, kind: str) -> str:
+    """C computing ``const int code`` of one element as formats/quantized.py encodes it, from ``gv``
+    (the value; for unsigned states its square root), ``inv`` (1 / the group's bf16 scale) and
+    ``is_top`` (the element holds the group's largest magnitude). Shared with the CUDA kernels."""
+    qs, levels = _quant_consts(kind)
+    if signed:
+        return (
+            f"float xr = gv * inv; xr = xr < {_lit(-1)} ? {_lit(-1)} : xr; xr = xr > {_lit(1)} ? {_lit(1)} : xr;"
+            f" float x = is_top ? copysignf(1.0f, gv) : xr; x = {_lit(2)} * x / ({_lit(1)} + fabsf(x));"
+            f" const int code = (int)rintf(x * {_lit(qs)});"
+        )
+    # gv >= 0 (a square root) and x <= 1, so of the format's clamps only x <= 1 and code >= 0 can bind
+    return (
+        f"float xr = gv * inv; xr = xr > {_lit(1)} ? {_lit(1)} : xr;"
+        f" const float x = is_top ? {_lit(1)} : xr; float cf = rintf(x * {_lit(levels)}) - {_lit(1)};"
+        f" cf = cf < {_lit(0)} ? {_lit(0)} : cf; const int code = (int)cf;"
+    )
+
+
 def _group_encode(name: str, signed: bool, codec: StateCodec) -> str:
     v = _ident(name)
     qs, levels = _quant_consts(codec.kind)
@@ -906,20 +940,10 @@ def _group_encode(name: str, signed: bool, codec: StateCodec) -> str:
     if signed:
         mag = f"fabsf(A_{v}[e])"
         src = f"A_{v}[e]"
-        quant = (
-            f"float xr = gv * inv; xr = xr < {_lit(-1)} ? {_lit(-1)} : xr; xr = xr > {_lit(1)} ? {_lit(1)} : xr;"
-            f" float x = is_top ? copysignf(1.0f, gv) : xr; x = {_lit(2)} * x / ({_lit(1)} + fabsf(x));"
-            f" const int code = (int)rintf(x * {_lit(qs)});"
-        )
     else:
         src = f"R_{v}[e]"  # sqrt(max(v, 0)), taken in the update loop
         mag = "M[e]"
-        # gv >= 0 (a square root) and x <= 1, so of the format's clamps only x <= 1 and code >= 0 can bind
-        quant = (
-            f"float xr = gv * inv; xr = xr > {_lit(1)} ? {_lit(1)} : xr;"
-            f" const float x = is_top ? {_lit(1)} : xr; float cf = rintf(x * {_lit(levels)}) - {_lit(1)};"
-            f" cf = cf < {_lit(0)} ? {_lit(0)} : cf; const int code = (int)cf;"
-        )
+    quant = quant_code(signed, codec.kind)
     pack = ""
     if codec.kind == "q4p":  # nibbles collected, then packed two per byte
         put = f"U_{v}[e] = code + {8 if signed else 0};"
@@ -1125,13 +1149,14 @@ def plan(
 
 def _plan(
     rule: Rule, weight_format: WeightFormat, state_format: StateFormat, param: Tensor, grad_dtype: torch.dtype,
-    state: dict[str, Any], group: dict[str, Any],
+    state: dict[str, Any], group: dict[str, Any], device_type: str = "cpu",
 ) -> tuple[KernelSpec, list[Tensor], list[str]] | None:  # fmt: skip
-    """``plan`` plus the state keys of the tensors after the parameter."""
+    """``plan`` plus the state keys of the tensors after the parameter (for a parameter on a
+    ``device_type`` device: kernels/gpu.py plans CUDA tensors with the same specs)."""
     from .fused import fused_form  # fused imports this module
 
     form = fused_form(rule)
-    if form is None or param.device.type != "cpu" or param.layout != torch.strided:
+    if form is None or param.device.type != device_type or param.layout != torch.strided:
         return None
     wcodec = WEIGHT_CODECS.get((weight_format.name, param.dtype))
     gcodec = GRAD_CODECS.get(grad_dtype)
@@ -1213,6 +1238,15 @@ def kernel_for(spec: KernelSpec) -> Kernel | None:
         return None
 
 
+def same_tensors(refs: tuple, state: dict[str, Any]) -> bool:
+    """Whether each (state key, weakref, address) of ``refs`` is still that state's tensor, there."""
+    for k, ref, ptr in refs:
+        t = ref()
+        if t is None or state.get(k) is not t or t.data_ptr() != ptr:
+            return False
+    return True
+
+
 @dataclass(slots=True)
 class Launch:
     """One prepared kernel call (the step count has already advanced); ``keep`` holds the gradient and
@@ -1270,14 +1304,7 @@ def launch(
     check = (rule, weight_format, state_format, flags, grad.dtype, param.dtype, param.shape,
              param.data_ptr(), param.is_contiguous(), param.device)  # fmt: skip
     cached = _PLANS.get(id(state))
-    hit = cached is not None and cached[0] == check
-    if hit:
-        for k, ref, ptr in cached[3]:
-            t = ref()
-            if t is None or state.get(k) is not t or t.data_ptr() != ptr:
-                hit = False
-                break
-    if hit:
+    if cached is not None and cached[0] == check and same_tensors(cached[3], state):
         spec, kernel, refs, ptrs, counter = cached[1], cached[2], cached[3], cached[4], cached[5]
     else:
         planned = _plan(rule, weight_format, state_format, param, grad.dtype, state, group)

@@ -1,0 +1,527 @@
+"""CUDA kernels: the native kernels' code as one multi-tensor CUDA kernel per combination.
+
+Why: on CUDA the compiled path (kernels/fused.py) launches one Triton kernel per tensor and spends
+~100 us of host time on each (``LEANOPT_NATIVE=0 python benchmarks/compiled_call_overhead.py``): ~15 ms
+per step for GPT-2's 148 tensors, whatever the GPU. Here every tensor of a step that shares a
+(rule, weight format, state format, dtypes) combination is updated by ONE launch: a table of
+pointers, sizes and hyper-parameters goes to the GPU in one pinned, non-blocking copy, and each
+block finds its tensor in it by binary search.
+
+The code is the native CPU kernels' (kernels/native.py): the same traced rule (``trace_rule``: one
+fp32 operation per statement, ``fmaf`` where torch uses an FMA), the same weight, gradient and state
+codecs, the same int8/int4 quantiser (``native.quant_code``). Flat formats run one thread per
+element; grouped int8/int4 states one warp per 32-element group (``GROUP_SIZE`` is the warp size),
+the group's maximum read from shared memory after a ``__syncwarp``. It is compiled at run time with
+NVRTC (``torch.cuda._compile_kernel``) with ``--fmad=false``, so nothing is contracted into an FMA
+(the CPU kernels' ``-ffp-contract=off``); CUDA's ``/`` and ``sqrtf`` round correctly by default. So
+results are meant to be bit-identical to the native CPU kernels.
+
+The same source compiles as C on the CPU (each warp's lanes run in a loop, ``LO_EACH``): with
+:data:`EMULATE` set, CPU tensors take this path and the tests compare it bit for bit with the native
+kernels on machines without a GPU (tests/test_gpu_kernels.py). What only a GPU checks: NVRTC
+accepting the source, the launch, and the warp synchronisation (benchmarks/gpu_check.sh runs the
+CUDA tests).
+
+Used for ``kernel="fused"`` on CUDA; ``"auto"`` keeps the per-tensor compiled path until a GPU run
+has measured this one. Not covered (they take the compiled path): stochastic rounding (noise per
+tensor and step), fp16 weights or gradients, DTensor (FSDP2) shards.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+import time
+import warnings
+import weakref
+from array import array
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..formats.quantized import GROUP_SIZE
+from ..formats.states import StateFormat
+from ..formats.weights import WeightFormat
+from ..rules.base import Rule
+from . import native
+from .native import KernelSpec, _ident, _lit, _quant_consts
+
+#: tests: CPU tensors with ``kernel="fused"`` take this path, the kernels compiled as C (no GPU needed)
+EMULATE = False
+THREADS = 256  # threads per block
+ITEMS = 4  # elements per thread (flat kernels)
+FLAT_UNIT = THREADS * ITEMS  # elements per block (flat kernels)
+WARPS = THREADS // 32  # groups per block (grouped kernels)
+META = 3  # table row per tensor: first block, rows, n; then the pointers
+NVRTC_OPTIONS = ["--fmad=false"]
+
+_CUDA_PRELUDE = r"""
+#ifdef __CUDACC__
+typedef unsigned int uint32_t; typedef int int32_t; typedef unsigned short uint16_t; typedef short int16_t;
+typedef signed char int8_t; typedef unsigned char uint8_t; typedef long long int64_t;
+#define LO_FN static __device__ __forceinline__
+#define LO_RESTRICT __restrict__
+#define LO_SYNC() __syncwarp()
+#ifndef FLT_MAX
+#define FLT_MAX 3.402823466e+38f
+#endif
+#ifndef INFINITY
+#define INFINITY __int_as_float(0x7f800000)
+#endif
+#ifndef NAN
+#define NAN __int_as_float(0x7fffffff)
+#endif
+LO_FN float lo_f(uint32_t b) { return __uint_as_float(b); }
+LO_FN uint32_t lo_u(float f) { return __float_as_uint(f); }
+#else  /* the same code on the CPU: a block's threads (a warp's lanes) one after the other */
+#include <stdint.h>
+#include <string.h>
+#include <math.h>
+#include <float.h>
+#define LO_FN static inline
+#define LO_RESTRICT restrict
+#define LO_SYNC()
+static inline float lo_f(uint32_t b) { float f; memcpy(&f, &b, 4); return f; }
+static inline uint32_t lo_u(float f) { uint32_t b; memcpy(&b, &f, 4); return b; }
+#endif
+/* x in [0, count): on CUDA the calling thread's own x (me >= 0), on the CPU (me < 0) each in turn */
+#define LO_EACH(x, count) for (int x = me < 0 ? 0 : me, x##_end = me < 0 ? (count) : me + 1; x < x##_end; x++)
+"""
+
+
+def covered(spec: KernelSpec) -> bool:
+    """Whether the CUDA kernels take this combination: not stochastic rounding (its noise is drawn per
+    tensor and step), no fp16 weights or gradients (C's ``_Float16``)."""
+    return not spec.weight.random and "_Float16" not in spec.weight.ctypes_ and spec.grad[0] != "_Float16"
+
+
+def _pointers(spec: KernelSpec) -> tuple[list[str], int]:
+    """C declarations of the kernel's pointers, read from the tensor's table row ``m``; their count."""
+    lines, k = [], META
+    for j, ct in enumerate(spec.weight.ctypes_):
+        lines.append(f"  {ct} *LO_RESTRICT W{j} = ({ct} *)m[{k}];")
+        k += 1
+    lines.append(f"  const {spec.grad[0]} *LO_RESTRICT G = (const {spec.grad[0]} *)m[{k}];")
+    k += 1
+    for name, _, codec in spec.states:
+        v = _ident(name)
+        if codec.kind == "flat":
+            lines.append(f"  {codec.ctype} *LO_RESTRICT S_{v} = ({codec.ctype} *)m[{k}];")
+            k += 1
+        else:
+            ct = "uint8_t" if codec.kind == "q4p" else "int8_t"
+            lines.append(f"  {ct} *LO_RESTRICT C_{v} = ({ct} *)m[{k}];")
+            lines.append(f"  uint16_t *LO_RESTRICT K_{v} = (uint16_t *)m[{k + 1}];")
+            k += 2
+    return lines, k - META
+
+
+def _scalars(spec: KernelSpec) -> tuple[list[str], str, int]:
+    """(declarations of the scalars the body reads, the body with ``s[k]`` -> ``s_k``, scalars per row)."""
+    used = sorted({int(m) for line in spec.body for m in re.findall(r"\bs\[(\d+)\]", line)})
+    body = "\n".join("      " + re.sub(r"\bs\[(\d+)\]", r"s_\1", line) for line in spec.body)
+    return [f"  const float s_{k} = s[{k}];" for k in used], body, (max(used) + 1 if used else 0)
+
+
+def scalar_count(spec: KernelSpec) -> int:
+    return _scalars(spec)[2]
+
+
+def generate(spec: KernelSpec, nscalars: int) -> str:
+    """CUDA C (also C, for the CPU) of the multi-tensor kernel for ``spec``: ``lo_cuda(meta, scal,
+    count)``, one block per unit (FLAT_UNIT elements, or WARPS groups), and ``lo_emulate(meta, scal,
+    count, units)`` on the CPU. ``meta`` holds per tensor (in order of their first unit) the first unit,
+    rows, n and the pointers (weight tensors, gradient, states); ``scal`` ``nscalars`` fp32 values per
+    tensor."""
+    ptr_lines, nptr = _pointers(spec)
+    scal_lines, body, _ = _scalars(spec)
+    stride = META + nptr
+    head = [
+        native.SHARED_HELPERS,
+        native.RULE_MACROS,
+        f"#define LO_STRIDE {stride}",
+        """LO_FN int lo_find(const int64_t *LO_RESTRICT meta, int count, int64_t unit) {
+  int lo = 0, hi = count - 1;  /* the last tensor whose first unit is <= unit */
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (meta[(int64_t)mid * LO_STRIDE] <= unit) lo = mid; else hi = mid - 1;
+  }
+  return lo; }""",
+    ]
+    common = [
+        "  const int t = lo_find(meta, count, unit);",
+        "  const int64_t *LO_RESTRICT m = meta + (int64_t)t * LO_STRIDE;",
+        "  const int64_t rows = m[1], n = m[2];",
+        *ptr_lines,
+        f"  const float *LO_RESTRICT s = scal + (int64_t)t * {max(nscalars, 1)};",
+        *scal_lines,
+    ]
+    wload, wstore, gload = spec.weight.load, spec.weight.store, spec.grad[1]
+    if not spec.grouped:
+        loads = "\n".join(
+            f"      float st_{_ident(n)} = {c.load.replace('S[', f'S_{_ident(n)}[')};" for n, _, c in spec.states
+        )
+        stores = "\n".join(
+            f"      {{ const float v = st_{_ident(n)}; {c.store.replace('S[', f'S_{_ident(n)}[')} }}"
+            for n, _, c in spec.states
+        )
+        unit_fn = "\n".join(
+            [
+                "LO_FN void lo_unit(const int64_t *LO_RESTRICT meta, const float *LO_RESTRICT scal, int count,"
+                " int64_t unit, int me) {",
+                *common,
+                f"  const int64_t total = rows * n, base = (unit - m[0]) * {FLAT_UNIT};",
+                f"  for (int k = 0; k < {ITEMS}; k++) {{",
+                f"    LO_EACH(x, {THREADS}) {{",
+                f"      const int64_t i = base + k * {THREADS} + x;",
+                "      if (i >= total) continue;",
+                f"      float p = {wload};",
+                f"      const float g = {gload};",
+                loads,
+                body,
+                stores,
+                f"      {wstore}",
+                "    }",
+                "  }",
+                "}",
+            ]
+        )
+        entry = f"""#ifdef __CUDACC__
+extern "C" __global__ void __launch_bounds__({THREADS}) lo_cuda(const int64_t *meta, const float *scal, int count) {{
+  lo_unit(meta, scal, count, blockIdx.x, threadIdx.x);
+}}
+#else
+void lo_emulate(const int64_t *meta, const float *scal, int count, int64_t units) {{
+  for (int64_t u = 0; u < units; u++) lo_unit(meta, scal, count, u, -1);
+}}
+#endif"""
+        return "\n".join([_CUDA_PRELUDE, *head, unit_fn, entry])
+    return "\n".join([_CUDA_PRELUDE, *head, *_grouped(spec, common, body)])
+
+
+def _grouped(spec: KernelSpec, common: list[str], body: str) -> list[str]:
+    """A warp per group of GROUP_SIZE elements of one row; lane e holds element j0 + e. Each state's
+    decoded value (signed) or its square root (unsigned: what is quantised) goes to the warp's shared
+    scratch, so after ``LO_SYNC`` each lane finds the group's largest magnitude there, as the CPU
+    kernel's encode loop does."""
+    gs = GROUP_SIZE
+    assert gs == 32, "one warp per group"
+    states = spec.states
+    fns = []
+    for name, signed, codec in states:  # one element's code, given the group's top and 1 / scale
+        fns.append(
+            f"LO_FN int lo_code_{_ident(name)}(float gv, float mag, float top, float inv) {{\n"
+            f"  const int is_top = (mag == top) & (top > 0.0f);\n"
+            f"  {native.quant_code(signed, codec.kind)}\n  return code; }}"
+        )
+    decode, keep, encode = [], [], []
+    for name, signed, codec in states:
+        v = _ident(name)
+        qs, levels = _quant_consts(codec.kind)
+        if codec.kind == "q4p":  # two codes per byte, low nibble first (j0 is even)
+            raw = f"(((int)C_{v}[r * (n / 2) + (j0 + e) / 2] >> (((j0 + e) & 1) * 4)) & 15)"
+            code = f"({raw} - {8 if signed else 0})"
+        else:
+            code = f"((int)C_{v}[r * n + j0 + e] + {0 if signed else levels // 2})"
+        if signed:  # as the CPU kernels' table: y = c / Q; x = y / (2 - |y|)
+            decode.append(
+                f"      const float y_{v} = (float){code} / {_lit(qs)};"
+                f" float st_{v} = y_{v} / ({_lit(2)} - fabsf(y_{v})) * sc_{v};"
+            )
+            keep.append(f"      X_{v}[e] = st_{v};")
+            mag_k, gv_e, mag_e = f"fabsf(X_{v}[k])", f"X_{v}[e]", f"fabsf(X_{v}[e])"
+        else:
+            decode.append(
+                f"      const float u_{v} = ((float){code} + {_lit(1)}) / {_lit(levels)} * sc_{v};"
+                f" float st_{v} = u_{v} * u_{v};"
+            )
+            keep.append(f"      X_{v}[e] = st_{v} < 0.0f ? 0.0f : sqrtf(st_{v});")
+            mag_k, gv_e, mag_e = f"X_{v}[k]", f"X_{v}[e]", f"X_{v}[e]"
+        if codec.kind == "q4p":
+            off = 8 if signed else 0
+            put = (
+                f"      if (e < len && (e & 1) == 0) {{\n"
+                f"        const int lo = lo_code_{v}({gv_e}, {mag_e}, top, inv) + {off};\n"
+                f"        const int hi = e + 1 < len ? lo_code_{v}(X_{v}[e + 1], {mag_e.replace('[e]', '[e + 1]')},"
+                f" top, inv) + {off} : 0;\n"
+                f"        C_{v}[r * (n / 2) + (j0 + e) / 2] = (uint8_t)(lo | (hi << 4));\n      }}"
+            )
+        else:
+            off = 0 if signed else levels // 2
+            put = (
+                f"      if (e < len) C_{v}[r * n + j0 + e] = (int8_t)(lo_code_{v}({gv_e}, {mag_e}, top, inv) - {off});"
+            )
+        encode.append(
+            f"""    LO_EACH(e, {gs}) {{  /* the group's largest magnitude: bits of values >= 0 order like them */
+      uint32_t topb = 0;
+      for (int k = 0; k < len; k++) {{ const uint32_t mb = lo_u({mag_k}) & 0x7FFFFFFFu; topb = mb > topb ? mb : topb; }}
+      const float top = lo_f(topb);
+      const uint16_t sb = lo_bf16(top); const float s32 = lo_f((uint32_t)sb << 16);
+      const float inv = 1.0f / (s32 > 0.0f ? s32 : 1.0f);
+{put}
+      if (e == 0) K_{v}[r * gpr + gi] = sb;
+    }}"""
+        )
+    scratch = [f"  float *LO_RESTRICT X_{_ident(n)} = sh + {k * gs};" for k, (n, _, _) in enumerate(states)]
+    scales = [
+        f"  const float sc_{_ident(n)} = lo_f((uint32_t)K_{_ident(n)}[r * gpr + gi] << 16);" for n, _, _ in states
+    ]
+    unit_fn = "\n".join(
+        [
+            "LO_FN void lo_unit(const int64_t *LO_RESTRICT meta, const float *LO_RESTRICT scal, int count,"
+            " int64_t unit, int warp, int me, float *LO_RESTRICT sh) {",
+            *common,
+            f"  const int64_t gpr = (n + {gs - 1}) / {gs}, gidx = (unit - m[0]) * {WARPS} + warp;",
+            "  if (gidx >= rows * gpr) return;  /* the whole warp: its lanes share gidx */",
+            f"  const int64_t r = gidx / gpr, gi = gidx % gpr, j0 = gi * {gs};",
+            f"  const int len = n - j0 < {gs} ? (int)(n - j0) : {gs};",
+            *scratch,
+            *scales,
+            f"  LO_EACH(e, {gs}) {{",
+            "    if (e < len) {",
+            "      const int64_t i = r * n + j0 + e;",
+            *decode,
+            f"      float p = {spec.weight.load};",
+            f"      const float g = {spec.grad[1]};",
+            body,
+            *keep,
+            f"      {spec.weight.store}",
+            "    }",
+            "  }",
+            "  LO_SYNC();",
+            *encode,
+            "}",
+        ]
+    )
+    nst = len(states) * gs
+    entry = f"""#ifdef __CUDACC__
+extern "C" __global__ void __launch_bounds__({THREADS}) lo_cuda(const int64_t *meta, const float *scal, int count) {{
+  __shared__ float sh[{WARPS}][{nst}];
+  lo_unit(meta, scal, count, blockIdx.x, threadIdx.x >> 5, threadIdx.x & 31, sh[threadIdx.x >> 5]);
+}}
+#else
+void lo_emulate(const int64_t *meta, const float *scal, int count, int64_t units) {{
+  float sh[{nst}];
+  for (int64_t u = 0; u < units; u++)
+    for (int w = 0; w < {WARPS}; w++) lo_unit(meta, scal, count, u, w, -1, sh);
+}}
+#endif"""
+    return [*fns, unit_fn, entry]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Building, preparing and launching.
+
+
+@dataclass
+class GpuKernel:
+    """One compiled multi-tensor kernel on one device (CPU: emulated)."""
+
+    spec: KernelSpec
+    device: torch.device
+    fn: Any  # (meta, scal, count, units) -> None
+    nscalars: int
+    seconds: float  # compile time
+    launches: int = 0
+    tensors: int = 0
+
+
+_KERNELS: dict[tuple, GpuKernel] = {}
+_FAILED: dict[tuple, str] = {}
+_STATUS: dict[str, Any] = {"disabled": None, "warned": False}
+
+
+def compile_stats() -> list[GpuKernel]:
+    return list(_KERNELS.values())
+
+
+def reset() -> None:
+    """Forget built kernels, prepared updates and failures (tests)."""
+    _KERNELS.clear()
+    _PREPARED.clear()
+    _FAILED.clear()
+    _STATUS.update(disabled=None, warned=False)
+
+
+def _warn(reason: str) -> None:
+    if not _STATUS["warned"]:
+        _STATUS["warned"] = True
+        warnings.warn(
+            f"leanopt: multi-tensor CUDA kernels are not available ({reason}); kernel='fused' uses the "
+            "per-tensor compiled kernels instead.",
+            RuntimeWarning,
+            stacklevel=6,
+        )
+
+
+def _nvrtc(source: str, device: torch.device) -> Any:
+    compile_kernel = getattr(torch.cuda, "_compile_kernel", None)
+    if compile_kernel is None:
+        raise RuntimeError(f"torch {torch.__version__} has no torch.cuda._compile_kernel (NVRTC; torch >= 2.8)")
+    with torch.cuda.device(device):
+        kern = compile_kernel(source, "lo_cuda", nvcc_options=list(NVRTC_OPTIONS))
+
+    def run(meta: Tensor, scal: Tensor, count: int, units: int) -> None:
+        kern(grid=(units, 1, 1), block=(THREADS, 1, 1), args=[meta, scal, count])
+
+    return run
+
+
+def _emulated(source: str) -> Any:
+    args = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64]
+    fn = native.build(source, "lo_emulate", args).fn
+
+    def run(meta: Tensor, scal: Tensor, count: int, units: int) -> None:
+        fn(meta.data_ptr(), scal.data_ptr(), count, units)
+
+    return run
+
+
+def kernel_for(spec: KernelSpec, device: torch.device) -> GpuKernel | None:
+    """The kernel for ``spec`` on ``device``; None (one warning) if it cannot be compiled there."""
+    key = (spec, device)
+    kernel = _KERNELS.get(key)
+    if kernel is not None:
+        return kernel
+    if key in _FAILED or _STATUS["disabled"] is not None:
+        return None
+    nscalars = scalar_count(spec)
+    source = generate(spec, nscalars)
+    start = time.perf_counter()
+    try:
+        fn = _emulated(source) if device.type == "cpu" else _nvrtc(source, device)
+    except Exception as err:  # no NVRTC, a compile error: the other executors
+        reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        _FAILED[key] = reason
+        if isinstance(err, RuntimeError) and "_compile_kernel" in str(err):
+            _STATUS["disabled"] = reason
+        _warn(reason)
+        return None
+    kernel = _KERNELS[key] = GpuKernel(spec, device, fn, nscalars, time.perf_counter() - start)
+    return kernel
+
+
+def wanted(kernel: str, device: torch.device) -> bool:
+    """Whether an update on ``device`` with the optimizer's ``kernel`` choice takes this path
+    (``LEANOPT_GPU_KERNELS=0``: never; ``kernel="fused"`` then means the per-tensor compiled path)."""
+    if kernel != "fused" or os.environ.get("LEANOPT_GPU_KERNELS", "1") == "0":
+        return False
+    return device.type == "cuda" or (EMULATE and device.type == "cpu")
+
+
+@dataclass(slots=True)
+class GpuLaunch:
+    """One tensor's prepared update (its step count already advanced); ``keep`` holds what the
+    pointers point into until the launch is queued."""
+
+    kernel: GpuKernel
+    units: int
+    row: list[int]  # rows, n, pointers
+    scalars: list[float]
+    keep: list = field(default_factory=list)
+
+
+#: id(state dict) -> (what the preparation depends on, kernel, [(state key, weakref, address)], table row
+#: with the gradient's slot to fill, that slot, blocks); checked on use, as native.launch's plans
+_PREPARED: dict[int, tuple] = {}
+
+
+def launch(
+    rule: Rule, weight_format: WeightFormat, state_format: StateFormat, param: Tensor, grad: Tensor,
+    state: dict[str, Any], group: dict[str, Any], scalars: dict | None = None,
+) -> GpuLaunch | None:  # fmt: skip
+    """Prepare one update like ``reference_step`` for :func:`run_many`, advancing ``state['step']``;
+    None (nothing changed) when this path does not cover it. ``scalars`` caches the rule's flags and
+    hyper-parameter values per group within one optimizer step."""
+    from .fused import _advance_step, fused_form
+
+    if not grad.is_contiguous() or grad.device != param.device or weight_format.needs_random:
+        return None
+    cache = scalars if scalars is not None else {}
+    form = cache.get(("gpu form", id(rule)))
+    if form is None:
+        form = cache["gpu form", id(rule)] = fused_form(rule)
+        if form is None:
+            return None
+    flags = cache.get(("gpu flags", id(group)))
+    if flags is None:
+        flags = cache["gpu flags", id(group)] = form.flags(group)
+    check = (rule, weight_format, state_format, flags, grad.dtype, param.dtype, param.shape,
+             param.data_ptr(), param.is_contiguous(), param.device)  # fmt: skip
+    prepared = _PREPARED.get(id(state))
+    if prepared is None or prepared[0] != check or not native.same_tensors(prepared[2], state):
+        planned = native._plan(rule, weight_format, state_format, param, grad.dtype, state, group, param.device.type)
+        if planned is None or not covered(planned[0]):
+            return None
+        spec, tensors, keys = planned
+        kernel = kernel_for(spec, param.device)
+        if kernel is None:
+            return None
+        refs = tuple((k, weakref.ref(t), t.data_ptr()) for k, t in zip(keys, tensors[1:], strict=True))
+        n = param.shape[-1] if param.dim() else 1
+        rows = param.numel() // n if n else 0
+        slot = 2 + len(spec.weight.ctypes_)  # after rows, n and the weight tensors
+        row = [rows, n, *(t.data_ptr() for t in tensors)]
+        row.insert(slot, 0)
+        if spec.grouped:
+            units = -(-rows * -(-n // GROUP_SIZE) // WARPS)
+        else:
+            units = -(-rows * n // FLAT_UNIT)
+        if len(_PREPARED) > 100_000:
+            _PREPARED.clear()
+        prepared = _PREPARED[id(state)] = (check, kernel, refs, row, slot, units)
+    step = _advance_step(state)
+    key = ("gpu", id(group), step)  # the native launches cache ctypes arrays in the same dict
+    values = cache.get(key)
+    if values is None:
+        values = cache[key] = form.scalars(group, step)
+    row = list(prepared[3])
+    row[prepared[4]] = grad.data_ptr()
+    return GpuLaunch(prepared[1], prepared[5], row, values, [grad])
+
+
+def run_many(jobs: list[GpuLaunch]) -> None:
+    """Run prepared updates: one launch per kernel (combination and device), its table copied once."""
+    by_kernel: dict[int, list[GpuLaunch]] = {}
+    for job in jobs:
+        if job.units:
+            by_kernel.setdefault(id(job.kernel), []).append(job)
+    for group in by_kernel.values():
+        kernel = group[0].kernel
+        meta, scal, first = array("q"), array("f"), 0
+        width = max(kernel.nscalars, 1)
+        for job in group:
+            meta.append(first)
+            meta.extend(job.row)
+            first += job.units
+            scal.extend(job.scalars[:width] + [0.0] * (width - len(job.scalars)))
+        nmeta = len(meta) * 8
+        cuda = kernel.device.type == "cuda"
+        host = torch.empty(nmeta + len(scal) * 4, dtype=torch.uint8, pin_memory=cuda)
+        ctypes.memmove(host.data_ptr(), meta.buffer_info()[0], nmeta)
+        ctypes.memmove(host.data_ptr() + nmeta, scal.buffer_info()[0], len(scal) * 4)
+        # pinned + non_blocking: queued on the current stream, no wait; torch keeps the pinned block
+        # until the copy has run
+        table = host.to(kernel.device, non_blocking=True) if cuda else host
+        kernel.fn(table[:nmeta].view(torch.int64), table[nmeta:].view(torch.float32), len(group), first)
+        kernel.launches += 1
+        kernel.tensors += len(group)
+
+
+def gpu_step(
+    rule: Rule, weight_format: WeightFormat, state_format: StateFormat, param: Tensor, grad: Tensor,
+    state: dict[str, Any], group: dict[str, Any],
+) -> bool:  # fmt: skip
+    """One update in one launch (gradient release: one tensor at a time); False if not covered."""
+    job = launch(rule, weight_format, state_format, param, grad, state, group)
+    if job is None:
+        return False
+    run_many([job])
+    return True
+
+
+__all__ = ["EMULATE", "GpuKernel", "GpuLaunch", "compile_stats", "covered", "generate", "gpu_step", "launch",
+           "run_many", "wanted"]  # fmt: skip

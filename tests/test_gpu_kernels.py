@@ -1,0 +1,257 @@
+"""The multi-tensor CUDA kernels (leanopt.kernels.gpu).
+
+On a machine without a GPU the same generated source is compiled as C (``gpu.EMULATE``: each warp's
+lanes run in a loop) and compared bit for bit with the native CPU kernels, through the optimizer: the
+table of tensors, the binary search, partial groups, packed nibbles, per-tensor hyper-parameters and
+step counts. The tests whose names contain ``cuda`` run the real kernels on a GPU (benchmarks/gpu_check.sh
+runs them) against the native CPU kernels on the same inputs.
+"""
+
+from __future__ import annotations
+
+import itertools
+import shutil
+import subprocess
+import warnings
+
+import pytest
+import torch
+
+import leanopt
+from leanopt.kernels import gpu, native
+
+_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32}
+SHAPES = [(7,), (5, 64), (3, 70), (4, 33), (2, 3, 40), (130,), (33, 1000), (0, 5)]
+WEIGHTS = ["exact", "compact", "none", "kahan", "auto"]  # auto: fp32 params, the plain fp32 format
+STATES = ["fp32", "bf16", "int8", "int4"]
+CASES = {
+    "adamw": (leanopt.AdamW, dict(lr=1e-2, weight_decay=0.1)),
+    "adam_l2_amsgrad": (leanopt.Adam, dict(lr=1e-2, weight_decay=0.1, amsgrad=True)),
+    "sgd_nesterov_wd": (leanopt.SGD, dict(lr=1e-2, momentum=0.9, nesterov=True, weight_decay=0.01)),
+    "lion": (leanopt.Lion, dict(lr=1e-3, weight_decay=0.1)),
+}
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.fixture
+def emulate(monkeypatch):
+    """CPU tensors with kernel="fused" take the CUDA kernels' path, their source compiled as C."""
+    if native.compiler() is None:
+        pytest.skip("needs a C compiler")
+    monkeypatch.setattr(gpu, "EMULATE", True)
+    monkeypatch.delenv("LEANOPT_GPU_KERNELS", raising=False)
+    gpu.reset()
+    yield
+    gpu.reset()
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().contiguous().cpu().view(_INT[t.element_size()])
+
+
+def train(kernel, cls, master, states, hyper, device="cpu", steps=4, shapes=SHAPES, seed=0, late=True):
+    """Parameters of ``shapes`` in two param groups (other lr and betas in the second; with ``late``
+    its first tensor gets gradients from step 2 on, so one launch holds different step counts),
+    trained for ``steps`` with changing gradient scales and a learning-rate schedule."""
+    g = torch.Generator().manual_seed(seed)
+    dtype = torch.float32 if master == "auto" else torch.bfloat16
+    params = [torch.nn.Parameter((torch.randn(s, generator=g) * 0.5).to(dtype).to(device)) for s in shapes]
+    half = len(params) // 2
+    second = {"params": params[half:], "lr": hyper["lr"] * 3}
+    if cls in (leanopt.Adam, leanopt.AdamW):
+        second["betas"] = (0.8, 0.95)
+    opt = cls([{"params": params[:half]}, second], master=master, states=states, kernel=kernel, **hyper)
+    grads = []
+    for i in range(steps):
+        for j, p in enumerate(params):
+            if late and j == half and i < 2:
+                p.grad = None
+                continue
+            gr = torch.randn(p.shape, generator=g) * 10.0 ** (-(i % 4))
+            p.grad = gr.to(dtype).to(device)
+            grads.append(p.grad)
+        for k, group in enumerate(opt.param_groups):
+            group["lr"] = (hyper["lr"] * (3 if k else 1)) * (1 + i) / steps  # a schedule: no rebuild
+        opt.step()
+    return params, opt
+
+
+def snapshot(params, opt) -> list[tuple[str, torch.Tensor]]:
+    out = []
+    for i, p in enumerate(params):
+        out.append((f"param {i}", p.detach()))
+        out += [(f"param {i} {k}", v) for k, v in opt.state[p].items() if isinstance(v, torch.Tensor)]
+    return out
+
+
+def assert_same(a, b, what: str) -> None:
+    assert [k for k, _ in a] == [k for k, _ in b], what
+    for (key, x), (_, y) in zip(a, b, strict=True):
+        assert x.dtype == y.dtype and x.shape == y.shape, f"{what} {key}"
+        diff = int((bits(x) != bits(y)).sum())
+        assert diff == 0, f"{what} {key}: {diff} of {x.numel()} elements differ"
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_emulated_kernels_match_the_native_kernels_bit_for_bit(emulate, case):
+    """Every weight and state format, partial groups (n = 33, 70, 1000), packed and unpacked int4,
+    empty tensors, two param groups with their own hyper-parameters and step counts: the same bits as
+    the native CPU kernels, with ONE launch per combination per step (not one per tensor)."""
+    cls, hyper = CASES[case]
+    checked = 0
+    for master, states in itertools.product(WEIGHTS, STATES):
+        if cls is leanopt.Lion and master == "auto":
+            continue  # Lion keeps bf16/fp16 weights only
+        ref = snapshot(*train("auto", cls, master, states, hyper))
+        gpu.reset()
+        ours = snapshot(*train("fused", cls, master, states, hyper))
+        assert_same(ref, ours, f"{master}/{states}")
+        kernels = gpu.compile_stats()
+        assert kernels, f"{master}/{states}: the CUDA kernels' path did not run"
+        # 4 steps; each kernel (combination) launched once per step, the late tensor from step 2 on
+        assert all(k.launches == 4 for k in kernels), [(k.spec.form, k.launches) for k in kernels]
+        updates = 4 * (len(SHAPES) - 2) + 2  # the empty tensor is not launched; the late one twice
+        assert sum(k.tensors for k in kernels) == updates
+        checked += 1
+    assert checked >= 16
+
+
+def test_a_non_finite_gradient_skips_that_tensor_only(emulate):
+    params, opt = train("fused", leanopt.AdamW, "exact", "int8", dict(lr=1e-2), steps=1, late=False)
+    before = [p.detach().clone() for p in params]
+    state_before = {k: v.clone() for k, v in opt.state[params[1]].items()}
+    for p in params:
+        p.grad = torch.randn_like(p)
+    params[1].grad.view(-1)[3] = float("nan")
+    opt.step()
+    assert opt.last_skipped == [1]
+    assert torch.equal(bits(params[1]), bits(before[1]))
+    for k, v in opt.state[params[1]].items():
+        assert torch.equal(bits(v), bits(state_before[k])), k
+    assert not torch.equal(bits(params[2]), bits(before[2]))
+
+
+def test_gradient_release_runs_one_tensor_per_launch_with_the_same_bits(emulate):
+    """update_param (what gradient release calls from backward hooks) uses the same kernels."""
+    results = []
+    for kernel in ("auto", "fused"):
+        g = torch.Generator().manual_seed(3)
+        params = [torch.nn.Parameter(torch.randn(s, generator=g).bfloat16()) for s in [(4, 64), (9,), (3, 70)]]
+        opt = leanopt.AdamW(params, lr=1e-2, master="compact", states="int4", kernel=kernel)
+        for _ in range(3):
+            for p in params:
+                opt.update_param(p, opt.param_groups[0], torch.randn(p.shape, generator=g).bfloat16())
+        results.append(snapshot(params, opt))
+    assert_same(results[0], results[1], "release")
+    assert sum(k.tensors for k in gpu.compile_stats()) == 9 and sum(k.launches for k in gpu.compile_stats()) == 9
+
+
+@pytest.mark.parametrize("master,dtype", [("stochastic", torch.bfloat16), ("compact", torch.float16)])
+def test_combinations_it_does_not_cover_take_the_other_kernels(emulate, master, dtype):
+    """Stochastic rounding (noise drawn per tensor) and fp16 weights are not generated for CUDA."""
+    p = torch.nn.Parameter(torch.randn(4, 64).to(dtype))
+    opt = leanopt.AdamW([p], lr=1e-2, master=master, kernel="fused")
+    p.grad = torch.randn_like(p)
+    opt.step()
+    assert gpu.compile_stats() == [] and float(opt.state[p]["step"]) == 1
+
+
+def test_kernel_fused_is_needed_and_the_switch_turns_it_off(emulate, monkeypatch):
+    for kernel, env in (("auto", "1"), ("fused", "0")):
+        monkeypatch.setenv("LEANOPT_GPU_KERNELS", env)
+        train(kernel, leanopt.AdamW, "exact", "fp32", dict(lr=1e-2), steps=1, shapes=[(4, 8), (3,)])
+    assert gpu.compile_stats() == []
+
+
+def test_a_kernel_that_fails_to_build_warns_once_and_falls_back(emulate, monkeypatch):
+    def broken(source):
+        raise native.BuildError("cc failed: planted")
+
+    monkeypatch.setattr(gpu, "_emulated", broken)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ours = snapshot(*train("fused", leanopt.AdamW, "exact", "int8", dict(lr=1e-2), steps=2))
+    ref = snapshot(*train("auto", leanopt.AdamW, "exact", "int8", dict(lr=1e-2), steps=2))
+    assert_same(ref, ours, "fallback")
+    msgs = [str(w.message) for w in caught if "multi-tensor CUDA kernels" in str(w.message)]
+    assert len(msgs) == 1 and "planted" in msgs[0]
+
+
+_CUDA_STUB = r"""
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __shared__ static
+#define __launch_bounds__(x)
+#define __restrict__ __restrict
+struct lo_dim3 { unsigned x, y, z; };
+extern lo_dim3 blockIdx, threadIdx;
+void __syncwarp();
+float __uint_as_float(unsigned); unsigned __float_as_uint(float); float __int_as_float(int);
+float fabsf(float); float sqrtf(float); float fmaf(float, float, float); float rintf(float);
+float copysignf(float, float);
+"""
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
+@pytest.mark.parametrize("states", STATES)
+def test_the_cuda_source_is_valid_cplusplus_without_headers(tmp_path, states):
+    """What NVRTC compiles: the ``__CUDACC__`` branch as C++, with no standard headers (NVRTC has
+    none), CUDA's keywords and intrinsics declared by a stub. Catches C-only constructs and missing
+    declarations on machines without a GPU."""
+    p = torch.nn.Parameter(torch.randn(4, 64).bfloat16())
+    opt = leanopt.AdamW([p], lr=1e-2, master="exact", states=states, amsgrad=True)
+    state = opt._init_state(p, opt.param_groups[0])
+    wfmt, sfmt = opt.formats(p, opt.param_groups[0])
+    spec = native.plan(opt.rule, wfmt, sfmt, p, torch.bfloat16, state, opt.param_groups[0])[0]
+    (tmp_path / "stub.h").write_text(_CUDA_STUB)
+    (tmp_path / "k.cu").write_text(gpu.generate(spec, gpu.scalar_count(spec)))
+    cmd = ["g++", "-x", "c++", "-std=c++17", "-fsyntax-only", "-D__CUDACC__", "-include", str(tmp_path / "stub.h"),
+           "-Werror=implicit-function-declaration", "-nostdinc", str(tmp_path / "k.cu")]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[:3000]
+
+
+# ----------------------------------------------------------------------------------------- on a GPU
+
+
+@CUDA
+@pytest.mark.parametrize("case", list(CASES))
+def test_cuda_kernels_match_the_native_cpu_kernels_bit_for_bit(case):
+    """The real kernels (NVRTC, one launch per combination) against the native CPU kernels."""
+    cls, hyper = CASES[case]
+    gpu.reset()
+    for master, states in itertools.product(WEIGHTS, STATES):
+        if cls is leanopt.Lion and master == "auto":
+            continue
+        ref = snapshot(*train("auto", cls, master, states, hyper))
+        before = {id(k): k.launches for k in gpu.compile_stats()}
+        ours = snapshot(*train("fused", cls, master, states, hyper, device="cuda"))
+        assert_same(ref, ours, f"cuda {master}/{states}")
+        ran = [k for k in gpu.compile_stats() if k.launches > before.get(id(k), 0)]
+        assert ran, f"{master}/{states}: the CUDA kernels did not run"
+
+
+@CUDA
+def test_cuda_step_is_one_launch_per_combination_and_never_waits():
+    gpu.reset()
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(64, 64, device="cuda").bfloat16()) for _ in range(50)]
+    opt = leanopt.AdamW(params, lr=1e-3, master="compact", states="int8", kernel="fused", nonfinite="ignore")
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    torch.cuda.synchronize()
+    (kernel,) = gpu.compile_stats()
+    launches = kernel.launches
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            opt.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert kernel.launches == launches + 1
+    waits = [str(w.message) for w in caught if "synchroniz" in str(w.message).lower()]
+    assert not waits, waits[:3]
