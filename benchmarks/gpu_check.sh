@@ -1,23 +1,24 @@
 #!/usr/bin/env bash
 # One command for a machine with a CUDA GPU (about 5 minutes): runs the CUDA variants of the test suite
 # (every test whose id names cuda) and the kernel benchmark on CUDA with FlashOptim, then times
-# kernel="fused" (the multi-tensor CUDA kernels), and writes everything under $OUT: summary.json (machine, date, exit
-# codes, test counts), log.txt (everything printed), tests.txt, tests.xml, kernels.json,
-# kernels_fused.json. Six files, no subfolders: what a device call brings back.
+# kernel="fused" (the multi-tensor CUDA kernels) and their host time per tensor, and writes everything
+# under $OUT: summary.json (machine, date, exit codes, test counts), log.txt (everything printed),
+# tests.txt, tests.xml, kernels.json, kernels_fused.json, gpu_host.json. Seven files, no subfolders:
+# what a device call brings back.
 #
 #   bash benchmarks/gpu_check.sh                 # results in $OUT, else benchmarks/results/gpu-<date>/
 #   DRY_RUN=1 OUT=/tmp/g bash benchmarks/gpu_check.sh   # the script itself, on a CPU (about 1.5 min)
 #
 # With a lent device machine (the `run` tool): command `bash benchmarks/gpu_check.sh`, timeout_s 560;
-# the six files come back from its $OUT; commit them as benchmarks/results/gpu-<date>/.
+# the seven files come back from its $OUT; commit them as benchmarks/results/gpu-<date>/.
 #
 # It needs no network and no install: it runs leanopt from src/ (PYTHONPATH) with the machine's own
 # python3 and torch, and installs FlashOptim and optimi from benchmarks/wheels/ (pure Python, in the
 # repo) into a temporary folder when they are missing.
 # Environment: PYTHON (default: .venv/bin/python if present, else python3), OUT, WHEELS (default
 # benchmarks/wheels), TEST_TIMEOUT (s, default 180), BENCH_TIMEOUT (s, default 150), FUSED_TIMEOUT (s,
-# default 120): about 5 minutes expected, 7.5 at most. DRY_RUN=1 runs the same steps on the CPU with a
-# tiny workload (to check the script itself on a machine without a GPU).
+# default 120), HOST_TIMEOUT (s, default 45): about 5 minutes expected, 8.5 at most. DRY_RUN=1 runs
+# the same steps on the CPU with a tiny workload (to check the script itself on a machine without a GPU).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -89,11 +90,17 @@ FUSED_RC=$?
 grep -v "^W[0-9]" "$OUT/kernels_fused.txt" >> "$OUT/log.txt"; tail -n 20 "$OUT/kernels_fused.txt"
 rm -f "$OUT/kernels_fused.txt"
 
-"$PYTHON" - "$OUT" "$TEST_RC" "$BENCH_RC" "$FUSED_RC" <<'EOF'
+# 4. Host time of a kernel="fused" step on CUDA: planned against general, 500 small tensors.
+log "host time per tensor ($DEVICE)"
+timeout "${HOST_TIMEOUT:-45}" "$PYTHON" benchmarks/gpu_host_overhead.py --device "$DEVICE" --steps 10 \
+  --out "$OUT/gpu_host.json" 2>&1 | grep -v "^W[0-9]" | tee -a "$OUT/log.txt"
+HOST_RC=${PIPESTATUS[0]}
+
+"$PYTHON" - "$OUT" "$TEST_RC" "$BENCH_RC" "$FUSED_RC" "$HOST_RC" <<'EOF'
 import json, sys, pathlib, xml.etree.ElementTree as ET
-out, test_rc, bench_rc, fused_rc = pathlib.Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+out, test_rc, bench_rc, fused_rc, host_rc = pathlib.Path(sys.argv[1]), *map(int, sys.argv[2:6])
 summary = {"machine": json.loads((out / "machine.json").read_text()), "tests_rc": test_rc, "benchmark_rc": bench_rc,
-           "fused_benchmark_rc": fused_rc}
+           "fused_benchmark_rc": fused_rc, "host_overhead_rc": host_rc}
 try:
     suite = ET.parse(out / "tests.xml").getroot()
     suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
@@ -104,5 +111,5 @@ except Exception as err:  # noqa: BLE001
 (out / "machine.json").unlink()  # in summary.json now
 print(json.dumps(summary))
 EOF
-log "results in $OUT (tests rc=$TEST_RC, benchmark rc=$BENCH_RC, kernel=fused benchmark rc=$FUSED_RC)"
-[[ $TEST_RC -eq 0 && $BENCH_RC -eq 0 && $FUSED_RC -eq 0 ]]
+log "results in $OUT (tests rc=$TEST_RC, benchmark rc=$BENCH_RC, kernel=fused benchmark rc=$FUSED_RC, host rc=$HOST_RC)"
+[[ $TEST_RC -eq 0 && $BENCH_RC -eq 0 && $FUSED_RC -eq 0 && $HOST_RC -eq 0 ]]

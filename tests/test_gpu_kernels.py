@@ -164,7 +164,7 @@ def test_kernel_fused_is_needed_and_the_switch_turns_it_off(emulate, monkeypatch
 
 
 def test_a_kernel_that_fails_to_build_warns_once_and_falls_back(emulate, monkeypatch):
-    def broken(source):
+    def broken(source, name="lo_emulate"):
         raise native.BuildError("cc failed: planted")
 
     monkeypatch.setattr(gpu, "_emulated", broken)
@@ -194,18 +194,22 @@ float copysignf(float, float);
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
-@pytest.mark.parametrize("states", STATES)
+@pytest.mark.parametrize("states", [*STATES, "nan check"])
 def test_the_cuda_source_is_valid_cplusplus_without_headers(tmp_path, states):
     """What NVRTC compiles: the ``__CUDACC__`` branch as C++, with no standard headers (NVRTC has
     none), CUDA's keywords and intrinsics declared by a stub. Catches C-only constructs and missing
     declarations on machines without a GPU."""
-    p = torch.nn.Parameter(torch.randn(4, 64).bfloat16())
-    opt = leanopt.AdamW([p], lr=1e-2, master="exact", states=states, amsgrad=True)
-    state = opt._init_state(p, opt.param_groups[0])
-    wfmt, sfmt = opt.formats(p, opt.param_groups[0])
-    spec = native.plan(opt.rule, wfmt, sfmt, p, torch.bfloat16, state, opt.param_groups[0])[0]
+    if states == "nan check":
+        source = gpu._FINITE_SOURCE
+    else:
+        p = torch.nn.Parameter(torch.randn(4, 64).bfloat16())
+        opt = leanopt.AdamW([p], lr=1e-2, master="kahan", states=states, amsgrad=True)
+        state = opt._init_state(p, opt.param_groups[0])
+        wfmt, sfmt = opt.formats(p, opt.param_groups[0])
+        spec = native.plan(opt.rule, wfmt, sfmt, p, torch.bfloat16, state, opt.param_groups[0])[0]
+        source = gpu.generate(spec, gpu.scalar_count(spec))
     (tmp_path / "stub.h").write_text(_CUDA_STUB)
-    (tmp_path / "k.cu").write_text(gpu.generate(spec, gpu.scalar_count(spec)))
+    (tmp_path / "k.cu").write_text(source)
     cmd = ["g++", "-x", "c++", "-std=c++17", "-fsyntax-only", "-D__CUDACC__", "-include", str(tmp_path / "stub.h"),
            "-Werror=implicit-function-declaration", "-nostdinc", str(tmp_path / "k.cu")]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -233,11 +237,14 @@ def test_cuda_kernels_match_the_native_cpu_kernels_bit_for_bit(case):
 
 
 @CUDA
-def test_cuda_step_is_one_launch_per_combination_and_never_waits():
+@pytest.mark.parametrize("nonfinite,most", [("ignore", 0), ("skip", 1)])
+def test_cuda_step_is_one_launch_per_combination_and_waits_at_most_once(nonfinite, most):
+    """A planned CUDA step: one launch for 50 tensors; no wait for the GPU with nonfinite="ignore",
+    one (the NaN/inf verdicts) with "skip"."""
     gpu.reset()
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(64, 64, device="cuda").bfloat16()) for _ in range(50)]
-    opt = leanopt.AdamW(params, lr=1e-3, master="compact", states="int8", kernel="fused", nonfinite="ignore")
+    opt = leanopt.AdamW(params, lr=1e-3, master="compact", states="int8", kernel="fused", nonfinite=nonfinite)
     for _ in range(2):
         for p in params:
             p.grad = torch.randn_like(p)
@@ -252,6 +259,103 @@ def test_cuda_step_is_one_launch_per_combination_and_never_waits():
             opt.step()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    assert kernel.launches == launches + 1
+    assert kernel.launches == launches + 1 and isinstance(opt._step_plan, gpu.GpuStepPlan)
     waits = [str(w.message) for w in caught if "synchroniz" in str(w.message).lower()]
-    assert not waits, waits[:3]
+    assert len(waits) <= most, waits[:3]
+
+
+# ----------------------------------------------------------------------- whole steps and the NaN check
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_the_multi_tensor_nan_check_finds_each_bad_value_where_it_is(emulate, dtype):
+    """One launch over many gradients: NaN, +inf and -inf at the first, a middle and the last element
+    of tensors around the block size (1024 elements), next to clean and empty tensors."""
+    sizes = [1, 5, 1023, 1024, 1025, 4096 + 7, 0]
+    for value, where in itertools.product([float("nan"), float("inf"), float("-inf")], ["first", "mid", "last"]):
+        for target in range(len(sizes) - 1):
+            grads = [torch.randn(n).to(dtype) for n in sizes]
+            n = sizes[target]
+            grads[target][{"first": 0, "mid": n // 2, "last": n - 1}[where]] = value
+            flags = gpu.all_finite_many(grads)
+            assert flags == [i != target for i in range(len(sizes))], (value, where, n)
+    assert gpu.all_finite_many([torch.randn(3000).to(dtype), torch.zeros(0, dtype=dtype)]) == [True, True]
+    big = torch.full((5000,), 65504.0 if dtype == torch.float16 else 3.0e38, dtype=dtype)  # largest finite
+    assert gpu.all_finite_many([big]) == [True]
+    assert gpu.all_finite_many([torch.randn(4, 4).t()]) is None  # not contiguous: checked per tensor
+
+
+class Spy:
+    """Counts planned steps (gpu.run_plan returning [])."""
+
+    def __init__(self, monkeypatch):
+        self.planned = 0
+        real = gpu.run_plan
+
+        def run_plan(plan, opt):
+            out = real(plan, opt)
+            self.planned += out == []
+            return out
+
+        monkeypatch.setattr(gpu, "run_plan", run_plan)
+
+
+def test_planned_steps_give_the_native_bits_with_one_launch_per_kernel(emulate, monkeypatch):
+    spy = Spy(monkeypatch)
+    shapes = [(5, 64), (7,), (3, 70), (33, 1000), (4, 33)]
+    ref = snapshot(*train("auto", leanopt.AdamW, "compact", "int8", dict(lr=1e-2), steps=6, shapes=shapes,
+                          late=False))  # fmt: skip
+    ours = snapshot(*train("fused", leanopt.AdamW, "compact", "int8", dict(lr=1e-2), steps=6, shapes=shapes,
+                           late=False))  # fmt: skip
+    assert_same(ref, ours, "planned")
+    assert spy.planned == 5  # every step after the first
+    kernels = gpu.compile_stats()
+    assert sorted(k.launches for k in kernels) == [6, 6]  # grouped (2-D) and flat (1-D): once per step
+    assert sum(k.tensors for k in kernels) == 6 * len(shapes)
+
+
+@pytest.mark.parametrize("nonfinite", ["skip", "raise"])
+def test_a_nan_in_a_planned_step_is_handled_by_the_general_path(emulate, monkeypatch, nonfinite):
+    spy = Spy(monkeypatch)
+    results = []
+    for kernel in ("auto", "fused"):
+        g = torch.Generator().manual_seed(5)
+        params = [torch.nn.Parameter(torch.randn(s, generator=g).bfloat16()) for s in [(4, 64), (9,), (3, 70)]]
+        opt = leanopt.AdamW(params, lr=1e-2, master="exact", states="int4", kernel=kernel, nonfinite=nonfinite)
+        for i in range(4):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g).bfloat16()
+            if i == 2:
+                params[2].grad[1, 7] = float("inf")
+                before = snapshot(params, opt)
+                before = [(k, v.clone()) for k, v in before]
+            if i == 2 and nonfinite == "raise":
+                with pytest.raises(FloatingPointError, match="parameter 2"):
+                    opt.step()
+                assert_same(before, snapshot(params, opt), "raise changed something")
+                continue
+            opt.step()
+            if i == 2:
+                assert opt.last_skipped == [2]
+        results.append(snapshot(params, opt))
+    assert_same(results[0], results[1], nonfinite)
+    assert spy.planned >= 1
+
+
+def test_a_step_count_changed_from_outside_is_followed(emulate, monkeypatch):
+    spy = Spy(monkeypatch)
+    results = []
+    for kernel in ("auto", "fused"):
+        g = torch.Generator().manual_seed(6)
+        params = [torch.nn.Parameter(torch.randn(s, generator=g).bfloat16()) for s in [(4, 64), (9,)]]
+        opt = leanopt.AdamW(params, lr=1e-2, master="exact", states="fp32", kernel=kernel)
+        for i in range(4):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g).bfloat16()
+            if i == 2:
+                opt.state[params[0]]["step"] += 10  # e.g. a user resuming a schedule
+            opt.step()
+        results.append(snapshot(params, opt))
+    assert_same(results[0], results[1], "step count")
+    assert float(results[1][1][1]) == 14.0  # param 0's step tensor
+    assert spy.planned >= 1

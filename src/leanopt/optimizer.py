@@ -240,17 +240,22 @@ class LeanOptimizer(torch.optim.Optimizer):
         plain = [g for g in grads if g.layout == torch.strided and not _shards.is_dtensor(g)]
         out: dict[int, bool] = {}
         kinds = (torch.float32, torch.bfloat16, torch.float16)
-        on_cpu = [g for g in plain if g.device.type == "cpu" and g.dtype in kinds and g.is_contiguous()]
+        # kernel="fused" on CUDA: one multi-tensor check kernel per device (kernels/gpu.py)
+        by_kernel = {t for t in ("cpu", "cuda") if _gpu.wanted(self.kernel, torch.device(t))}
+        on_cpu = [g for g in plain if g.device.type == "cpu" and "cpu" not in by_kernel and g.dtype in kinds
+                  and g.is_contiguous()]  # fmt: skip
         flags = _native.all_finite_many(on_cpu) if len(on_cpu) > 1 and self.kernel != "reference" else None
         if flags is not None:
             out.update((id(g), f) for g, f in zip(on_cpu, flags, strict=True))
         by_device: dict[torch.device, list[Tensor]] = {}
         for g in plain:
-            if g.device.type != "cpu":
+            if g.device.type != "cpu" or "cpu" in by_kernel:
                 by_device.setdefault(g.device, []).append(g)
         for gs in by_device.values():
-            if len(gs) > 1:
+            found = _gpu.all_finite_many(gs) if gs[0].device.type in by_kernel else None
+            if found is None and len(gs) > 1 and gs[0].device.type != "cpu":
                 found = torch.stack([_shards.finite_flag(g) for g in gs]).tolist()
+            if found is not None:
                 out.update((id(g), bool(f)) for g, f in zip(gs, found, strict=True))
         return out
 
@@ -385,7 +390,10 @@ class LeanOptimizer(torch.optim.Optimizer):
         self._native_ready = self.kernel != "reference" and _native.disabled_reason() is None
         # the same step as last time, every update native: one native call (kernels/step_plan.py)
         plan, self._step_plan = self._step_plan, None
-        skipped = _step_plan.run(plan, self) if plan is not None and self._native_ready else None
+        if isinstance(plan, _gpu.GpuStepPlan):  # kernel="fused" on CUDA: the launches of the last step
+            skipped = _gpu.run_plan(plan, self)
+        else:
+            skipped = _step_plan.run(plan, self) if plan is not None and self._native_ready else None
         if skipped is not None:
             self.last_skipped = skipped
             self.nonfinite_skipped += len(skipped)
@@ -412,6 +420,8 @@ class LeanOptimizer(torch.optim.Optimizer):
                 _gpu.run_many(gpu_jobs)  # one launch per kernel and device
                 if self._native_ready and len(jobs) == len(work):
                     self._step_plan = _step_plan.build(self, work, jobs)
+                elif len(gpu_jobs) == len(work):
+                    self._step_plan = _gpu.build_plan(self, work, gpu_jobs)
         finally:
             self._finite = {}  # ids of this step's gradients: never reused
         return loss

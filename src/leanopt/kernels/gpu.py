@@ -92,6 +92,54 @@ static inline uint32_t lo_u(float f) { uint32_t b; memcpy(&b, &f, 4); return b; 
 """
 
 
+#: the tensor of a block: table rows of ``stride`` int64, each starting with the tensor's first block
+_FIND = """LO_FN int lo_find(const int64_t *LO_RESTRICT meta, int count, int64_t unit, int stride) {
+  int lo = 0, hi = count - 1;  /* the last tensor whose first unit is <= unit */
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (meta[(int64_t)mid * stride] <= unit) lo = mid; else hi = mid - 1;
+  }
+  return lo; }"""
+
+#: NaN/inf check of many gradients in one launch: table rows (first block, numel, pointer, kind: 0
+#: fp32, 1 bf16, 2 fp16); ``flags[t]`` (1 on entry) becomes 0 where tensor t holds a NaN or inf
+#: (exponent bits all ones, as the native check).
+_FINITE_SOURCE = (
+    _CUDA_PRELUDE
+    + _FIND
+    + f"""
+LO_FN void lo_check(const int64_t *LO_RESTRICT meta, int count, int32_t *flags, int64_t unit, int me) {{
+  const int t = lo_find(meta, count, unit, 4);
+  const int64_t *LO_RESTRICT m = meta + (int64_t)t * 4;
+  const int64_t total = m[1], base = (unit - m[0]) * {FLAT_UNIT};
+  const int kind = (int)m[3];
+  const uint32_t mask = kind == 0 ? 0x7F800000u : (kind == 1 ? 0x7F80u : 0x7C00u);
+  int bad = 0;
+  for (int k = 0; k < {ITEMS}; k++) {{
+    LO_EACH(x, {THREADS}) {{
+      const int64_t i = base + k * {THREADS} + x;
+      if (i >= total) continue;
+      const uint32_t b = kind == 0 ? ((const uint32_t *)m[2])[i] : (uint32_t)((const uint16_t *)m[2])[i];
+      bad |= (b & mask) == mask;
+    }}
+  }}
+  if (bad) flags[t] = 0;  /* every writer writes 0 */
+}}
+#ifdef __CUDACC__
+extern "C" __global__ void __launch_bounds__({THREADS})
+lo_cuda_finite(const int64_t *meta, int count, int32_t *flags) {{
+  lo_check(meta, count, flags, blockIdx.x, threadIdx.x);
+}}
+#else
+void lo_finite_emulate(const int64_t *meta, int count, int32_t *flags, int64_t units) {{
+  for (int64_t u = 0; u < units; u++) lo_check(meta, count, flags, u, -1);
+}}
+#endif
+"""
+)
+_FINITE_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
 def covered(spec: KernelSpec) -> bool:
     """Whether the CUDA kernels take this combination: not stochastic rounding (its noise is drawn per
     tensor and step), no fp16 weights or gradients (C's ``_Float16``)."""
@@ -131,9 +179,9 @@ def scalar_count(spec: KernelSpec) -> int:
 
 
 def generate(spec: KernelSpec, nscalars: int) -> str:
-    """CUDA C (also C, for the CPU) of the multi-tensor kernel for ``spec``: ``lo_cuda(meta, scal,
-    count)``, one block per unit (FLAT_UNIT elements, or WARPS groups), and ``lo_emulate(meta, scal,
-    count, units)`` on the CPU. ``meta`` holds per tensor (in order of their first unit) the first unit,
+    """CUDA C (also C, for the CPU) of the multi-tensor kernel for ``spec``: ``lo_cuda(meta, count,
+    scal)``, one block per unit (FLAT_UNIT elements, or WARPS groups), and ``lo_emulate(meta, count,
+    scal, units)`` on the CPU. ``meta`` holds per tensor (in order of their first unit) the first unit,
     rows, n and the pointers (weight tensors, gradient, states); ``scal`` ``nscalars`` fp32 values per
     tensor."""
     ptr_lines, nptr = _pointers(spec)
@@ -143,16 +191,10 @@ def generate(spec: KernelSpec, nscalars: int) -> str:
         native.SHARED_HELPERS,
         native.RULE_MACROS,
         f"#define LO_STRIDE {stride}",
-        """LO_FN int lo_find(const int64_t *LO_RESTRICT meta, int count, int64_t unit) {
-  int lo = 0, hi = count - 1;  /* the last tensor whose first unit is <= unit */
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) / 2;
-    if (meta[(int64_t)mid * LO_STRIDE] <= unit) lo = mid; else hi = mid - 1;
-  }
-  return lo; }""",
+        _FIND,
     ]
     common = [
-        "  const int t = lo_find(meta, count, unit);",
+        "  const int t = lo_find(meta, count, unit, LO_STRIDE);",
         "  const int64_t *LO_RESTRICT m = meta + (int64_t)t * LO_STRIDE;",
         "  const int64_t rows = m[1], n = m[2];",
         *ptr_lines,
@@ -190,11 +232,11 @@ def generate(spec: KernelSpec, nscalars: int) -> str:
             ]
         )
         entry = f"""#ifdef __CUDACC__
-extern "C" __global__ void __launch_bounds__({THREADS}) lo_cuda(const int64_t *meta, const float *scal, int count) {{
+extern "C" __global__ void __launch_bounds__({THREADS}) lo_cuda(const int64_t *meta, int count, const float *scal) {{
   lo_unit(meta, scal, count, blockIdx.x, threadIdx.x);
 }}
 #else
-void lo_emulate(const int64_t *meta, const float *scal, int count, int64_t units) {{
+void lo_emulate(const int64_t *meta, int count, const float *scal, int64_t units) {{
   for (int64_t u = 0; u < units; u++) lo_unit(meta, scal, count, u, -1);
 }}
 #endif"""
@@ -298,12 +340,12 @@ def _grouped(spec: KernelSpec, common: list[str], body: str) -> list[str]:
     )
     nst = len(states) * gs
     entry = f"""#ifdef __CUDACC__
-extern "C" __global__ void __launch_bounds__({THREADS}) lo_cuda(const int64_t *meta, const float *scal, int count) {{
+extern "C" __global__ void __launch_bounds__({THREADS}) lo_cuda(const int64_t *meta, int count, const float *scal) {{
   __shared__ float sh[{WARPS}][{nst}];
   lo_unit(meta, scal, count, blockIdx.x, threadIdx.x >> 5, threadIdx.x & 31, sh[threadIdx.x >> 5]);
 }}
 #else
-void lo_emulate(const int64_t *meta, const float *scal, int count, int64_t units) {{
+void lo_emulate(const int64_t *meta, int count, const float *scal, int64_t units) {{
   float sh[{nst}];
   for (int64_t u = 0; u < units; u++)
     for (int w = 0; w < {WARPS}; w++) lo_unit(meta, scal, count, u, w, -1, sh);
@@ -322,7 +364,7 @@ class GpuKernel:
 
     spec: KernelSpec
     device: torch.device
-    fn: Any  # (meta, scal, count, units) -> None
+    fn: Any  # (units, meta, count, scal) -> None
     nscalars: int
     seconds: float  # compile time
     launches: int = 0
@@ -342,8 +384,17 @@ def reset() -> None:
     """Forget built kernels, prepared updates and failures (tests)."""
     _KERNELS.clear()
     _PREPARED.clear()
+    _FINITE.clear()
     _FAILED.clear()
     _STATUS.update(disabled=None, warned=False)
+
+
+def _fail(key: Any, err: Exception) -> None:
+    reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    _FAILED[key] = reason
+    if isinstance(err, RuntimeError) and "_compile_kernel" in str(err):
+        _STATUS["disabled"] = reason  # this torch has no NVRTC entry point: never again
+    _warn(reason)
 
 
 def _warn(reason: str) -> None:
@@ -357,27 +408,95 @@ def _warn(reason: str) -> None:
         )
 
 
-def _nvrtc(source: str, device: torch.device) -> Any:
+def _nvrtc(source: str, device: torch.device, name: str) -> Any:
+    """The CUDA kernel ``name`` of ``source``, compiled with NVRTC for ``device``: called as
+    ``fn(units, *args)`` (one block of THREADS threads per unit, on the current stream)."""
     compile_kernel = getattr(torch.cuda, "_compile_kernel", None)
     if compile_kernel is None:
         raise RuntimeError(f"torch {torch.__version__} has no torch.cuda._compile_kernel (NVRTC; torch >= 2.8)")
     with torch.cuda.device(device):
-        kern = compile_kernel(source, "lo_cuda", nvcc_options=list(NVRTC_OPTIONS))
+        kern = compile_kernel(source, name, nvcc_options=list(NVRTC_OPTIONS))
 
-    def run(meta: Tensor, scal: Tensor, count: int, units: int) -> None:
-        kern(grid=(units, 1, 1), block=(THREADS, 1, 1), args=[meta, scal, count])
+    def run(units: int, *args: Any) -> None:
+        kern(grid=(units, 1, 1), block=(THREADS, 1, 1), args=list(args))
+
+    return run
+
+
+def _emulated(source: str, name: str = "lo_emulate") -> Any:
+    """The same source as C on the CPU: ``fn(units, *args)`` with tensors and ints, like :func:`_nvrtc`."""
+    fn = native.build(source, name, [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int64]).fn
+
+    def run(units: int, *args: Any) -> None:
+        a, count, b = args
+        fn(a.data_ptr(), count, b.data_ptr(), units)
 
     return run
 
 
-def _emulated(source: str) -> Any:
-    args = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64]
-    fn = native.build(source, "lo_emulate", args).fn
+def _to_device(parts: list[array], device: torch.device) -> list[Tensor]:
+    """``parts`` (int64 / fp32 / int32 arrays) on ``device`` in one copy: pinned and non-blocking on
+    CUDA (queued on the current stream, no wait; torch keeps the pinned block until it has run)."""
+    sizes = [len(a) * a.itemsize for a in parts]
+    offsets, total = [], 0
+    for n in sizes:
+        offsets.append(total)
+        total += -(-n // 8) * 8  # each part 8-byte aligned
+    cuda = device.type == "cuda"
+    host = torch.empty(max(total, 8), dtype=torch.uint8, pin_memory=cuda)
+    base = host.data_ptr()
+    for a, off, n in zip(parts, offsets, sizes, strict=True):
+        ctypes.memmove(base + off, a.buffer_info()[0], n)
+    table = host.to(device, non_blocking=True) if cuda else host
+    kinds = {"q": torch.int64, "f": torch.float32, "i": torch.int32}
+    return [table[o : o + n].view(kinds[a.typecode]) for a, o, n in zip(parts, offsets, sizes, strict=True)]
 
-    def run(meta: Tensor, scal: Tensor, count: int, units: int) -> None:
-        fn(meta.data_ptr(), scal.data_ptr(), count, units)
 
-    return run
+_FINITE: dict[torch.device, Any] = {}
+
+
+def _finite_kernel(device: torch.device) -> Any:
+    fn = _FINITE.get(device)
+    if fn is None and _STATUS["disabled"] is None and ("finite", device) not in _FAILED:
+        try:
+            if device.type == "cpu":
+                fn = _emulated(_FINITE_SOURCE, "lo_finite_emulate")
+            else:
+                fn = _nvrtc(_FINITE_SOURCE, device, "lo_cuda_finite")
+        except Exception as err:  # noqa: BLE001 - no NVRTC, a compile error: the per-tensor check
+            _fail(("finite", device), err)
+            return None
+        _FINITE[device] = fn
+    return fn
+
+
+def finite_table(grads: list[Tensor]) -> tuple[array, int] | None:
+    """The NaN/inf check's table for ``grads`` (contiguous, one device, fp32/bf16/fp16) and its block
+    count; None if one of them cannot be checked this way."""
+    meta, first = array("q"), 0
+    for g in grads:
+        kind = _FINITE_KINDS.get(g.dtype)
+        if kind is None or not g.is_contiguous():
+            return None
+        meta.extend((first, g.numel(), g.data_ptr(), kind))
+        first += -(-g.numel() // FLAT_UNIT)
+    return meta, first
+
+
+def all_finite_many(grads: list[Tensor]) -> list[bool] | None:
+    """Whether each of ``grads`` (on one device) is free of NaN and inf: one launch, one transfer back
+    (the step's one wait for the GPU); None when this check cannot run (the caller checks per tensor)."""
+    if not grads:
+        return []
+    table = finite_table(grads)
+    fn = None if table is None else _finite_kernel(grads[0].device)
+    if fn is None:
+        return None
+    meta, units = table
+    dev_meta, flags = _to_device([meta, array("i", [1]) * len(grads)], grads[0].device)
+    if units:
+        fn(units, dev_meta, len(grads), flags)
+    return [bool(f) for f in flags.tolist()]
 
 
 def kernel_for(spec: KernelSpec, device: torch.device) -> GpuKernel | None:
@@ -392,13 +511,9 @@ def kernel_for(spec: KernelSpec, device: torch.device) -> GpuKernel | None:
     source = generate(spec, nscalars)
     start = time.perf_counter()
     try:
-        fn = _emulated(source) if device.type == "cpu" else _nvrtc(source, device)
-    except Exception as err:  # no NVRTC, a compile error: the other executors
-        reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-        _FAILED[key] = reason
-        if isinstance(err, RuntimeError) and "_compile_kernel" in str(err):
-            _STATUS["disabled"] = reason
-        _warn(reason)
+        fn = _emulated(source) if device.type == "cpu" else _nvrtc(source, device, "lo_cuda")
+    except Exception as err:  # noqa: BLE001 - no NVRTC, a compile error: the other executors
+        _fail(key, err)
         return None
     kernel = _KERNELS[key] = GpuKernel(spec, device, fn, nscalars, time.perf_counter() - start)
     return kernel
@@ -422,6 +537,8 @@ class GpuLaunch:
     row: list[int]  # rows, n, pointers
     scalars: list[float]
     keep: list = field(default_factory=list)
+    slot: int = 0  # the gradient's index in ``row``
+    refs: tuple = ()  # (state key, weakref, address) of every state tensor in ``row``
 
 
 #: id(state dict) -> (what the preparation depends on, kernel, [(state key, weakref, address)], table row
@@ -480,35 +597,175 @@ def launch(
         values = cache[key] = form.scalars(group, step)
     row = list(prepared[3])
     row[prepared[4]] = grad.data_ptr()
-    return GpuLaunch(prepared[1], prepared[5], row, values, [grad])
+    return GpuLaunch(prepared[1], prepared[5], row, values, [grad], prepared[4], prepared[2])
+
+
+def _batch(group: list[GpuLaunch]) -> tuple[array, array, int]:
+    """The table, hyper-parameters and block count of one kernel's launch over ``group``."""
+    kernel = group[0].kernel
+    meta, scal, first = array("q"), array("f"), 0
+    width = max(kernel.nscalars, 1)
+    for job in group:
+        meta.append(first)
+        meta.extend(job.row)
+        first += job.units
+        scal.extend(job.scalars[:width] + [0.0] * (width - len(job.scalars)))
+    return meta, scal, first
+
+
+def _by_kernel(jobs: list[GpuLaunch]) -> list[list[GpuLaunch]]:
+    by: dict[int, list[GpuLaunch]] = {}
+    for job in jobs:
+        if job.units:
+            by.setdefault(id(job.kernel), []).append(job)
+    return list(by.values())
 
 
 def run_many(jobs: list[GpuLaunch]) -> None:
     """Run prepared updates: one launch per kernel (combination and device), its table copied once."""
-    by_kernel: dict[int, list[GpuLaunch]] = {}
-    for job in jobs:
-        if job.units:
-            by_kernel.setdefault(id(job.kernel), []).append(job)
-    for group in by_kernel.values():
+    for group in _by_kernel(jobs):
         kernel = group[0].kernel
-        meta, scal, first = array("q"), array("f"), 0
-        width = max(kernel.nscalars, 1)
-        for job in group:
-            meta.append(first)
-            meta.extend(job.row)
-            first += job.units
-            scal.extend(job.scalars[:width] + [0.0] * (width - len(job.scalars)))
-        nmeta = len(meta) * 8
-        cuda = kernel.device.type == "cuda"
-        host = torch.empty(nmeta + len(scal) * 4, dtype=torch.uint8, pin_memory=cuda)
-        ctypes.memmove(host.data_ptr(), meta.buffer_info()[0], nmeta)
-        ctypes.memmove(host.data_ptr() + nmeta, scal.buffer_info()[0], len(scal) * 4)
-        # pinned + non_blocking: queued on the current stream, no wait; torch keeps the pinned block
-        # until the copy has run
-        table = host.to(kernel.device, non_blocking=True) if cuda else host
-        kernel.fn(table[:nmeta].view(torch.int64), table[nmeta:].view(torch.float32), len(group), first)
+        meta, scal, units = _batch(group)
+        dev_meta, dev_scal = _to_device([meta, scal], kernel.device)
+        kernel.fn(units, dev_meta, len(group), dev_scal)
         kernel.launches += 1
         kernel.tensors += len(group)
+
+
+@dataclass(slots=True)
+class GpuStepPlan:
+    """A step of CUDA updates kept for the next ``step()`` (kernels/step_plan.py does the same for the
+    native CPU kernels): what must not have changed (checked by ``step_plan._valid``), the step
+    counters, and per kernel its launch table with the gradients' slots to refill. A planned step is
+    Python over lists and one copy to the device, then the launches: no per-tensor preparation."""
+
+    signature: tuple
+    mode: tuple  # (kernel, nonfinite) of the optimizer
+    form: Any
+    segments: list  # step_plan.Segment: tensors of one param group at one step count
+    state_ids: list[int]
+    refs: list[tuple]
+    param_ptrs: list[int]
+    shapes: list
+    grad_dtypes: list
+    device: torch.device
+    device_index: int  # for step_plan._valid: every gradient on this device (-1: the CPU)
+    counters: list  # per tensor: a C float view of its fp32 step tensor
+    seg_of: list[int]  # per tensor: its segment
+    finite: tuple | None  # (check table, [(position of a gradient's pointer, tensor)], blocks)
+    batches: list[tuple]  # (kernel, table, [(position, tensor)], tensors in rows, blocks)
+
+
+def build_plan(opt: Any, work: list[tuple[Tensor, dict]], jobs: list[GpuLaunch]) -> GpuStepPlan | None:
+    """The plan of the step that has just run ``jobs`` for ``work`` (one per item, in order), or None
+    when such a step cannot be repeated by a plan (tensors on several devices, a step counter that is
+    not a plain fp32 tensor, a gradient the NaN/inf kernel does not read)."""
+    from . import step_plan
+
+    if not jobs or len(jobs) != len(work) or len({p.device for p, _ in work}) != 1:
+        return None
+    form = fused_form_of(opt.rule)
+    sig, _, grads = step_plan._signature(opt.param_groups)
+    if form is None or len(grads) != len(jobs):
+        return None
+    segments: list = []
+    index: dict[tuple[int, float], int] = {}
+    seg_of, counters, refs = [], [], []
+    for (p, group), job in zip(work, jobs, strict=True):
+        counter = native._step_counter(opt.state[p]["step"])
+        if counter is None:
+            return None
+        value = counter[1].value  # after this step
+        if (id(group), value) not in index:
+            index[id(group), value] = len(segments)
+            segments.append(step_plan.Segment(group, form.flags(group), tuple(opt.rule.states(group)),
+                                              (group["master"], group["states"]), value, None))  # fmt: skip
+        seg_of.append(index[id(group), value])
+        counters.append(counter[1])
+        refs.append((*job.refs, ("step", counter[0], counter[2])))
+    finite = None
+    if opt.nonfinite != "ignore":
+        table = finite_table(grads)
+        if table is None:
+            return None
+        finite = (table[0], [(4 * i + 2, i) for i in range(len(grads))], table[1])
+    batches = []
+    by: dict[int, list[int]] = {}
+    for i, job in enumerate(jobs):
+        if job.units:
+            by.setdefault(id(job.kernel), []).append(i)
+    for members in by.values():
+        meta, _, units = _batch([jobs[i] for i in members])
+        width = 1 + len(jobs[members[0]].row)
+        slots = [(k * width + 1 + jobs[i].slot, i) for k, i in enumerate(members)]
+        batches.append((jobs[members[0]].kernel, meta, slots, members, units))
+    device = work[0][0].device
+    return GpuStepPlan(
+        signature=sig, mode=(opt.kernel, opt.nonfinite), form=form, segments=segments,
+        state_ids=[id(opt.state.get(p)) for p, _ in work], refs=refs,
+        param_ptrs=[p.data_ptr() for p, _ in work], shapes=[p.shape for p, _ in work],
+        grad_dtypes=[g.dtype for g in grads], device=device,
+        device_index=device.index if device.type == "cuda" else -1, counters=counters, seg_of=seg_of,
+        finite=finite, batches=batches,
+    )  # fmt: skip
+
+
+def run_plan(plan: GpuStepPlan, opt: Any) -> list[int] | None:
+    """One ``step()`` of ``opt`` by ``plan``: [] when it ran, None (nothing changed) when the plan does
+    not apply or a gradient holds a NaN or inf (the general path then skips or raises, as it does)."""
+    from . import step_plan
+
+    if (opt.kernel, opt.nonfinite) != plan.mode or not wanted(opt.kernel, plan.device):
+        return None
+    sig, params, grads = step_plan._signature(opt.param_groups)
+    if sig != plan.signature or not step_plan._valid(plan, opt, params, grads):
+        return None
+    segments = plan.segments
+    for counter, s in zip(plan.counters, plan.seg_of, strict=True):
+        if counter.value != segments[s].expect:  # a step count changed from outside
+            return None
+    steps = [ctypes.c_float(seg.expect + 1.0).value for seg in segments]  # float32 + 1
+    values = [plan.form.scalars(seg.group, step) for seg, step in zip(segments, steps, strict=True)]
+    ptrs = [g.data_ptr() for g in grads]
+    parts: list[array] = []
+    if plan.finite is not None:
+        meta = array("q", plan.finite[0])
+        for pos, i in plan.finite[1]:
+            meta[pos] = ptrs[i]
+        parts += [meta, array("i", [1]) * len(grads)]
+    for kernel, template, slots, members, _ in plan.batches:
+        meta = array("q", template)
+        for pos, i in slots:
+            meta[pos] = ptrs[i]
+        width = max(kernel.nscalars, 1)
+        rows = [values[plan.seg_of[i]] for i in members]
+        scal = array("f", [x for v in rows for x in v[:width] + [0.0] * (width - len(v[:width]))])
+        parts += [meta, scal]
+    on_device = _to_device(parts, plan.device)
+    if plan.finite is not None:
+        fn = _finite_kernel(plan.device)
+        if fn is None:
+            return None
+        if plan.finite[2]:
+            fn(plan.finite[2], on_device[0], len(grads), on_device[1])
+        if not all(on_device[1].tolist()):  # the step's one wait for the GPU
+            return None
+        on_device = on_device[2:]
+    for b, (kernel, _, _, members, units) in enumerate(plan.batches):
+        kernel.fn(units, on_device[2 * b], len(members), on_device[2 * b + 1])
+        kernel.launches += 1
+        kernel.tensors += len(members)
+    for counter, s in zip(plan.counters, plan.seg_of, strict=True):
+        counter.value = steps[s]
+    for seg, step in zip(segments, steps, strict=True):
+        seg.expect = step
+    return []
+
+
+def fused_form_of(rule: Rule) -> Any:
+    from .fused import fused_form
+
+    return fused_form(rule)
 
 
 def gpu_step(
@@ -523,5 +780,5 @@ def gpu_step(
     return True
 
 
-__all__ = ["EMULATE", "GpuKernel", "GpuLaunch", "compile_stats", "covered", "generate", "gpu_step", "launch",
-           "run_many", "wanted"]  # fmt: skip
+__all__ = ["EMULATE", "GpuKernel", "GpuLaunch", "GpuStepPlan", "all_finite_many", "build_plan", "compile_stats",
+           "covered", "generate", "gpu_step", "launch", "run_many", "run_plan", "wanted"]  # fmt: skip

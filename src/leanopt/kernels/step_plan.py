@@ -127,6 +127,7 @@ class StepPlan:
     ok: Any  # per tensor: its gradient was finite (written by the native call)
     kernels: list  # kept alive: their code is what fns points to
     keep: list  # the pointer arrays (kept alive: ptrs holds their addresses)
+    device_index: int = -1  # for _valid: every gradient on the CPU
 
 
 def _signature(groups: list[dict]) -> tuple[tuple, list[Tensor], list[Tensor]]:
@@ -200,13 +201,13 @@ def build(opt: Any, work: list[tuple[Tensor, dict]], jobs: list) -> StepPlan | N
     )
 
 
-def _valid(plan: StepPlan, opt: Any, params: list[Tensor], grads: list[Tensor]) -> bool:
-    """Whether nothing the plan relies on has changed (only reads)."""
+def _valid(plan: Any, opt: Any, params: list[Tensor], grads: list[Tensor]) -> bool:
+    """Whether nothing the plan relies on has changed (only reads). Also for kernels.gpu.GpuStepPlan."""
     strided = torch.strided
     for g, dtype, shape in zip(grads, plan.grad_dtypes, plan.shapes, strict=True):
         if type(g) is not Tensor or g.layout is not strided or g.dtype is not dtype or g.shape != shape:
             return False
-        if not g.is_cpu or not g.is_contiguous():
+        if g.get_device() != plan.device_index or not g.is_contiguous():
             return False
     state = opt.state
     for i, p in enumerate(params):

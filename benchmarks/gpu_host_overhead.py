@@ -1,0 +1,89 @@
+"""Host time per tensor of a kernel="fused" step on CUDA's path (kernels/gpu.py): planned steps
+(the launch tables of the last step, refilled) against the general path (each tensor prepared).
+
+On a machine without a GPU (default ``--device cpu``) the path runs emulated (``gpu.EMULATE``) with the
+kernels replaced by no-ops, so the time is the Python around them: what a CUDA step costs the host
+before the GPU does anything. With ``--device cuda`` the real kernels run; the figure is then the time
+``step()`` takes to return (the launches are asynchronous) and ``gpu_ms`` the step with a synchronise.
+
+    python benchmarks/gpu_host_overhead.py                  # -> benchmarks/results/gpu_host_overhead.json
+    python benchmarks/gpu_host_overhead.py --device cuda --out /tmp/g.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import leanopt
+from leanopt.kernels import gpu
+
+
+def measure(device: str, count: int, states: str, nonfinite: str, steps: int, planned: bool) -> dict:
+    params = [torch.nn.Parameter(torch.randn(64, 64, device=device).bfloat16()) for _ in range(count)]
+    opt = leanopt.AdamW(params, lr=1e-3, master="compact", states=states, kernel="fused", nonfinite=nonfinite)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    for _ in range(3):
+        opt.step()
+    if device == "cpu":  # the Python alone: kernels replaced by no-ops (all gradients read as finite)
+        for k in gpu.compile_stats():
+            k.fn = lambda *a: None
+        gpu._FINITE[torch.device("cpu")] = lambda *a: None
+    assert isinstance(opt._step_plan, gpu.GpuStepPlan), "the step was not planned"
+    host, wall = [], []
+    for _ in range(steps):
+        if not planned:
+            opt._step_plan = None
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        opt.step()
+        t1 = time.perf_counter()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        host.append(t1 - t0)
+        wall.append(time.perf_counter() - t0)
+    gpu.reset()
+    med = statistics.median(host)
+    return {"tensors": count, "states": states, "nonfinite": nonfinite, "planned": planned,
+            "host_ms": round(med * 1e3, 3), "host_us_per_tensor": round(med / count * 1e6, 2),
+            "gpu_ms": round(statistics.median(wall) * 1e3, 3) if device == "cuda" else None}  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--tensors", type=int, default=500)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "gpu_host_overhead.json"))
+    args = ap.parse_args()
+    if args.device == "cpu":
+        gpu.EMULATE = True
+    rows = []
+    for states, nonfinite, planned in [("int8", "skip", True), ("int8", "skip", False), ("int8", "ignore", True),
+                                       ("fp32", "skip", True), ("fp32", "skip", False)]:  # fmt: skip
+        row = measure(args.device, args.tensors, states, nonfinite, args.steps, planned)
+        rows.append(row)
+        gpu_ms = f"  gpu {row['gpu_ms']:.2f} ms" if row["gpu_ms"] else ""
+        print(
+            f"{states:5} {nonfinite:6} {'planned' if planned else 'general':8} host {row['host_ms']:8.2f} ms"
+            f"  {row['host_us_per_tensor']:6.1f} us/tensor{gpu_ms}"
+        )
+    out = {"command": f"python benchmarks/gpu_host_overhead.py --device {args.device}", "device": args.device,
+           "emulated_no_op_kernels": args.device == "cpu", "torch": torch.__version__,
+           "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+           "date": time.strftime("%Y-%m-%d"), "rows": rows}  # fmt: skip
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=1))
+    print("wrote", args.out)
+
+
+if __name__ == "__main__":
+    main()
