@@ -68,6 +68,15 @@ def combos() -> list[tuple[str, str, str, torch.dtype]]:
     return runs
 
 
+#: runs of the FSDP2 check through the CUDA kernels' code (emulated on the CPU)
+GPU_KERNEL_COMBOS = [
+    ("adamw", "exact", "int8", torch.bfloat16),
+    ("adamw", "compact", "int4", torch.bfloat16),
+    ("sgd", "stochastic", "fp32", torch.bfloat16),
+    ("lion", "kahan", "bf16", torch.bfloat16),
+]
+
+
 def combo_name(c: tuple[str, str, str, torch.dtype]) -> str:
     return f"{c[0]}-{c[1]}-{c[2]}-{str(c[3]).removeprefix('torch.')}"
 
@@ -231,7 +240,7 @@ class Worker:
     SCENARIOS = (
         "fsdp_same_batch", "fsdp_empty_shard", "fsdp_release", "fsdp_nonfinite_on_one_rank", "fsdp_different_data",
         "fsdp_errors", "fsdp_fp32_export", "ddp_same_batch", "ddp_different_data", "dcp_resume_2_to_2",
-        "dcp_resume_1_to_2", "example_script",
+        "dcp_resume_1_to_2", "example_script", "fsdp_gpu_kernels",
     )  # fmt: skip
 
     def run_all(self) -> None:
@@ -277,6 +286,25 @@ class Worker:
                 self.dist.all_gather_object(reports, (report.num_params, dict(report.by_category)))
                 results["memory_reports"] = reports
         self.save("fsdp_same_batch", results)
+
+    def scenario_fsdp_gpu_kernels(self) -> None:
+        """kernel="fused" with the CUDA kernels' code emulated on the CPU (kernels/gpu.py): FSDP2 shards
+        go through it one tensor per launch, on their local rows."""
+        from leanopt.kernels import gpu
+
+        results = {}
+        gpu.EMULATE = True
+        try:
+            for c in GPU_KERNEL_COMBOS:
+                model = self.fsdp(mlp(c[3]))
+                opt = make_optimizer(model, c, kernel="fused")
+                launches = sum(k.tensors for k in gpu.compile_stats())
+                losses = train(model, opt, range(STEPS), dtype=c[3])
+                ran = sum(k.tensors for k in gpu.compile_stats()) - launches
+                results[combo_name(c)] = {"losses": losses, "snapshot": snapshot(model, opt), "updates": ran}
+        finally:
+            gpu.EMULATE = False
+        self.save("fsdp_gpu_kernels", results)
 
     def scenario_fsdp_empty_shard(self) -> None:
         """A (1, 34) weight on 2 ranks: rank 1 holds no rows. Formats failing on 0 rows are skipped here
@@ -654,6 +682,16 @@ multiprocess = pytest.mark.multiprocess
 def test_fsdp2_same_batch_is_bit_identical_to_one_process(cluster, combo):
     got = result(cluster, "fsdp_same_batch")[combo_name(combo)]
     want = single_run(combo)
+    assert_same_bits({"losses": dict(enumerate(got["losses"]))}, {"losses": dict(enumerate(want["losses"]))}, "loss")
+    assert_same_bits(got["snapshot"], want["snapshot"], combo_name(combo))
+
+
+@multiprocess
+@pytest.mark.parametrize("combo", GPU_KERNEL_COMBOS, ids=combo_name)
+def test_fsdp2_through_the_cuda_kernels_emulated_is_bit_identical_to_one_process(cluster, combo):
+    got = result(cluster, "fsdp_gpu_kernels")[combo_name(combo)]
+    want = single_run(combo)  # one process, the native CPU kernels
+    assert got["updates"] == STEPS * 6  # 3 weights + 3 biases per step, through the CUDA kernels' code
     assert_same_bits({"losses": dict(enumerate(got["losses"]))}, {"losses": dict(enumerate(want["losses"]))}, "loss")
     assert_same_bits(got["snapshot"], want["snapshot"], combo_name(combo))
 

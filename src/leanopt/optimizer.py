@@ -279,7 +279,7 @@ class LeanOptimizer(torch.optim.Optimizer):
         wfmt, sfmt = self.formats(param, group)
         random_bits = self._random_bits(param, state) if wfmt.needs_random else None
         if on_gpu:
-            job = _gpu.launch(self.rule, wfmt, sfmt, param, grad, state, group, scalars)
+            job = _gpu.launch(self.rule, wfmt, sfmt, param, grad, state, group, scalars, random_bits)
         else:
             job = _native.launch(self.rule, wfmt, sfmt, param, grad, state, group, random_bits, scalars,
                                  ready=self._native_ready)  # fmt: skip

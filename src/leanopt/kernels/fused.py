@@ -620,7 +620,7 @@ def dispatch_step(
     FUSED_MIN_NUMEL elements (a model big enough to repay a compile; its small tensors then use the
     same kernels) and the rule has a fused form; ``"fused"`` for every tensor it can."""
     if gpu.wanted(kernel, param.device) and gpu.gpu_step(
-        rule, weight_format, state_format, param, grad, state, group
+        rule, weight_format, state_format, param, grad, state, group, random_bits
     ):  # fmt: skip
         return "gpu"
     if kernel != "reference" and param.device.type == "cpu":

@@ -23,8 +23,10 @@ accepting the source, the launch, and the warp synchronisation (benchmarks/gpu_c
 CUDA tests).
 
 Used for ``kernel="fused"`` on CUDA; ``"auto"`` keeps the per-tensor compiled path until a GPU run
-has measured this one. Not covered (they take the compiled path): stochastic rounding (noise per
-tensor and step), fp16 weights or gradients, DTensor (FSDP2) shards.
+has measured this one. Not covered (they take the compiled path): fp16 weights or gradients. Stochastic
+rounding is covered (the reference's own noise, drawn per tensor and step, passed as a tensor) but its
+steps are not planned. A step whose tensors are all covered is kept as a plan (:class:`GpuStepPlan`),
+so the next one costs the host a few microseconds per tensor.
 """
 
 from __future__ import annotations
@@ -141,9 +143,8 @@ _FINITE_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 def covered(spec: KernelSpec) -> bool:
-    """Whether the CUDA kernels take this combination: not stochastic rounding (its noise is drawn per
-    tensor and step), no fp16 weights or gradients (C's ``_Float16``)."""
-    return not spec.weight.random and "_Float16" not in spec.weight.ctypes_ and spec.grad[0] != "_Float16"
+    """Whether the CUDA kernels take this combination: no fp16 weights or gradients (C's ``_Float16``)."""
+    return "_Float16" not in spec.weight.ctypes_ and spec.grad[0] != "_Float16"
 
 
 def _pointers(spec: KernelSpec) -> tuple[list[str], int]:
@@ -164,6 +165,9 @@ def _pointers(spec: KernelSpec) -> tuple[list[str], int]:
             lines.append(f"  {ct} *LO_RESTRICT C_{v} = ({ct} *)m[{k}];")
             lines.append(f"  uint16_t *LO_RESTRICT K_{v} = (uint16_t *)m[{k + 1}];")
             k += 2
+    if spec.weight.random:  # stochastic rounding: 16 random bits per element, drawn per step
+        lines.append(f"  const int32_t *LO_RESTRICT RB = (const int32_t *)m[{k}];")
+        k += 1
     return lines, k - META
 
 
@@ -418,7 +422,8 @@ def _nvrtc(source: str, device: torch.device, name: str) -> Any:
         kern = compile_kernel(source, name, nvcc_options=list(NVRTC_OPTIONS))
 
     def run(units: int, *args: Any) -> None:
-        kern(grid=(units, 1, 1), block=(THREADS, 1, 1), args=list(args))
+        with torch.cuda.device(device):  # the module was loaded there; its current stream, as the table's copy
+            kern(grid=(units, 1, 1), block=(THREADS, 1, 1), args=list(args))
 
     return run
 
@@ -548,14 +553,17 @@ _PREPARED: dict[int, tuple] = {}
 
 def launch(
     rule: Rule, weight_format: WeightFormat, state_format: StateFormat, param: Tensor, grad: Tensor,
-    state: dict[str, Any], group: dict[str, Any], scalars: dict | None = None,
+    state: dict[str, Any], group: dict[str, Any], scalars: dict | None = None, random_bits: Any = None,
 ) -> GpuLaunch | None:  # fmt: skip
     """Prepare one update like ``reference_step`` for :func:`run_many`, advancing ``state['step']``;
     None (nothing changed) when this path does not cover it. ``scalars`` caches the rule's flags and
-    hyper-parameter values per group within one optimizer step."""
+    hyper-parameter values per group within one optimizer step. ``random_bits`` (stochastic rounding)
+    is called once, after the step count advances, as the reference executor does."""
     from .fused import _advance_step, fused_form
 
-    if not grad.is_contiguous() or grad.device != param.device or weight_format.needs_random:
+    if not grad.is_contiguous() or grad.device != param.device:
+        return None
+    if weight_format.needs_random and random_bits is None:
         return None
     cache = scalars if scalars is not None else {}
     form = cache.get(("gpu form", id(rule)))
@@ -583,6 +591,8 @@ def launch(
         slot = 2 + len(spec.weight.ctypes_)  # after rows, n and the weight tensors
         row = [rows, n, *(t.data_ptr() for t in tensors)]
         row.insert(slot, 0)
+        if spec.weight.random:
+            row.append(0)  # the noise, drawn per step
         if spec.grouped:
             units = -(-rows * -(-n // GROUP_SIZE) // WARPS)
         else:
@@ -597,7 +607,12 @@ def launch(
         values = cache[key] = form.scalars(group, step)
     row = list(prepared[3])
     row[prepared[4]] = grad.data_ptr()
-    return GpuLaunch(prepared[1], prepared[5], row, values, [grad], prepared[4], prepared[2])
+    keep: list = [grad]
+    if prepared[1].spec.weight.random:  # the reference's own noise: whole tensor, after the step advanced
+        noise = random_bits(param).to(torch.int32).contiguous()
+        keep.append(noise)
+        row[-1] = noise.data_ptr()
+    return GpuLaunch(prepared[1], prepared[5], row, values, keep, prepared[4], prepared[2])
 
 
 def _batch(group: list[GpuLaunch]) -> tuple[array, array, int]:
@@ -663,6 +678,8 @@ def build_plan(opt: Any, work: list[tuple[Tensor, dict]], jobs: list[GpuLaunch])
     from . import step_plan
 
     if not jobs or len(jobs) != len(work) or len({p.device for p, _ in work}) != 1:
+        return None
+    if any(j.kernel.spec.weight.random for j in jobs):  # noise drawn per tensor and step
         return None
     form = fused_form_of(opt.rule)
     sig, _, grads = step_plan._signature(opt.param_groups)
@@ -762,6 +779,16 @@ def run_plan(plan: GpuStepPlan, opt: Any) -> list[int] | None:
     return []
 
 
+def prepare_param(rule: Rule, weight_format: WeightFormat, state_format: StateFormat, param: Tensor,
+                  state: dict[str, Any], group: dict[str, Any], grad_dtype: torch.dtype) -> bool:  # fmt: skip
+    """Build the kernels this parameter's updates will use (and the NaN/inf check), changing nothing
+    (``leanopt.kernels.prepare``). True if they are ready."""
+    planned = native._plan(rule, weight_format, state_format, param, grad_dtype, state, group, param.device.type)
+    if planned is None or not covered(planned[0]):
+        return False
+    return kernel_for(planned[0], param.device) is not None and _finite_kernel(param.device) is not None
+
+
 def fused_form_of(rule: Rule) -> Any:
     from .fused import fused_form
 
@@ -770,10 +797,10 @@ def fused_form_of(rule: Rule) -> Any:
 
 def gpu_step(
     rule: Rule, weight_format: WeightFormat, state_format: StateFormat, param: Tensor, grad: Tensor,
-    state: dict[str, Any], group: dict[str, Any],
+    state: dict[str, Any], group: dict[str, Any], random_bits: Any = None,
 ) -> bool:  # fmt: skip
     """One update in one launch (gradient release: one tensor at a time); False if not covered."""
-    job = launch(rule, weight_format, state_format, param, grad, state, group)
+    job = launch(rule, weight_format, state_format, param, grad, state, group, None, random_bits)
     if job is None:
         return False
     run_many([job])

@@ -1454,7 +1454,10 @@ def prepare(optimizer: Any) -> int:
     """Build (or load from the disk cache) every native kernel ``optimizer``'s parameters will use,
     so the first ``step()`` does not compile (e.g. before measuring peak memory or step time).
     Creates the optimizer state (zeros, as the first step would) but changes no weight or value.
-    Assumes gradients of the parameters' own dtype. Returns how many parameters have a kernel ready."""
+    Assumes gradients of the parameters' own dtype. Returns how many parameters have a kernel ready.
+    With ``kernel="fused"`` on CUDA these are the multi-tensor CUDA kernels (kernels/gpu.py)."""
+    from . import gpu  # gpu imports this module
+
     ready = 0
     if optimizer.kernel == "reference":
         return 0
@@ -1462,7 +1465,10 @@ def prepare(optimizer: Any) -> int:
         for param in group["params"]:
             state = optimizer.state_for(param, group)
             wfmt, sfmt = optimizer.formats(param, group)
-            ready += prepare_param(optimizer.rule, wfmt, sfmt, param, state, group, param.dtype)
+            on_gpu = gpu.wanted(optimizer.kernel, param.device)
+            ready += (gpu.prepare_param if on_gpu else prepare_param)(
+                optimizer.rule, wfmt, sfmt, param, state, group, param.dtype
+            )
     return ready
 
 
