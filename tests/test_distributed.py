@@ -688,7 +688,7 @@ def test_fsdp2_same_batch_is_bit_identical_to_one_process(cluster, combo):
 
 @multiprocess
 @pytest.mark.parametrize("combo", GPU_KERNEL_COMBOS, ids=combo_name)
-def test_fsdp2_through_the_cuda_kernels_emulated_is_bit_identical_to_one_process(cluster, combo):
+def test_fsdp2_through_the_gpu_kernels_emulated_is_bit_identical_to_one_process(cluster, combo):
     got = result(cluster, "fsdp_gpu_kernels")[combo_name(combo)]
     want = single_run(combo)  # one process, the native CPU kernels
     assert got["updates"] == STEPS * 6  # 3 weights + 3 biases per step, through the CUDA kernels' code
