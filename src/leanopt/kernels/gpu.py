@@ -394,7 +394,8 @@ def reset() -> None:
 
 
 def _fail(key: Any, err: Exception) -> None:
-    reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    # NVRTC's log follows "Kernel compilation failed:" on the next lines: keep the start of it
+    reason = f"{type(err).__name__}: {' | '.join(str(err).strip().splitlines()[:4])[:600]}"
     _FAILED[key] = reason
     if isinstance(err, RuntimeError) and "_compile_kernel" in str(err):
         _STATUS["disabled"] = reason  # this torch has no NVRTC entry point: never again
