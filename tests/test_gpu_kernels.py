@@ -230,6 +230,63 @@ def test_the_cuda_source_is_valid_cplusplus_without_headers(tmp_path, states):
     assert proc.returncode == 0, proc.stderr[:3000]
 
 
+_CLANG_CUDA_STUB = r"""
+#define __global__ __attribute__((global))
+#define __device__ __attribute__((device))
+#define __shared__ __attribute__((shared))
+#define __forceinline__ __inline__ __attribute__((always_inline))
+#define __launch_bounds__(...) __attribute__((launch_bounds(__VA_ARGS__)))
+struct lo_dim3 { unsigned x, y, z; };
+extern __device__ const lo_dim3 threadIdx, blockIdx;
+extern "C" {
+__device__ float fabsf(float); __device__ float sqrtf(float); __device__ float fmaf(float, float, float);
+__device__ float rintf(float); __device__ float copysignf(float, float);
+}
+__device__ void __syncwarp(unsigned mask = 0xffffffffu);
+__device__ float __uint_as_float(unsigned); __device__ unsigned __float_as_uint(float);
+__device__ float __int_as_float(int);
+"""
+
+
+def cuda_sources():
+    """(name, CUDA source) of a kernel for every rule x weight format x state format on bf16 (full
+    and partial groups), and the NaN/inf check."""
+    out = [("nan check", gpu._FINITE_SOURCE)]
+    rules = [(leanopt.AdamW, dict(amsgrad=True)), (leanopt.SGD, dict(momentum=0.9, nesterov=True)), (leanopt.Lion, {})]
+    for (cls, kw), master, states in itertools.product(rules, WEIGHTS[:-1], STATES):
+        p = torch.nn.Parameter(torch.randn(4, 33).bfloat16())
+        opt = cls([p], lr=1e-2, master=master, states=states, **kw)
+        state = opt._init_state(p, opt.param_groups[0])
+        wfmt, sfmt = opt.formats(p, opt.param_groups[0])
+        spec = native.plan(opt.rule, wfmt, sfmt, p, torch.bfloat16, state, opt.param_groups[0])[0]
+        out.append((f"{cls.__name__}/{master}/{states}", gpu.generate(spec, gpu.scalar_count(spec))))
+    return out
+
+
+def test_every_cuda_source_passes_clangs_cuda_checks():
+    """clang's own CUDA front end (libclang, device side for sm_90, no CUDA headers: a stub declares
+    CUDA's keywords, built-ins and the math functions used): every generated kernel must be valid CUDA
+    C++, with every function it calls usable on the device (a helper left without ``__device__`` is an
+    error here, not under g++). What NVRTC may still reject is what clang and NVRTC disagree on."""
+    cindex = pytest.importorskip("clang.cindex")
+    try:
+        index = cindex.Index.create()
+    except Exception as err:  # noqa: BLE001 - libclang present but not loadable
+        pytest.skip(f"libclang not loadable: {err}")
+    args = ["-x", "cuda", "--cuda-device-only", "--cuda-gpu-arch=sm_90", "-nocudainc", "-nocudalib", "-std=c++17",
+            "-D__CUDACC__", "-include", "/lo/stub.h"]  # fmt: skip
+    sources = cuda_sources()
+    assert len(sources) >= 60
+    for name, source in sources:
+        tu = index.parse("/lo/k.cu", args=args, unsaved_files=[("/lo/k.cu", source), ("/lo/stub.h", _CLANG_CUDA_STUB)])
+        errors = [f"line {d.location.line}: {d.spelling}" for d in tu.diagnostics if d.severity >= 3]
+        assert not errors, f"{name}: {errors[:5]}"
+    # the check itself: a helper without __device__ is refused
+    bad = sources[1][1].replace("LO_FN uint16_t lo_bf16", "static inline uint16_t lo_bf16")
+    tu = index.parse("/lo/k.cu", args=args, unsaved_files=[("/lo/k.cu", bad), ("/lo/stub.h", _CLANG_CUDA_STUB)])
+    assert any(d.severity >= 3 for d in tu.diagnostics)
+
+
 # ----------------------------------------------------------------------------------------- on a GPU
 
 

@@ -62,8 +62,14 @@ NVRTC_OPTIONS = ["--fmad=false"]
 
 _CUDA_PRELUDE = r"""
 #ifdef __CUDACC__
-typedef unsigned int uint32_t; typedef int int32_t; typedef unsigned short uint16_t; typedef short int16_t;
-typedef signed char int8_t; typedef unsigned char uint8_t; typedef long long int64_t;
+/* NVRTC has no <stdint.h>; macros, not typedefs, so that no builtin definition can conflict */
+#define uint32_t unsigned int
+#define int32_t int
+#define uint16_t unsigned short
+#define int16_t short
+#define int8_t signed char
+#define uint8_t unsigned char
+#define int64_t long long
 #define LO_FN static __device__ __forceinline__
 #define LO_RESTRICT __restrict__
 #define LO_SYNC() __syncwarp()
