@@ -178,7 +178,7 @@ def test_kernel_fused_is_needed_and_the_switch_turns_it_off(emulate, monkeypatch
 
 
 def test_a_kernel_that_fails_to_build_warns_once_and_falls_back(emulate, monkeypatch):
-    def broken(source, name="lo_emulate"):
+    def broken(source, name="lo_emulate", arity=4):
         raise native.BuildError("cc failed: planted")
 
     monkeypatch.setattr(gpu, "_emulated", broken)
@@ -432,3 +432,81 @@ def test_a_step_count_changed_from_outside_is_followed(emulate, monkeypatch):
     assert_same(results[0], results[1], "step count")
     assert float(results[1][1][1]) == 14.0  # param 0's step tensor
     assert spy.planned >= 1
+
+
+# ---------------------------------------------------------------------------------- gradient release
+
+
+def _net(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(40, 70), torch.nn.Tanh(), torch.nn.Linear(70, 33)).bfloat16()
+
+
+def _release_run(kernel, release, states, poison_at=1, steps=4):
+    """``steps`` steps; at ``poison_at`` the first layer's weight gradient holds a NaN."""
+    model = _net()
+    opt = leanopt.AdamW(model.parameters(), lr=1e-2, master="exact", states=states, kernel=kernel)
+    handle = leanopt.release_gradients(opt) if release else None
+    g = torch.Generator().manual_seed(9)
+    skipped = []
+    for i in range(steps):
+        x = torch.randn(8, 40, generator=g).bfloat16()
+        hook = model[0].weight.register_hook(lambda grad: grad * float("nan")) if i == poison_at else None
+        model(x).float().pow(2).mean().backward()
+        if hook is not None:
+            hook.remove()
+        opt.step()
+        opt.zero_grad()
+        skipped.append(list(opt.last_skipped))
+    if handle is not None:
+        handle.remove()
+    return model, opt, skipped
+
+
+@pytest.mark.parametrize("states", ["fp32", "int8"])
+def test_release_checks_nan_on_the_device_and_settles_at_step(emulate, monkeypatch, states):
+    """Gradient release with kernel="fused" on the CUDA path: no host-side NaN/inf check per tensor
+    during backward (each hook queues a check launch and an update launch that leaves a bad tensor
+    alone); optimizer.step() reads the verdicts. Same bits, skips and counts as an ordinary native step."""
+    import leanopt.distributed as shards
+
+    ref_model, ref_opt, ref_skipped = _release_run("auto", False, states)
+    calls = []
+    real = shards.all_finite
+    monkeypatch.setattr(shards, "all_finite", lambda t: calls.append(1) or real(t))
+    model, opt, skipped = _release_run("fused", True, states)
+    assert calls == []  # no per-tensor verdict on the host
+    assert skipped == ref_skipped and skipped[1] == [0]
+    assert opt.nonfinite_skipped == ref_opt.nonfinite_skipped == 1
+    ref = snapshot(list(ref_model.parameters()), ref_opt)
+    ours = snapshot(list(model.parameters()), opt)
+    assert_same(ref, ours, f"release {states}")
+    # every update was queued, the poisoned one too: the kernel left it alone on the device
+    assert sum(k.tensors for k in gpu.compile_stats()) == 4 * 4
+
+
+@CUDA
+def test_cuda_release_never_waits_in_backward_and_once_at_step():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(256, 256) for _ in range(8)]).cuda().bfloat16()
+    opt = leanopt.AdamW(model.parameters(), lr=1e-3, master="compact", states="int8", kernel="fused")
+    handle = leanopt.release_gradients(opt)
+    x = torch.randn(32, 256, device="cuda").bfloat16()
+    for _ in range(2):
+        model(x).float().pow(2).mean().backward()
+        opt.step()
+    torch.cuda.synchronize()
+    waits = {}
+    for phase in ("backward", "step"):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                model(x).float().pow(2).mean().backward() if phase == "backward" else opt.step()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        waits[phase] = [str(w.message) for w in caught if "synchroniz" in str(w.message).lower()]
+    handle.remove()
+    assert not waits["backward"], waits["backward"][:3]
+    assert len(waits["step"]) <= 1, waits["step"][:3]
+    assert float(opt.state[model[0].weight]["step"]) == 3 and opt.last_skipped == []

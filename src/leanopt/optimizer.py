@@ -51,7 +51,9 @@ class LeanOptimizer(torch.optim.Optimizer):
       native kernel (``leanopt.kernels.native``: the rule's fused form generated as C, compiled once per
       combination with the system C compiler and cached on disk); on CUDA, param groups with at least
       2**20 elements use ``torch.compile`` (Triton; ``leanopt.kernels.fused``) and smaller ones the
-      eager reference. ``"fused"``: the compiled paths for every group. ``"reference"``: always the eager
+      eager reference. ``"fused"``: on CUDA the multi-tensor CUDA kernels (``leanopt.kernels.gpu``: the
+      native kernels' code compiled with NVRTC, one launch per combination per step), else the compiled
+      paths, for every group. ``"reference"``: always the eager
       reference (torch.optim's single-tensor arithmetic, op for op). Without a working compiler the
       compiled paths warn once and fall back. What each path reproduces bit for bit: docs/kernels.md.
     """
@@ -60,6 +62,9 @@ class LeanOptimizer(torch.optim.Optimizer):
     _native_ready = False  # within step(): the native CPU kernels are on for this step
     _step_plan: Any = None  # the last step's plan, if it can be repeated in one native call
     _finite: dict[int, bool] = {}  # within step(): all_finite of its plain gradients, by id (never mutated)
+    # set by gradient release (leanopt.release): with kernel="fused" on CUDA, update_param checks each
+    # gradient for NaN/inf on the device and takes the verdicts later (_settle_verdicts), not one wait each
+    _defer_verdicts = False
 
     def __init__(
         self,
@@ -84,6 +89,8 @@ class LeanOptimizer(torch.optim.Optimizer):
         self.last_skipped: list[int] = []
         self._generators: dict[torch.device, torch.Generator] = {}
         self._index: dict[Tensor, int] | None = None
+        self._pending_verdicts: list[tuple] = []  # (param index, device verdict, state, step before)
+        self._settled_skips: list[int] = []  # deferred updates found skipped, not yet taken
         defaults = {**hyper, "master": master, "states": states}
         super().__init__(params, defaults)
 
@@ -217,6 +224,9 @@ class LeanOptimizer(torch.optim.Optimizer):
         # gets the same decision on every rank.
         checked = finite_checked or (layout_checked and self.nonfinite == "raise")
         known = self._finite.get(id(grad))  # within step(): from its batched check
+        if self._defer_verdicts and self.nonfinite == "skip" and not checked and known is None:
+            if self._update_checked_on_device(param, group, grad, layout_checked):
+                return True
         if self.nonfinite != "ignore" and not checked and not (_shards.all_finite(grad) if known is None else known):
             if self.nonfinite == "raise":
                 raise FloatingPointError(f"non-finite gradient for parameter {self.param_index(param)}")
@@ -230,6 +240,50 @@ class LeanOptimizer(torch.optim.Optimizer):
         with _shards.local_views(param, grad, state, where) as (p, g, st):  # FSDP2: this rank's rows
             _fused.dispatch_step(self.kernel, self.rule, wfmt, sfmt, p, g, st, group, random_bits)
         return True
+
+    def _update_checked_on_device(
+        self, param: Tensor, group: dict[str, Any], grad: Tensor, layout_checked: bool
+    ) -> bool:  # fmt: skip
+        """kernel="fused" on CUDA under gradient release: one launch checks the gradient for NaN/inf and a
+        second updates the parameter only if it was clean, so the host never waits for the verdict here;
+        :meth:`_settle_verdicts` reads the verdicts later (release: at ``optimizer.step()``) and undoes
+        the step count of a skipped tensor. False (nothing changed) when this path does not apply."""
+        if not _gpu.wanted(self.kernel, grad.device) or _shards.is_dtensor(param) or _gpu.finite_table([grad]) is None:
+            return False
+        state = self.state_for(param, group, check_layout=not layout_checked)
+        wfmt, sfmt = self.formats(param, group)
+        random_bits = self._random_bits(param, state) if wfmt.needs_random else None
+        before = float(state["step"])
+        job = _gpu.launch(self.rule, wfmt, sfmt, param, grad, state, group, None, random_bits)
+        if job is None:
+            return False
+        for _, verdict in _gpu.run_many([job], check=True):
+            self._pending_verdicts.append((self.param_index(param), verdict, state, before))
+        if not job.units:  # an empty tensor: nothing to check or launch
+            self._pending_verdicts.append((self.param_index(param), None, state, before))
+        return True
+
+    def _settle_verdicts(self) -> None:
+        """Read the device verdicts of the deferred updates (one transfer per device): a tensor whose
+        gradient held a NaN or inf was left unchanged on the device; its step count is restored here
+        and it is counted as skipped (taken by :meth:`_take_settled_skips`)."""
+        pending, self._pending_verdicts = self._pending_verdicts, []
+        by_device: dict[torch.device, list[tuple]] = {}
+        for item in pending:
+            if item[1] is not None:
+                by_device.setdefault(item[1].device, []).append(item)
+        for items in by_device.values():
+            flags = torch.stack([v for _, v, _, _ in items]).tolist()
+            for (index, _, state, before), ok in zip(items, flags, strict=True):
+                if not ok:
+                    state["step"].fill_(before)
+                    self._settled_skips.append(index)
+
+    def _take_settled_skips(self) -> list[int]:
+        """Settle the pending verdicts and return the indices of the parameters skipped since last asked."""
+        self._settle_verdicts()
+        out, self._settled_skips = self._settled_skips, []
+        return out
 
     def _finite_flags(self, grads: list[Tensor]) -> dict[int, bool]:
         """all_finite of the step's plain gradients, by id (missing: ask per tensor): the CPU ones from
@@ -457,6 +511,7 @@ class LeanOptimizer(torch.optim.Optimizer):
     # ----------------------------------------------------------------------------- state dicts
 
     def state_dict(self) -> dict[str, Any]:
+        self._settle_verdicts()  # step counts of deferred updates found skipped are restored first
         sd = super().state_dict()
         sd["leanopt"] = {"version": STATE_DICT_VERSION, "nonfinite_skipped": self.nonfinite_skipped, "seed": self.seed}
         return sd

@@ -194,6 +194,9 @@ class ReleaseHandle:
         self._groups: dict[int, int] = {}
         self._poisoned: set[int] = set()
         self._sync_hooks()
+        # kernel="fused" on CUDA: each hook's NaN/inf check runs on the device, its verdict is read at
+        # optimizer.step() (_complete_step), so backward never waits for the GPU per tensor
+        optimizer._defer_verdicts = True
         self._step_hooks = [
             optimizer.register_step_pre_hook(self._before_step),
             optimizer.register_step_post_hook(self._after_step),
@@ -423,8 +426,16 @@ class ReleaseHandle:
         self._complete_step()
         return replaced
 
+    def _take_device_verdicts(self) -> None:
+        """The NaN/inf verdicts of updates checked on the device (kernel="fused" on CUDA): a tensor whose
+        gradient held one was left unchanged there; here it is counted as skipped."""
+        for index in self.optimizer._take_settled_skips():
+            self._updated.discard(index)
+            self._skip(index)
+
     def _complete_step(self) -> None:
         """Before ``step`` updates from ``.grad``: clip deferred gradients, or drop already-applied ones."""
+        self._take_device_verdicts()
         if self._deferred:
             params = [p for p in self._params() if p.grad is not None]
             if self.max_norm is not None:
@@ -542,6 +553,8 @@ class ReleaseHandle:
         """
         if not self._active:
             return
+        self._take_device_verdicts()
+        self.optimizer._defer_verdicts = False
         for h in self._param_hooks + self._step_hooks:
             h.remove()
         self._param_hooks, self._step_hooks, self._hooked = [], [], set()

@@ -205,6 +205,7 @@ def generate(spec: KernelSpec, nscalars: int) -> str:
     ]
     common = [
         "  const int t = lo_find(meta, count, unit, LO_STRIDE);",
+        "  if (!ok[t]) return;  /* its gradient holds a NaN or inf (the check kernel ran first) */",
         "  const int64_t *LO_RESTRICT m = meta + (int64_t)t * LO_STRIDE;",
         "  const int64_t rows = m[1], n = m[2];",
         *ptr_lines,
@@ -222,7 +223,8 @@ def generate(spec: KernelSpec, nscalars: int) -> str:
         )
         unit_fn = "\n".join(
             [
-                "LO_FN void lo_unit(const int64_t *LO_RESTRICT meta, const float *LO_RESTRICT scal, int count,"
+                "LO_FN void lo_unit(const int64_t *LO_RESTRICT meta, const float *LO_RESTRICT scal,"
+                " const int32_t *LO_RESTRICT ok, int count,"
                 " int64_t unit, int me) {",
                 *common,
                 f"  const int64_t total = rows * n, base = (unit - m[0]) * {FLAT_UNIT};",
@@ -242,12 +244,13 @@ def generate(spec: KernelSpec, nscalars: int) -> str:
             ]
         )
         entry = f"""#ifdef __CUDACC__
-extern "C" __global__ void __launch_bounds__({THREADS}) lo_cuda(const int64_t *meta, int count, const float *scal) {{
-  lo_unit(meta, scal, count, blockIdx.x, threadIdx.x);
+extern "C" __global__ void __launch_bounds__({THREADS})
+lo_cuda(const int64_t *meta, int count, const float *scal, const int32_t *ok) {{
+  lo_unit(meta, scal, ok, count, blockIdx.x, threadIdx.x);
 }}
 #else
-void lo_emulate(const int64_t *meta, int count, const float *scal, int64_t units) {{
-  for (int64_t u = 0; u < units; u++) lo_unit(meta, scal, count, u, -1);
+void lo_emulate(const int64_t *meta, int count, const float *scal, const int32_t *ok, int64_t units) {{
+  for (int64_t u = 0; u < units; u++) lo_unit(meta, scal, ok, count, u, -1);
 }}
 #endif"""
         return "\n".join([_CUDA_PRELUDE, *head, unit_fn, entry])
@@ -323,7 +326,8 @@ def _grouped(spec: KernelSpec, common: list[str], body: str) -> list[str]:
     ]
     unit_fn = "\n".join(
         [
-            "LO_FN void lo_unit(const int64_t *LO_RESTRICT meta, const float *LO_RESTRICT scal, int count,"
+            "LO_FN void lo_unit(const int64_t *LO_RESTRICT meta, const float *LO_RESTRICT scal,"
+            " const int32_t *LO_RESTRICT ok, int count,"
             " int64_t unit, int warp, int me, float *LO_RESTRICT sh) {",
             *common,
             f"  const int64_t gpr = (n + {gs - 1}) / {gs}, gidx = (unit - m[0]) * {WARPS} + warp;",
@@ -350,15 +354,16 @@ def _grouped(spec: KernelSpec, common: list[str], body: str) -> list[str]:
     )
     nst = len(states) * gs
     entry = f"""#ifdef __CUDACC__
-extern "C" __global__ void __launch_bounds__({THREADS}) lo_cuda(const int64_t *meta, int count, const float *scal) {{
+extern "C" __global__ void __launch_bounds__({THREADS})
+lo_cuda(const int64_t *meta, int count, const float *scal, const int32_t *ok) {{
   __shared__ float sh[{WARPS}][{nst}];
-  lo_unit(meta, scal, count, blockIdx.x, threadIdx.x >> 5, threadIdx.x & 31, sh[threadIdx.x >> 5]);
+  lo_unit(meta, scal, ok, count, blockIdx.x, threadIdx.x >> 5, threadIdx.x & 31, sh[threadIdx.x >> 5]);
 }}
 #else
-void lo_emulate(const int64_t *meta, int count, const float *scal, int64_t units) {{
+void lo_emulate(const int64_t *meta, int count, const float *scal, const int32_t *ok, int64_t units) {{
   float sh[{nst}];
   for (int64_t u = 0; u < units; u++)
-    for (int w = 0; w < {WARPS}; w++) lo_unit(meta, scal, count, u, w, -1, sh);
+    for (int w = 0; w < {WARPS}; w++) lo_unit(meta, scal, ok, count, u, w, -1, sh);
 }}
 #endif"""
     return [*fns, unit_fn, entry]
@@ -374,7 +379,7 @@ class GpuKernel:
 
     spec: KernelSpec
     device: torch.device
-    fn: Any  # (units, meta, count, scal) -> None
+    fn: Any  # (units, meta, count, scal, ok) -> None
     nscalars: int
     seconds: float  # compile time
     launches: int = 0
@@ -435,13 +440,14 @@ def _nvrtc(source: str, device: torch.device, name: str) -> Any:
     return run
 
 
-def _emulated(source: str, name: str = "lo_emulate") -> Any:
-    """The same source as C on the CPU: ``fn(units, *args)`` with tensors and ints, like :func:`_nvrtc`."""
-    fn = native.build(source, name, [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int64]).fn
+def _emulated(source: str, name: str = "lo_emulate", arity: int = 4) -> Any:
+    """The same source as C on the CPU: ``fn(units, *args)`` with tensors and ints, like :func:`_nvrtc`
+    (``arity`` arguments before ``units``: the second an int, the others pointers)."""
+    kinds = [ctypes.c_int if i == 1 else ctypes.c_void_p for i in range(arity)]
+    fn = native.build(source, name, [*kinds, ctypes.c_int64]).fn
 
     def run(units: int, *args: Any) -> None:
-        a, count, b = args
-        fn(a.data_ptr(), count, b.data_ptr(), units)
+        fn(*(a if isinstance(a, int) else a.data_ptr() for a in args), units)
 
     return run
 
@@ -472,7 +478,7 @@ def _finite_kernel(device: torch.device) -> Any:
     if fn is None and _STATUS["disabled"] is None and ("finite", device) not in _FAILED:
         try:
             if device.type == "cpu":
-                fn = _emulated(_FINITE_SOURCE, "lo_finite_emulate")
+                fn = _emulated(_FINITE_SOURCE, "lo_finite_emulate", 3)
             else:
                 fn = _nvrtc(_FINITE_SOURCE, device, "lo_cuda_finite")
         except Exception as err:  # noqa: BLE001 - no NVRTC, a compile error: the per-tensor check
@@ -523,7 +529,7 @@ def kernel_for(spec: KernelSpec, device: torch.device) -> GpuKernel | None:
     source = generate(spec, nscalars)
     start = time.perf_counter()
     try:
-        fn = _emulated(source) if device.type == "cpu" else _nvrtc(source, device, "lo_cuda")
+        fn = _emulated(source, "lo_emulate", 4) if device.type == "cpu" else _nvrtc(source, device, "lo_cuda")
     except Exception as err:  # noqa: BLE001 - no NVRTC, a compile error: the other executors
         _fail(key, err)
         return None
@@ -643,15 +649,31 @@ def _by_kernel(jobs: list[GpuLaunch]) -> list[list[GpuLaunch]]:
     return list(by.values())
 
 
-def run_many(jobs: list[GpuLaunch]) -> None:
-    """Run prepared updates: one launch per kernel (combination and device), its table copied once."""
+def run_many(jobs: list[GpuLaunch], check: bool = False) -> list[tuple[GpuLaunch, Tensor]]:
+    """Run prepared updates: one launch per kernel (combination and device), its table copied once.
+
+    ``check``: each gradient is first checked for NaN/inf on the device (one more launch per kernel)
+    and a tensor whose gradient holds one is left unchanged, without the host waiting for the verdict;
+    returns (job, its verdict: a 0-d int32 device tensor, 1 = updated) for the caller to read later."""
+    verdicts = []
     for group in _by_kernel(jobs):
         kernel = group[0].kernel
         meta, scal, units = _batch(group)
-        dev_meta, dev_scal = _to_device([meta, scal], kernel.device)
-        kernel.fn(units, dev_meta, len(group), dev_scal)
+        parts = [meta, scal, array("i", [1]) * len(group)]
+        table = finite_table([job.keep[0] for job in group]) if check else None
+        fn = _finite_kernel(kernel.device) if table is not None else None
+        if check and fn is None:
+            raise RuntimeError("leanopt: the NaN/inf check kernel is not available for these gradients")
+        if table is not None:
+            parts.append(table[0])
+        dev = _to_device(parts, kernel.device)
+        if table is not None and table[1]:
+            fn(table[1], dev[3], len(group), dev[2])  # writes 0 into ok[t] for a gradient with NaN/inf
+        kernel.fn(units, dev[0], len(group), dev[1], dev[2])
         kernel.launches += 1
         kernel.tensors += len(group)
+        verdicts += [(job, dev[2][k]) for k, job in enumerate(group)]
+    return verdicts
 
 
 @dataclass(slots=True)
@@ -764,7 +786,7 @@ def run_plan(plan: GpuStepPlan, opt: Any) -> list[int] | None:
         width = max(kernel.nscalars, 1)
         rows = [values[plan.seg_of[i]] for i in members]
         scal = array("f", [x for v in rows for x in v[:width] + [0.0] * (width - len(v[:width]))])
-        parts += [meta, scal]
+        parts += [meta, scal, array("i", [1]) * len(members)]
     on_device = _to_device(parts, plan.device)
     if plan.finite is not None:
         fn = _finite_kernel(plan.device)
@@ -776,7 +798,7 @@ def run_plan(plan: GpuStepPlan, opt: Any) -> list[int] | None:
             return None
         on_device = on_device[2:]
     for b, (kernel, _, _, members, units) in enumerate(plan.batches):
-        kernel.fn(units, on_device[2 * b], len(members), on_device[2 * b + 1])
+        kernel.fn(units, on_device[3 * b], len(members), on_device[3 * b + 1], on_device[3 * b + 2])
         kernel.launches += 1
         kernel.tensors += len(members)
     for counter, s in zip(plan.counters, plan.seg_of, strict=True):
