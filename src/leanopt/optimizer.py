@@ -207,7 +207,9 @@ class LeanOptimizer(torch.optim.Optimizer):
     def update_param(self, param: Tensor, group: dict[str, Any], grad: Tensor | None = None) -> bool:
         """Update one parameter from ``grad`` (default ``param.grad``). Returns False if skipped.
 
-        The building block of ``step``; gradient release calls it from backward hooks.
+        The building block of ``step``; gradient release calls it from backward hooks. Under release with
+        ``kernel="fused"`` on CUDA the NaN/inf verdict is taken on the device and read at ``step()``: it
+        returns True and a skip is counted then (docs/release.md).
         """
         return self._update_param(param, group, grad, layout_checked=False)
 
