@@ -250,7 +250,7 @@ class LeanOptimizer(torch.optim.Optimizer):
         second updates the parameter only if it was clean, so the host never waits for the verdict here;
         :meth:`_settle_verdicts` reads the verdicts later (release: at ``optimizer.step()``) and undoes
         the step count of a skipped tensor. False (nothing changed) when this path does not apply."""
-        if not _gpu.wanted(self.kernel, grad.device) or _shards.is_dtensor(param) or _gpu.finite_table([grad]) is None:
+        if not _gpu.wanted(self.kernel, grad.device) or _shards.is_dtensor(param) or not _gpu.can_check(grad):
             return False
         state = self.state_for(param, group, check_layout=not layout_checked)
         wfmt, sfmt = self.formats(param, group)

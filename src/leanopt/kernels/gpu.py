@@ -501,6 +501,11 @@ def finite_table(grads: list[Tensor]) -> tuple[array, int] | None:
     return meta, first
 
 
+def can_check(grad: Tensor) -> bool:
+    """Whether ``run_many(..., check=True)`` can check this gradient on its device."""
+    return finite_table([grad]) is not None and _finite_kernel(grad.device) is not None
+
+
 def all_finite_many(grads: list[Tensor]) -> list[bool] | None:
     """Whether each of ``grads`` (on one device) is free of NaN and inf: one launch, one transfer back
     (the step's one wait for the GPU); None when this check cannot run (the caller checks per tensor)."""
