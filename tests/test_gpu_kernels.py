@@ -313,10 +313,10 @@ def test_cuda_kernels_match_the_native_cpu_kernels_bit_for_bit(case):
 
 
 @CUDA
-@pytest.mark.parametrize("nonfinite,most", [("ignore", 0), ("skip", 1)])
+@pytest.mark.parametrize("nonfinite,most", [("ignore", 0), ("skip", 0), ("raise", 1)])
 def test_cuda_step_is_one_launch_per_combination_and_waits_at_most_once(nonfinite, most):
-    """A planned CUDA step: one launch for 50 tensors; no wait for the GPU with nonfinite="ignore",
-    one (the NaN/inf verdicts) with "skip"."""
+    """A planned CUDA step: one launch for 50 tensors; no wait for the GPU with nonfinite="ignore" or
+    "skip" (its verdicts are copied back behind the check and read later), one with "raise"."""
     gpu.reset()
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(64, 64, device="cuda").bfloat16()) for _ in range(50)]
@@ -392,8 +392,10 @@ def test_planned_steps_give_the_native_bits_with_one_launch_per_kernel(emulate, 
 
 @pytest.mark.parametrize("nonfinite", ["skip", "raise"])
 def test_a_nan_in_a_planned_step_is_handled_by_the_general_path(emulate, monkeypatch, nonfinite):
+    """skip: the planned step checks on the device and leaves that tensor alone, the verdicts are read
+    when first needed (here: last_skipped); raise: it waits for them and the general path raises."""
     spy = Spy(monkeypatch)
-    results = []
+    results, counts = [], []
     for kernel in ("auto", "fused"):
         g = torch.Generator().manual_seed(5)
         params = [torch.nn.Parameter(torch.randn(s, generator=g).bfloat16()) for s in [(4, 64), (9,), (3, 70)]]
@@ -410,12 +412,36 @@ def test_a_nan_in_a_planned_step_is_handled_by_the_general_path(emulate, monkeyp
                     opt.step()
                 assert_same(before, snapshot(params, opt), "raise changed something")
                 continue
+            planned = spy.planned
             opt.step()
             if i == 2:
-                assert opt.last_skipped == [2]
+                if kernel == "fused" and nonfinite == "skip":
+                    assert spy.planned == planned + 1 and opt._step_verdicts is not None  # not read yet
+                assert opt.last_skipped == [2] and opt._step_verdicts is None
         results.append(snapshot(params, opt))
+        counts.append(opt.nonfinite_skipped)
     assert_same(results[0], results[1], nonfinite)
+    assert counts == ([1, 1] if nonfinite == "skip" else [0, 0])
     assert spy.planned >= 1
+
+
+def test_planned_step_verdicts_are_counted_even_if_never_read_before_the_next_step(emulate):
+    results = []
+    for kernel in ("auto", "fused"):
+        g = torch.Generator().manual_seed(8)
+        params = [torch.nn.Parameter(torch.randn(s, generator=g).bfloat16()) for s in [(4, 64), (9,)]]
+        opt = leanopt.AdamW(params, lr=1e-2, master="compact", states="int8", kernel=kernel)
+        for i in range(5):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g).bfloat16()
+            if i in (2, 3):
+                params[i - 2].grad.view(-1)[-1] = float("nan")
+            opt.step()  # last_skipped and nonfinite_skipped not looked at in between
+        results.append((snapshot(params, opt), opt.nonfinite_skipped, opt.last_skipped))
+        if kernel == "fused":  # a checkpoint reads them too: the step counts it holds are the settled ones
+            assert float(opt.state_dict()["state"][0]["step"]) == 4.0
+    assert_same(results[0][0], results[1][0], "never read")
+    assert results[0][1:] == results[1][1:] == (2, [])
 
 
 def test_a_step_count_changed_from_outside_is_followed(emulate, monkeypatch):

@@ -65,6 +65,42 @@ class LeanOptimizer(torch.optim.Optimizer):
     # set by gradient release (leanopt.release): with kernel="fused" on CUDA, update_param checks each
     # gradient for NaN/inf on the device and takes the verdicts later (_settle_verdicts), not one wait each
     _defer_verdicts = False
+    # a planned CUDA step's NaN/inf verdicts (kernels/gpu.py), read when first needed: the skip counts
+    # below, the next step(), state_dict() and load_state_dict() read them (_settle_step_verdicts)
+    _step_verdicts: Any = None
+
+    @property
+    def nonfinite_skipped(self) -> int:
+        """How many tensor updates were skipped for a non-finite gradient (``nonfinite="skip"``)."""
+        self._settle_step_verdicts()
+        return self._nonfinite_skipped
+
+    @nonfinite_skipped.setter
+    def nonfinite_skipped(self, value: int) -> None:
+        self._nonfinite_skipped = value
+
+    @property
+    def last_skipped(self) -> list[int]:
+        """Indices of the parameters skipped in the last step."""
+        self._settle_step_verdicts()
+        return self._last_skipped
+
+    @last_skipped.setter
+    def last_skipped(self, value: list[int]) -> None:
+        self._last_skipped = value
+
+    def _settle_step_verdicts(self) -> None:
+        """Read the verdicts of the last planned CUDA step, if not yet read (a wait for their copy only):
+        each tensor left alone for a NaN/inf gets its step count back and is counted as skipped."""
+        pending = self._step_verdicts
+        if pending is None:
+            return
+        self._step_verdicts = None
+        bad = _gpu.read_verdicts(pending)
+        for _, counter, before in bad:
+            counter.value = before
+        self._nonfinite_skipped += len(bad)
+        self._last_skipped = [self.param_index(p) for p, _, _ in bad]
 
     def __init__(
         self,
@@ -444,15 +480,16 @@ class LeanOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._native_ready = self.kernel != "reference" and _native.disabled_reason() is None
+        self._settle_step_verdicts()  # the last planned CUDA step's, before anything reads step counts
         # the same step as last time, every update native: one native call (kernels/step_plan.py)
         plan, self._step_plan = self._step_plan, None
         if isinstance(plan, _gpu.GpuStepPlan):  # kernel="fused" on CUDA: the launches of the last step
             skipped = _gpu.run_plan(plan, self)
         else:
             skipped = _step_plan.run(plan, self) if plan is not None and self._native_ready else None
-        if skipped is not None:
-            self.last_skipped = skipped
-            self.nonfinite_skipped += len(skipped)
+        if skipped is not None:  # (a planned CUDA step's skips come later: _step_verdicts)
+            self._last_skipped = skipped
+            self._nonfinite_skipped += len(skipped)
             if not skipped:  # after a skip the step counts differ: the general path plans again
                 self._step_plan = plan
             return loss
@@ -514,6 +551,7 @@ class LeanOptimizer(torch.optim.Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         self._settle_verdicts()  # step counts of deferred updates found skipped are restored first
+        self._settle_step_verdicts()
         sd = super().state_dict()
         sd["leanopt"] = {"version": STATE_DICT_VERSION, "nonfinite_skipped": self.nonfinite_skipped, "seed": self.seed}
         return sd
@@ -540,6 +578,7 @@ class LeanOptimizer(torch.optim.Optimizer):
         copied, so the given dict is never modified by later steps. The stochastic-rounding ``seed`` and
         the ``nonfinite_skipped`` count are restored from the state dict too.
         """
+        self._settle_step_verdicts()  # the last planned CUDA step's skips are counted first
         self._step_plan = None  # it refers to the states being replaced
         if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
             raise ValueError("state_dict must be a dict with 'state' and 'param_groups' (from optimizer.state_dict())")

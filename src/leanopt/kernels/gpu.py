@@ -701,7 +701,7 @@ class GpuStepPlan:
     device_index: int  # for step_plan._valid: every gradient on this device (-1: the CPU)
     counters: list  # per tensor: a C float view of its fp32 step tensor
     seg_of: list[int]  # per tensor: its segment
-    finite: tuple | None  # (check table, [(position of a gradient's pointer, tensor)], blocks)
+    finite: tuple | None  # (check table, [(position of a gradient's pointer, tensor)], blocks, tensors in order)
     batches: list[tuple]  # (kernel, table, [(position, tensor)], tensors in rows, blocks)
 
 
@@ -734,12 +734,6 @@ def build_plan(opt: Any, work: list[tuple[Tensor, dict]], jobs: list[GpuLaunch])
         seg_of.append(index[id(group), value])
         counters.append(counter[1])
         refs.append((*job.refs, ("step", counter[0], counter[2])))
-    finite = None
-    if opt.nonfinite != "ignore":
-        table = finite_table(grads)
-        if table is None:
-            return None
-        finite = (table[0], [(4 * i + 2, i) for i in range(len(grads))], table[1])
     batches = []
     by: dict[int, list[int]] = {}
     for i, job in enumerate(jobs):
@@ -750,6 +744,13 @@ def build_plan(opt: Any, work: list[tuple[Tensor, dict]], jobs: list[GpuLaunch])
         width = 1 + len(jobs[members[0]].row)
         slots = [(k * width + 1 + jobs[i].slot, i) for k, i in enumerate(members)]
         batches.append((jobs[members[0]].kernel, meta, slots, members, units))
+    finite = None
+    if opt.nonfinite != "ignore":  # checked in batch order: each batch's verdicts are one slice
+        order = [i for *_, members, _ in batches for i in members]
+        table = finite_table([grads[i] for i in order])
+        if table is None:
+            return None
+        finite = (table[0], [(4 * k + 2, i) for k, i in enumerate(order)], table[1], order)
     device = work[0][0].device
     return GpuStepPlan(
         signature=sig, mode=(opt.kernel, opt.nonfinite), form=form, segments=segments,
@@ -763,7 +764,10 @@ def build_plan(opt: Any, work: list[tuple[Tensor, dict]], jobs: list[GpuLaunch])
 
 def run_plan(plan: GpuStepPlan, opt: Any) -> list[int] | None:
     """One ``step()`` of ``opt`` by ``plan``: [] when it ran, None (nothing changed) when the plan does
-    not apply or a gradient holds a NaN or inf (the general path then skips or raises, as it does)."""
+    not apply. The NaN/inf check runs on the device first; with ``nonfinite="skip"`` the update kernels
+    leave a tensor with a bad gradient alone and the host does not wait: the verdicts are copied back
+    behind the check and read later (``opt._step_verdicts``, see :func:`read_verdicts`). With "raise" it
+    waits for them and returns None if one is bad (the general path then raises)."""
     from . import step_plan
 
     if (opt.kernel, opt.nonfinite) != plan.mode or not wanted(opt.kernel, plan.device):
@@ -775,15 +779,13 @@ def run_plan(plan: GpuStepPlan, opt: Any) -> list[int] | None:
     for counter, s in zip(plan.counters, plan.seg_of, strict=True):
         if counter.value != segments[s].expect:  # a step count changed from outside
             return None
+    fn = None if plan.finite is None else _finite_kernel(plan.device)
+    if plan.finite is not None and fn is None:
+        return None
     steps = [ctypes.c_float(seg.expect + 1.0).value for seg in segments]  # float32 + 1
     values = [plan.form.scalars(seg.group, step) for seg, step in zip(segments, steps, strict=True)]
     ptrs = [g.data_ptr() for g in grads]
     parts: list[array] = []
-    if plan.finite is not None:
-        meta = array("q", plan.finite[0])
-        for pos, i in plan.finite[1]:
-            meta[pos] = ptrs[i]
-        parts += [meta, array("i", [1]) * len(grads)]
     for kernel, template, slots, members, _ in plan.batches:
         meta = array("q", template)
         for pos, i in slots:
@@ -792,25 +794,58 @@ def run_plan(plan: GpuStepPlan, opt: Any) -> list[int] | None:
         rows = [values[plan.seg_of[i]] for i in members]
         scal = array("f", [x for v in rows for x in v[:width] + [0.0] * (width - len(v[:width]))])
         parts += [meta, scal, array("i", [1]) * len(members)]
-    on_device = _to_device(parts, plan.device)
     if plan.finite is not None:
-        fn = _finite_kernel(plan.device)
-        if fn is None:
-            return None
+        meta = array("q", plan.finite[0])
+        for pos, i in plan.finite[1]:
+            meta[pos] = ptrs[i]
+        parts += [meta, array("i", [1]) * len(plan.finite[3])]
+    on_device = _to_device(parts, plan.device)
+    oks = [on_device[3 * b + 2] for b in range(len(plan.batches))]
+    if plan.finite is not None:
+        flags = on_device[-1]
         if plan.finite[2]:
-            fn(plan.finite[2], on_device[0], len(grads), on_device[1])
-        if not all(on_device[1].tolist()):  # the step's one wait for the GPU
-            return None
-        on_device = on_device[2:]
+            fn(plan.finite[2], on_device[-2], len(plan.finite[3]), flags)
+        if opt.nonfinite == "raise":
+            if not all(flags.tolist()):  # waits: nothing may change before the error
+                return None
+        oks, start = [], 0
+        for *_, members, _ in plan.batches:  # the update kernels read their slice of the verdicts
+            oks.append(flags[start : start + len(members)])
+            start += len(members)
     for b, (kernel, _, _, members, units) in enumerate(plan.batches):
-        kernel.fn(units, on_device[3 * b], len(members), on_device[3 * b + 1], on_device[3 * b + 2])
+        kernel.fn(units, on_device[3 * b], len(members), on_device[3 * b + 1], oks[b])
         kernel.launches += 1
         kernel.tensors += len(members)
+    befores = [counter.value for counter in plan.counters]
     for counter, s in zip(plan.counters, plan.seg_of, strict=True):
         counter.value = steps[s]
     for seg, step in zip(segments, steps, strict=True):
         seg.expect = step
+    if plan.finite is not None and opt.nonfinite == "skip":
+        order = plan.finite[3]
+        opt._step_verdicts = _verdicts_later(flags, [(params[i], plan.counters[i], befores[i]) for i in order])
     return []
+
+
+def _verdicts_later(flags: Tensor, tensors: list[tuple]) -> tuple:
+    """The verdicts ``flags`` (on the device, written by queued kernels), copied to the host behind them
+    without waiting: (event or None, host copy, [(param, counter, step count before)])."""
+    if flags.device.type != "cuda":
+        return None, flags, tensors  # emulated: already written
+    host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
+    host.copy_(flags, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return event, host, tensors
+
+
+def read_verdicts(pending: tuple) -> list[tuple]:
+    """Wait for the copy of the verdicts (only for it, not for work queued after it) and return the
+    (param, counter, step count before) of each tensor that was left alone."""
+    event, host, tensors = pending
+    if event is not None and not event.query():
+        event.synchronize()
+    return [t for t, ok in zip(tensors, host.tolist(), strict=True) if not ok]
 
 
 def prepare_param(rule: Rule, weight_format: WeightFormat, state_format: StateFormat, param: Tensor,
