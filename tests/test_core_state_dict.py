@@ -228,3 +228,43 @@ def test_state_dict_is_plain_tensors_and_python_values():
     st = sd["state"][0]
     assert st["remainder"].dtype == torch.int16 and st["exp_avg"].dtype == torch.float32
     assert sd["param_groups"][0]["master"] == "auto" and sd["param_groups"][0]["states"] == "fp32"
+
+
+def test_a_deepcopied_or_pickled_optimizer_keeps_its_modes_and_continues_identically():
+    """torch.optim.Optimizer pickles only defaults, state and param_groups; leanopt's own settings
+    (nonfinite, kernel, seed, skip count) must survive copy.deepcopy and torch.save of the optimizer."""
+    import copy
+    import io
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(40, 6).bfloat16()
+    opt = leanopt.AdamW(model.parameters(), lr=1e-2, master="stochastic", states="int8", nonfinite="skip",
+                        seed=11)  # fmt: skip
+    for _ in range(2):
+        model(torch.randn(3, 40).bfloat16()).float().sum().backward()
+        opt.step()
+        opt.zero_grad()
+    model.weight.grad = torch.full_like(model.weight, float("nan"))
+    opt.step()
+    opt.zero_grad()  # (torch.save keeps no .grad)
+    pair = copy.deepcopy((model, opt))
+    buf = io.BytesIO()
+    torch.save((model, opt), buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    copies = [pair, loaded]
+    for _, o in copies:
+        assert (o.nonfinite, o.kernel, o.seed, o.nonfinite_skipped, o.last_skipped) == ("skip", "auto", 11, 1, [0])
+    g = torch.Generator().manual_seed(3)
+    for _ in range(2):
+        x = torch.randn(3, 40, generator=g).bfloat16()
+        for m, o in [(model, opt), *copies]:
+            m(x).float().sum().backward()
+            o.step()
+            o.zero_grad()
+    for m, o in copies:
+        for a, b in zip(model.parameters(), m.parameters(), strict=True):
+            assert torch.equal(a.view(torch.int16), b.view(torch.int16))
+        for a, b in zip(opt.state.values(), o.state.values(), strict=True):
+            for k in a:
+                assert torch.equal(a[k], b[k]), k

@@ -130,6 +130,25 @@ class LeanOptimizer(torch.optim.Optimizer):
         defaults = {**hyper, "master": master, "states": states}
         super().__init__(params, defaults)
 
+    # ------------------------------------------------------------------- copy.deepcopy, pickle
+    #: leanopt's own attributes that a copy keeps (torch.optim.Optimizer's pickling keeps only
+    #: defaults, state and param_groups); plans, pending verdicts and caches are rebuilt
+    _PICKLED = ("nonfinite", "kernel", "seed", "_nonfinite_skipped", "_last_skipped")
+
+    def __getstate__(self) -> dict[str, Any]:
+        self._settle_verdicts()  # what pending GPU verdicts decide belongs in the copy
+        self._settle_step_verdicts()
+        return {**super().__getstate__(), "leanopt": {k: copy.copy(getattr(self, k)) for k in self._PICKLED}}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        extra = state.pop("leanopt", {})
+        super().__setstate__(state)
+        self.__dict__.update(extra)
+        self._generators = {}
+        self._index = None
+        self._pending_verdicts = []
+        self._settled_skips = []
+
     # ----------------------------------------------------------------------------- validation
 
     def _check_group(self, group: dict[str, Any]) -> None:
