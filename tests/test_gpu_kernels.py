@@ -146,14 +146,73 @@ def test_gradient_release_runs_one_tensor_per_launch_with_the_same_bits(emulate)
     assert sum(k.tensors for k in gpu.compile_stats()) == 9 and sum(k.launches for k in gpu.compile_stats()) == 9
 
 
-@pytest.mark.parametrize("master,dtype", [("compact", torch.float16), ("kahan", torch.float16)])
-def test_combinations_it_does_not_cover_take_the_other_kernels(emulate, master, dtype):
-    """fp16 weights (C's _Float16) are not generated for CUDA."""
-    p = torch.nn.Parameter(torch.randn(4, 64).to(dtype))
-    opt = leanopt.AdamW([p], lr=1e-2, master=master, kernel="fused")
-    p.grad = torch.randn_like(p)
-    opt.step()
-    assert gpu.compile_stats() == [] and float(opt.state[p]["step"]) == 1
+def test_fp16_bit_conversions_are_exact_ieee(emulate):
+    """The CUDA kernels' fp16 conversions (their own bit code: NVRTC has no _Float16), compiled as C:
+    every one of the 65536 fp16 patterns to fp32, and fp32 values around every fp16 rounding boundary,
+    subnormals, overflow and random bits to fp16, against torch's conversions (NaN: any NaN)."""
+    import ctypes
+
+    source = (
+        gpu._CUDA_PRELUDE
+        + native.SHARED_HELPERS
+        + gpu._F16_BITS
+        + """
+void conv(const uint16_t *h, float *f, int64_t n, const float *x, uint16_t *y, int64_t m) {
+  for (int64_t i = 0; i < n; i++) f[i] = lo_h2f(h[i]);
+  for (int64_t i = 0; i < m; i++) y[i] = lo_f2h(x[i]); }"""
+    )
+    fn = native.build(source, "conv", [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64] * 2).fn
+    h = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
+    f = torch.empty(h.numel(), dtype=torch.float32)
+    grid = torch.arange(0, 2**15, dtype=torch.int32).to(torch.int16).view(torch.float16).float()
+    grid = grid[torch.isfinite(grid)]
+    below = torch.nextafter(grid, torch.tensor(-float("inf")))
+    mids = (grid[:-1].double() + grid[1:].double()) / 2  # exact ties in fp32 (fp16 values are sparse enough)
+    g = torch.Generator().manual_seed(0)
+    rand = torch.randint(-(2**31), 2**31 - 1, (200_000,), generator=g, dtype=torch.int64).to(torch.int32)
+    x = torch.cat([grid, -grid, below, -below, mids.float(), -mids.float(), torch.nextafter(mids.float(),
+                   torch.tensor(float("inf"))), torch.tensor([65504.0, 65519.996, 65520.0, 1e6, float("inf"),
+                   -float("inf"), 2.0**-25, 2.0**-26, 3 * 2.0**-26, 1e-10]), rand.view(torch.float32)])  # fmt: skip
+    y = torch.empty(x.numel(), dtype=torch.int16)
+    fn(h.data_ptr(), f.data_ptr(), h.numel(), x.data_ptr(), y.data_ptr(), x.numel())
+    want_f = h.view(torch.float16).float()
+    nan = torch.isnan(want_f)
+    assert torch.equal(torch.isnan(f), nan)
+    assert torch.equal(f[~nan].view(torch.int32), want_f[~nan].view(torch.int32))
+    want_y = x.to(torch.float16)
+    nan = torch.isnan(want_y)
+    got = y.view(torch.float16)
+    assert torch.equal(torch.isnan(got), nan)
+    bad = int((got[~nan].view(torch.int16) != want_y[~nan].view(torch.int16)).sum())
+    assert bad == 0, f"{bad} of {int((~nan).sum())} conversions differ"
+
+
+@pytest.mark.parametrize("master", ["none", "kahan", "compact", "stochastic"])
+def test_fp16_weights_at_the_edges_give_the_native_bits(emulate, master):
+    """fp16 weights and gradients (as bits on the CUDA path) where the formats' special cases live:
+    zeros of both signs, subnormals, the largest finite value and overflow to inf, NaN/inf gradients
+    let through; SGD with int8 states and AdamW with fp32 states, against the native CPU kernels."""
+    edge = torch.tensor([0.0, -0.0, 2.0**-24, -(2.0**-24), 3 * 2.0**-20, 6.1e-5, -6.1e-5, 65504.0, -65504.0,
+                         65000.0, 1.0, -1.0, 1e-3, 0.3333, 2048.5, -7.0])  # fmt: skip
+    for cls, hyper in [(leanopt.SGD, dict(lr=0.37, momentum=0.9, states="int8")), (leanopt.AdamW, dict(lr=1e-2))]:
+        results = []
+        for kernel in ("auto", "fused"):
+            gpu.reset()
+            p = torch.nn.Parameter(edge.repeat(8)[:128].reshape(2, 64).to(torch.float16))
+            opt = cls([p], master=master, kernel=kernel, nonfinite="ignore", seed=7, **hyper)
+            g = torch.Generator().manual_seed(8)
+            for i, scale in enumerate((1e-7, 1e-3, 3e4, 1.0)):
+                grad = torch.randn(2, 64, generator=g) * scale
+                if i == 3:
+                    grad[0, 3], grad[1, 9] = float("nan"), float("inf")
+                p.grad = grad.to(torch.float16)
+                opt.step()
+                results.append(snapshot([p], opt))
+            if kernel == "fused":
+                assert sum(k.tensors for k in gpu.compile_stats()) == 4  # the CUDA kernels' code ran
+        half = len(results) // 2
+        for step, (want, got) in enumerate(zip(results[:half], results[half:], strict=True)):
+            assert_same(want, got, f"{cls.__name__} {master} step {step}")
 
 
 def test_prepare_builds_the_kernels_before_the_first_step(emulate):
@@ -260,6 +319,13 @@ def cuda_sources():
         wfmt, sfmt = opt.formats(p, opt.param_groups[0])
         spec = native.plan(opt.rule, wfmt, sfmt, p, torch.bfloat16, state, opt.param_groups[0])[0]
         out.append((f"{cls.__name__}/{master}/{states}", gpu.generate(spec, gpu.scalar_count(spec))))
+    for master in ["none", "kahan", "compact", "stochastic"]:  # fp16 weights and gradients, as bits
+        p = torch.nn.Parameter(torch.randn(4, 33).half())
+        opt = leanopt.AdamW([p], lr=1e-2, master=master, states="int8")
+        state = opt._init_state(p, opt.param_groups[0])
+        wfmt, sfmt = opt.formats(p, opt.param_groups[0])
+        spec = gpu.for_gpu(native.plan(opt.rule, wfmt, sfmt, p, torch.float16, state, opt.param_groups[0])[0])
+        out.append((f"fp16/{master}", gpu.generate(spec, gpu.scalar_count(spec))))
     return out
 
 
@@ -276,7 +342,7 @@ def test_every_cuda_source_passes_clangs_cuda_checks():
     args = ["-x", "cuda", "--cuda-device-only", "--cuda-gpu-arch=sm_90", "-nocudainc", "-nocudalib", "-std=c++17",
             "-D__CUDACC__", "-include", "/lo/stub.h"]  # fmt: skip
     sources = cuda_sources()
-    assert len(sources) >= 60
+    assert len(sources) >= 64
     for name, source in sources:
         tu = index.parse("/lo/k.cu", args=args, unsaved_files=[("/lo/k.cu", source), ("/lo/stub.h", _CLANG_CUDA_STUB)])
         errors = [f"line {d.location.line}: {d.spelling}" for d in tu.diagnostics if d.severity >= 3]
