@@ -605,3 +605,66 @@ def test_cuda_release_never_waits_in_backward_and_once_at_step():
     assert not waits["backward"], waits["backward"][:3]
     assert len(waits["step"]) <= 1, waits["step"][:3]
     assert float(opt.state[model[0].weight]["step"]) == 3 and opt.last_skipped == []
+
+
+@CUDA
+def test_cuda_kernels_build_without_the_cuda_toolkit(monkeypatch):
+    """Where torch.cuda._compile_kernel cannot find the CUDA toolkit (it adds its include folder), the
+    kernels are built by NVRTC directly (they include no header): same bits as the native CPU kernels."""
+    if native.compiler() is None:
+        pytest.skip("needs a C compiler for the native CPU kernels it is compared with")
+
+    def no_toolkit(*args, **kwargs):
+        raise OSError("CUDA_HOME environment variable is not set (planted)")
+
+    monkeypatch.setattr(torch.cuda, "_compile_kernel", no_toolkit)
+    gpu.reset()
+    for states in ("fp32", "int4"):
+        ref = snapshot(*train("auto", leanopt.AdamW, "compact", states, dict(lr=1e-2)))
+        ours = snapshot(*train("fused", leanopt.AdamW, "compact", states, dict(lr=1e-2), device="cuda"))
+        assert_same(ref, ours, f"direct NVRTC {states}")
+    assert gpu.compile_stats() and all(k.launches for k in gpu.compile_stats())
+
+
+class _FakeNvrtc:
+    """NVRTC's C API as _nvrtc_direct calls it, recorded (no GPU here): a compile error with its log, or
+    a CUBIN handed to the module loader."""
+
+    def __init__(self, fail: bool):
+        self.fail, self.calls, self.options = fail, [], []
+
+    def __getattr__(self, name):
+        def call(*args):
+            self.calls.append(name)
+            if name == "nvrtcCompileProgram":
+                self.options = [args[2][i] for i in range(args[1])]
+                return 6 if self.fail else 0
+            if name in ("nvrtcGetProgramLogSize", "nvrtcGetCUBINSize"):
+                args[1]._obj.value = 16
+            if name == "nvrtcGetProgramLog":
+                args[1].value = b"planted error"
+            if name == "nvrtcGetCUBIN":
+                args[1].raw = b"CUBIN-bytes-here"
+            if name == "nvrtcGetErrorString":
+                args[1]._obj.value = b"NVRTC_ERROR_COMPILATION"
+            return 0
+
+        return call
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_direct_nvrtc_call_sequence(monkeypatch, fail):
+    from torch.cuda import _utils
+
+    fake, loaded = _FakeNvrtc(fail), []
+    monkeypatch.setattr(_utils, "_get_gpu_rtc_library", lambda: fake)
+    monkeypatch.setattr(_utils, "_cuda_load_module", lambda cubin, names: loaded.append(cubin) or {names[0]: "k"})
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    if fail:
+        with pytest.raises(RuntimeError, match="(?s)NVRTC_ERROR_COMPILATION.*planted error"):
+            gpu._nvrtc_direct(gpu._FINITE_SOURCE, "lo_cuda_finite")
+    else:
+        assert gpu._nvrtc_direct(gpu._FINITE_SOURCE, "lo_cuda_finite") == "k"
+        assert loaded == [b"CUBIN-bytes-here"]
+    assert fake.options == [b"--gpu-architecture=sm_90", b"--fmad=false"]
+    assert fake.calls[0] == "nvrtcCreateProgram" and fake.calls[-1] == "nvrtcDestroyProgram"

@@ -517,14 +517,59 @@ def _warn(reason: str) -> None:
         )
 
 
+def _nvrtc_direct(source: str, name: str) -> Any:
+    """``name`` compiled by NVRTC and loaded on the current device, without the CUDA toolkit's headers
+    (the source includes none): torch's own ``_compile_kernel`` adds the toolkit's include folder and
+    fails where there is no toolkit (pip-installed torch), though NVRTC itself ships with torch."""
+    from torch.cuda import _utils
+
+    nvrtc = _utils._get_gpu_rtc_library()
+
+    def check(code: int, prog: Any = None) -> None:
+        if code == 0:
+            return
+        message = ctypes.c_char_p()
+        nvrtc.nvrtcGetErrorString(code, ctypes.byref(message))
+        log = ""
+        if prog is not None:
+            size = ctypes.c_size_t()
+            nvrtc.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+            buf = ctypes.create_string_buffer(size.value)
+            nvrtc.nvrtcGetProgramLog(prog, buf)
+            log = buf.value.decode(errors="replace")
+        raise RuntimeError(f"NVRTC: {(message.value or b'error').decode()}\n{log}")
+
+    major, minor = torch.cuda.get_device_capability()
+    options = [f"--gpu-architecture=sm_{major}{minor}".encode(), *(o.encode() for o in NVRTC_OPTIONS)]
+    prog = ctypes.c_void_p()
+    check(nvrtc.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), b"leanopt.cu", 0, None, None))
+    try:
+        check(nvrtc.nvrtcAddNameExpression(prog, name.encode()))
+        check(nvrtc.nvrtcCompileProgram(prog, len(options), (ctypes.c_char_p * len(options))(*options)), prog)
+        size = ctypes.c_size_t()
+        check(nvrtc.nvrtcGetCUBINSize(prog, ctypes.byref(size)))
+        cubin = ctypes.create_string_buffer(size.value)
+        check(nvrtc.nvrtcGetCUBIN(prog, cubin))
+        lowered = ctypes.c_char_p()
+        check(nvrtc.nvrtcGetLoweredName(prog, name.encode(), ctypes.byref(lowered)))
+        mangled = (lowered.value or name.encode()).decode()
+    finally:
+        nvrtc.nvrtcDestroyProgram(ctypes.byref(prog))
+    return _utils._cuda_load_module(cubin.raw, [mangled])[mangled]
+
+
 def _nvrtc(source: str, device: torch.device, name: str) -> Any:
     """The CUDA kernel ``name`` of ``source``, compiled with NVRTC for ``device``: called as
-    ``fn(units, *args)`` (one block of THREADS threads per unit, on the current stream)."""
+    ``fn(units, *args)`` (one block of THREADS threads per unit, on the current stream). Through
+    ``torch.cuda._compile_kernel``, or NVRTC directly where that cannot find the CUDA toolkit."""
     compile_kernel = getattr(torch.cuda, "_compile_kernel", None)
     if compile_kernel is None:
         raise RuntimeError(f"torch {torch.__version__} has no torch.cuda._compile_kernel (NVRTC; torch >= 2.8)")
     with torch.cuda.device(device):
-        kern = compile_kernel(source, name, nvcc_options=list(NVRTC_OPTIONS))
+        try:
+            kern = compile_kernel(source, name, nvcc_options=list(NVRTC_OPTIONS))
+        except OSError:  # CUDA_HOME not found (no toolkit): NVRTC itself needs none of its headers
+            kern = _nvrtc_direct(source, name)
 
     def run(units: int, *args: Any) -> None:
         with torch.cuda.device(device):  # the module was loaded there; its current stream, as the table's copy
