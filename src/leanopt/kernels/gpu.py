@@ -563,13 +563,16 @@ def _nvrtc(source: str, device: torch.device, name: str) -> Any:
     ``fn(units, *args)`` (one block of THREADS threads per unit, on the current stream). Through
     ``torch.cuda._compile_kernel``, or NVRTC directly where that cannot find the CUDA toolkit."""
     compile_kernel = getattr(torch.cuda, "_compile_kernel", None)
-    if compile_kernel is None:
-        raise RuntimeError(f"torch {torch.__version__} has no torch.cuda._compile_kernel (NVRTC; torch >= 2.8)")
     with torch.cuda.device(device):
         try:
+            if compile_kernel is None:
+                raise RuntimeError(f"torch {torch.__version__} has no torch.cuda._compile_kernel (torch >= 2.8)")
             kern = compile_kernel(source, name, nvcc_options=list(NVRTC_OPTIONS))
-        except OSError:  # CUDA_HOME not found (no toolkit): NVRTC itself needs none of its headers
-            kern = _nvrtc_direct(source, name)
+        except Exception as first:  # e.g. CUDA_HOME not found (no toolkit), another signature: NVRTC itself
+            try:
+                kern = _nvrtc_direct(source, name)
+            except Exception:
+                raise first from None  # (a compile error fails both ways: torch's message names it)
 
     def run(units: int, *args: Any) -> None:
         with torch.cuda.device(device):  # the module was loaded there; its current stream, as the table's copy
