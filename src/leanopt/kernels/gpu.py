@@ -240,11 +240,6 @@ def for_gpu(spec: KernelSpec) -> KernelSpec | None:
     return dataclasses.replace(spec, weight=weight, grad=grad)
 
 
-def covered(spec: KernelSpec) -> bool:
-    """Whether the CUDA kernels take this combination (every one :func:`for_gpu` can express)."""
-    return for_gpu(spec) is not None
-
-
 def _pointers(spec: KernelSpec) -> tuple[list[str], int]:
     """C declarations of the kernel's pointers, read from the tensor's table row ``m``; their count."""
     lines, k = [], META
@@ -1020,4 +1015,4 @@ def gpu_step(
 
 
 __all__ = ["EMULATE", "GpuKernel", "GpuLaunch", "GpuStepPlan", "all_finite_many", "build_plan", "compile_stats",
-           "covered", "generate", "gpu_step", "launch", "run_many", "run_plan", "wanted"]  # fmt: skip
+           "for_gpu", "generate", "gpu_step", "launch", "prepare_param", "run_many", "run_plan", "wanted"]  # fmt: skip
