@@ -284,7 +284,7 @@ def test_hyper_parameters_go_to_the_device_once_per_distinct_values():
 @pytest.mark.parametrize(
     "mode", ["exact/fp32@reference", "compact/int8@auto", "exact/fp32@fused", "compact/int8@fused"]
 )
-def test_a_cuda_step_synchronises_at_most_once_not_per_tensor(mode):
+def test_a_cuda_step_synchronises_at_most_once_not_per_tensor(mode, cuda_waits):
     """On CUDA a step queues its work without waiting for the GPU per tensor: the NaN/inf verdicts of
     all gradients come back in one transfer, hyper-parameters go over in pinned, non-blocking copies,
     and the weight formats' NaN handling is branch-free there. torch's sync debug mode counts waits."""
@@ -298,14 +298,7 @@ def test_a_cuda_step_synchronises_at_most_once_not_per_tensor(mode):
             p.grad = torch.randn_like(p)
         opt.step()
     torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            opt.step()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    waits = [str(w.message) for w in caught if "synchroniz" in str(w.message).lower()]
+    waits = cuda_waits(opt.step)
     assert len(waits) <= 1, waits[:3]
     assert float(opt.state[params[0]]["step"]) == 3
 

@@ -188,31 +188,17 @@ void conv(const uint16_t *h, float *f, int64_t n, const float *x, uint16_t *y, i
 
 
 @pytest.mark.parametrize("master", ["none", "kahan", "compact", "stochastic"])
-def test_fp16_weights_at_the_edges_give_the_native_bits(emulate, master):
+def test_fp16_weights_at_the_edges_give_the_native_bits(emulate, master, fp16_edge_training):
     """fp16 weights and gradients (as bits on the CUDA path) where the formats' special cases live:
     zeros of both signs, subnormals, the largest finite value and overflow to inf, NaN/inf gradients
     let through; SGD with int8 states and AdamW with fp32 states, against the native CPU kernels."""
-    edge = torch.tensor([0.0, -0.0, 2.0**-24, -(2.0**-24), 3 * 2.0**-20, 6.1e-5, -6.1e-5, 65504.0, -65504.0,
-                         65000.0, 1.0, -1.0, 1e-3, 0.3333, 2048.5, -7.0])  # fmt: skip
     for cls, hyper in [(leanopt.SGD, dict(lr=0.37, momentum=0.9, states="int8")), (leanopt.AdamW, dict(lr=1e-2))]:
-        results = []
-        for kernel in ("auto", "fused"):
-            gpu.reset()
-            p = torch.nn.Parameter(edge.repeat(8)[:128].reshape(2, 64).to(torch.float16))
-            opt = cls([p], master=master, kernel=kernel, nonfinite="ignore", seed=7, **hyper)
-            g = torch.Generator().manual_seed(8)
-            for i, scale in enumerate((1e-7, 1e-3, 3e4, 1.0)):
-                grad = torch.randn(2, 64, generator=g) * scale
-                if i == 3:
-                    grad[0, 3], grad[1, 9] = float("nan"), float("inf")
-                p.grad = grad.to(torch.float16)
-                opt.step()
-                results.append(snapshot([p], opt))
-            if kernel == "fused":
-                assert sum(k.tensors for k in gpu.compile_stats()) == 4  # the CUDA kernels' code ran
-        half = len(results) // 2
-        for step, (want, got) in enumerate(zip(results[:half], results[half:], strict=True)):
-            assert_same(want, got, f"{cls.__name__} {master} step {step}")
+        want = fp16_edge_training(cls, master=master, kernel="auto", **hyper)
+        gpu.reset()
+        got = fp16_edge_training(cls, master=master, kernel="fused", **hyper)
+        assert sum(k.tensors for k in gpu.compile_stats()) == 4  # the CUDA kernels' code ran every step
+        for step, (a, b) in enumerate(zip(want, got, strict=True)):
+            assert_same(list(a.items()), list(b.items()), f"{cls.__name__} {master} step {step}")
 
 
 def test_prepare_builds_the_kernels_before_the_first_step(emulate):
@@ -380,7 +366,7 @@ def test_cuda_kernels_match_the_native_cpu_kernels_bit_for_bit(case):
 
 @CUDA
 @pytest.mark.parametrize("nonfinite,most", [("ignore", 0), ("skip", 0), ("raise", 1)])
-def test_cuda_step_is_one_launch_per_combination_and_waits_at_most_once(nonfinite, most):
+def test_cuda_step_is_one_launch_per_combination_and_waits_at_most_once(nonfinite, most, cuda_waits):
     """A planned CUDA step: one launch for 50 tensors; no wait for the GPU with nonfinite="ignore" or
     "skip" (its verdicts are copied back behind the check and read later), one with "raise"."""
     gpu.reset()
@@ -394,15 +380,8 @@ def test_cuda_step_is_one_launch_per_combination_and_waits_at_most_once(nonfinit
     torch.cuda.synchronize()
     (kernel,) = gpu.compile_stats()
     launches = kernel.launches
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            opt.step()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
+    waits = cuda_waits(opt.step)
     assert kernel.launches == launches + 1 and isinstance(opt._step_plan, gpu.GpuStepPlan)
-    waits = [str(w.message) for w in caught if "synchroniz" in str(w.message).lower()]
     assert len(waits) <= most, waits[:3]
 
 
@@ -491,41 +470,46 @@ def test_a_nan_in_a_planned_step_is_handled_by_the_general_path(emulate, monkeyp
     assert spy.planned >= 1
 
 
-def test_planned_step_verdicts_are_counted_even_if_never_read_before_the_next_step(emulate):
-    results = []
+def native_and_gpu(master, states, seed, steps, before_step):
+    """Two AdamW runs on (4, 64) and (9,) bf16 tensors, one with the native kernels (kernel="auto"), one
+    through the CUDA kernels' code (kernel="fused", emulated): the same gradients, and
+    ``before_step(i, params, opt)`` before each step i. Returns [(params, opt)] for both."""
+    runs = []
     for kernel in ("auto", "fused"):
-        g = torch.Generator().manual_seed(8)
+        g = torch.Generator().manual_seed(seed)
         params = [torch.nn.Parameter(torch.randn(s, generator=g).bfloat16()) for s in [(4, 64), (9,)]]
-        opt = leanopt.AdamW(params, lr=1e-2, master="compact", states="int8", kernel=kernel)
-        for i in range(5):
+        opt = leanopt.AdamW(params, lr=1e-2, master=master, states=states, kernel=kernel)
+        for i in range(steps):
             for p in params:
                 p.grad = torch.randn(p.shape, generator=g).bfloat16()
-            if i in (2, 3):
-                params[i - 2].grad.view(-1)[-1] = float("nan")
-            opt.step()  # last_skipped and nonfinite_skipped not looked at in between
-        results.append((snapshot(params, opt), opt.nonfinite_skipped, opt.last_skipped))
-        if kernel == "fused":  # a checkpoint reads them too: the step counts it holds are the settled ones
-            assert float(opt.state_dict()["state"][0]["step"]) == 4.0
-    assert_same(results[0][0], results[1][0], "never read")
-    assert results[0][1:] == results[1][1:] == (2, [])
+            before_step(i, params, opt)
+            opt.step()
+        runs.append((params, opt))
+    return runs
+
+
+def test_planned_step_verdicts_are_counted_even_if_never_read_before_the_next_step(emulate):
+    def poison(i, params, opt):  # last_skipped and nonfinite_skipped are not looked at in between
+        if i in (2, 3):
+            params[i - 2].grad.view(-1)[-1] = float("nan")
+
+    runs = native_and_gpu("compact", "int8", 8, 5, poison)
+    # a checkpoint reads them too: the step counts it holds are the settled ones
+    assert float(runs[1][1].state_dict()["state"][0]["step"]) == 4.0
+    assert_same(snapshot(*runs[0]), snapshot(*runs[1]), "never read")
+    assert [(o.nonfinite_skipped, o.last_skipped) for _, o in runs] == [(2, []), (2, [])]
 
 
 def test_a_step_count_changed_from_outside_is_followed(emulate, monkeypatch):
     spy = Spy(monkeypatch)
-    results = []
-    for kernel in ("auto", "fused"):
-        g = torch.Generator().manual_seed(6)
-        params = [torch.nn.Parameter(torch.randn(s, generator=g).bfloat16()) for s in [(4, 64), (9,)]]
-        opt = leanopt.AdamW(params, lr=1e-2, master="exact", states="fp32", kernel=kernel)
-        for i in range(4):
-            for p in params:
-                p.grad = torch.randn(p.shape, generator=g).bfloat16()
-            if i == 2:
-                opt.state[params[0]]["step"] += 10  # e.g. a user resuming a schedule
-            opt.step()
-        results.append(snapshot(params, opt))
-    assert_same(results[0], results[1], "step count")
-    assert float(results[1][1][1]) == 14.0  # param 0's step tensor
+
+    def resume(i, params, opt):
+        if i == 2:
+            opt.state[params[0]]["step"] += 10  # e.g. a user resuming a schedule
+
+    runs = native_and_gpu("exact", "fp32", 6, 4, resume)
+    assert_same(snapshot(*runs[0]), snapshot(*runs[1]), "step count")
+    assert float(runs[1][1].state[runs[1][0][0]]["step"]) == 14.0
     assert spy.planned >= 1
 
 
@@ -581,7 +565,7 @@ def test_release_checks_nan_on_the_device_and_settles_at_step(emulate, monkeypat
 
 
 @CUDA
-def test_cuda_release_never_waits_in_backward_and_once_at_step():
+def test_cuda_release_never_waits_in_backward_and_once_at_step(cuda_waits):
     torch.manual_seed(0)
     model = torch.nn.Sequential(*[torch.nn.Linear(256, 256) for _ in range(8)]).cuda().bfloat16()
     opt = leanopt.AdamW(model.parameters(), lr=1e-3, master="compact", states="int8", kernel="fused")
@@ -591,16 +575,7 @@ def test_cuda_release_never_waits_in_backward_and_once_at_step():
         model(x).float().pow(2).mean().backward()
         opt.step()
     torch.cuda.synchronize()
-    waits = {}
-    for phase in ("backward", "step"):
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            torch.cuda.set_sync_debug_mode("warn")
-            try:
-                model(x).float().pow(2).mean().backward() if phase == "backward" else opt.step()
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
-        waits[phase] = [str(w.message) for w in caught if "synchroniz" in str(w.message).lower()]
+    waits = {"backward": cuda_waits(lambda: model(x).float().pow(2).mean().backward()), "step": cuda_waits(opt.step)}
     handle.remove()
     assert not waits["backward"], waits["backward"][:3]
     assert len(waits["step"]) <= 1, waits["step"][:3]

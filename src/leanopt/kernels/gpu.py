@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import re
 import time
 import warnings
 import weakref
@@ -240,34 +239,9 @@ def for_gpu(spec: KernelSpec) -> KernelSpec | None:
     return dataclasses.replace(spec, weight=weight, grad=grad)
 
 
-def _pointers(spec: KernelSpec) -> tuple[list[str], int]:
-    """C declarations of the kernel's pointers, read from the tensor's table row ``m``; their count."""
-    lines, k = [], META
-    for j, ct in enumerate(spec.weight.ctypes_):
-        lines.append(f"  {ct} *LO_RESTRICT W{j} = ({ct} *)m[{k}];")
-        k += 1
-    lines.append(f"  const {spec.grad[0]} *LO_RESTRICT G = (const {spec.grad[0]} *)m[{k}];")
-    k += 1
-    for name, _, codec in spec.states:
-        v = _ident(name)
-        if codec.kind == "flat":
-            lines.append(f"  {codec.ctype} *LO_RESTRICT S_{v} = ({codec.ctype} *)m[{k}];")
-            k += 1
-        else:
-            ct = "uint8_t" if codec.kind == "q4p" else "int8_t"
-            lines.append(f"  {ct} *LO_RESTRICT C_{v} = ({ct} *)m[{k}];")
-            lines.append(f"  uint16_t *LO_RESTRICT K_{v} = (uint16_t *)m[{k + 1}];")
-            k += 2
-    if spec.weight.random:  # stochastic rounding: 16 random bits per element, drawn per step
-        lines.append(f"  const int32_t *LO_RESTRICT RB = (const int32_t *)m[{k}];")
-        k += 1
-    return lines, k - META
-
-
 def _scalars(spec: KernelSpec) -> tuple[list[str], str, int]:
     """(declarations of the scalars the body reads, the body with ``s[k]`` -> ``s_k``, scalars per row)."""
-    used = sorted({int(m) for line in spec.body for m in re.findall(r"\bs\[(\d+)\]", line)})
-    body = "\n".join("      " + re.sub(r"\bs\[(\d+)\]", r"s_\1", line) for line in spec.body)
+    used, body = native.scalar_uses(spec)
     return [f"  const float s_{k} = s[{k}];" for k in used], body, (max(used) + 1 if used else 0)
 
 
@@ -281,7 +255,7 @@ def generate(spec: KernelSpec, nscalars: int) -> str:
     scal, units)`` on the CPU. ``meta`` holds per tensor (in order of their first unit) the first unit,
     rows, n and the pointers (weight tensors, gradient, states); ``scal`` ``nscalars`` fp32 values per
     tensor."""
-    ptr_lines, nptr = _pointers(spec)
+    ptr_lines, nptr = native.pointer_decls(spec, "m", META, "LO_RESTRICT")
     scal_lines, body, _ = _scalars(spec)
     stride = META + nptr
     head = [
@@ -302,13 +276,7 @@ def generate(spec: KernelSpec, nscalars: int) -> str:
     ]
     wload, wstore, gload = spec.weight.load, spec.weight.store, spec.grad[1]
     if not spec.grouped:
-        loads = "\n".join(
-            f"      float st_{_ident(n)} = {c.load.replace('S[', f'S_{_ident(n)}[')};" for n, _, c in spec.states
-        )
-        stores = "\n".join(
-            f"      {{ const float v = st_{_ident(n)}; {c.store.replace('S[', f'S_{_ident(n)}[')} }}"
-            for n, _, c in spec.states
-        )
+        loads, stores = native.flat_state_io(spec)
         unit_fn = "\n".join(
             [
                 "LO_FN void lo_unit(const int64_t *LO_RESTRICT meta, const float *LO_RESTRICT scal,"
@@ -847,12 +815,13 @@ def build_plan(opt: Any, work: list[tuple[Tensor, dict]], jobs: list[GpuLaunch])
     when such a step cannot be repeated by a plan (tensors on several devices, a step counter that is
     not a plain fp32 tensor, a gradient the NaN/inf kernel does not read)."""
     from . import step_plan
+    from .fused import fused_form  # fused imports this module
 
     if not jobs or len(jobs) != len(work) or len({p.device for p, _ in work}) != 1:
         return None
     if any(j.kernel.spec.weight.random for j in jobs):  # noise drawn per tensor and step
         return None
-    form = fused_form_of(opt.rule)
+    form = fused_form(opt.rule)
     sig, _, grads = step_plan._signature(opt.param_groups)
     if form is None or len(grads) != len(jobs):
         return None
@@ -994,12 +963,6 @@ def prepare_param(rule: Rule, weight_format: WeightFormat, state_format: StateFo
     if spec is None:
         return False
     return kernel_for(spec, param.device) is not None and _finite_kernel(param.device) is not None
-
-
-def fused_form_of(rule: Rule) -> Any:
-    from .fused import fused_form
-
-    return fused_form(rule)
 
 
 def gpu_step(

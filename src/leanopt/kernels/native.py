@@ -601,39 +601,14 @@ def generate(spec: KernelSpec) -> str:
     head = "static void lo_body(int64_t rows, int64_t n, void **ptrs, const float *s, int64_t t0, int64_t t1) {"
     vector = _vector_group(spec) if spec.grouped else None
     lines = [_PRELUDE + (_VECTOR_PRELUDE if vector else ""), head]
-    k = 0
-    for j, ct in enumerate(spec.weight.ctypes_):
-        lines.append(f"  {ct} *restrict W{j} = ({ct} *)ptrs[{k}];")
-        k += 1
-    lines.append(f"  const {spec.grad[0]} *restrict G = (const {spec.grad[0]} *)ptrs[{k}];")
-    k += 1
-    for name, _, codec in spec.states:
-        v = _ident(name)
-        if codec.kind == "flat":
-            lines.append(f"  {codec.ctype} *restrict S_{v} = ({codec.ctype} *)ptrs[{k}];")
-            k += 1
-        else:
-            ct = "uint8_t" if codec.kind == "q4p" else "int8_t"
-            lines.append(f"  {ct} *restrict C_{v} = ({ct} *)ptrs[{k}];")
-            lines.append(f"  uint16_t *restrict K_{v} = (uint16_t *)ptrs[{k + 1}];")
-            k += 2
-    if spec.weight.random:
-        lines.append(f"  const int32_t *restrict RB = (const int32_t *)ptrs[{k}];")
-        k += 1
-    used = sorted({int(m) for line in spec.body for m in re.findall(r"\bs\[(\d+)\]", line)})
+    lines += pointer_decls(spec)[0]
+    used, body = scalar_uses(spec)
     lines += [f"  const float s_{k} = s[{k}];" for k in used]
-    body = "\n".join("      " + re.sub(r"\bs\[(\d+)\]", r"s_\1", line) for line in spec.body)
     wload = spec.weight.load
     wstore = spec.weight.store
     gload = spec.grad[1]
     if not spec.grouped:
-        loads = "\n".join(
-            f"      float st_{_ident(n)} = {c.load.replace('S[', f'S_{_ident(n)}[')};" for n, _, c in spec.states
-        )
-        stores = "\n".join(
-            f"      {{ const float v = st_{_ident(n)}; {c.store.replace('S[', f'S_{_ident(n)}[')} }}"
-            for n, _, c in spec.states
-        )
+        loads, stores = flat_state_io(spec)
         lines.append(
             f"""  const int64_t total = rows * n, chunk = {FLAT_CHUNK};
   for (int64_t c = t0; c < t1; c++) {{
@@ -722,6 +697,53 @@ def generate(spec: KernelSpec) -> str:
     blocks = f"rows * (((n + {gs - 1}) / {gs} + {BLOCK_GROUPS - 1}) / {BLOCK_GROUPS})"
     lines.append(_launcher(blocks))
     return "\n".join(lines)
+
+
+def pointer_decls(
+    spec: KernelSpec, array: str = "ptrs", first: int = 0, restrict: str = "restrict"
+) -> tuple[list[str], int]:
+    """C declarations of a kernel's pointers, ``array[first]`` on: the weight tensors ``W<j>``, the
+    gradient ``G``, per state ``S_<name>`` (flat) or codes ``C_<name>`` and scales ``K_<name>``, then the
+    noise ``RB`` (stochastic rounding); and how many there are. Shared with the CUDA kernels."""
+    lines, k = [], first
+    for j, ct in enumerate(spec.weight.ctypes_):
+        lines.append(f"  {ct} *{restrict} W{j} = ({ct} *){array}[{k}];")
+        k += 1
+    lines.append(f"  const {spec.grad[0]} *{restrict} G = (const {spec.grad[0]} *){array}[{k}];")
+    k += 1
+    for name, _, codec in spec.states:
+        v = _ident(name)
+        if codec.kind == "flat":
+            lines.append(f"  {codec.ctype} *{restrict} S_{v} = ({codec.ctype} *){array}[{k}];")
+            k += 1
+        else:
+            ct = "uint8_t" if codec.kind == "q4p" else "int8_t"
+            lines.append(f"  {ct} *{restrict} C_{v} = ({ct} *){array}[{k}];")
+            lines.append(f"  uint16_t *{restrict} K_{v} = (uint16_t *){array}[{k + 1}];")
+            k += 2
+    if spec.weight.random:  # stochastic rounding: 16 random bits per element, drawn per step
+        lines.append(f"  const int32_t *{restrict} RB = (const int32_t *){array}[{k}];")
+        k += 1
+    return lines, k - first
+
+
+def scalar_uses(spec: KernelSpec) -> tuple[list[int], str]:
+    """(the hyper-parameters ``s[k]`` the traced body reads, the body reading locals ``s_k`` instead)."""
+    used = sorted({int(m) for line in spec.body for m in re.findall(r"\bs\[(\d+)\]", line)})
+    body = "\n".join("      " + re.sub(r"\bs\[(\d+)\]", r"s_\1", line) for line in spec.body)
+    return used, body
+
+
+def flat_state_io(spec: KernelSpec) -> tuple[str, str]:
+    """C loading each flat state of element ``i`` into ``st_<name>`` and storing it back."""
+    loads = "\n".join(
+        f"      float st_{_ident(n)} = {c.load.replace('S[', f'S_{_ident(n)}[')};" for n, _, c in spec.states
+    )
+    stores = "\n".join(
+        f"      {{ const float v = st_{_ident(n)}; {c.store.replace('S[', f'S_{_ident(n)}[')} }}"
+        for n, _, c in spec.states
+    )
+    return loads, stores
 
 
 _TEMP = re.compile(r"^(\s*)const (LO_F|LO_M) (t\d+) = (.*);$")
