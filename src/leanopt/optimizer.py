@@ -130,6 +130,20 @@ class LeanOptimizer(torch.optim.Optimizer):
         defaults = {**hyper, "master": master, "states": states}
         super().__init__(params, defaults)
 
+    def _patch_step_function(self) -> None:
+        """torch.optim wraps ``step`` once per class (its step hooks and profiler label); leanopt then
+        marks that wrapper for ``torch.compile`` to leave alone (``torch.compiler.disable``): a training
+        step compiled with the optimizer inside gets one graph break at ``optimizer.step()`` and runs it
+        as without compilation (same bits), instead of Dynamo tracing leanopt's Python (plans, checks,
+        the native calls) into dozens of graphs (docs/kernels.md, "Under torch.compile")."""
+        super()._patch_step_function()
+        cls = self.__class__
+        if not getattr(cls.step, "_leanopt_eager", False):
+            step = torch.compiler.disable(cls.step)
+            step.hooked = True  # torch's marker: do not wrap again
+            step._leanopt_eager = True
+            cls.step = step
+
     # ------------------------------------------------------------------- copy.deepcopy, pickle
     #: leanopt's own attributes that a copy keeps (torch.optim.Optimizer's pickling keeps only
     #: defaults, state and param_groups); plans, pending verdicts and caches are rebuilt

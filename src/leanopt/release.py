@@ -260,6 +260,7 @@ class ReleaseHandle:
 
     # ----------------------------------------------------------------------------- the hooks
 
+    @torch.compiler.disable  # hooks run during backward as without torch.compile (docs/release.md)
     def _on_grad(self, p: Tensor) -> None:
         """Post-accumulate-grad hook of parameter ``p`` (not used under DDP)."""
         if self._active and p.grad is not None and self._dispatch(p, p.grad):
@@ -294,6 +295,7 @@ class ReleaseHandle:
         self._update(p, grad)
         return True
 
+    @torch.compiler.disable
     def _ddp_comm_hook(self, state: Any, bucket: Any) -> torch.futures.Future:
         """DDP communication hook: the default all-reduce (same arithmetic), then the bucket's updates."""
         import torch.distributed as dist
@@ -537,6 +539,7 @@ class ReleaseHandle:
             for p in self._params():  # DDP writes averaged grads after a measuring pass: drop them
                 p.grad = None
 
+    @torch.compiler.disable
     def backward(self, loss: Tensor) -> None:
         """``loss.backward()``, with the measuring pass first when clip="exact" needs one."""
         needs_pass = self.max_norm is not None and self.clip == "exact" and self._phase == "update"
