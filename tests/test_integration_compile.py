@@ -135,3 +135,13 @@ def test_gradient_release_modes_inside_a_compiled_step(mode):
         assert handle.last_norm is not None and float(handle.last_norm) > 0.05  # the clip was active
     for a, b in zip(compiled, eager, strict=True):
         assert torch.equal(a.view(torch.int16), b.view(torch.int16))
+
+
+def test_import_leaves_torch_dynamo_unloaded():
+    """Marking leanopt's functions for torch.compile loads torch._dynamo (about 1.5 s): that happens when
+    an optimizer or release handle is made (torch.optim loads it there anyway), never at import."""
+    import subprocess
+    import sys
+
+    code = "import sys, leanopt; sys.exit(3 if 'torch._dynamo' in sys.modules else 0)"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

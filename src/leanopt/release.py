@@ -155,6 +155,8 @@ def _fold_for(optimizer: LeanOptimizer) -> Fold:
 class ReleaseHandle:
     """Gradient release on one optimizer. Made by :func:`release_gradients`; see its docstring."""
 
+    _eager = False  # _leave_to_eager has run
+
     def __init__(
         self,
         optimizer: LeanOptimizer,
@@ -167,6 +169,7 @@ class ReleaseHandle:
         accumulation: str,
         micro_batches: int | None,
     ) -> None:
+        _leave_to_eager()
         self.optimizer = optimizer
         self.ddp = ddp
         self.max_norm = max_norm
@@ -260,7 +263,6 @@ class ReleaseHandle:
 
     # ----------------------------------------------------------------------------- the hooks
 
-    @torch.compiler.disable  # hooks run during backward as without torch.compile (docs/release.md)
     def _on_grad(self, p: Tensor) -> None:
         """Post-accumulate-grad hook of parameter ``p`` (not used under DDP)."""
         if self._active and p.grad is not None and self._dispatch(p, p.grad):
@@ -295,7 +297,6 @@ class ReleaseHandle:
         self._update(p, grad)
         return True
 
-    @torch.compiler.disable
     def _ddp_comm_hook(self, state: Any, bucket: Any) -> torch.futures.Future:
         """DDP communication hook: the default all-reduce (same arithmetic), then the bucket's updates."""
         import torch.distributed as dist
@@ -539,7 +540,6 @@ class ReleaseHandle:
             for p in self._params():  # DDP writes averaged grads after a measuring pass: drop them
                 p.grad = None
 
-    @torch.compiler.disable
     def backward(self, loss: Tensor) -> None:
         """``loss.backward()``, with the measuring pass first when clip="exact" needs one."""
         needs_pass = self.max_norm is not None and self.clip == "exact" and self._phase == "update"
@@ -564,6 +564,18 @@ class ReleaseHandle:
         self.optimizer.__dict__.pop("_step_supports_amp_scaling", None)
         self.optimizer.__dict__.pop("_leanopt_release", None)
         self._active = False
+
+
+def _leave_to_eager() -> None:
+    """Mark the hook, ``backward`` and the DDP communication hook for ``torch.compile`` to leave alone
+    (``torch.compiler.disable``): a compiled training step runs them as without compilation (docs/release.md).
+    Done when the first handle is made, not at import: it loads torch._dynamo, which building the
+    optimizer has loaded by then anyway (torch.optim.Optimizer.add_param_group does)."""
+    if ReleaseHandle._eager:
+        return
+    for name in ("_on_grad", "_ddp_comm_hook", "backward"):
+        setattr(ReleaseHandle, name, torch.compiler.disable(getattr(ReleaseHandle, name)))
+    ReleaseHandle._eager = True
 
 
 def release_gradients(
