@@ -403,7 +403,11 @@ def test_the_multi_tensor_nan_check_finds_each_bad_value_where_it_is(emulate, dt
     assert gpu.all_finite_many([torch.randn(3000).to(dtype), torch.zeros(0, dtype=dtype)]) == [True, True]
     big = torch.full((5000,), 65504.0 if dtype == torch.float16 else 3.0e38, dtype=dtype)  # largest finite
     assert gpu.all_finite_many([big]) == [True]
-    assert gpu.all_finite_many([torch.randn(4, 4).t()]) is None  # not contiguous: checked per tensor
+    dense = torch.randn(4, 6).t()  # dense, not contiguous (a transpose): memory order is as good
+    assert gpu.all_finite_many([dense]) == [True]
+    dense[5, 3] = value
+    assert gpu.all_finite_many([dense]) == [False]
+    assert gpu.all_finite_many([torch.randn(4, 8)[:, ::2]]) is None  # gaps in memory: checked per tensor
 
 
 class Spy:

@@ -157,10 +157,12 @@ def test_hyperparameter_and_step_changes_build_no_new_kernel():
     assert len(native.compile_stats()) == before
 
 
-def test_non_contiguous_or_unsupported_tensors_fall_back_to_the_reference():
-    base = torch.randn(6, 8).bfloat16()
-    p = torch.nn.Parameter(base.t())  # a transposed (non-contiguous) parameter
-    q = torch.nn.Parameter(base.t().contiguous())
+def test_tensors_with_gaps_fall_back_to_the_reference():
+    """A parameter that is not dense in memory (a strided view); dense non-contiguous ones (a transpose,
+    channels_last) run natively: tests/test_layouts.py."""
+    base = torch.randn(6, 16).bfloat16()
+    p = torch.nn.Parameter(base[:, ::2])  # every other column: gaps between its elements
+    q = torch.nn.Parameter(base[:, ::2].contiguous())
     for t in (p, q):
         t.grad = torch.ones_like(t)
     a = leanopt.AdamW([p], kernel="auto")
@@ -439,8 +441,8 @@ def test_step_runs_many_tensors_in_one_batch_like_one_at_a_time():
         params = [torch.nn.Parameter(torch.randn(16, 24).bfloat16()) for _ in range(40)]
         params += [
             torch.nn.Parameter(torch.randn(300, 300).bfloat16()),  # above SMALL_TENSOR
-            torch.nn.Parameter(torch.randn(7, 9).t()),
-        ]  # fp32 and not contiguous: the other path
+            torch.nn.Parameter(torch.randn(7, 9)[:, ::2]),
+        ]  # fp32 and not dense in memory: the other path
         return params, leanopt.SGD(params, lr=0.05, momentum=0.9, states="int8", kernel=kernel)
 
     runs = []

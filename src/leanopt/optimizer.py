@@ -368,7 +368,7 @@ class LeanOptimizer(torch.optim.Optimizer):
         # kernel="fused" on CUDA: one multi-tensor check kernel per device (kernels/gpu.py)
         by_kernel = {t for t in ("cpu", "cuda") if _gpu.wanted(self.kernel, torch.device(t))}
         on_cpu = [g for g in plain if g.device.type == "cpu" and "cpu" not in by_kernel and g.dtype in kinds
-                  and g.is_contiguous()]  # fmt: skip
+                  and _native.dense(g)]  # fmt: skip
         flags = _native.all_finite_many(on_cpu) if len(on_cpu) > 1 and self.kernel != "reference" else None
         if flags is not None:
             out.update((id(g), f) for g, f in zip(on_cpu, flags, strict=True))

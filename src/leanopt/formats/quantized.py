@@ -79,7 +79,7 @@ class QuantizedStates(StateFormat):
     def init(self, name: str, like: Tensor, signed: bool) -> dict[str, Tensor]:
         """Zero state. Works on meta tensors (shapes depend on ``like.shape`` only)."""
         if not is_compressed(like.shape):
-            return {name: torch.zeros_like(like, dtype=torch.float32, memory_format=torch.contiguous_format)}
+            return {name: torch.zeros_like(like, dtype=torch.float32, memory_format=torch.preserve_format)}
         *lead, n = like.shape
         groups = -(-n // GROUP_SIZE)
         width = n // 2 if self._packed(n) else n

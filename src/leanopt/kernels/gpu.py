@@ -598,7 +598,7 @@ def finite_table(grads: list[Tensor]) -> tuple[array, int] | None:
     meta, first = array("q"), 0
     for g in grads:
         kind = _FINITE_KINDS.get(g.dtype)
-        if kind is None or not g.is_contiguous():
+        if kind is None or not native.dense(g):
             return None
         meta.extend((first, g.numel(), g.data_ptr(), kind))
         first += -(-g.numel() // FLAT_UNIT)
@@ -683,7 +683,7 @@ def launch(
     is called once, after the step count advances, as the reference executor does."""
     from .fused import _advance_step, fused_form
 
-    if not grad.is_contiguous() or grad.device != param.device:
+    if not native.same_layout(grad, param) or grad.device != param.device:
         return None
     if weight_format.needs_random and random_bits is None:
         return None
@@ -697,7 +697,7 @@ def launch(
     if flags is None:
         flags = cache["gpu flags", id(group)] = form.flags(group)
     check = (rule, weight_format, state_format, flags, grad.dtype, param.dtype, param.shape,
-             param.data_ptr(), param.is_contiguous(), param.device)  # fmt: skip
+             param.data_ptr(), param.stride(), param.device)  # fmt: skip
     prepared = _PREPARED.get(id(state))
     if prepared is None or prepared[0] != check or not native.same_tensors(prepared[2], state):
         planned = native._plan(rule, weight_format, state_format, param, grad.dtype, state, group, param.device.type)
@@ -801,6 +801,7 @@ class GpuStepPlan:
     refs: list[tuple]
     param_ptrs: list[int]
     shapes: list
+    layouts: list  # step_plan.layouts: None (contiguous) or a dense parameter's strides
     grad_dtypes: list
     device: torch.device
     device_index: int  # for step_plan._valid: every gradient on this device (-1: the CPU)
@@ -862,7 +863,7 @@ def build_plan(opt: Any, work: list[tuple[Tensor, dict]], jobs: list[GpuLaunch])
         signature=sig, mode=(opt.kernel, opt.nonfinite), form=form, segments=segments,
         state_ids=[id(opt.state.get(p)) for p, _ in work], refs=refs,
         param_ptrs=[p.data_ptr() for p, _ in work], shapes=[p.shape for p, _ in work],
-        grad_dtypes=[g.dtype for g in grads], device=device,
+        layouts=step_plan.layouts(work), grad_dtypes=[g.dtype for g in grads], device=device,
         device_index=device.index if device.type == "cuda" else -1, counters=counters, seg_of=seg_of,
         finite=finite, batches=batches,
     )  # fmt: skip

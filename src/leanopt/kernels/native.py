@@ -1202,8 +1202,17 @@ def _plan(
         else:
             tensors += [state.get(f"{sp.name}.codes"), state.get(f"{sp.name}.scales")]
             keys += [f"{sp.name}.codes", f"{sp.name}.scales"]
-    if any(t is None or not t.is_contiguous() or t.device != param.device for t in tensors):
+    if any(t is None or t.device != param.device for t in tensors):
         return None
+    if not all(t.is_contiguous() for t in tensors):
+        # A dense non-contiguous layout (channels_last conv weights): the elementwise (flat) kernels walk
+        # memory order, the same element order in every tensor when all share the parameter's shape and
+        # strides. Not for grouped states (groups follow the last logical dim) nor for drawn noise
+        # (drawn contiguous, in logical order).
+        if weight_format.needs_random or any(c.kind != "flat" for _, _, c in codecs) or not dense(param):
+            return None
+        if any(t.shape != param.shape or t.stride() != param.stride() for t in tensors):
+            return None
     flags = form.flags(group)
     key = (_form_key(form), flags, wcodec, gcodec, tuple(codecs))
     spec = _SPECS.get(key)
@@ -1260,6 +1269,29 @@ def kernel_for(spec: KernelSpec) -> Kernel | None:
         return None
 
 
+def dense(t: Tensor) -> bool:
+    """Whether ``t`` holds exactly its elements, each once, in ``[data_ptr, data_ptr + numel * itemsize)``:
+    contiguous, or its dims' strides a permutation of a contiguous tensor's (``channels_last``, a
+    transposed matrix). An elementwise kernel may then walk it as a flat array, in memory order, as long
+    as every tensor it walks has the same shape and strides (the same element at the same offset)."""
+    if t.is_contiguous():
+        return True
+    expected = 1
+    dims = [(n, s) for n, s in zip(t.shape, t.stride(), strict=True) if n != 1]  # a size-1 dim's stride is free
+    for size, stride in sorted(dims, key=lambda d: d[1]):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def same_layout(grad: Tensor, param: Tensor) -> bool:
+    """Whether a kernel planned for ``param`` may read ``grad`` as it reads the parameter: contiguous
+    like a contiguous parameter, else the parameter's very strides (autograd gives a dense parameter's
+    gradient its strides)."""
+    return grad.is_contiguous() if param.is_contiguous() else grad.stride() == param.stride()
+
+
 def same_tensors(refs: tuple, state: dict[str, Any]) -> bool:
     """Whether each (state key, weakref, address) of ``refs`` is still that state's tensor, there."""
     for k, ref, ptr in refs:
@@ -1305,7 +1337,7 @@ def launch(
     the hyper-parameter arrays (and the rule's flags) per group across the launches of one optimizer
     step, so it must not outlive that step (hyper-parameters change between steps); ``ready``:
     the caller has just seen :func:`disabled_reason` return None."""
-    if (not ready and disabled_reason() is not None) or not grad.is_contiguous() or grad.device != param.device:
+    if (not ready and disabled_reason() is not None) or not same_layout(grad, param) or grad.device != param.device:
         return None
     if weight_format.needs_random and random_bits is None:
         return None
@@ -1324,7 +1356,7 @@ def launch(
     # The plan of this state's last update, if nothing it depends on changed (saves ~20 us per tensor):
     # the same tensors (weakrefs: never keeps states alive) at the same addresses.
     check = (rule, weight_format, state_format, flags, grad.dtype, param.dtype, param.shape,
-             param.data_ptr(), param.is_contiguous(), param.device)  # fmt: skip
+             param.data_ptr(), param.stride(), param.device)  # fmt: skip
     cached = _PLANS.get(id(state))
     if cached is not None and cached[0] == check and same_tensors(cached[3], state):
         spec, kernel, refs, ptrs, counter = cached[1], cached[2], cached[3], cached[4], cached[5]
@@ -1626,7 +1658,7 @@ def all_finite_many(tensors: list[Tensor]) -> list[bool] | None:
     """:func:`all_finite` of many CPU tensors in one native call (small ones one per thread); None when
     the native path cannot answer for every one of them."""
     specs = [_EXPONENT_MASKS.get(t.dtype) for t in tensors]
-    if any(sp is None or t.device.type != "cpu" or not t.is_contiguous() for sp, t in zip(specs, tensors, strict=True)):
+    if any(sp is None or t.device.type != "cpu" or not dense(t) for sp, t in zip(specs, tensors, strict=True)):
         return None
     if disabled_reason() is not None:
         return None
@@ -1659,7 +1691,7 @@ def all_finite(t: Tensor) -> bool | None:
     """Whether every element of the CPU tensor ``t`` is finite, in one native pass; None when the
     native path cannot answer (other device, dtype or layout, or no compiler)."""
     spec = _EXPONENT_MASKS.get(t.dtype)
-    if spec is None or t.device.type != "cpu" or not t.is_contiguous() or disabled_reason() is not None:
+    if spec is None or t.device.type != "cpu" or not dense(t) or disabled_reason() is not None:
         return None
     fn = _finite_fn()
     if fn is None:

@@ -110,6 +110,7 @@ class StepPlan:
     refs: list[tuple]
     param_ptrs: list[int]
     shapes: list[torch.Size]
+    layouts: list  # None (contiguous) or the strides of a dense non-contiguous parameter (see _valid)
     grad_dtypes: list[torch.dtype]
     # the native call's arrays
     count: int
@@ -182,6 +183,7 @@ def build(opt: Any, work: list[tuple[Tensor, dict]], jobs: list) -> StepPlan | N
         refs=[(*j.refs, ("step", j.counter[0], j.counter[2])) for j in jobs],  # the step tensor too
         param_ptrs=[p.data_ptr() for p, _ in work],
         shapes=[p.shape for p, _ in work],
+        layouts=layouts(work),
         grad_dtypes=[g.dtype for g in grads],
         count=count,
         sizes=(c.c_int64 * count)(*[g.numel() for g in grads]),
@@ -201,17 +203,26 @@ def build(opt: Any, work: list[tuple[Tensor, dict]], jobs: list) -> StepPlan | N
     )
 
 
+def layouts(work: list[tuple[Tensor, dict]]) -> list:
+    """Per parameter: None if contiguous, else its strides (what the plan's kernels were built for)."""
+    return [None if p.is_contiguous() else p.stride() for p, _ in work]
+
+
 def _valid(plan: Any, opt: Any, params: list[Tensor], grads: list[Tensor]) -> bool:
     """Whether nothing the plan relies on has changed (only reads). Also for kernels.gpu.GpuStepPlan."""
     strided = torch.strided
-    for g, dtype, shape in zip(grads, plan.grad_dtypes, plan.shapes, strict=True):
+    # layouts: None, contiguous; else the strides of a dense non-contiguous parameter (channels_last),
+    # which its gradient must have too (native.same_layout)
+    for g, dtype, shape, layout in zip(grads, plan.grad_dtypes, plan.shapes, plan.layouts, strict=True):
         if type(g) is not Tensor or g.layout is not strided or g.dtype is not dtype or g.shape != shape:
             return False
-        if g.get_device() != plan.device_index or not g.is_contiguous():
+        if g.get_device() != plan.device_index or not (g.is_contiguous() if layout is None else g.stride() == layout):
             return False
     state = opt.state
     for i, p in enumerate(params):
-        if p.data_ptr() != plan.param_ptrs[i] or p.shape != plan.shapes[i] or not p.is_contiguous():
+        if p.data_ptr() != plan.param_ptrs[i] or p.shape != plan.shapes[i]:
+            return False
+        if not (p.is_contiguous() if plan.layouts[i] is None else p.stride() == plan.layouts[i]):
             return False
         st = state.get(p)
         if id(st) != plan.state_ids[i]:

@@ -1,0 +1,115 @@
+"""Optimizer step time on ResNet-50's parameters (25.6M, 161 tensors) stored channels_last, as conv nets
+are trained on GPUs with bf16: its 3x3 and 7x7 conv weights are then not contiguous. Side by side in
+one run, every case in turn for ``--rounds`` rounds (median of ``--steps`` timed steps each):
+
+- torch.optim.AdamW fp32, fused (channels_last fp32 parameters);
+- leanopt AdamW exact/fp32 and compact/int8 with channels_last bf16 parameters: the native kernels walk
+  a dense layout in memory order (kernels/native.py ``dense``);
+- the same with that support switched off (``native.dense`` reporting only contiguous tensors): the
+  non-contiguous conv weights then take the eager reference, as before it existed;
+- leanopt exact/fp32 with the same parameters contiguous (what the layout should cost: nothing).
+
+    python benchmarks/channels_last.py              # -> benchmarks/results/channels_last.json
+    python benchmarks/channels_last.py --steps 5 --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import leanopt
+from leanopt.cli.bench import time_steps
+from leanopt.kernels import native
+
+OUT = Path(__file__).resolve().parent / "results" / "channels_last.json"
+
+
+def resnet50_shapes() -> list[tuple[int, ...]]:
+    """torchvision's resnet50() parameter shapes, in its order (conv, then its batch norm's two)."""
+    shapes: list[tuple[int, ...]] = [(64, 3, 7, 7), (64,), (64,)]
+    cin = 64
+    for width, blocks in zip((64, 128, 256, 512), (3, 4, 6, 3), strict=True):
+        for b in range(blocks):
+            shapes += [(width, cin, 1, 1), (width,), (width,), (width, width, 3, 3), (width,), (width,),
+                       (4 * width, width, 1, 1), (4 * width,), (4 * width,)]  # fmt: skip
+            if b == 0:
+                shapes += [(4 * width, cin, 1, 1), (4 * width,), (4 * width,)]
+            cin = 4 * width
+    return shapes + [(1000, 2048), (1000,)]
+
+
+def make(dtype: torch.dtype, channels_last: bool) -> list[torch.nn.Parameter]:
+    gen = torch.Generator().manual_seed(0)
+    params = []
+    for s in resnet50_shapes():
+        p = (torch.randn(s, generator=gen) * 0.02).to(dtype)
+        g = (torch.randn(s, generator=gen) * 1e-3).to(dtype)
+        if channels_last and len(s) == 4:
+            p, g = p.to(memory_format=torch.channels_last), g.to(memory_format=torch.channels_last)
+        param = torch.nn.Parameter(p)
+        param.grad = g
+        params.append(param)
+    return params
+
+
+CASES = {
+    "torch AdamW fp32 fused, channels_last": lambda: torch.optim.AdamW(make(torch.float32, True), lr=1e-4, fused=True),
+    "leanopt exact/fp32, channels_last": lambda: leanopt.AdamW(make(torch.bfloat16, True), lr=1e-4),
+    "leanopt exact/fp32, channels_last, dense layouts off": lambda: leanopt.AdamW(make(torch.bfloat16, True), lr=1e-4),
+    "leanopt exact/fp32, contiguous": lambda: leanopt.AdamW(make(torch.bfloat16, False), lr=1e-4),
+    "leanopt compact/int8, channels_last": lambda: leanopt.AdamW(
+        make(torch.bfloat16, True), lr=1e-4, master="compact", states="int8"
+    ),
+    "leanopt compact/int8, channels_last, dense layouts off": lambda: leanopt.AdamW(
+        make(torch.bfloat16, True), lr=1e-4, master="compact", states="int8"
+    ),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=OUT)
+    args = parser.parse_args()
+    shapes = resnet50_shapes()
+    strided = sum(1 for s in shapes if len(s) == 4 and (s[2] > 1 or s[3] > 1))
+    print(f"ResNet-50: {sum(torch.Size(s).numel() for s in shapes) / 1e6:.1f}M parameters, {len(shapes)} tensors, "
+          f"{strided} of them not contiguous in channels_last")  # fmt: skip
+    real_dense = native.dense
+    opts = {}
+    for name, build in CASES.items():
+        opts[name] = build()
+    times: dict[str, list[float]] = {name: [] for name in CASES}
+    for _ in range(args.rounds):
+        for name, opt in opts.items():
+            native.dense = (lambda t: t.is_contiguous()) if "dense layouts off" in name else real_dense
+            try:
+                times[name].append(statistics.median(time_steps(opt, args.steps)) * 1e3)
+            finally:
+                native.dense = real_dense
+    base = statistics.median(times["torch AdamW fp32 fused, channels_last"])
+    rows = []
+    for name in CASES:
+        ms = statistics.median(times[name])
+        rows.append({"case": name, "step_ms": round(ms, 2), "vs_torch_fused": round(ms / base, 2),
+                     "rounds_ms": [round(t, 2) for t in times[name]]})  # fmt: skip
+        print(f"{name:56} {ms:9.2f} ms  {ms / base:6.2f}x torch fused")
+    command = f"python benchmarks/channels_last.py --steps {args.steps} --rounds {args.rounds}"
+    cpu = platform.processor() or platform.machine()
+    out = {"command": command, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "cpu": cpu,
+           "threads": torch.get_num_threads(), "rows": rows}  # fmt: skip
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=1))
+    print("wrote", args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,205 @@
+"""Parameters in dense non-contiguous layouts (channels_last conv weights, a transposed matrix): the
+elementwise native kernels (and the CUDA kernels' path, emulated) walk them in memory order when the
+gradient and every state tensor share the parameter's strides, with the bits of the same parameter
+stored contiguously; anything else (grouped int8/int4 states, drawn noise, a gradient in another
+layout, a layout that is not dense) keeps to the other executors, with their bits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import leanopt
+from leanopt.kernels import fused, gpu, native
+
+pytestmark = pytest.mark.skipif(native.compiler() is None, reason="needs a C compiler")
+
+MODES = {
+    "adamw exact/fp32": lambda ps, **kw: leanopt.AdamW(ps, lr=1e-2, weight_decay=0.1, **kw),
+    "adamw compact/int8": lambda ps, **kw: leanopt.AdamW(ps, lr=1e-2, master="compact", states="int8", **kw),
+    "adam amsgrad none/bf16": lambda ps, **kw: leanopt.Adam(
+        ps, lr=1e-2, amsgrad=True, master="none", states="bf16", **kw
+    ),
+    "sgd nesterov kahan": lambda ps, **kw: leanopt.SGD(ps, lr=1e-2, momentum=0.9, nesterov=True, master="kahan", **kw),
+    "lion exact/fp32": lambda ps, **kw: leanopt.Lion(ps, lr=1e-3, weight_decay=0.1, **kw),
+}
+
+
+def _channels_last(t: torch.Tensor) -> torch.Tensor:
+    return t.to(memory_format=torch.channels_last)
+
+
+def _transposed(t: torch.Tensor) -> torch.Tensor:  # (a, b) stored as the transpose of a contiguous (b, a)
+    return t.t().contiguous().t()
+
+
+LAYOUTS = {
+    "channels_last conv weight": ((64, 48, 3, 3), _channels_last),
+    "channels_last_3d conv weight": ((16, 8, 3, 3, 3), lambda t: t.to(memory_format=torch.channels_last_3d)),
+    "transposed matrix": ((40, 24), _transposed),
+}
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach().contiguous()
+    return t.view({1: torch.int8, 2: torch.int16, 4: torch.int32}[t.element_size()])
+
+
+def twin_run(mode: str, shape, layout, steps: int = 4, dtype=torch.bfloat16, grad_layout=None, **kw):
+    """The same values trained as a contiguous parameter and in ``layout``; returns both (param, opt)."""
+    gen = torch.Generator().manual_seed(0)
+    value = (torch.randn(shape, generator=gen) * 0.5).to(dtype)
+    a = torch.nn.Parameter(layout(value.clone()))
+    b = torch.nn.Parameter(value.clone())
+    assert not a.is_contiguous() and torch.equal(a, b)
+    opt_a, opt_b = MODES[mode]([a], **kw), MODES[mode]([b], **kw)
+    for step in range(steps):
+        g = (torch.randn(shape, generator=gen) * 10.0 ** -(step % 3)).to(dtype)
+        a.grad = (grad_layout or layout)(g.clone())
+        b.grad = g.clone()
+        opt_a.step()
+        opt_b.step()
+    return (a, opt_a), (b, opt_b)
+
+
+def assert_same(a, opt_a, b, opt_b):
+    assert torch.equal(bits(a), bits(b))
+    sa, sb = opt_a.state[a], opt_b.state[b]
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(bits(sa[k]), bits(sb[k])), k
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("mode", list(MODES))
+def test_dense_layouts_run_natively_with_the_bits_of_a_contiguous_parameter(mode, layout, monkeypatch):
+    shape, to_layout = LAYOUTS[layout]
+    grouped = mode.endswith("int8") and shape[-1] >= 32  # int8 states grouped along the last logical dim
+    calls = []
+    real = fused.reference_step
+    monkeypatch.setattr(fused, "reference_step", lambda *a, **k: (calls.append(a[3].shape), real(*a, **k))[1])
+    (a, opt_a), (b, opt_b) = twin_run(mode, shape, to_layout)
+    if grouped:  # not planned natively: the reference, whose Adam arithmetic is torch's foreach=False
+        assert calls
+        assert opt_a.state[a]["exp_avg.codes"].is_contiguous()
+        return
+    assert not calls, "a tensor took the reference executor"
+    assert isinstance(opt_a._step_plan, leanopt.kernels.step_plan.StepPlan)  # later steps: the plan
+    assert opt_a.state[a]["exp_avg" if "sgd" not in mode else "momentum_buffer"].stride() == a.stride()
+    assert_same(a, opt_a, b, opt_b)
+
+
+@pytest.mark.parametrize("layout", ["channels_last conv weight", "transposed matrix"])
+def test_through_the_cuda_kernels_path_emulated(layout, monkeypatch):
+    """kernel="fused" with gpu.EMULATE: CPU tensors take the CUDA kernels' code (compiled as C); a dense
+    layout runs there too, with the native kernels' bits on the contiguous twin."""
+    monkeypatch.setattr(gpu, "EMULATE", True)
+    monkeypatch.delenv("LEANOPT_GPU_KERNELS", raising=False)
+    gpu.reset()
+    try:
+        shape, to_layout = LAYOUTS[layout]
+        gen = torch.Generator().manual_seed(3)
+        value = (torch.randn(shape, generator=gen) * 0.5).bfloat16()
+        a, b = torch.nn.Parameter(to_layout(value.clone())), torch.nn.Parameter(value.clone())
+        opt_a = leanopt.AdamW([a], lr=1e-2, master="compact", kernel="fused")
+        opt_b = leanopt.AdamW([b], lr=1e-2, master="compact")  # native CPU kernels
+        for _ in range(3):
+            g = torch.randn(shape, generator=gen).bfloat16()
+            a.grad, b.grad = to_layout(g.clone()), g.clone()
+            opt_a.step()
+            opt_b.step()
+        assert sum(k.tensors for k in gpu.compile_stats()) >= 3
+        assert isinstance(opt_a._step_plan, gpu.GpuStepPlan)
+        assert_same(a, opt_a, b, opt_b)
+    finally:
+        gpu.reset()
+
+
+def test_a_gradient_in_another_layout_or_noise_keeps_to_the_reference():
+    """SGD's native and reference bits agree, so the fallbacks can be compared with the native twin."""
+    shape, to_layout = LAYOUTS["channels_last conv weight"]
+    (a, opt_a), (b, opt_b) = twin_run("sgd nesterov kahan", shape, to_layout, grad_layout=lambda g: g)
+    assert a.grad.is_contiguous() and not a.is_contiguous()
+    assert opt_a._step_plan is None  # the reference ran
+    assert_same(a, opt_a, b, opt_b)
+    gen = torch.Generator().manual_seed(5)
+    value = torch.randn(shape, generator=gen).bfloat16()
+    outs = []
+    for layout in (to_layout, lambda t: t):
+        p = torch.nn.Parameter(layout(value.clone()))
+        opt = leanopt.SGD([p], lr=1e-2, momentum=0.9, master="stochastic", seed=7)
+        for _ in range(2):
+            p.grad = layout(torch.ones(shape).bfloat16() * 1e-3)
+            opt.step()
+        outs.append(bits(p))
+    assert torch.equal(outs[0], outs[1])  # the same noise per logical element
+
+
+def test_a_plan_follows_layout_changes_between_steps():
+    shape, to_layout = LAYOUTS["channels_last conv weight"]
+    gen = torch.Generator().manual_seed(1)
+    value = torch.randn(shape, generator=gen).bfloat16()
+    a, b = torch.nn.Parameter(to_layout(value.clone())), torch.nn.Parameter(value.clone())
+    opt_a = leanopt.SGD([a], lr=1e-2, momentum=0.9)
+    opt_b = leanopt.SGD([b], lr=1e-2, momentum=0.9, kernel="reference")
+    for step in range(6):
+        g = torch.randn(shape, generator=gen).bfloat16()
+        b.grad = g.clone()
+        a.grad = g.clone() if step == 3 else to_layout(g.clone())  # step 3: a contiguous gradient
+        if step == 4:
+            a.data = a.data.contiguous()  # the weight itself changes layout
+        opt_a.step()
+        opt_b.step()
+        assert torch.equal(bits(a), bits(b)), step
+
+
+def test_non_finite_gradient_in_a_dense_layout_is_skipped():
+    shape, to_layout = LAYOUTS["channels_last conv weight"]
+    p = torch.nn.Parameter(to_layout(torch.randn(shape).bfloat16()))
+    opt = leanopt.AdamW([p], lr=1e-2)
+    for step in range(3):
+        g = torch.randn(shape).bfloat16()
+        if step == 2:
+            g[5, 7, 2, 1] = float("nan")
+        p.grad = to_layout(g)
+        before = bits(p).clone()
+        opt.step()
+    assert opt.nonfinite_skipped == 1 and torch.equal(bits(p), before)
+
+
+@pytest.mark.parametrize(
+    "make, expected",
+    [
+        (lambda: torch.zeros(4, 5), True),
+        (lambda: torch.zeros(2, 3, 4, 5).to(memory_format=torch.channels_last), True),
+        (lambda: torch.zeros(2, 3, 4, 5, 6).to(memory_format=torch.channels_last_3d), True),
+        (lambda: torch.zeros(5, 4).t(), True),
+        (lambda: torch.zeros(4, 6)[:, ::2], False),  # gaps
+        (lambda: torch.zeros(4, 6)[:, 1:], False),
+        (lambda: torch.zeros(1, 5).expand(3, 5), False),  # overlapping (stride 0)
+        (lambda: torch.zeros(1, 5).as_strided((1, 5), (99, 1)), True),  # a size-1 dim's stride is free
+        (lambda: torch.zeros(0, 3).t(), True),
+    ],
+)
+def test_dense(make, expected):
+    assert native.dense(make()) is expected
+
+
+def test_a_state_in_another_layout_keeps_to_the_reference():
+    """A state tensor whose strides are not the parameter's (say, made contiguous by hand or loaded so):
+    the flat kernel would pair the wrong elements, so that tensor takes the reference."""
+    shape, to_layout = LAYOUTS["channels_last conv weight"]
+    gen = torch.Generator().manual_seed(2)
+    value = torch.randn(shape, generator=gen).bfloat16()
+    a, b = torch.nn.Parameter(to_layout(value.clone())), torch.nn.Parameter(value.clone())
+    opt_a = leanopt.SGD([a], lr=1e-2, momentum=0.9)
+    opt_b = leanopt.SGD([b], lr=1e-2, momentum=0.9, kernel="reference")
+    for step in range(4):
+        g = torch.randn(shape, generator=gen).bfloat16()
+        a.grad, b.grad = to_layout(g.clone()), g.clone()
+        if step == 2:
+            opt_a.state[a]["momentum_buffer"] = opt_a.state[a]["momentum_buffer"].contiguous()
+        opt_a.step()
+        opt_b.step()
+        assert torch.equal(bits(a), bits(b)), step
+        assert torch.equal(bits(opt_a.state[a]["momentum_buffer"]), bits(opt_b.state[b]["momentum_buffer"]))
