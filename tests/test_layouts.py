@@ -203,3 +203,37 @@ def test_a_state_in_another_layout_keeps_to_the_reference():
         opt_b.step()
         assert torch.equal(bits(a), bits(b)), step
         assert torch.equal(bits(opt_a.state[a]["momentum_buffer"]), bits(opt_b.state[b]["momentum_buffer"]))
+
+
+@pytest.mark.parametrize("direction", ["contiguous -> channels_last", "channels_last -> contiguous"])
+def test_a_checkpoint_loads_in_the_parameter_layout(direction, monkeypatch):
+    """States saved from a model in one layout and loaded into the other are laid out like the new
+    parameter (as new states are), so the native kernels keep running; training continues with the
+    bits of the model that never changed layout."""
+    shape, to_layout = LAYOUTS["channels_last conv weight"]
+    plain = torch.Tensor.contiguous
+    src_layout, dst_layout = (plain, to_layout) if direction.startswith("contiguous") else (to_layout, plain)
+    gen = torch.Generator().manual_seed(4)
+    value = torch.randn(shape, generator=gen).bfloat16()
+    src = torch.nn.Parameter(src_layout(value.clone()))
+    opt_src = MODES["adamw exact/fp32"]([src])
+    grads = [torch.randn(shape, generator=gen).bfloat16() for _ in range(5)]
+    for g in grads[:2]:
+        src.grad = src_layout(g.clone())
+        opt_src.step()
+    saved = opt_src.state_dict()
+    dst = torch.nn.Parameter(dst_layout(src.detach().clone()))
+    opt_dst = MODES["adamw exact/fp32"]([dst])
+    opt_dst.load_state_dict(saved)
+    for k in ("remainder", "exp_avg", "exp_avg_sq"):
+        assert opt_dst.state[dst][k].stride() == dst.stride(), k
+        assert torch.equal(bits(opt_dst.state[dst][k]), bits(opt_src.state[src][k])), k
+    calls = []
+    real = fused.reference_step
+    monkeypatch.setattr(fused, "reference_step", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    for g in grads[2:]:
+        src.grad, dst.grad = src_layout(g.clone()), dst_layout(g.clone())
+        opt_src.step()
+        opt_dst.step()
+    assert not calls
+    assert_same(dst, opt_dst, src, opt_src)

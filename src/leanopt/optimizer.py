@@ -673,6 +673,13 @@ class LeanOptimizer(torch.optim.Optimizer):
             new_state[p] = {
                 k: _shards.state_value_for(p, v, layout[k][1], on_cpu=k == "step") for k, v in saved_state.items()
             }
+            if not _shards.is_dtensor(p):
+                for k, v in new_state[p].items():
+                    # A state shaped like its parameter is laid out like it, as a new one is (a channels_last
+                    # weight's states saved from a contiguous model, or the reverse, keep the native kernels;
+                    # docs/kernels.md, "Dense layouts"). Quantised codes and scales stay as saved (contiguous).
+                    if v.shape == p.shape and v.stride() != p.stride() and not k.endswith((".codes", ".scales")):
+                        new_state[p][k] = torch.empty_like(p, dtype=v.dtype, device=v.device).copy_(v)
         # All checks passed: apply.
         for group, saved in zip(self.param_groups, saved_groups, strict=True):
             for key, value in saved.items():
