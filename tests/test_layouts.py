@@ -237,3 +237,15 @@ def test_a_checkpoint_loads_in_the_parameter_layout(direction, monkeypatch):
         opt_dst.step()
     assert not calls
     assert_same(dst, opt_dst, src, opt_src)
+
+
+@pytest.mark.parametrize("mode", ["adamw exact/fp32", "sgd nesterov kahan", "adam amsgrad none/bf16"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
+def test_fp16_and_fp32_parameters_in_channels_last(mode, dtype, monkeypatch):
+    shape, to_layout = LAYOUTS["channels_last conv weight"]
+    calls = []
+    real = fused.reference_step
+    monkeypatch.setattr(fused, "reference_step", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    (a, opt_a), (b, opt_b) = twin_run(mode, shape, to_layout, dtype=dtype)
+    assert not calls
+    assert_same(a, opt_a, b, opt_b)
