@@ -514,6 +514,9 @@ class LeanOptimizer(torch.optim.Optimizer):
                 loss = closure()
         self._native_ready = self.kernel != "reference" and _native.disabled_reason() is None
         self._settle_step_verdicts()  # the last planned CUDA step's, before anything reads step counts
+        if getattr(self, "grad_scale", None) is not None or getattr(self, "found_inf", None) is not None:
+            self._scaled_step()  # called by torch.amp.GradScaler.step
+            return loss
         # the same step as last time, every update native: one native call (kernels/step_plan.py)
         plan, self._step_plan = self._step_plan, None
         if isinstance(plan, _gpu.GpuStepPlan):  # kernel="fused" on CUDA: the launches of the last step
@@ -551,6 +554,26 @@ class LeanOptimizer(torch.optim.Optimizer):
         finally:
             self._finite = {}  # ids of this step's gradients: never reused
         return loss
+
+    #: torch.amp.GradScaler hands this optimizer its scale and inf flag (``grad_scale``, ``found_inf``)
+    #: instead of unscaling the gradients in place, which it refuses for fp16 ones: see _scaled_step
+    _step_supports_amp_scaling = True
+
+    def _scaled_step(self) -> None:
+        """A step from ``torch.amp.GradScaler.step``: nothing changes when ``found_inf`` is set (the scaler
+        then lowers its scale); otherwise each gradient is divided by ``grad_scale`` in fp32, one tensor at
+        a time (an fp16 gradient keeps its low values, which an in-place fp16 unscale would flush), and
+        updated as usual. With a power-of-two scale (GradScaler's) that division is exact."""
+        scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        self.last_skipped = []
+        if found_inf is not None and float(found_inf) != 0.0:  # one wait on CUDA, as GradScaler's own path
+            return  # an inf or NaN somewhere: the whole step is skipped, as torch.optim's fused AdamW does
+        work = self._check_grads()  # bad input raises before anything changes
+        self._step_plan = None  # plans read .grad
+        divisor = None if scale is None else float(scale)
+        for p, group in work:
+            grad = p.grad if divisor is None else p.grad.to(torch.float32).div_(divisor)
+            self._update_param(p, group, grad, layout_checked=True)
 
     # ----------------------------------------------------------------------------- master values
 
