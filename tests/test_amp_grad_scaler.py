@@ -122,3 +122,20 @@ def test_gradient_release_still_refuses_a_grad_scaler():
     scaler.scale(model(_batch(0).half()).float().pow(2).mean()).backward()
     with pytest.raises(RuntimeError, match="GradScaler"):
         scaler.step(opt)
+
+
+@pytest.mark.parametrize("nonfinite", ["skip", "raise"])
+def test_a_scaled_step_does_not_check_the_gradients_again(nonfinite, monkeypatch):
+    """GradScaler has just checked every gradient (found_inf is 0): leanopt's own NaN/inf check, a wait
+    per tensor on CUDA, is not repeated."""
+    from leanopt import distributed
+
+    model = _model(torch.float16)
+    opt = leanopt.AdamW(model.parameters(), lr=1e-3, nonfinite=nonfinite)
+    scaler = torch.amp.GradScaler("cpu")
+    scaler.scale(model(_batch(0).half()).float().pow(2).mean()).backward()
+    calls = []
+    real = distributed.all_finite
+    monkeypatch.setattr(distributed, "all_finite", lambda t: (calls.append(1), real(t))[1])
+    scaler.step(opt)
+    assert not calls and int(opt.state[model[0].weight]["step"]) == 1

@@ -568,12 +568,18 @@ class LeanOptimizer(torch.optim.Optimizer):
         self.last_skipped = []
         if found_inf is not None and float(found_inf) != 0.0:  # one wait on CUDA, as GradScaler's own path
             return  # an inf or NaN somewhere: the whole step is skipped, as torch.optim's fused AdamW does
-        work = self._check_grads()  # bad input raises before anything changes
+        checked = found_inf is not None  # the scaler has just found every gradient finite
+        if checked:  # nonfinite="raise" need not look again
+            self._finite = {id(p.grad): True for g in self.param_groups for p in g["params"] if p.grad is not None}
+        try:
+            work = self._check_grads()  # bad input raises before anything changes
+        finally:
+            self._finite = {}
         self._step_plan = None  # plans read .grad
         divisor = None if scale is None else float(scale)
         for p, group in work:
             grad = p.grad if divisor is None else p.grad.to(torch.float32).div_(divisor)
-            self._update_param(p, group, grad, layout_checked=True)
+            self._update_param(p, group, grad, layout_checked=True, finite_checked=checked)
 
     # ----------------------------------------------------------------------------- master values
 
