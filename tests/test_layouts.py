@@ -249,3 +249,27 @@ def test_fp16_and_fp32_parameters_in_channels_last(mode, dtype, monkeypatch):
     (a, opt_a), (b, opt_b) = twin_run(mode, shape, to_layout, dtype=dtype)
     assert not calls
     assert_same(a, opt_a, b, opt_b)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("mode", ["exact/fp32", "compact/int8"])
+def test_cuda_kernels_walk_a_channels_last_weight_like_the_native_ones(mode):
+    """On a GPU: kernel="fused" (the CUDA kernels) on a channels_last weight gives the native CPU kernels'
+    bits on the same weight stored contiguously."""
+    master, states = mode.split("/")
+    shape, to_layout = LAYOUTS["channels_last conv weight"]
+    gen = torch.Generator().manual_seed(6)
+    value = (torch.randn(shape, generator=gen) * 0.5).bfloat16()
+    a = torch.nn.Parameter(to_layout(value.clone().cuda()))
+    b = torch.nn.Parameter(value.clone())
+    opt_a = leanopt.AdamW([a], lr=1e-2, master=master, states=states, kernel="fused")
+    opt_b = leanopt.AdamW([b], lr=1e-2, master=master, states=states)
+    for _ in range(3):
+        g = torch.randn(shape, generator=gen).bfloat16()
+        a.grad, b.grad = to_layout(g.clone().cuda()), g.clone()
+        opt_a.step()
+        opt_b.step()
+    assert sum(k.tensors for k in gpu.compile_stats() if k.device.type == "cuda") >= 3
+    assert torch.equal(bits(a.cpu()), bits(b))
+    for k, v in opt_a.state[a].items():
+        assert torch.equal(bits(v.cpu()), bits(opt_b.state[b][k])), k
