@@ -114,12 +114,15 @@ def test_unscale_then_clip_then_step_with_bf16():
         assert torch.equal(a.view(torch.int16), b.view(torch.int16))
 
 
-def test_gradient_release_still_refuses_a_grad_scaler():
-    model = _model(torch.float16)
+@pytest.mark.parametrize("unscale_first", [False, True])
+def test_gradient_release_still_refuses_a_grad_scaler(unscale_first):
+    model = _model(torch.bfloat16)
     opt = leanopt.AdamW(model.parameters(), lr=1e-3)
     leanopt.release_gradients(opt)
     scaler = torch.amp.GradScaler("cpu")
-    scaler.scale(model(_batch(0).half()).float().pow(2).mean()).backward()
+    scaler.scale(model(_batch(0).bfloat16()).float().pow(2).mean()).backward()
+    if unscale_first:  # the scaler then hands over no scale, only its inf flag
+        scaler.unscale_(opt)
     with pytest.raises(RuntimeError, match="GradScaler"):
         scaler.step(opt)
 

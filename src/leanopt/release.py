@@ -405,7 +405,8 @@ class ReleaseHandle:
         but the closure's backward is what decides this step (deferred updates, their exact clipping, the
         norm): the closure is called here, and ``step`` gets back a closure that returns its result.
         """
-        if "grad_scaler" in kwargs or getattr(optimizer, "grad_scale", None) is not None:
+        scaler_attrs = (getattr(optimizer, a, None) is not None for a in ("grad_scale", "found_inf"))
+        if "grad_scaler" in kwargs or any(scaler_attrs):  # found_inf alone: after scaler.unscale_(optimizer)
             raise RuntimeError(
                 "torch.amp.GradScaler cannot drive an optimizer with gradient release: its updates ran during "
                 "backward, before the scaler could unscale the gradients or skip a step with inf/NaN. Train in "
