@@ -142,3 +142,27 @@ def test_a_scaled_step_does_not_check_the_gradients_again(nonfinite, monkeypatch
     monkeypatch.setattr(distributed, "all_finite", lambda t: (calls.append(1), real(t))[1])
     scaler.step(opt)
     assert not calls and int(opt.state[model[0].weight]["step"]) == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kernel", ["auto", "fused"])
+def test_cuda_fp16_steps_equal_steps_on_the_fp32_unscaled_gradient(kernel):
+    """On a GPU, both CUDA executors: GradScaler("cuda") steps give the bits of steps on the fp32 unscaled
+    gradient, and an inf skips the step."""
+    model, twin = _model(torch.float16).cuda(), _model(torch.float16).cuda()
+    opt = leanopt.AdamW(model.parameters(), lr=1e-3, kernel=kernel)
+    opt_twin = leanopt.AdamW(twin.parameters(), lr=1e-3, kernel=kernel)
+    scaler = torch.amp.GradScaler("cuda", init_scale=2.0**16)
+    for i in range(3):
+        scaler.scale(model(_batch(i).half().cuda()).float().pow(2).mean()).backward()
+        if i == 2:
+            model[0].bias.grad[0] = float("inf")
+        unscaled = [p.grad.to(torch.float32) / scaler.get_scale() for p in model.parameters()]
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+        if i < 2:
+            for p, g in zip(twin.parameters(), unscaled, strict=True):
+                assert opt_twin.update_param(p, opt_twin.param_groups[0], g)
+    for a, b in zip(model.parameters(), twin.parameters(), strict=True):
+        assert torch.equal(a.view(torch.int16), b.view(torch.int16))
