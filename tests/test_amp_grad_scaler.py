@@ -166,3 +166,22 @@ def test_cuda_fp16_steps_equal_steps_on_the_fp32_unscaled_gradient(kernel):
                 assert opt_twin.update_param(p, opt_twin.param_groups[0], g)
     for a, b in zip(model.parameters(), twin.parameters(), strict=True):
         assert torch.equal(a.view(torch.int16), b.view(torch.int16))
+
+
+def test_fp32_parameters_keep_their_scaled_gradients():
+    """As torch's fused AdamW: the optimizer unscales a copy, .grad is left as the scaler made it."""
+    model = _model(torch.float32)
+    twin = _model(torch.float32)
+    opt = leanopt.AdamW(model.parameters(), lr=1e-2)
+    opt_twin = leanopt.AdamW(twin.parameters(), lr=1e-2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=64.0)
+    scaler.scale(model(_batch(0)).pow(2).mean()).backward()
+    scaled = [p.grad.clone() for p in model.parameters()]
+    scaler.step(opt)
+    for p, g in zip(model.parameters(), scaled, strict=True):
+        assert torch.equal(p.grad, g)
+    for p, g in zip(twin.parameters(), scaled, strict=True):
+        p.grad = g / 64.0
+    opt_twin.step()
+    for a, b in zip(model.parameters(), twin.parameters(), strict=True):
+        assert torch.equal(a, b)

@@ -578,7 +578,7 @@ class LeanOptimizer(torch.optim.Optimizer):
         self._step_plan = None  # plans read .grad
         divisor = None if scale is None else float(scale)
         for p, group in work:
-            grad = p.grad if divisor is None else p.grad.to(torch.float32).div_(divisor)
+            grad = p.grad if divisor is None else p.grad.to(torch.float32, copy=True).div_(divisor)  # .grad untouched
             self._update_param(p, group, grad, layout_checked=True, finite_checked=checked)
 
     # ----------------------------------------------------------------------------- master values
