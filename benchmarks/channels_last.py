@@ -16,13 +16,11 @@ one run, every case in turn for ``--rounds`` rounds (median of ``--steps`` timed
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
-import time
 from pathlib import Path
 
 import torch
+from _results import write_rows  # benchmarks/_results.py
 
 import leanopt
 from leanopt.cli.bench import time_steps
@@ -59,17 +57,17 @@ def make(dtype: torch.dtype, channels_last: bool) -> list[torch.nn.Parameter]:
     return params
 
 
+def _leanopt(master: str, states: str, channels_last: bool = True):
+    return lambda: leanopt.AdamW(make(torch.bfloat16, channels_last), lr=1e-4, master=master, states=states)
+
+
 CASES = {
     "torch AdamW fp32 fused, channels_last": lambda: torch.optim.AdamW(make(torch.float32, True), lr=1e-4, fused=True),
-    "leanopt exact/fp32, channels_last": lambda: leanopt.AdamW(make(torch.bfloat16, True), lr=1e-4),
-    "leanopt exact/fp32, channels_last, dense layouts off": lambda: leanopt.AdamW(make(torch.bfloat16, True), lr=1e-4),
-    "leanopt exact/fp32, contiguous": lambda: leanopt.AdamW(make(torch.bfloat16, False), lr=1e-4),
-    "leanopt compact/int8, channels_last": lambda: leanopt.AdamW(
-        make(torch.bfloat16, True), lr=1e-4, master="compact", states="int8"
-    ),
-    "leanopt compact/int8, channels_last, dense layouts off": lambda: leanopt.AdamW(
-        make(torch.bfloat16, True), lr=1e-4, master="compact", states="int8"
-    ),
+    "leanopt exact/fp32, channels_last": _leanopt("exact", "fp32"),
+    "leanopt exact/fp32, channels_last, dense layouts off": _leanopt("exact", "fp32"),
+    "leanopt exact/fp32, contiguous": _leanopt("exact", "fp32", channels_last=False),
+    "leanopt compact/int8, channels_last": _leanopt("compact", "int8"),
+    "leanopt compact/int8, channels_last, dense layouts off": _leanopt("compact", "int8"),
 }
 
 
@@ -102,13 +100,7 @@ def main() -> None:
         rows.append({"case": name, "step_ms": round(ms, 2), "vs_torch_fused": round(ms / base, 2),
                      "rounds_ms": [round(t, 2) for t in times[name]]})  # fmt: skip
         print(f"{name:56} {ms:9.2f} ms  {ms / base:6.2f}x torch fused")
-    command = f"python benchmarks/channels_last.py --steps {args.steps} --rounds {args.rounds}"
-    cpu = platform.processor() or platform.machine()
-    out = {"command": command, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "cpu": cpu,
-           "threads": torch.get_num_threads(), "rows": rows}  # fmt: skip
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=1))
-    print("wrote", args.out)
+    write_rows(args.out, f"python benchmarks/channels_last.py --steps {args.steps} --rounds {args.rounds}", rows)
 
 
 if __name__ == "__main__":

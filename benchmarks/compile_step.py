@@ -22,7 +22,6 @@ import argparse
 import hashlib
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -87,8 +86,6 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(args.worker[0], args.worker[1], args.steps)))
         return
-    import torch
-
     rows = []
     for states in args.states.split(","):
         results = {}
@@ -106,13 +103,11 @@ def main() -> None:
                 f"{states:5} {config:12} first step {row['first_step_s']:7.2f} s  step {row['median_step_ms']:7.2f} ms"
                 f"  graphs {row['graphs']:3}  breaks {row['graph_breaks']:3}  weights = eager step's: {same[config]}"
             )
-    command = "python benchmarks/compile_step.py" + (f" --steps {args.steps}" if args.steps != 15 else "")
-    cpu = platform.processor() or platform.machine()
-    out = {"command": command, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "cpu": cpu,
-           "threads": torch.get_num_threads(), "rows": rows}  # fmt: skip
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=1))
-    print("wrote", args.out)
+    from _results import write_rows  # benchmarks/_results.py (imports torch)
+
+    write_rows(
+        args.out, "python benchmarks/compile_step.py" + (f" --steps {args.steps}" if args.steps != 15 else ""), rows
+    )
 
 
 if __name__ == "__main__":

@@ -13,13 +13,12 @@ before the GPU does anything. With ``--device cuda`` the real kernels run; the f
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
+from _results import write_rows  # benchmarks/_results.py
 
 import leanopt
 from leanopt.kernels import gpu
@@ -76,13 +75,8 @@ def main() -> None:
             f"{states:5} {nonfinite:6} {'planned' if planned else 'general':8} host {row['host_ms']:8.2f} ms"
             f"  {row['host_us_per_tensor']:6.1f} us/tensor{gpu_ms}"
         )
-    out = {"command": f"python benchmarks/gpu_host_overhead.py --device {args.device}", "device": args.device,
-           "emulated_no_op_kernels": args.device == "cpu", "torch": torch.__version__,
-           "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-           "date": time.strftime("%Y-%m-%d"), "rows": rows}  # fmt: skip
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=1))
-    print("wrote", args.out)
+    write_rows(args.out, f"python benchmarks/gpu_host_overhead.py --device {args.device}", rows,
+               device=args.device, emulated_no_op_kernels=args.device == "cpu")  # fmt: skip
 
 
 if __name__ == "__main__":

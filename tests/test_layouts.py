@@ -135,13 +135,20 @@ def test_a_gradient_in_another_layout_or_noise_keeps_to_the_reference():
     assert torch.equal(outs[0], outs[1])  # the same noise per logical element
 
 
-def test_a_plan_follows_layout_changes_between_steps():
+def _sgd_against_the_reference(seed: int):
+    """A channels_last weight under SGD with momentum (kernel="auto") and its contiguous twin under the
+    reference executor, whose bits SGD's native kernels share."""
     shape, to_layout = LAYOUTS["channels_last conv weight"]
-    gen = torch.Generator().manual_seed(1)
+    gen = torch.Generator().manual_seed(seed)
     value = torch.randn(shape, generator=gen).bfloat16()
     a, b = torch.nn.Parameter(to_layout(value.clone())), torch.nn.Parameter(value.clone())
     opt_a = leanopt.SGD([a], lr=1e-2, momentum=0.9)
     opt_b = leanopt.SGD([b], lr=1e-2, momentum=0.9, kernel="reference")
+    return shape, to_layout, gen, (a, opt_a), (b, opt_b)
+
+
+def test_a_plan_follows_layout_changes_between_steps():
+    shape, to_layout, gen, (a, opt_a), (b, opt_b) = _sgd_against_the_reference(1)
     for step in range(6):
         g = torch.randn(shape, generator=gen).bfloat16()
         b.grad = g.clone()
@@ -188,12 +195,7 @@ def test_dense(make, expected):
 def test_a_state_in_another_layout_keeps_to_the_reference():
     """A state tensor whose strides are not the parameter's (say, made contiguous by hand or loaded so):
     the flat kernel would pair the wrong elements, so that tensor takes the reference."""
-    shape, to_layout = LAYOUTS["channels_last conv weight"]
-    gen = torch.Generator().manual_seed(2)
-    value = torch.randn(shape, generator=gen).bfloat16()
-    a, b = torch.nn.Parameter(to_layout(value.clone())), torch.nn.Parameter(value.clone())
-    opt_a = leanopt.SGD([a], lr=1e-2, momentum=0.9)
-    opt_b = leanopt.SGD([b], lr=1e-2, momentum=0.9, kernel="reference")
+    shape, to_layout, gen, (a, opt_a), (b, opt_b) = _sgd_against_the_reference(2)
     for step in range(4):
         g = torch.randn(shape, generator=gen).bfloat16()
         a.grad, b.grad = to_layout(g.clone()), g.clone()
