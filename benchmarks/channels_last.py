@@ -7,7 +7,12 @@ one run, every case in turn for ``--rounds`` rounds (median of ``--steps`` timed
   a dense layout in memory order (kernels/native.py ``dense``);
 - the same with that support switched off (``native.dense`` reporting only contiguous tensors): the
   non-contiguous conv weights then take the eager reference, as before it existed;
-- leanopt exact/fp32 with the same parameters contiguous (what the layout should cost: nothing).
+- leanopt exact/fp32 and compact/int8 with the same parameters contiguous (what the layout costs).
+
+int8/int4 states of a conv weight are grouped in rows of ``in * kh * kw`` in logical order
+(formats/quantized.py ``rows_shape``), so channels_last conv weights with compact/int8 run the kernels on
+contiguous copies (kernels/fused.py ``_on_contiguous_twin``). ``bytes_per_param`` is what the case holds
+in weights and optimizer state (torch: fp32 weights; gradients not counted).
 
     python benchmarks/channels_last.py              # -> benchmarks/results/channels_last.json
     python benchmarks/channels_last.py --steps 5 --rounds 3
@@ -24,6 +29,7 @@ from _results import write_rows  # benchmarks/_results.py
 
 import leanopt
 from leanopt.cli.bench import time_steps
+from leanopt.formats.quantized import rows_shape
 from leanopt.kernels import native
 
 OUT = Path(__file__).resolve().parent / "results" / "channels_last.json"
@@ -68,7 +74,17 @@ CASES = {
     "leanopt exact/fp32, contiguous": _leanopt("exact", "fp32", channels_last=False),
     "leanopt compact/int8, channels_last": _leanopt("compact", "int8"),
     "leanopt compact/int8, channels_last, dense layouts off": _leanopt("compact", "int8"),
+    "leanopt compact/int8, contiguous": _leanopt("compact", "int8", channels_last=False),
 }
+
+
+def held_bytes_per_param(opt: torch.optim.Optimizer) -> float:
+    """Bytes of the parameters and every optimizer state tensor, per parameter (after a step)."""
+    params = [p for g in opt.param_groups for p in g["params"]]
+    held = sum(p.untyped_storage().nbytes() for p in params)
+    held += sum(v.untyped_storage().nbytes() for st in opt.state.values() for v in st.values()
+                if isinstance(v, torch.Tensor) and v.dim())  # fmt: skip
+    return held / sum(p.numel() for p in params)
 
 
 def main() -> None:
@@ -79,8 +95,11 @@ def main() -> None:
     args = parser.parse_args()
     shapes = resnet50_shapes()
     strided = sum(1 for s in shapes if len(s) == 4 and (s[2] > 1 or s[3] > 1))
+    fp32_kept = sum(torch.Size(s).numel() for s in shapes if rows_shape(s) is None)
+    fp32_kept_before = sum(torch.Size(s).numel() for s in shapes if not (len(s) >= 2 and s[-1] >= 32))
     print(f"ResNet-50: {sum(torch.Size(s).numel() for s in shapes) / 1e6:.1f}M parameters, {len(shapes)} tensors, "
-          f"{strided} of them not contiguous in channels_last")  # fmt: skip
+          f"{strided} of them not contiguous in channels_last; int8/int4 keep fp32 states for {fp32_kept:,} "
+          f"parameters (grouping along the last dim only: {fp32_kept_before:,})")  # fmt: skip
     real_dense = native.dense
     opts = {}
     for name, build in CASES.items():
@@ -97,10 +116,12 @@ def main() -> None:
     rows = []
     for name in CASES:
         ms = statistics.median(times[name])
+        held = held_bytes_per_param(opts[name])
         rows.append({"case": name, "step_ms": round(ms, 2), "vs_torch_fused": round(ms / base, 2),
-                     "rounds_ms": [round(t, 2) for t in times[name]]})  # fmt: skip
-        print(f"{name:56} {ms:9.2f} ms  {ms / base:6.2f}x torch fused")
-    write_rows(args.out, f"python benchmarks/channels_last.py --steps {args.steps} --rounds {args.rounds}", rows)
+                     "bytes_per_param": round(held, 3), "rounds_ms": [round(t, 2) for t in times[name]]})  # fmt: skip
+        print(f"{name:56} {ms:9.2f} ms  {ms / base:6.2f}x torch fused  {held:6.3f} bytes/param held")
+    write_rows(args.out, f"python benchmarks/channels_last.py --steps {args.steps} --rounds {args.rounds}", rows,
+               int8_fp32_state_params=fp32_kept, int8_fp32_state_params_last_dim_rule=fp32_kept_before)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -92,6 +92,15 @@ def mlp(dtype: torch.dtype, seed: int = 0, out: int = 2) -> nn.Sequential:
     return nn.Sequential(nn.Linear(40, 5), nn.Tanh(), nn.Linear(5, 34), nn.Tanh(), nn.Linear(34, out)).to(dtype)
 
 
+def conv_net(dtype: torch.dtype, seed: int = 0) -> nn.Sequential:
+    """``mlp`` with a Conv1d first: its (5, 8, 5) weight has rows of 5 (under 32), so its int8/int4
+    states are grouped in rows of in * k = 40 (formats/quantized.py ``rows_shape``); dim 0 of 5 shards
+    unevenly (3 + 2 output channels)."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Unflatten(1, (8, 5)), nn.Conv1d(8, 5, 5), nn.Flatten(), nn.Tanh(), nn.Linear(5, 34),
+                         nn.Tanh(), nn.Linear(34, 2)).to(dtype)  # fmt: skip
+
+
 def fails_on_empty_rows(states: str) -> str | None:
     """The error a state format raises on a tensor with no rows (an empty FSDP2 shard), or None."""
     fmt = STATE_FORMATS[states]
@@ -240,7 +249,7 @@ class Worker:
     SCENARIOS = (
         "fsdp_same_batch", "fsdp_empty_shard", "fsdp_release", "fsdp_nonfinite_on_one_rank", "fsdp_different_data",
         "fsdp_errors", "fsdp_fp32_export", "ddp_same_batch", "ddp_different_data", "dcp_resume_2_to_2",
-        "dcp_resume_1_to_2", "example_script", "fsdp_gpu_kernels",
+        "dcp_resume_1_to_2", "example_script", "fsdp_gpu_kernels", "fsdp_conv",
     )  # fmt: skip
 
     def run_all(self) -> None:
@@ -305,6 +314,19 @@ class Worker:
         finally:
             gpu.EMULATE = False
         self.save("fsdp_gpu_kernels", results)
+
+    def scenario_fsdp_conv(self) -> None:
+        """A conv weight's grouped int8/int4 states (rows of in * k) under FSDP2, the same batch on both ranks."""
+        results = {}
+        for states in ("int8", "int4"):
+            c = ("adamw", "compact", states, torch.bfloat16)
+            model = self.fsdp(conv_net(c[3]))
+            opt = make_optimizer(model, c)
+            losses = train(model, opt, range(STEPS), dtype=c[3])
+            placements = {k: str(v.placements) if leanopt.distributed.is_dtensor(v) else "plain"
+                          for k, v in opt.state[model[1].weight].items()}  # fmt: skip
+            results[states] = {"losses": losses, "snapshot": snapshot(model, opt), "placements": placements}
+        self.save("fsdp_conv", results)
 
     def scenario_fsdp_empty_shard(self) -> None:
         """A (1, 34) weight on 2 ranks: rank 1 holds no rows. Formats failing on 0 rows are skipped here
@@ -534,7 +556,7 @@ class FlatStates(leanopt.formats.StateFormat):
     def init(self, name, like, signed):
         return {name: torch.zeros(like.numel(), dtype=torch.float32)}
 
-    def decode(self, name, stored, signed):
+    def decode(self, name, stored, signed, shape=None):
         return stored[name]
 
     def encode(self, name, value, stored, signed):
@@ -706,6 +728,21 @@ def test_fsdp2_empty_shard_is_bit_identical_to_one_process(cluster, states):
     got = result(cluster, "fsdp_empty_shard")[states]
     want = single_run(("adamw", "exact", states, torch.bfloat16), out=1)
     assert_same_bits(got["snapshot"], want["snapshot"], f"empty shard, states={states}")
+
+
+@multiprocess
+@pytest.mark.parametrize("states", ["int8", "int4"])
+def test_fsdp2_conv_weight_grouped_states_are_bit_identical_to_one_process(cluster, states):
+    got = result(cluster, "fsdp_conv")[states]
+    model = conv_net(torch.bfloat16)
+    opt = make_optimizer(model, ("adamw", "compact", states, torch.bfloat16))
+    losses = train(model, opt, range(STEPS))
+    assert "exp_avg.codes" in opt.state[model[1].weight]  # the conv weight's states are quantised
+    assert set(got["placements"]) == {"step", "residual", "exp_avg.codes", "exp_avg.scales", "exp_avg_sq.codes",
+                                      "exp_avg_sq.scales"}  # fmt: skip
+    assert {v for k, v in got["placements"].items() if k != "step"} == {"(Shard(dim=0),)"}
+    assert_same_bits({"losses": dict(enumerate(got["losses"]))}, {"losses": dict(enumerate(losses))}, "loss")
+    assert_same_bits(got["snapshot"], snapshot(model, opt), f"conv, states={states}")
 
 
 @multiprocess

@@ -21,7 +21,7 @@ import leanopt
 from leanopt.kernels import gpu, native
 
 _INT = {1: torch.int8, 2: torch.int16, 4: torch.int32}
-SHAPES = [(7,), (5, 64), (3, 70), (4, 33), (2, 3, 40), (130,), (33, 1000), (0, 5)]
+SHAPES = [(7,), (5, 64), (3, 70), (4, 33), (2, 3, 40), (130,), (33, 1000), (6, 5, 3, 3), (0, 5)]
 WEIGHTS = ["exact", "compact", "none", "kahan", "stochastic", "auto"]  # auto: fp32 params, the fp32 format
 STATES = ["fp32", "bf16", "int8", "int4"]
 CASES = {

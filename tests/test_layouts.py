@@ -1,8 +1,9 @@
 """Parameters in dense non-contiguous layouts (channels_last conv weights, a transposed matrix): the
 elementwise native kernels (and the CUDA kernels' path, emulated) walk them in memory order when the
 gradient and every state tensor share the parameter's strides, with the bits of the same parameter
-stored contiguously; anything else (grouped int8/int4 states, drawn noise, a gradient in another
-layout, a layout that is not dense) keeps to the other executors, with their bits."""
+stored contiguously; int8/int4 states grouped in logical order (a conv weight's rows) run the kernels
+on contiguous copies, with the same bits; anything else (drawn noise, a gradient in another layout, a
+layout that is not dense) keeps to the other executors, with their bits."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 import leanopt
+from leanopt.formats.quantized import rows_shape
 from leanopt.kernels import fused, gpu, native
 
 pytestmark = pytest.mark.skipif(native.compiler() is None, reason="needs a C compiler")
@@ -74,25 +76,29 @@ def assert_same(a, opt_a, b, opt_b):
 @pytest.mark.parametrize("mode", list(MODES))
 def test_dense_layouts_run_natively_with_the_bits_of_a_contiguous_parameter(mode, layout, monkeypatch):
     shape, to_layout = LAYOUTS[layout]
-    grouped = mode.endswith("int8") and shape[-1] >= 32  # int8 states grouped along the last logical dim
+    grouped = mode.endswith("int8") and rows_shape(shape) is not None  # int8 states grouped in logical rows
     calls = []
     real = fused.reference_step
     monkeypatch.setattr(fused, "reference_step", lambda *a, **k: (calls.append(a[3].shape), real(*a, **k))[1])
     (a, opt_a), (b, opt_b) = twin_run(mode, shape, to_layout)
-    if grouped:  # not planned natively: the reference, whose Adam arithmetic is torch's foreach=False
-        assert calls
-        assert opt_a.state[a]["exp_avg.codes"].is_contiguous()
-        return
     assert not calls, "a tensor took the reference executor"
+    if grouped:  # the kernels ran on contiguous copies: no whole-step plan, the contiguous twin's bits
+        assert opt_a.state[a]["exp_avg.codes"].is_contiguous()
+        assert opt_a.state[a]["residual"].stride() == a.stride()  # the weight's own buffers keep its layout
+        assert not a.is_contiguous() and a.stride() == to_layout(torch.empty(shape)).stride()
+        assert_same(a, opt_a, b, opt_b)
+        return
     assert isinstance(opt_a._step_plan, leanopt.kernels.step_plan.StepPlan)  # later steps: the plan
     assert opt_a.state[a]["exp_avg" if "sgd" not in mode else "momentum_buffer"].stride() == a.stride()
     assert_same(a, opt_a, b, opt_b)
 
 
+@pytest.mark.parametrize("states", ["fp32", "int8"])
 @pytest.mark.parametrize("layout", ["channels_last conv weight", "transposed matrix"])
-def test_through_the_cuda_kernels_path_emulated(layout, monkeypatch):
+def test_through_the_cuda_kernels_path_emulated(layout, states, monkeypatch):
     """kernel="fused" with gpu.EMULATE: CPU tensors take the CUDA kernels' code (compiled as C); a dense
-    layout runs there too, with the native kernels' bits on the contiguous twin."""
+    layout runs there too, with the native kernels' bits on the contiguous twin (a channels_last conv
+    weight with grouped int8 states: through contiguous copies, one launch per step, not planned)."""
     monkeypatch.setattr(gpu, "EMULATE", True)
     monkeypatch.delenv("LEANOPT_GPU_KERNELS", raising=False)
     gpu.reset()
@@ -101,15 +107,17 @@ def test_through_the_cuda_kernels_path_emulated(layout, monkeypatch):
         gen = torch.Generator().manual_seed(3)
         value = (torch.randn(shape, generator=gen) * 0.5).bfloat16()
         a, b = torch.nn.Parameter(to_layout(value.clone())), torch.nn.Parameter(value.clone())
-        opt_a = leanopt.AdamW([a], lr=1e-2, master="compact", kernel="fused")
-        opt_b = leanopt.AdamW([b], lr=1e-2, master="compact")  # native CPU kernels
+        opt_a = leanopt.AdamW([a], lr=1e-2, master="compact", states=states, kernel="fused")
+        opt_b = leanopt.AdamW([b], lr=1e-2, master="compact", states=states)  # native CPU kernels
         for _ in range(3):
             g = torch.randn(shape, generator=gen).bfloat16()
             a.grad, b.grad = to_layout(g.clone()), g.clone()
             opt_a.step()
             opt_b.step()
         assert sum(k.tensors for k in gpu.compile_stats()) >= 3
-        assert isinstance(opt_a._step_plan, gpu.GpuStepPlan)
+        copies = states == "int8" and rows_shape(shape) is not None
+        assert copies == ("exp_avg.codes" in opt_a.state[a])
+        assert isinstance(opt_a._step_plan, gpu.GpuStepPlan) is not copies
         assert_same(a, opt_a, b, opt_b)
     finally:
         gpu.reset()

@@ -20,7 +20,7 @@ import leanopt
 from leanopt.kernels import native
 
 _INT = {1: torch.int8, 2: torch.int16, 4: torch.int32}
-SHAPES = [(7,), (5, 64), (3, 70), (4, 33), (2, 3, 40), (130,)]
+SHAPES = [(7,), (5, 64), (3, 70), (4, 33), (2, 3, 40), (130,), (6, 5, 3, 3)]  # the last: a conv weight
 WEIGHTS = ["exact", "compact", "none", "auto"]  # auto on fp32 params: the plain fp32 format
 STATES = ["fp32", "bf16", "int8", "int4"]
 
@@ -97,7 +97,7 @@ def test_adam_one_step_states_match_and_master_within_one_ulp(case, states):
     bit-identical, the second moment's codes within one code (its encode takes a square root), the master
     within 1 ULP + 2^-20 |update| (the reference's MKL sqrt is the only difference)."""
     cls, hyper = ADAM_CASES[case]
-    for master, shape in itertools.product(["exact", "compact", "auto"], [(64, 96), (3, 70), (130,)]):
+    for master, shape in itertools.product(["exact", "compact", "auto"], [(64, 96), (3, 70), (130,), (8, 16, 3, 3)]):
         p, opt = run("reference", cls, master, states, shape, hyper, steps=3)
         twin = torch.nn.Parameter(p.detach().clone())
         opt2 = cls([twin], master=master, states=states, kernel="auto", **hyper)

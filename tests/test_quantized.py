@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import leanopt
-from leanopt.formats.quantized import GROUP_SIZE, INT4, INT8, QuantizedStates, is_compressed
+from leanopt.formats.quantized import GROUP_SIZE, INT4, INT8, QuantizedStates, is_compressed, rows_shape
 from leanopt.formats.states import STATE_FORMATS
 
 FORMATS = [INT8, INT4]
@@ -21,7 +21,7 @@ def sample(shape, signed: bool, seed: int = 0, spread: float = 1.0) -> torch.Ten
 def roundtrip(fmt, x, signed):
     stored = fmt.init("s", x, signed)
     fmt.encode("s", x.clone(), stored, signed)
-    return fmt.decode("s", stored, signed), stored
+    return fmt.decode("s", stored, signed, shape=x.shape), stored
 
 
 def nmse(a, b):
@@ -55,13 +55,54 @@ def test_layout_bytes_and_meta_init(fmt, signed, shape):
 
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
-@pytest.mark.parametrize("shape", [(7,), (300,), (16, 31), (4, 1)])
+@pytest.mark.parametrize("shape", [(7,), (300,), (16, 31), (4, 1), (64, 3, 3, 3), (8, 1, 5, 5), (4, 31, 1)])
 def test_small_tensors_stay_fp32_and_exact(fmt, shape):
     assert not is_compressed(shape)
     x = sample(shape, True)
     out, stored = roundtrip(fmt, x, True)
     assert set(stored) == {"s"} and stored["s"].dtype == torch.float32
     assert torch.equal(out.view(torch.int32), x.view(torch.int32))
+
+
+@pytest.mark.parametrize(
+    "shape, rows",
+    [
+        ((64, 96), (64, 96)),
+        ((2, 3, 33), (2, 3, 33)),  # the last dim is long enough: groups along it, as always
+        ((64, 48, 3, 3), (64, 432)),  # conv weight: each output channel's in * kh * kw weights are a row
+        ((512, 2048, 1, 1), (512, 2048)),  # 1x1 conv
+        ((16, 8, 3, 3, 3), (16, 216)),  # 3-D conv
+        ((32, 16, 5), (32, 80)),  # Conv1d
+        ((64, 3, 3, 3), None),  # a first conv layer: 27 weights per output channel, under 32
+        ((100, 16), None),  # 2-D: only the last dim can be a row (dim-0 shards would cut a group)
+        ((300,), None),
+        ((0, 16, 3, 3), (0, 144)),
+    ],
+)
+def test_rows_shape(shape, rows):
+    assert rows_shape(shape) == rows
+    assert is_compressed(shape) is (rows is not None)
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("shape", [(64, 48, 3, 3), (16, 8, 3, 3, 3), (6, 7, 5)])
+def test_a_conv_weight_state_is_its_rows_state(fmt, signed, shape):
+    """A conv weight's state is stored exactly as the state of the same values shaped (out, in*kh*kw),
+    decodes back to the weight's shape, and decode -> encode keeps its bits."""
+    x = sample(shape, signed, seed=4, spread=2.0)
+    rows = rows_shape(shape)
+    out, stored = roundtrip(fmt, x, signed)
+    _, as_rows = roundtrip(fmt, x.reshape(rows), signed)
+    assert stored.keys() == as_rows.keys() == {"s.codes", "s.scales"}
+    for key in stored:
+        assert torch.equal(stored[key], as_rows[key]), key
+    assert tuple(stored["s.scales"].shape) == (shape[0], -(-rows[1] // GROUP_SIZE))
+    assert out.shape == x.shape and nmse(out, x) < (1e-4 if fmt is INT8 else 2e-2)
+    again = {k: v.clone() for k, v in stored.items()}
+    fmt.encode("s", out.clone(), again, signed)
+    for key in stored:
+        assert torch.equal(again[key], stored[key]), key
 
 
 @pytest.mark.parametrize(
@@ -103,7 +144,7 @@ def test_fp16_scales_fail_where_bf16_scales_do_not():
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
 @pytest.mark.parametrize("signed", [True, False])
-@pytest.mark.parametrize("shape", [(12, 100), (9, 64), (6, 2, 45)])
+@pytest.mark.parametrize("shape", [(12, 100), (9, 64), (6, 2, 45), (8, 16, 3, 3)])
 def test_a_dim0_shard_quantises_exactly_like_the_whole_tensor(fmt, signed, shape):
     x = sample(shape, signed, seed=3, spread=2.0)
     _, whole = roundtrip(fmt, x, signed)
@@ -115,7 +156,7 @@ def test_a_dim0_shard_quantises_exactly_like_the_whole_tensor(fmt, signed, shape
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
 @pytest.mark.parametrize("signed", [True, False])
-@pytest.mark.parametrize("shape", [(0, 34), (0, 64), (3, 0, 40)])
+@pytest.mark.parametrize("shape", [(0, 34), (0, 64), (3, 0, 40), (0, 16, 3, 3)])
 def test_tensors_with_no_rows_work(fmt, signed, shape):
     """An FSDP2 rank can hold no rows of a tensor."""
     x = torch.zeros(shape)
@@ -211,3 +252,75 @@ def test_every_optimizer_with_states_trains_with_quantised_states(cls, states):
     state = opt.state[net[0].weight]
     assert any(k.endswith(".codes") for k in state)
     assert not any(v.dtype == torch.float32 for v in state.values() if v.dim())
+
+
+def _conv_run(states: str, steps: int = 2, seed: int = 0):
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Conv2d(16, 8, 3), nn.Tanh(), nn.Conv2d(8, 4, 1)).bfloat16()
+    opt = leanopt.AdamW(net.parameters(), lr=1e-2, master="compact", states=states)
+    x = torch.randn(4, 16, 6, 6).bfloat16()
+    for _ in range(steps):
+        net(x).float().square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    return net, opt, x
+
+
+@pytest.mark.parametrize("states", ["int8", "int4"])
+def test_conv_weights_get_quantised_states(states):
+    """Conv2d weights (16*3*3 = 144 weights per output channel) keep int8/int4 states, not fp32; the
+    1x1 conv's rows (8) and the biases stay fp32."""
+    net, opt, _ = _conv_run(states)
+    fmt = STATE_FORMATS[states]
+    big = opt.state[net[0].weight]
+    assert {k: (v.dtype, tuple(v.shape)) for k, v in big.items() if k.startswith("exp_avg.")} == {
+        "exp_avg.codes": (torch.int8 if states == "int8" else torch.uint8, (8, 144 if states == "int8" else 72)),
+        "exp_avg.scales": (torch.bfloat16, (8, 5)),
+    }
+    held = sum(v.untyped_storage().nbytes() for k, v in big.items() if k.startswith("exp_avg"))
+    assert held == 2 * (8 * 144 * fmt.bits // 8 + 8 * 5 * 2)  # codes + bf16 scales, both moments
+    assert opt.state[net[2].weight]["exp_avg"].dtype == torch.float32  # (4, 8, 1, 1): rows of 8
+    assert opt.state[net[0].bias]["exp_avg"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("states", ["int8", "int4"])
+def test_a_state_dict_with_fp32_conv_states_from_before_loads_quantised(states):
+    """leanopt 0.1.0 kept a conv weight's states in fp32 (its last dim is under 32). Such a state dict
+    loads: each of those states is encoded as one more step's encode would (the same bits), the rest
+    loads as saved, the given dict is not modified, and training goes on."""
+    net, opt, x = _conv_run(states)
+    fmt = STATE_FORMATS[states]
+    saved = opt.state_dict()
+    w = saved["state"][0]
+    old = {"exp_avg": (torch.randn(8, 16, 3, 3), True), "exp_avg_sq": (torch.rand(8, 16, 3, 3) * 1e-3, False)}
+    for name, (value, _) in old.items():
+        del w[f"{name}.codes"], w[f"{name}.scales"]
+        w[name] = value.clone()
+    net2, opt2, _ = _conv_run(states, steps=0, seed=1)
+    opt2.load_state_dict(saved)
+    got = opt2.state[net2[0].weight]
+    for name, (value, signed) in old.items():
+        want = fmt.init(name, net2[0].weight, signed)
+        fmt.encode(name, value.clone(), want, signed)
+        for key in want:
+            assert torch.equal(got[key], want[key]), key
+        assert torch.equal(w[name], value)  # the given dict keeps its fp32 state
+    assert torch.equal(got["residual"], opt.state[net[0].weight]["residual"])
+    assert torch.equal(opt2.state[net2[0].bias]["exp_avg"], opt.state[net[0].bias]["exp_avg"])
+    net2.load_state_dict(net.state_dict())
+    net2(x).float().square().mean().backward()
+    opt2.step()
+    assert all(bool(torch.isfinite(p).all()) for p in net2.parameters())
+
+
+def test_a_state_dict_with_a_misshapen_fp32_conv_state_is_refused_and_changes_nothing():
+    net, opt, _ = _conv_run("int8")
+    saved = opt.state_dict()
+    w = saved["state"][0]
+    del w["exp_avg.codes"], w["exp_avg.scales"]
+    w["exp_avg"] = torch.zeros(8, 16, 9)  # not the weight's shape
+    before = {k: v.clone() for k, v in opt.state[net[0].weight].items()}
+    with pytest.raises(ValueError, match=r"parameter 0: state_dict holds .*exp_avg'.*expected .*exp_avg\.codes"):
+        opt.load_state_dict(saved)
+    for k, v in opt.state[net[0].weight].items():
+        assert torch.equal(v, before[k]), k

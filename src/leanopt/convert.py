@@ -71,7 +71,7 @@ def to_torch(model: nn.Module, optimizer: LeanOptimizer) -> tuple[dict[str, Tens
             # torch.optim.SGD keeps no step count; it ignores (and keeps) this one.
             out: dict[str, Any] = {"step": state["step"].detach().to(torch.float32).clone()}
             for spec in optimizer.rule.states(group):
-                out[spec.name] = sfmt.decode(spec.name, state, spec.signed).detach().float().clone()
+                out[spec.name] = sfmt.decode(spec.name, state, spec.signed, shape=p.shape).detach().float().clone()
             torch_opt.state[stand_in] = out
     return weights, torch_opt.state_dict()
 

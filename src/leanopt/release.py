@@ -379,7 +379,7 @@ class ReleaseHandle:
         state = opt.state_for(p, group)
         _, sfmt = opt.formats(p, group)
         specs = opt.rule.states(group)
-        working = {s.name: sfmt.decode(s.name, state, s.signed) for s in specs}
+        working = {s.name: sfmt.decode(s.name, state, s.signed, shape=p.shape) for s in specs}
         g32 = grad.float()
         signed = -g32 if group.get("maximize", False) else g32
         replacement = self._fold(working, signed, group, self.micro_batches, last, int(state["step"].item()))

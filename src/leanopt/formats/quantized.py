@@ -1,10 +1,13 @@
 """8-bit and 4-bit optimizer states: companded codes in groups of 32 with one bf16 scale per group.
 
-Layout of a state ``name`` for a tensor of shape ``(*lead, n)``:
+Layout of a state ``name`` for a tensor, seen as ``(*lead, n)`` (:func:`rows_shape`): its own shape when
+its last dimension has at least ``MIN_ROW`` (32) elements; otherwise, for a tensor of 3 or more dimensions
+(conv weights ``(out, in, kh, kw)``), ``(shape[0], prod(shape[1:]))``: each slice along dim 0 is one row.
 
-- Groups are ``GROUP_SIZE`` (32) consecutive elements of one row of the last dimension; the last group
+- Groups are ``GROUP_SIZE`` (32) consecutive elements of one row; the last group
   of a row is padded (in the computation only) when ``n`` is not a multiple of 32. A group never
-  straddles two rows, so a dim-0 shard (FSDP2) quantises exactly like the same rows of the whole tensor.
+  straddles two rows (nor two slices of dim 0), so a dim-0 shard (FSDP2) quantises exactly like the
+  same rows of the whole tensor.
 - ``name.scales``: bf16, shape ``(*lead, ceil(n / 32))``: the group's largest magnitude (of the
   companded quantity), rounded to nearest bf16 (for a group holding a NaN: the canonical NaN
   0x7FC0). bf16 has fp32's exponent range, so tiny states
@@ -27,8 +30,7 @@ Companding (``signed`` comes from the rule's ``StateSpec``):
 
 Small tensors: a tensor with fewer than 2 dimensions, or whose rows are shorter than ``MIN_ROW`` (32),
 keeps its states in fp32 under the key ``name`` (biases and norms: under 0.01 bytes/param on GPT-2
-124M). The choice depends on the tensor's number of dimensions and row length only, so sharding dim 0
-never changes it.
+124M). The choice depends on the tensor's shape after dim 0 only, so sharding dim 0 never changes it.
 """
 
 from __future__ import annotations
@@ -43,9 +45,27 @@ GROUP_SIZE = 32
 MIN_ROW = 32
 
 
+def rows_shape(shape: torch.Size | tuple[int, ...]) -> tuple[int, ...] | None:
+    """``(*lead, n)``: the shape whose last dimension the groups of a state of this shape run along, or
+    None when the state stays fp32. The tensor's own shape when its last dim has at least MIN_ROW
+    elements; else, with 3 or more dims, ``(shape[0], prod(shape[1:]))`` (conv weights: each output
+    channel's ``in * kh * kw`` weights are one row); else None (fewer than 2 dims, or short rows)."""
+    if len(shape) < 2:
+        return None
+    if shape[-1] >= MIN_ROW:
+        return tuple(shape)
+    if len(shape) >= 3:
+        n = 1
+        for d in shape[1:]:
+            n *= d
+        if n >= MIN_ROW:
+            return (shape[0], n)
+    return None
+
+
 def is_compressed(shape: torch.Size | tuple[int, ...]) -> bool:
-    """Whether a state of this shape is quantised (else it stays fp32): ndim >= 2 and rows >= MIN_ROW."""
-    return len(shape) >= 2 and shape[-1] >= MIN_ROW
+    """Whether a state of this shape is quantised (else it stays fp32): see :func:`rows_shape`."""
+    return rows_shape(shape) is not None
 
 
 class QuantizedStates(StateFormat):
@@ -78,9 +98,10 @@ class QuantizedStates(StateFormat):
 
     def init(self, name: str, like: Tensor, signed: bool) -> dict[str, Tensor]:
         """Zero state. Works on meta tensors (shapes depend on ``like.shape`` only)."""
-        if not is_compressed(like.shape):
+        rows = rows_shape(like.shape)
+        if rows is None:
             return {name: torch.zeros_like(like, dtype=torch.float32, memory_format=torch.preserve_format)}
-        *lead, n = like.shape
+        *lead, n = rows
         groups = -(-n // GROUP_SIZE)
         width = n // 2 if self._packed(n) else n
         return {
@@ -172,17 +193,22 @@ class QuantizedStates(StateFormat):
 
     # ------------------------------------------------------------------ StateFormat
 
-    def decode(self, name: str, stored: dict[str, Tensor], signed: bool) -> Tensor:
+    def decode(self, name: str, stored: dict[str, Tensor], signed: bool, shape: tuple | None = None) -> Tensor:
+        """fp32 values of state ``name``, shaped ``shape`` (the tensor's; default: the codes' rows shape)."""
         if name in stored:
             return stored[name]
         codes = self._load_codes(stored[f"{name}.codes"], signed)
-        return self.dequantize(codes, stored[f"{name}.scales"], signed)
+        value = self.dequantize(codes, stored[f"{name}.scales"], signed)
+        return value if shape is None else value.view(shape)
 
     def encode(self, name: str, value: Tensor, stored: dict[str, Tensor], signed: bool) -> None:
         if name in stored:
             if value.data_ptr() != stored[name].data_ptr():
                 stored[name].copy_(value)
             return
+        rows = rows_shape(value.shape)  # value as (*lead, n) rows: a conv weight's state as (out, in*kh*kw)
+        if rows is not None and rows != tuple(value.shape):
+            value = value.reshape(rows)
         codes, scales = self.quantize(value, signed)
         self._store_codes(codes, stored[f"{name}.codes"], signed)
         stored[f"{name}.scales"].copy_(scales)

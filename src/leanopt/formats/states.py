@@ -2,8 +2,10 @@
 
 A state named ``name`` is stored as one or more tensors in the parameter's optimizer state, under keys
 ``name`` or ``name + "." + part``. ``decode`` returns an fp32 working tensor the rule may change in
-place; ``encode`` writes it back. ``signed`` tells whether the state can be negative (momentum) or is
-never negative (second moments); compressed formats may use it.
+place, shaped like the parameter (``shape``: a format that keeps a state in another shape, as int8/int4
+keep a conv weight's state as rows, returns it viewed as ``shape``); ``encode`` writes it back.
+``signed`` tells whether the state can be negative (momentum) or is never negative (second moments);
+compressed formats may use it.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ class StateFormat:
         """Stored tensors for a zero-initialised state shaped like ``like``."""
         raise NotImplementedError
 
-    def decode(self, name: str, stored: dict[str, Tensor], signed: bool) -> Tensor:
+    def decode(self, name: str, stored: dict[str, Tensor], signed: bool, shape: tuple | None = None) -> Tensor:
         raise NotImplementedError
 
     def encode(self, name: str, value: Tensor, stored: dict[str, Tensor], signed: bool) -> None:
@@ -38,7 +40,7 @@ class Float32States(StateFormat):
     def init(self, name, like, signed):
         return {name: torch.zeros_like(like, dtype=torch.float32, memory_format=torch.preserve_format)}
 
-    def decode(self, name, stored, signed):
+    def decode(self, name, stored, signed, shape=None):
         return stored[name]
 
     def encode(self, name, value, stored, signed):
@@ -54,7 +56,7 @@ class BFloat16States(StateFormat):
     def init(self, name, like, signed):
         return {name: torch.zeros_like(like, dtype=torch.bfloat16, memory_format=torch.preserve_format)}
 
-    def decode(self, name, stored, signed):
+    def decode(self, name, stored, signed, shape=None):
         return stored[name].float()
 
     def encode(self, name, value, stored, signed):

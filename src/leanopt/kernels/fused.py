@@ -372,7 +372,7 @@ def _make_pipeline(
     def pipeline(param, grad, buffers, stored, s, rbits):
         g32 = grad if grad.dtype == torch.float32 else grad.float()
         master = wdecode(param, buffers)
-        states32 = {spec.name: sfmt.decode(spec.name, stored, spec.signed) for spec in specs}
+        states32 = {spec.name: sfmt.decode(spec.name, stored, spec.signed, shape=param.shape) for spec in specs}
         form.update(master, g32, states32, s, flags)
         for spec in specs:
             value = states32[spec.name]
@@ -619,6 +619,16 @@ def dispatch_step(
     Otherwise ``"auto"`` uses the compiled path when the parameter's group holds at least
     FUSED_MIN_NUMEL elements (a model big enough to repay a compile; its small tensors then use the
     same kernels) and the rule has a fused form; ``"fused"`` for every tensor it can."""
+    if kernel != "reference" and _on_contiguous_twin(weight_format, param, grad, state):
+        twin = dict(state)
+        twin.update({b: state[b].contiguous() for b in weight_format.buffers})
+        flat = param.detach().contiguous()
+        used = dispatch_step(kernel, rule, weight_format, state_format, flat, grad.contiguous(), twin, group,
+                             random_bits)  # fmt: skip
+        param.detach().copy_(flat)
+        for b in weight_format.buffers:
+            state[b].copy_(twin[b])
+        return used
     if gpu.wanted(kernel, param.device) and gpu.gpu_step(
         rule, weight_format, state_format, param, grad, state, group, random_bits
     ):  # fmt: skip
@@ -632,6 +642,20 @@ def dispatch_step(
             return "fused"
     reference_step(rule, weight_format, state_format, param, grad, state, group, random_bits)
     return "reference"
+
+
+def _on_contiguous_twin(weight_format: WeightFormat, param: Tensor, grad: Tensor, state: dict[str, Any]) -> bool:
+    """Whether to update ``param`` through contiguous copies: a dense, non-contiguous parameter (a
+    channels_last conv weight) whose int8/int4 states are grouped along rows in logical (contiguous)
+    order (formats/quantized.py), which no kernel walks in the parameter's memory order. The kernels
+    then run on copies of the parameter, its weight-format buffers and its gradient, and the parameter
+    and buffers are copied back: the bits of a contiguous parameter, for two more passes over the
+    weight's bytes (docs/kernels.md, "Dense layouts"). The reference executor needs no copies."""
+    if param.is_contiguous() or not native.dense(param) or not native.same_layout(grad, param):
+        return False
+    if not any(k.endswith(".codes") for k in state):
+        return False
+    return all(isinstance(state.get(b), Tensor) and state[b].shape == param.shape for b in weight_format.buffers)
 
 
 def _is_toolchain_failure(err: Exception) -> bool:

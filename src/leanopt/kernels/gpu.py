@@ -709,8 +709,7 @@ def launch(
         if kernel is None:
             return None
         refs = tuple((k, weakref.ref(t), t.data_ptr()) for k, t in zip(keys, tensors[1:], strict=True))
-        n = param.shape[-1] if param.dim() else 1
-        rows = param.numel() // n if n else 0
+        rows, n = native.kernel_rows(param.shape)
         slot = 2 + len(spec.weight.ctypes_)  # after rows, n and the weight tensors
         row = [rows, n, *(t.data_ptr() for t in tensors)]
         row.insert(slot, 0)

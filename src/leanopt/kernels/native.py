@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import math
 import os
 import platform
 import re
@@ -47,7 +48,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..formats.quantized import GROUP_SIZE, QuantizedStates, is_compressed
+from ..formats.quantized import GROUP_SIZE, QuantizedStates, rows_shape
 from ..formats.states import StateFormat
 from ..formats.weights import WeightFormat
 from ..rules.base import Rule
@@ -325,13 +326,14 @@ def state_codec(fmt: StateFormat, name: str, stored: dict[str, Tensor], like: Te
     """The C codec for state ``name`` as ``fmt`` stores it for a tensor shaped like ``like`` (None: no
     native code for this format)."""
     if isinstance(fmt, QuantizedStates):
-        if not is_compressed(like.shape):
+        rows = rows_shape(like.shape)
+        if rows is None:
             return FLAT_STATE_CODECS[torch.float32]
         if not fmt.compand or fmt.scale_dtype != torch.bfloat16:
             return None
         if fmt.bits == 8:
             return StateCodec("q8")
-        return StateCodec("q4p" if fmt._packed(like.shape[-1]) else "q4b")
+        return StateCodec("q4p" if fmt._packed(rows[-1]) else "q4b")
     if fmt.name in ("fp32", "bf16"):
         return FLAT_STATE_CODECS[torch.float32 if fmt.name == "fp32" else torch.bfloat16]
     return None
@@ -1403,12 +1405,20 @@ def launch(
         noise = random_bits(param).to(torch.int32).contiguous()
         keep.append(noise)
         ptrs[len(ptrs) - 1] = noise.data_ptr()
-    n = check[6][-1] if check[6] else 1
-    rows = param.numel() // n if n else 0
+    rows, n = kernel_rows(check[6])
     return Launch(kernel, rows, n, ptrs, values, keep, len(spec.weight.ctypes_), counter, refs, spec.weight.random)
 
 
 _FUSED_FORM: list[Any] = []
+
+
+def kernel_rows(shape: torch.Size) -> tuple[int, int]:
+    """(rows, n) a kernel walks a contiguous parameter of ``shape`` as: rows of its last dim, or the
+    rows its int8/int4 states are grouped in (formats/quantized.py ``rows_shape``: a conv weight's
+    ``(out, in * kh * kw)``). Elementwise kernels give the same result either way."""
+    grouped = rows_shape(shape)
+    n = grouped[-1] if grouped is not None else shape[-1] if len(shape) else 1
+    return (math.prod(shape) // n if n else 0), n
 
 
 def _fused_form() -> Any:

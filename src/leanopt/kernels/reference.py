@@ -38,7 +38,7 @@ def reference_step(
     for p, g, st in _row_blocks(param, grad, state, random_bits is not None):
         g32 = g if g.dtype == torch.float32 else g.float()
         master = weight_format.decode(p, st)
-        states32 = {s.name: state_format.decode(s.name, st, s.signed) for s in specs}
+        states32 = {s.name: state_format.decode(s.name, st, s.signed, shape=p.shape) for s in specs}
         rule.update(master, g32, states32, step, group)
         for s in specs:
             state_format.encode(s.name, states32[s.name], st, s.signed)
