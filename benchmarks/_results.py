@@ -19,3 +19,13 @@ def write_rows(out: str | Path, command: str, rows: list[dict], **extra: Any) ->
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=1))
     print("wrote", out)
+
+
+def held_bytes_per_param(opt: torch.optim.Optimizer) -> float:
+    """Bytes of the optimizer's parameters and of every optimizer state tensor (not 0-d step counts),
+    per parameter: weights + master + states, without gradients."""
+    params = [p for g in opt.param_groups for p in g["params"]]
+    held = sum(p.untyped_storage().nbytes() for p in params)
+    held += sum(v.untyped_storage().nbytes() for st in opt.state.values() for v in st.values()
+                if isinstance(v, torch.Tensor) and v.dim())  # fmt: skip
+    return held / sum(p.numel() for p in params)

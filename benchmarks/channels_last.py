@@ -25,7 +25,7 @@ import statistics
 from pathlib import Path
 
 import torch
-from _results import write_rows  # benchmarks/_results.py
+from _results import held_bytes_per_param, write_rows  # benchmarks/_results.py
 
 import leanopt
 from leanopt.cli.bench import time_steps
@@ -76,15 +76,6 @@ CASES = {
     "leanopt compact/int8, channels_last, dense layouts off": _leanopt("compact", "int8"),
     "leanopt compact/int8, contiguous": _leanopt("compact", "int8", channels_last=False),
 }
-
-
-def held_bytes_per_param(opt: torch.optim.Optimizer) -> float:
-    """Bytes of the parameters and every optimizer state tensor, per parameter (after a step)."""
-    params = [p for g in opt.param_groups for p in g["params"]]
-    held = sum(p.untyped_storage().nbytes() for p in params)
-    held += sum(v.untyped_storage().nbytes() for st in opt.state.values() for v in st.values()
-                if isinstance(v, torch.Tensor) and v.dim())  # fmt: skip
-    return held / sum(p.numel() for p in params)
 
 
 def main() -> None:

@@ -12,9 +12,12 @@ from leanopt.convert import from_torch, to_torch
 I32 = torch.int32
 
 
-def make_net(dtype=torch.bfloat16, seed=0):
+def make_net(dtype=torch.bfloat16, seed=0, conv=False):
+    """An MLP on 40 inputs; ``conv``: its first layer a Conv1d whose (64, 8, 5) weight has int8/int4
+    states in rows of 8 * 5 = 40 (formats/quantized.py ``rows_shape``)."""
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(40, 64), nn.Tanh(), nn.Linear(64, 3)).to(dtype)
+    first = nn.Sequential(nn.Unflatten(1, (8, 5)), nn.Conv1d(8, 64, 5), nn.Flatten()) if conv else nn.Linear(40, 64)
+    return nn.Sequential(first, nn.Tanh(), nn.Linear(64, 3)).to(dtype)
 
 
 def train(net, opt, steps, seed=1):
@@ -74,14 +77,19 @@ def test_exact_fp32_states_export_bit_for_bit_and_load_into_torch_adamw():
         (leanopt.SGD, "compact", "int8"),
     ],
 )
-def test_leanopt_to_torch_and_back_reproduces_every_bit(cls, master, states):
+@pytest.mark.parametrize("conv", [False, True], ids=["linear", "conv"])
+def test_leanopt_to_torch_and_back_reproduces_every_bit(cls, master, states, conv):
     hyper = {"lr": 1e-2, "momentum": 0.9} if cls is leanopt.SGD else {"lr": 1e-2}
-    net = make_net()
+    net = make_net(conv=conv)
     opt = cls(net.parameters(), master=master, states=states, **hyper)
     train(net, opt, 4)
     weights, optim_state = to_torch(net, opt)
 
-    net2 = make_net(seed=7)
+    if conv:  # torch's state holds the conv weight's states in its shape
+        assert all(v.shape == net[0][1].weight.shape for k, v in optim_state["state"][0].items() if k != "step")
+        quantised = any(k.endswith(".codes") for k in opt.state[net[0][1].weight])
+        assert quantised is (states in ("int8", "int4"))
+    net2 = make_net(seed=7, conv=conv)
     extra = {"momentum": 0.9} if cls is leanopt.SGD else {}
     opt2 = cls(net2.parameters(), master=master, states=states, lr=0.5, **extra)
     from_torch(net2, opt2, weights, optim_state)
