@@ -700,3 +700,48 @@ def test_release_with_activation_checkpointing_gives_the_ordinary_bits():
     a, opt_a = run(True)
     b, opt_b = run(False)
     assert_same(a, opt_a, b, opt_b)
+
+
+def _conv_pair(layout, states, **kw):
+    torch.manual_seed(0)
+    a = nn.Sequential(nn.Conv2d(4, 8, 3), nn.Tanh(), nn.Conv2d(8, 6, 3), nn.Flatten()).bfloat16()
+    a = a.to(memory_format=layout)
+    b = copy.deepcopy(a)
+    opts = [leanopt.AdamW(m.parameters(), lr=1e-2, master="compact", states=states, **kw) for m in (a, b)]
+    gen = torch.Generator().manual_seed(3)
+    data = [torch.randn(2, 4, 7, 7, generator=gen).bfloat16().to(memory_format=layout) for _ in range(6)]
+    return a, opts[0], b, opts[1], data
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["contiguous", "channels_last"])
+@pytest.mark.parametrize("states", ["int8", "int4"])
+def test_release_with_conv_weights_grouped_states_gives_the_ordinary_bits(layout, states):
+    """Conv weights whose int8/int4 states are grouped in rows of in*kh*kw (channels_last: updated
+    through contiguous copies): released inside backward, the bits of ordinary steps; with
+    accumulation="states" (the fold decodes and encodes those rows) the bits of the same model
+    stored contiguously."""
+    a, opt_a, b, opt_b, data = _conv_pair(layout, states)
+    for x in data[:3]:
+        a(x).float().square().mean().backward()
+        opt_a.step()
+        opt_a.zero_grad()
+    handle = leanopt.release_gradients(opt_b)
+    for x in data[:3]:
+        b(x).float().square().mean().backward()
+        opt_b.step()
+        opt_b.zero_grad()
+    handle.remove()
+    assert "exp_avg.codes" in opt_b.state[b[0].weight] and "exp_avg.codes" in opt_b.state[b[2].weight]
+    assert_same(a, opt_a, b, opt_b)
+    folded = []
+    for fmt in (layout, torch.contiguous_format):
+        m, opt, _, _, data = _conv_pair(fmt, states)
+        handle = leanopt.release_gradients(opt, accumulation="states", micro_batches=2)
+        for i in range(0, 6, 2):
+            with handle.accumulate():
+                handle.backward(m(data[i].contiguous(memory_format=fmt)).float().square().mean())
+            handle.backward(m(data[i + 1].contiguous(memory_format=fmt)).float().square().mean())
+            opt.step()
+            opt.zero_grad()
+        folded.append((m, opt))
+    assert_same(*folded[0], *folded[1])
