@@ -101,6 +101,23 @@ def conv_net(dtype: torch.dtype, seed: int = 0) -> nn.Sequential:
                          nn.Tanh(), nn.Linear(34, 2)).to(dtype)  # fmt: skip
 
 
+def fold_train(model: nn.Module, opt: leanopt.LeanOptimizer, steps: int) -> list[torch.Tensor]:
+    """Gradient release with accumulation="states": two micro-batches per step, the first folded into
+    the optimizer states inside its backward."""
+    handle = leanopt.release_gradients(opt, accumulation="states", micro_batches=2)
+    losses = []
+    for step in range(steps):
+        with handle.accumulate():
+            handle.backward(mlp_loss(model, *mlp_batch(2 * step)))
+        loss = mlp_loss(model, *mlp_batch(2 * step + 1))
+        handle.backward(loss)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.detach().clone())
+    handle.remove()
+    return losses
+
+
 def fails_on_empty_rows(states: str) -> str | None:
     """The error a state format raises on a tensor with no rows (an empty FSDP2 shard), or None."""
     fmt = STATE_FORMATS[states]
@@ -326,6 +343,9 @@ class Worker:
             placements = {k: str(v.placements) if leanopt.distributed.is_dtensor(v) else "plain"
                           for k, v in opt.state[model[1].weight].items()}  # fmt: skip
             results[states] = {"losses": losses, "snapshot": snapshot(model, opt), "placements": placements}
+        model = self.fsdp(conv_net(torch.bfloat16))  # the fold decodes and encodes the sharded rows
+        opt = make_optimizer(model, ("adamw", "compact", "int8", torch.bfloat16))
+        results["fold"] = {"losses": fold_train(model, opt, STEPS), "snapshot": snapshot(model, opt)}
         self.save("fsdp_conv", results)
 
     def scenario_fsdp_empty_shard(self) -> None:
@@ -743,6 +763,18 @@ def test_fsdp2_conv_weight_grouped_states_are_bit_identical_to_one_process(clust
     assert {v for k, v in got["placements"].items() if k != "step"} == {"(Shard(dim=0),)"}
     assert_same_bits({"losses": dict(enumerate(got["losses"]))}, {"losses": dict(enumerate(losses))}, "loss")
     assert_same_bits(got["snapshot"], snapshot(model, opt), f"conv, states={states}")
+
+
+@multiprocess
+def test_fsdp2_conv_weight_with_states_accumulation_is_bit_identical_to_one_process(cluster):
+    """Release with accumulation="states" under FSDP2: the fold works on the rank's rows of the conv
+    weight's grouped int8 states, with the bits of one process."""
+    got = result(cluster, "fsdp_conv")["fold"]
+    model = conv_net(torch.bfloat16)
+    opt = make_optimizer(model, ("adamw", "compact", "int8", torch.bfloat16))
+    losses = fold_train(model, opt, STEPS)
+    assert_same_bits({"losses": dict(enumerate(got["losses"]))}, {"losses": dict(enumerate(losses))}, "loss")
+    assert_same_bits(got["snapshot"], snapshot(model, opt), "conv, accumulation='states'")
 
 
 @multiprocess

@@ -199,7 +199,7 @@ class QuantizedStates(StateFormat):
             return stored[name]
         codes = self._load_codes(stored[f"{name}.codes"], signed)
         value = self.dequantize(codes, stored[f"{name}.scales"], signed)
-        return value if shape is None else value.view(shape)
+        return value if shape is None or tuple(value.shape) == tuple(shape) else value.view(shape)
 
     def encode(self, name: str, value: Tensor, stored: dict[str, Tensor], signed: bool) -> None:
         if name in stored:

@@ -649,8 +649,8 @@ def _on_contiguous_twin(weight_format: WeightFormat, param: Tensor, grad: Tensor
     channels_last conv weight) whose int8/int4 states are grouped along rows in logical (contiguous)
     order (formats/quantized.py), which no kernel walks in the parameter's memory order. The kernels
     then run on copies of the parameter, its weight-format buffers and its gradient, and the parameter
-    and buffers are copied back: the bits of a contiguous parameter, for two more passes over the
-    weight's bytes (docs/kernels.md, "Dense layouts"). The reference executor needs no copies."""
+    and buffers are copied back: the bits of a contiguous parameter, for those permuted copies in and
+    out (docs/kernels.md, "Dense layouts"). The reference executor needs no copies."""
     if param.is_contiguous() or not native.dense(param) or not native.same_layout(grad, param):
         return False
     if not any(k.endswith(".codes") for k in state):
