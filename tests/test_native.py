@@ -12,6 +12,7 @@ import itertools
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -465,9 +466,10 @@ def test_step_runs_many_tensors_in_one_batch_like_one_at_a_time():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("states", ["int8", "int4"])
-def test_avx512_and_portable_grouped_code_give_the_same_bits(tmp_path, monkeypatch, states):
+def test_avx512_avx2_and_portable_grouped_code_give_the_same_bits(tmp_path, monkeypatch, states):
     """The int8/int4 kernels run full groups 16 elements per AVX-512 register where the compiler
-    targets AVX-512, and portable C elsewhere (and for a row's partial last group everywhere). Both
+    targets AVX-512, as pairs of AVX2 registers where it targets AVX2 + FMA + F16C only (built here with
+    ``-march=x86-64-v3``), and portable C elsewhere (and for a row's partial last group everywhere). All
     give the same bits: every rule, every weight format with a vector form, full and partial groups,
     odd rows (one 4-bit code per byte), and NaN/inf gradients let through (nonfinite="ignore")."""
     monkeypatch.setenv("LEANOPT_CACHE_DIR", str(tmp_path))
@@ -495,14 +497,15 @@ def test_avx512_and_portable_grouped_code_give_the_same_bits(tmp_path, monkeypat
     results = {}
     widths = {}
     # "-DLO_SLOW_GATHER": the first moment's table lookup by register permutes (CPUs whose gathers are slow)
-    for flags in ("", "-DLO_NO_VECTOR", "-DLO_SLOW_GATHER"):
+    avx2 = (AVX2,) if _cpu_has("avx2", "fma", "f16c") else ()  # this CPU can run an AVX2 build
+    for flags in ("", "-DLO_NO_VECTOR", "-DLO_SLOW_GATHER", *avx2):
         monkeypatch.setenv("LEANOPT_CFLAGS", flags)
         native.reset()
         try:
             widths[flags] = native.vector_width()
             calls = sum(k.calls for k in native.compile_stats())
             for name, (cls, hyper) in cases.items():
-                for master in ("compact",) if flags == "-DLO_SLOW_GATHER" else ("exact", "compact", "none", "auto"):
+                for master in ("exact", "compact", "none", "auto") if flags in ("", "-DLO_NO_VECTOR") else ("compact",):
                     if cls is leanopt.Lion and master == "auto":
                         continue
                     for shape in shapes:
@@ -511,8 +514,10 @@ def test_avx512_and_portable_grouped_code_give_the_same_bits(tmp_path, monkeypat
         finally:
             native.reset()
     assert widths["-DLO_NO_VECTOR"] == 1
+    if avx2:
+        assert widths[AVX2] == 8  # the AVX2 code was compiled in
     if widths[""] != 16:
-        pytest.skip("this CPU or compiler has no AVX-512: only the portable code exists here")
+        pytest.skip("this CPU or compiler has no AVX-512: only the portable (and AVX2) code exists here")
     compared = 0
     for (flags, *case), got in results.items():
         if flags == "-DLO_NO_VECTOR":
@@ -520,9 +525,22 @@ def test_avx512_and_portable_grouped_code_give_the_same_bits(tmp_path, monkeypat
         want = results[("-DLO_NO_VECTOR", *case)]
         for key in want:
             same = torch.equal(bits(want[key]), bits(got[key]))
-            assert same, f"{case} {key}: AVX-512 ({flags or 'gather'}) and portable code differ"
+            assert same, f"{case} {key}: vector code ({flags or 'AVX-512, gather'}) and portable code differ"
         compared += 1
-    assert compared == (4 * len(shapes) * 4 - len(shapes)) + 4 * len(shapes)
+    assert compared == (4 * len(shapes) * 4 - len(shapes)) + (1 + len(avx2)) * 4 * len(shapes)
+
+
+#: compiler flags of a build for CPUs with AVX2, FMA and F16C but no AVX-512 (after -march=native)
+AVX2 = "-march=x86-64-v3"
+
+
+def _cpu_has(*flags: str) -> bool:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    line = next((x for x in text.splitlines() if x.startswith("flags")), "")
+    return all(f in line.split() for f in flags)
 
 
 @pytest.mark.parametrize("text,slow", [("Mitigation: Microcode", True), ("Not affected", False),

@@ -587,7 +587,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"plain fp32 copy: {gbps:.1f} GB/s (read + write)", flush=True)
     native_vector = _native_vector_width() if device.type == "cpu" else None
     if native_vector is not None:
-        kind = "AVX-512, 16 per register" if native_vector == 16 else "portable C"
+        kind = {16: "AVX-512, 16 per register", 8: "AVX2, 16 per register pair"}.get(native_vector, "portable C")
         print(f"leanopt native int8/int4 kernels: {kind}", flush=True)
     busy = busy_note()
     if busy:

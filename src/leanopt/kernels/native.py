@@ -425,14 +425,246 @@ RULE_MACROS = r"""
 
 _PRELUDE = _C_HEADERS + SHARED_HELPERS + _F16_HELPERS + RULE_MACROS
 
+#: AVX2 + FMA + F16C (CPUs without AVX-512, e.g. AMD Zen 2/3): every AVX-512 intrinsic the vector code
+#: uses, as a macro over a pair of 8-lane registers (lanes 0-7, 8-15) with the same result in each lane;
+#: a 16-lane mask is a pair of all-ones/all-zero registers. The vector code itself is unchanged.
+_AVX2_SHIM = r"""
+#undef LO_SLOW_GATHER  /* the table lookup by register permutes is AVX-512's; AVX2 gathers */
+typedef struct { __m256 lo, hi; } lo2_f;
+typedef struct { __m256i lo, hi; } lo2_i;
+typedef struct { __m256 lo, hi; } lo2_m;
+#define __m512 lo2_f
+#define __m512i lo2_i
+#define __mmask16 lo2_m
+static inline int lv_none(lo2_m m) { return _mm256_testz_ps(m.lo, m.lo) & _mm256_testz_ps(m.hi, m.hi); }
+static inline lo2_m lv_mask_all(int c) {
+  const __m256 v = _mm256_castsi256_ps(_mm256_set1_epi32(c ? -1 : 0)); return (lo2_m){v, v}; }
+static inline lo2_f lo2_set1_ps(float x) { const __m256 v = _mm256_set1_ps(x); return (lo2_f){v, v}; }
+static inline lo2_f lo2_setzero_ps(void) { const __m256 v = _mm256_setzero_ps(); return (lo2_f){v, v}; }
+static inline lo2_f lo2_loadu_ps(const float *p) { return (lo2_f){_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
+static inline void lo2_storeu_ps(float *p, lo2_f a) { _mm256_storeu_ps(p, a.lo); _mm256_storeu_ps(p + 8, a.hi); }
+#define LO2_BIN(name, op) \
+  static inline lo2_f name(lo2_f a, lo2_f b) { return (lo2_f){op(a.lo, b.lo), op(a.hi, b.hi)}; }
+LO2_BIN(lo2_add_ps, _mm256_add_ps)
+LO2_BIN(lo2_sub_ps, _mm256_sub_ps)
+LO2_BIN(lo2_mul_ps, _mm256_mul_ps)
+LO2_BIN(lo2_div_ps, _mm256_div_ps)
+LO2_BIN(lo2_min_ps, _mm256_min_ps)
+LO2_BIN(lo2_max_ps, _mm256_max_ps)
+LO2_BIN(lo2_xor_ps, _mm256_xor_ps)
+#define LO2_IBIN(name, op) \
+  static inline lo2_i name(lo2_i a, lo2_i b) { return (lo2_i){op(a.lo, b.lo), op(a.hi, b.hi)}; }
+LO2_IBIN(lo2_add_epi32, _mm256_add_epi32)
+LO2_IBIN(lo2_sub_epi32, _mm256_sub_epi32)
+LO2_IBIN(lo2_and_si512, _mm256_and_si256)
+LO2_IBIN(lo2_or_si512, _mm256_or_si256)
+LO2_IBIN(lo2_max_epu32, _mm256_max_epu32)
+static inline lo2_f lo2_sqrt_ps(lo2_f a) { return (lo2_f){_mm256_sqrt_ps(a.lo), _mm256_sqrt_ps(a.hi)}; }
+static inline lo2_f lo2_abs_ps(lo2_f a) {
+  const __m256 s = _mm256_set1_ps(-0.0f); return (lo2_f){_mm256_andnot_ps(s, a.lo), _mm256_andnot_ps(s, a.hi)}; }
+static inline lo2_f lo2_fmadd_ps(lo2_f a, lo2_f b, lo2_f c) {
+  return (lo2_f){_mm256_fmadd_ps(a.lo, b.lo, c.lo), _mm256_fmadd_ps(a.hi, b.hi, c.hi)}; }
+static inline lo2_f lo2_mask_blend_ps(lo2_m k, lo2_f a, lo2_f b) {  /* b where k, else a */
+  return (lo2_f){_mm256_blendv_ps(a.lo, b.lo, k.lo), _mm256_blendv_ps(a.hi, b.hi, k.hi)}; }
+static inline lo2_i lo2_mask_blend_epi32(lo2_m k, lo2_i a, lo2_i b) {
+  return (lo2_i){_mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(a.lo), _mm256_castsi256_ps(b.lo), k.lo)),
+                 _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(a.hi), _mm256_castsi256_ps(b.hi), k.hi))}; }
+static inline lo2_f lo2_maskz_mov_ps(lo2_m k, lo2_f a) {
+  return (lo2_f){_mm256_and_ps(k.lo, a.lo), _mm256_and_ps(k.hi, a.hi)}; }
+static inline lo2_m lo2_mask_and(lo2_m k, lo2_m m) {
+  return (lo2_m){_mm256_and_ps(k.lo, m.lo), _mm256_and_ps(k.hi, m.hi)}; }
+#define lo2_cmp_ps_mask(a, b, pred) __extension__({ const lo2_f a_ = (a), b_ = (b); \
+  (lo2_m){_mm256_cmp_ps(a_.lo, b_.lo, pred), _mm256_cmp_ps(a_.hi, b_.hi, pred)}; })
+#define lo2_mask_cmp_ps_mask(k, a, b, pred) lo2_mask_and((k), lo2_cmp_ps_mask(a, b, pred))
+#define lo2_roundscale_ps(a, imm) __extension__({ const lo2_f a_ = (a); \
+  (lo2_f){_mm256_round_ps(a_.lo, imm), _mm256_round_ps(a_.hi, imm)}; })
+static inline lo2_i lo2_cvtps_epi32(lo2_f a) { return (lo2_i){_mm256_cvtps_epi32(a.lo), _mm256_cvtps_epi32(a.hi)}; }
+static inline lo2_i lo2_cvttps_epi32(lo2_f a) { return (lo2_i){_mm256_cvttps_epi32(a.lo), _mm256_cvttps_epi32(a.hi)}; }
+static inline lo2_f lo2_cvtepi32_ps(lo2_i a) { return (lo2_f){_mm256_cvtepi32_ps(a.lo), _mm256_cvtepi32_ps(a.hi)}; }
+static inline lo2_f lo2_castsi512_ps(lo2_i a) { return (lo2_f){_mm256_castsi256_ps(a.lo), _mm256_castsi256_ps(a.hi)}; }
+static inline lo2_i lo2_castps_si512(lo2_f a) { return (lo2_i){_mm256_castps_si256(a.lo), _mm256_castps_si256(a.hi)}; }
+static inline lo2_i lo2_set1_epi32(int32_t x) { const __m256i v = _mm256_set1_epi32(x); return (lo2_i){v, v}; }
+#define lo2_setr_epi32(a, b, c, d, e, f, g, h, i, j, k, l, m, n, o, p) \
+  ((lo2_i){_mm256_setr_epi32(a, b, c, d, e, f, g, h), _mm256_setr_epi32(i, j, k, l, m, n, o, p)})
+#define lo2_slli_epi32(a, imm) __extension__({ const lo2_i a_ = (a); \
+  (lo2_i){_mm256_slli_epi32(a_.lo, imm), _mm256_slli_epi32(a_.hi, imm)}; })
+#define lo2_srli_epi32(a, imm) __extension__({ const lo2_i a_ = (a); \
+  (lo2_i){_mm256_srli_epi32(a_.lo, imm), _mm256_srli_epi32(a_.hi, imm)}; })
+#define lo2_srai_epi32(a, imm) __extension__({ const lo2_i a_ = (a); \
+  (lo2_i){_mm256_srai_epi32(a_.lo, imm), _mm256_srai_epi32(a_.hi, imm)}; })
+static inline lo2_m lo2_test_epi32_mask(lo2_i a, lo2_i b) {  /* (a & b) != 0 */
+  const __m256i z = _mm256_setzero_si256(), ones = _mm256_set1_epi32(-1);
+  return (lo2_m){_mm256_castsi256_ps(_mm256_xor_si256(_mm256_cmpeq_epi32(_mm256_and_si256(a.lo, b.lo), z), ones)),
+                 _mm256_castsi256_ps(_mm256_xor_si256(_mm256_cmpeq_epi32(_mm256_and_si256(a.hi, b.hi), z), ones))}; }
+#define lo2_ternarylogic_epi32(a, b, c, imm) lo2_ternary_ea((a), (b), (c), sizeof(char[(imm) == 0xEA ? 1 : -1]))
+static inline lo2_i lo2_ternary_ea(lo2_i a, lo2_i b, lo2_i c, size_t only_0xEA) {  /* (a & b) | c */
+  (void)only_0xEA;
+  return (lo2_i){_mm256_or_si256(_mm256_and_si256(a.lo, b.lo), c.lo),
+                 _mm256_or_si256(_mm256_and_si256(a.hi, b.hi), c.hi)}; }
+static inline uint32_t lo2_reduce_max_epu32(lo2_i a) {
+  __m256i m = _mm256_max_epu32(a.lo, a.hi);
+  m = _mm256_max_epu32(m, _mm256_permute2x128_si256(m, m, 1));
+  m = _mm256_max_epu32(m, _mm256_shuffle_epi32(m, 0x4E));
+  m = _mm256_max_epu32(m, _mm256_shuffle_epi32(m, 0xB1));
+  return (uint32_t)_mm256_cvtsi256_si32(m); }
+/* a[idx & 15] (permutexvar) and, with bit 4 choosing b, (a|b)[idx & 31] (permutex2var) */
+static inline __m256 lo2_perm16(lo2_f a, __m256i idx) {
+  const __m256 low = _mm256_permutevar8x32_ps(a.lo, idx), high = _mm256_permutevar8x32_ps(a.hi, idx);
+  return _mm256_blendv_ps(low, high, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28))); }
+static inline lo2_f lo2_permutexvar_ps(lo2_i idx, lo2_f a) {
+  return (lo2_f){lo2_perm16(a, idx.lo), lo2_perm16(a, idx.hi)}; }
+static inline __m256 lo2_perm32(lo2_f a, lo2_f b, __m256i idx) {
+  return _mm256_blendv_ps(lo2_perm16(a, idx), lo2_perm16(b, idx), _mm256_castsi256_ps(_mm256_slli_epi32(idx, 27))); }
+static inline lo2_f lo2_permutex2var_ps(lo2_f a, lo2_i idx, lo2_f b) {
+  return (lo2_f){lo2_perm32(a, b, idx.lo), lo2_perm32(a, b, idx.hi)}; }
+static inline lo2_i lo2_permutex2var_epi32(lo2_i a, lo2_i idx, lo2_i b) {
+  return lo2_castps_si512(lo2_permutex2var_ps(lo2_castsi512_ps(a), idx, lo2_castsi512_ps(b))); }
+#define lo2_i32gather_ps(idx, base, scale) __extension__({ const lo2_i i_ = (idx); \
+  (lo2_f){_mm256_i32gather_ps(base, i_.lo, scale), _mm256_i32gather_ps(base, i_.hi, scale)}; })
+/* widening loads (16 bytes / 16 halves -> 16 int32) and truncating narrowing, as AVX-512's */
+static inline lo2_i lo2_cvtepi8_epi32(__m128i x) {
+  return (lo2_i){_mm256_cvtepi8_epi32(x), _mm256_cvtepi8_epi32(_mm_srli_si128(x, 8))}; }
+static inline lo2_i lo2_cvtepu8_epi32(__m128i x) {
+  return (lo2_i){_mm256_cvtepu8_epi32(x), _mm256_cvtepu8_epi32(_mm_srli_si128(x, 8))}; }
+static inline lo2_i lo2_cvtepi16_epi32(__m256i x) {
+  return (lo2_i){_mm256_cvtepi16_epi32(_mm256_castsi256_si128(x)),
+                 _mm256_cvtepi16_epi32(_mm256_extracti128_si256(x, 1))}; }
+static inline lo2_i lo2_cvtepu16_epi32(__m256i x) {
+  return (lo2_i){_mm256_cvtepu16_epi32(_mm256_castsi256_si128(x)),
+                 _mm256_cvtepu16_epi32(_mm256_extracti128_si256(x, 1))}; }
+static inline __m256i lo2_cvtepi32_epi16(lo2_i v) {  /* the low 16 bits of each lane */
+  const __m256i m = _mm256_set1_epi32(0xFFFF);
+  return _mm256_permute4x64_epi64(_mm256_packus_epi32(_mm256_and_si256(v.lo, m), _mm256_and_si256(v.hi, m)), 0xD8); }
+static inline __m128i lo2_cvtepi32_epi8(lo2_i v) {  /* the low 8 bits of each lane */
+  const __m256i m = _mm256_set1_epi32(0xFF);
+  const __m256i w16 = _mm256_packus_epi32(_mm256_and_si256(v.lo, m), _mm256_and_si256(v.hi, m));
+  const __m256i w = _mm256_permute4x64_epi64(w16, 0xD8);
+  return _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi16(w, w), 0x08)); }
+#define lo2_cvtps_ph(a, imm) __extension__({ const lo2_f a_ = (a); \
+  _mm256_set_m128i(_mm256_cvtps_ph(a_.hi, imm), _mm256_cvtps_ph(a_.lo, imm)); })
+static inline lo2_f lo2_cvtph_ps(__m256i h) {
+  return (lo2_f){_mm256_cvtph_ps(_mm256_castsi256_si128(h)), _mm256_cvtph_ps(_mm256_extracti128_si256(h, 1))}; }
+#undef _mm512_set1_ps
+#define _mm512_set1_ps lo2_set1_ps
+#undef _mm512_setzero_ps
+#define _mm512_setzero_ps lo2_setzero_ps
+#undef _mm512_loadu_ps
+#define _mm512_loadu_ps lo2_loadu_ps
+#undef _mm512_storeu_ps
+#define _mm512_storeu_ps lo2_storeu_ps
+#undef _mm512_add_ps
+#define _mm512_add_ps lo2_add_ps
+#undef _mm512_sub_ps
+#define _mm512_sub_ps lo2_sub_ps
+#undef _mm512_mul_ps
+#define _mm512_mul_ps lo2_mul_ps
+#undef _mm512_div_ps
+#define _mm512_div_ps lo2_div_ps
+#undef _mm512_min_ps
+#define _mm512_min_ps lo2_min_ps
+#undef _mm512_max_ps
+#define _mm512_max_ps lo2_max_ps
+#undef _mm512_xor_ps
+#define _mm512_xor_ps lo2_xor_ps
+#undef _mm512_sqrt_ps
+#define _mm512_sqrt_ps lo2_sqrt_ps
+#undef _mm512_abs_ps
+#define _mm512_abs_ps lo2_abs_ps
+#undef _mm512_fmadd_ps
+#define _mm512_fmadd_ps lo2_fmadd_ps
+#undef _mm512_mask_blend_ps
+#define _mm512_mask_blend_ps lo2_mask_blend_ps
+#undef _mm512_mask_blend_epi32
+#define _mm512_mask_blend_epi32 lo2_mask_blend_epi32
+#undef _mm512_maskz_mov_ps
+#define _mm512_maskz_mov_ps lo2_maskz_mov_ps
+#undef _mm512_cmp_ps_mask
+#define _mm512_cmp_ps_mask lo2_cmp_ps_mask
+#undef _mm512_mask_cmp_ps_mask
+#define _mm512_mask_cmp_ps_mask lo2_mask_cmp_ps_mask
+#undef _mm512_roundscale_ps
+#define _mm512_roundscale_ps lo2_roundscale_ps
+#undef _mm512_cvtps_epi32
+#define _mm512_cvtps_epi32 lo2_cvtps_epi32
+#undef _mm512_cvttps_epi32
+#define _mm512_cvttps_epi32 lo2_cvttps_epi32
+#undef _mm512_cvtepi32_ps
+#define _mm512_cvtepi32_ps lo2_cvtepi32_ps
+#undef _mm512_castsi512_ps
+#define _mm512_castsi512_ps lo2_castsi512_ps
+#undef _mm512_castps_si512
+#define _mm512_castps_si512 lo2_castps_si512
+#undef _mm512_set1_epi32
+#define _mm512_set1_epi32 lo2_set1_epi32
+#undef _mm512_setr_epi32
+#define _mm512_setr_epi32 lo2_setr_epi32
+#undef _mm512_add_epi32
+#define _mm512_add_epi32 lo2_add_epi32
+#undef _mm512_sub_epi32
+#define _mm512_sub_epi32 lo2_sub_epi32
+#undef _mm512_and_si512
+#define _mm512_and_si512 lo2_and_si512
+#undef _mm512_or_si512
+#define _mm512_or_si512 lo2_or_si512
+#undef _mm512_max_epu32
+#define _mm512_max_epu32 lo2_max_epu32
+#undef _mm512_slli_epi32
+#define _mm512_slli_epi32 lo2_slli_epi32
+#undef _mm512_srli_epi32
+#define _mm512_srli_epi32 lo2_srli_epi32
+#undef _mm512_srai_epi32
+#define _mm512_srai_epi32 lo2_srai_epi32
+#undef _mm512_test_epi32_mask
+#define _mm512_test_epi32_mask lo2_test_epi32_mask
+#undef _mm512_ternarylogic_epi32
+#define _mm512_ternarylogic_epi32 lo2_ternarylogic_epi32
+#undef _mm512_reduce_max_epu32
+#define _mm512_reduce_max_epu32 lo2_reduce_max_epu32
+#undef _mm512_permutexvar_ps
+#define _mm512_permutexvar_ps lo2_permutexvar_ps
+#undef _mm512_permutex2var_ps
+#define _mm512_permutex2var_ps lo2_permutex2var_ps
+#undef _mm512_permutex2var_epi32
+#define _mm512_permutex2var_epi32 lo2_permutex2var_epi32
+#undef _mm512_i32gather_ps
+#define _mm512_i32gather_ps lo2_i32gather_ps
+#undef _mm512_cvtepi8_epi32
+#define _mm512_cvtepi8_epi32 lo2_cvtepi8_epi32
+#undef _mm512_cvtepu8_epi32
+#define _mm512_cvtepu8_epi32 lo2_cvtepu8_epi32
+#undef _mm512_cvtepi16_epi32
+#define _mm512_cvtepi16_epi32 lo2_cvtepi16_epi32
+#undef _mm512_cvtepu16_epi32
+#define _mm512_cvtepu16_epi32 lo2_cvtepu16_epi32
+#undef _mm512_cvtepi32_epi16
+#define _mm512_cvtepi32_epi16 lo2_cvtepi32_epi16
+#undef _mm512_cvtepi32_epi8
+#define _mm512_cvtepi32_epi8 lo2_cvtepi32_epi8
+#undef _mm512_cvtps_ph
+#define _mm512_cvtps_ph lo2_cvtps_ph
+#undef _mm512_cvtph_ps
+#define _mm512_cvtph_ps lo2_cvtph_ps
+"""
+
+
 #: The same, 16 elements at a time (AVX-512; C comparisons are the ordered/unordered quiet predicates
-#: that give the same answers on NaN). Only compiled where the compiler targets AVX-512 F/BW/DQ/VL
-#: (``-march=native`` on such a CPU) and ``LO_NO_VECTOR`` is not defined.
+#: that give the same answers on NaN). Compiled where the compiler targets AVX-512 F/BW/DQ/VL
+#: (``-march=native`` on such a CPU), or AVX2 + FMA + F16C (then :data:`_AVX2_SHIM` runs each 16-lane
+#: operation as two 8-lane ones, with the same bits), and ``LO_NO_VECTOR`` is not defined.
 _VECTOR_PRELUDE = r"""
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__) \
     && !defined(LO_NO_VECTOR)
 #define LO_VECTOR 1
 #include <immintrin.h>
+#define lv_none(m) ((m) == 0)
+#define lv_mask_all(c) ((c) ? 0xFFFF : 0)
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__) && !defined(LO_NO_VECTOR)
+#define LO_VECTOR 1
+#define LO_AVX2 1
+#include <immintrin.h>
+@AVX2_SHIM@
+#endif
+#ifdef LO_VECTOR
 #define LV_F __m512
 #define LV_M __mmask16
 #define LV_K(x) _mm512_set1_ps(x)
@@ -484,7 +716,7 @@ static inline __m512 lv_round_f16(__m512 x) { return _mm512_cvtph_ps(_mm512_cvtp
 static inline __m512i lv_canon(__m512 f) {
   const __m512i b = lv_u(f);
   const __mmask16 nan = _mm512_cmp_ps_mask(f, f, _CMP_UNORD_Q);
-  if (__builtin_expect(nan == 0, 1)) return b;
+  if (__builtin_expect(lv_none(nan), 1)) return b;
   return _mm512_mask_blend_epi32(nan, b,
                                  _mm512_or_si512(_mm512_and_si512(b, lv_i((int32_t)0x80000000u)), lv_i(0x7FC00000))); }
 static inline __m512i lv_bf16(__m512 f) {
@@ -520,7 +752,7 @@ static inline uint16_t lv_scale(const __m512 *a, __m512 *inv, __m512 *top, __mma
   const float t = lo_f(_mm512_reduce_max_epu32(_mm512_max_epu32(_mm512_and_si512(lv_u(a[0]), m),
                                                                  _mm512_and_si512(lv_u(a[1]), m))));
   const uint16_t sb = lo_bf16(t); const float s32 = lo_f((uint32_t)sb << 16);
-  *inv = _mm512_set1_ps(1.0f / (s32 > 0.0f ? s32 : 1.0f)); *top = _mm512_set1_ps(t); *live = t > 0.0f ? 0xFFFF : 0;
+  *inv = _mm512_set1_ps(1.0f / (s32 > 0.0f ? s32 : 1.0f)); *top = _mm512_set1_ps(t); *live = lv_mask_all(t > 0.0f);
   return sb; }
 /* signed (momentum): code = rint(q * y), y = 2x / (1 + |x|), x = clamp(a / scale, -1, 1) (+-1 at the top) */
 static inline uint16_t lv_encode_signed(const __m512 *a, float q, __m512i *code) {
@@ -568,6 +800,9 @@ static inline void lv_pack_nibbles(uint8_t *p, __m512i n0, __m512i n1) {
   lv_st8(p, _mm512_or_si512(even, _mm512_slli_epi32(odd, 4))); }
 #endif
 """
+
+
+_VECTOR_PRELUDE = _VECTOR_PRELUDE.replace("@AVX2_SHIM@", _AVX2_SHIM)
 
 
 @dataclass(frozen=True)
@@ -1554,7 +1789,11 @@ _VECTOR_PROBE = (
     + r"""
 int lo_vector_width(void) {
 #ifdef LO_VECTOR
+#ifdef LO_AVX2
+  return 8;
+#else
   return 16;
+#endif
 #else
   return 1;
 #endif
@@ -1565,8 +1804,8 @@ int lo_vector_width(void) {
 
 def vector_width() -> int | None:
     """Elements per register the grouped (int8/int4) kernels run with under the current compiler, flags
-    and CPU: 16 (AVX-512 compiled in) or 1 (portable C, which the compiler may still vectorise in
-    part). None when no kernel can be built."""
+    and CPU: 16 (AVX-512 compiled in), 8 (AVX2: the same code on pairs of 8-lane registers) or 1
+    (portable C, which the compiler may still vectorise in part). None when no kernel can be built."""
     try:
         return int(build(_VECTOR_PROBE, "lo_vector_width", argtypes=[], restype=ctypes.c_int).fn())
     except BuildError:
