@@ -786,6 +786,22 @@ static inline __m512 lv_decode_unsigned(__m512i code, float inv_levels, __m512 s
                                                _mm512_set1_ps(inv_levels)), scale);
   return _mm512_mul_ps(u, u); }
 /* 16 bytes of two 4-bit codes each (low nibble first) <-> 32 codes in two vectors */
+#ifdef LO_AVX2
+/* byte shuffles instead of the shim's emulated cross-register permutes: the same codes */
+static inline void lv_unpack_nibbles(const uint8_t *p, __m512i *code) {
+  const __m128i b = _mm_loadu_si128((const __m128i *)p), m = _mm_set1_epi8(15);
+  const __m128i lo = _mm_and_si128(b, m), hi = _mm_and_si128(_mm_srli_epi16(b, 4), m);
+  const __m128i c0 = _mm_unpacklo_epi8(lo, hi), c1 = _mm_unpackhi_epi8(lo, hi);  /* codes 0-15, 16-31 */
+  code[0] = (lo2_i){_mm256_cvtepu8_epi32(c0), _mm256_cvtepu8_epi32(_mm_srli_si128(c0, 8))};
+  code[1] = (lo2_i){_mm256_cvtepu8_epi32(c1), _mm256_cvtepu8_epi32(_mm_srli_si128(c1, 8))}; }
+static inline void lv_pack_nibbles(uint8_t *p, __m512i n0, __m512i n1) {
+  /* (even | odd << 4) truncated to 8 bits, as below: from the codes' low bytes, as 16-bit pairs */
+  const __m128i a = lo2_cvtepi32_epi8(n0), b = lo2_cvtepi32_epi8(n1);
+  const __m128i low = _mm_set1_epi16(0x00FF), high = _mm_set1_epi16(0x00F0);
+  const __m128i wa = _mm_or_si128(_mm_and_si128(a, low), _mm_and_si128(_mm_slli_epi16(_mm_srli_epi16(a, 8), 4), high));
+  const __m128i wb = _mm_or_si128(_mm_and_si128(b, low), _mm_and_si128(_mm_slli_epi16(_mm_srli_epi16(b, 8), 4), high));
+  _mm_storeu_si128((__m128i *)p, _mm_packus_epi16(wa, wb)); }
+#else
 static inline void lv_unpack_nibbles(const uint8_t *p, __m512i *code) {
   const __m512i b = lv_u8(p), lo = _mm512_and_si512(b, lv_i(15)), hi = _mm512_srli_epi32(b, 4);
   code[0] = _mm512_permutex2var_epi32(lo, _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19,
@@ -798,6 +814,7 @@ static inline void lv_pack_nibbles(uint8_t *p, __m512i n0, __m512i n1) {
   const __m512i odd = _mm512_permutex2var_epi32(n0, _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15,
                                                                        17, 19, 21, 23, 25, 27, 29, 31), n1);
   lv_st8(p, _mm512_or_si512(even, _mm512_slli_epi32(odd, 4))); }
+#endif
 #endif
 """
 
