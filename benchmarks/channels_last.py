@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import time
 from pathlib import Path
 
 import torch
@@ -78,6 +79,23 @@ CASES = {
 }
 
 
+def permuted_copy_ms(rounds: int = 30) -> dict[str, float]:
+    """What the int8 copies cost per tensor: ResNet-50's largest 3x3 conv weight (512x512x3x3, bf16)
+    made contiguous from channels_last, against a plain clone of the same bytes (fastest of ``rounds``)."""
+    x = torch.randn(512, 512, 3, 3).bfloat16()
+    cl = x.to(memory_format=torch.channels_last)
+
+    def fastest(fn) -> float:
+        times = []
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return round(min(times) * 1e3, 3)
+
+    return {"channels_last_to_contiguous": fastest(cl.contiguous), "clone": fastest(x.clone)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=5)
@@ -111,8 +129,12 @@ def main() -> None:
         rows.append({"case": name, "step_ms": round(ms, 2), "vs_torch_fused": round(ms / base, 2),
                      "bytes_per_param": round(held, 3), "rounds_ms": [round(t, 2) for t in times[name]]})  # fmt: skip
         print(f"{name:56} {ms:9.2f} ms  {ms / base:6.2f}x torch fused  {held:6.3f} bytes/param held")
+    copies = permuted_copy_ms()
+    print(f"512x512x3x3 bf16: channels_last -> contiguous {copies['channels_last_to_contiguous']:.3f} ms, "
+          f"plain clone {copies['clone']:.3f} ms")  # fmt: skip
     write_rows(args.out, f"python benchmarks/channels_last.py --steps {args.steps} --rounds {args.rounds}", rows,
-               int8_fp32_state_params=fp32_kept, int8_fp32_state_params_last_dim_rule=fp32_kept_before)  # fmt: skip
+               int8_fp32_state_params=fp32_kept, int8_fp32_state_params_last_dim_rule=fp32_kept_before,
+               copy_512x512x3x3_bf16_ms=copies)  # fmt: skip
 
 
 if __name__ == "__main__":

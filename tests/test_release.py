@@ -717,8 +717,8 @@ def _conv_pair(layout, states, **kw):
 @pytest.mark.parametrize("states", ["int8", "int4"])
 def test_release_with_conv_weights_grouped_states_gives_the_ordinary_bits(layout, states):
     """Conv weights whose int8/int4 states are grouped in rows of in*kh*kw (channels_last: updated
-    through contiguous copies): released inside backward, the bits of ordinary steps; with
-    accumulation="states" (the fold decodes and encodes those rows) the bits of the same model
+    through contiguous copies): released inside backward, the bits of ordinary steps; channels_last
+    with accumulation="states" (the fold decodes and encodes those rows): the bits of the same model
     stored contiguously."""
     a, opt_a, b, opt_b, data = _conv_pair(layout, states)
     for x in data[:3]:
@@ -733,6 +733,8 @@ def test_release_with_conv_weights_grouped_states_gives_the_ordinary_bits(layout
     handle.remove()
     assert "exp_avg.codes" in opt_b.state[b[0].weight] and "exp_avg.codes" in opt_b.state[b[2].weight]
     assert_same(a, opt_a, b, opt_b)
+    if layout is torch.contiguous_format:
+        return  # the fold on contiguous weights is the reference below
     folded = []
     for fmt in (layout, torch.contiguous_format):
         m, opt, _, _, data = _conv_pair(fmt, states)

@@ -14,7 +14,6 @@ import torch
 from torch import Tensor
 
 from . import distributed as _shards
-from .formats.quantized import QuantizedStates
 from .formats.states import STATE_FORMATS, StateFormat
 from .formats.weights import MASTER_CHOICES, WeightFormat, resolve_weight_format
 from .kernels import fused as _fused
@@ -684,7 +683,7 @@ class LeanOptimizer(torch.optim.Optimizer):
             if not saved_state:
                 continue
             layout = self._expected_layout(p, group)
-            saved_state = self._upgrade_saved_state(p, group, saved_state, layout)
+            saved_state = self._upgrade_saved_state(p, group, saved_state)
             got = {k for k, v in saved_state.items()}
             if got != set(layout):
                 raise ValueError(
@@ -721,29 +720,15 @@ class LeanOptimizer(torch.optim.Optimizer):
         self.nonfinite_skipped = int(meta.get("nonfinite_skipped", 0))
         self.seed = seed
 
-    def _upgrade_saved_state(
-        self, p: Tensor, group: dict[str, Any], saved: dict[str, Any], layout: dict[str, tuple]
-    ) -> dict[str, Any]:  # fmt: skip
-        """A state saved before int8/int4 grouped conv weights (leanopt 0.1.0: a tensor whose last dim is
-        under 32 kept fp32 states, e.g. a conv weight) as the current format holds it: each such fp32
-        state quantised (the same as one more encode). Any other state dict is returned as it is (and
-        checked by the caller); so is anything that does not match the old layout exactly."""
-        _, sfmt = self.formats(p, group)
-        if not isinstance(sfmt, QuantizedStates) or _shards.is_dtensor(p):
+    def _upgrade_saved_state(self, p: Tensor, group: dict[str, Any], saved: dict[str, Any]) -> dict[str, Any]:
+        """``saved`` as the state format holds it now (``StateFormat.upgrade_saved``: int8/int4 quantise
+        the fp32 conv-weight states leanopt 0.1.0 kept); the caller checks the result. Not for FSDP2."""
+        if _shards.is_dtensor(p):
             return saved
-        out = dict(saved)
+        _, sfmt = self.formats(p, group)
         for spec in self.rule.states(group):
-            value = saved.get(spec.name)
-            codes, scales = f"{spec.name}.codes", f"{spec.name}.scales"
-            if spec.name in layout or codes not in layout or codes in saved or scales in saved:
-                continue
-            if not isinstance(value, Tensor) or value.dtype != torch.float32 or value.shape != p.shape:
-                continue
-            stored = sfmt.init(spec.name, p.detach(), spec.signed)
-            sfmt.encode(spec.name, value.detach().to(p.device).clone(), stored, spec.signed)
-            del out[spec.name]
-            out.update(stored)
-        return out
+            saved = sfmt.upgrade_saved(spec.name, saved, p.detach(), spec.signed)
+        return saved
 
 
 def _binding(rule: Rule, doc: str) -> Callable[[type], type]:

@@ -35,6 +35,8 @@ keeps its states in fp32 under the key ``name`` (biases and norms: under 0.01 by
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -192,6 +194,20 @@ class QuantizedStates(StateFormat):
         return nib - (self.levels // 2 if signed else 0)
 
     # ------------------------------------------------------------------ StateFormat
+
+    def upgrade_saved(self, name: str, saved: dict[str, Any], like: Tensor, signed: bool) -> dict[str, Any]:
+        """leanopt 0.1.0 grouped along the last dim only, so a conv weight kept state ``name`` in fp32:
+        such a state is quantised (the same bits as one more encode). Anything else is left as saved."""
+        value = saved.get(name)
+        if rows_shape(like.shape) is None or f"{name}.codes" in saved or f"{name}.scales" in saved:
+            return saved
+        if not isinstance(value, Tensor) or value.dtype != torch.float32 or value.shape != like.shape:
+            return saved
+        stored = self.init(name, like, signed)
+        self.encode(name, value.detach().to(like.device).clone(), stored, signed)
+        out = {k: v for k, v in saved.items() if k != name}
+        out.update(stored)
+        return out
 
     def decode(self, name: str, stored: dict[str, Tensor], signed: bool, shape: tuple | None = None) -> Tensor:
         """fp32 values of state ``name``, shaped ``shape`` (the tensor's; default: the codes' rows shape)."""

@@ -10,6 +10,8 @@ compressed formats may use it.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -30,6 +32,11 @@ class StateFormat:
     def keys(self, name: str) -> tuple[str, ...]:
         """The state-dict keys this format stores for state ``name``."""
         return (name,)
+
+    def upgrade_saved(self, name: str, saved: dict[str, Any], like: Tensor, signed: bool) -> dict[str, Any]:
+        """``saved`` (one parameter's saved state, not modified) with state ``name`` as this format
+        stores it now, when an older leanopt stored it otherwise; else ``saved`` itself."""
+        return saved
 
 
 class Float32States(StateFormat):
