@@ -25,7 +25,7 @@ def sh(*args: str | Path) -> None:
     subprocess.run([str(a) for a in args], check=True, cwd=ROOT)
 
 
-EXTRAS = {"demo": "demo", "test": "test,demo,hf,lightning"}
+EXTRAS = {"demo": "demo", "test": "test,demo,hf,lightning,nvrtc"}
 
 
 def setup(command: str) -> None:

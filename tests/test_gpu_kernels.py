@@ -293,28 +293,6 @@ __device__ float __int_as_float(int);
 """
 
 
-def cuda_sources():
-    """(name, CUDA source) of a kernel for every rule x weight format x state format on bf16 (full
-    and partial groups), and the NaN/inf check."""
-    out = [("nan check", gpu._FINITE_SOURCE)]
-    rules = [(leanopt.AdamW, dict(amsgrad=True)), (leanopt.SGD, dict(momentum=0.9, nesterov=True)), (leanopt.Lion, {})]
-    for (cls, kw), master, states in itertools.product(rules, WEIGHTS[:-1], STATES):
-        p = torch.nn.Parameter(torch.randn(4, 33).bfloat16())
-        opt = cls([p], lr=1e-2, master=master, states=states, **kw)
-        state = opt._init_state(p, opt.param_groups[0])
-        wfmt, sfmt = opt.formats(p, opt.param_groups[0])
-        spec = native.plan(opt.rule, wfmt, sfmt, p, torch.bfloat16, state, opt.param_groups[0])[0]
-        out.append((f"{cls.__name__}/{master}/{states}", gpu.generate(spec, gpu.scalar_count(spec))))
-    for master in ["none", "kahan", "compact", "stochastic"]:  # fp16 weights and gradients, as bits
-        p = torch.nn.Parameter(torch.randn(4, 33).half())
-        opt = leanopt.AdamW([p], lr=1e-2, master=master, states="int8")
-        state = opt._init_state(p, opt.param_groups[0])
-        wfmt, sfmt = opt.formats(p, opt.param_groups[0])
-        spec = gpu.for_gpu(native.plan(opt.rule, wfmt, sfmt, p, torch.float16, state, opt.param_groups[0])[0])
-        out.append((f"fp16/{master}", gpu.generate(spec, gpu.scalar_count(spec))))
-    return out
-
-
 def test_every_cuda_source_passes_clangs_cuda_checks():
     """clang's own CUDA front end (libclang, device side for sm_90, no CUDA headers: a stub declares
     CUDA's keywords, built-ins and the math functions used): every generated kernel must be valid CUDA
@@ -327,16 +305,42 @@ def test_every_cuda_source_passes_clangs_cuda_checks():
         pytest.skip(f"libclang not loadable: {err}")
     args = ["-x", "cuda", "--cuda-device-only", "--cuda-gpu-arch=sm_90", "-nocudainc", "-nocudalib", "-std=c++17",
             "-D__CUDACC__", "-include", "/lo/stub.h"]  # fmt: skip
-    sources = cuda_sources()
+    sources = gpu.every_source()
     assert len(sources) >= 64
-    for name, source in sources:
+    for name, _, source in sources:
         tu = index.parse("/lo/k.cu", args=args, unsaved_files=[("/lo/k.cu", source), ("/lo/stub.h", _CLANG_CUDA_STUB)])
         errors = [f"line {d.location.line}: {d.spelling}" for d in tu.diagnostics if d.severity >= 3]
         assert not errors, f"{name}: {errors[:5]}"
     # the check itself: a helper without __device__ is refused
-    bad = sources[1][1].replace("LO_FN uint16_t lo_bf16", "static inline uint16_t lo_bf16")
+    bad = sources[1][2].replace("LO_FN uint16_t lo_bf16", "static inline uint16_t lo_bf16")
     tu = index.parse("/lo/k.cu", args=args, unsaved_files=[("/lo/k.cu", bad), ("/lo/stub.h", _CLANG_CUDA_STUB)])
     assert any(d.severity >= 3 for d in tu.diagnostics)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_every_cuda_source_compiles_with_nvrtc_without_spills(arch):
+    """NVIDIA's own compiler, as a step on a GPU runs it (``gpu.nvrtc_compile``: the runtime's options,
+    CUBIN for A100 / H100-H200), from the ``nvidia-cuda-nvrtc`` wheel (the ``nvrtc`` extra; no GPU
+    needed): every generated kernel compiles, its name is found, and ptxas reports no stack frame and
+    no register spills. A construct NVRTC refuses is an error with NVRTC's log."""
+    nvrtc = gpu.find_nvrtc()
+    if nvrtc is None:
+        pytest.skip("no NVRTC library (pip install 'leanopt[nvrtc]', or set LEANOPT_NVRTC)")
+    sources = gpu.every_source()
+    assert len(sources) >= 64
+    for label, name, source in sources:
+        cubin, mangled, log = gpu.nvrtc_compile(nvrtc, source, name, arch, ("--ptxas-options=-v",))
+        assert cubin[:4] == b"\x7fELF" and name in mangled, label
+        usage = [line for line in log.splitlines() if "spill" in line]
+        assert usage and all("0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads" in u for u in usage), (
+            f"{label} on {arch}: {log}"
+        )
+    # the check itself: a helper left without __device__ (a host function called by the kernel) is refused
+    bad = sources[1][2].replace("LO_FN uint16_t lo_bf16", "static inline uint16_t lo_bf16", 1)
+    assert bad != sources[1][2]
+    with pytest.raises(RuntimeError, match="NVRTC"):
+        gpu.nvrtc_compile(nvrtc, bad, "lo_cuda", arch)
 
 
 # ----------------------------------------------------------------------------------------- on a GPU
@@ -624,8 +628,8 @@ class _FakeNvrtc:
                 args[1].value = b"planted error"
             if name == "nvrtcGetCUBIN":
                 args[1].raw = b"CUBIN-bytes-here"
-            if name == "nvrtcGetErrorString":
-                args[1]._obj.value = b"NVRTC_ERROR_COMPILATION"
+            if name == "nvrtcGetErrorString":  # returns the name (restype c_char_p)
+                return b"NVRTC_ERROR_COMPILATION" if args[0] == 6 else b"?"
             return 0
 
         return call

@@ -18,9 +18,10 @@ results are meant to be bit-identical to the native CPU kernels.
 
 The same source compiles as C on the CPU (each warp's lanes run in a loop, ``LO_EACH``): with
 :data:`EMULATE` set, CPU tensors take this path and the tests compare it bit for bit with the native
-kernels on machines without a GPU (tests/test_gpu_kernels.py). What only a GPU checks: NVRTC
-accepting the source, the launch, and the warp synchronisation (benchmarks/gpu_check.sh runs the
-CUDA tests).
+kernels on machines without a GPU (tests/test_gpu_kernels.py), and NVRTC itself (from its pip wheel:
+:func:`find_nvrtc`, :func:`nvrtc_compile`) compiles every kernel to CUBIN for sm_80 and sm_90 there
+(benchmarks/nvrtc_check.py reports registers and spills). What only a GPU checks: the launch, the
+warp synchronisation and the bits on the device (benchmarks/gpu_check.sh runs the CUDA tests).
 
 Used for ``kernel="fused"`` on CUDA; ``"auto"`` keeps the per-tensor compiled path until a GPU run
 has measured this one. Every combination the native kernels have is covered: fp16 weights and
@@ -480,35 +481,35 @@ def _warn(reason: str) -> None:
         )
 
 
-def _nvrtc_direct(source: str, name: str) -> Any:
-    """``name`` compiled by NVRTC and loaded on the current device, without the CUDA toolkit's headers
-    (the source includes none): torch's own ``_compile_kernel`` adds the toolkit's include folder and
-    fails where there is no toolkit (pip-installed torch), though NVRTC itself ships with torch."""
-    from torch.cuda import _utils
+def nvrtc_compile(
+    nvrtc: Any, source: str, name: str, arch: str, options: tuple[str, ...] = ()
+) -> tuple[bytes, str, str]:
+    """``source`` compiled by the NVRTC library ``nvrtc`` (its C API through ctypes) for ``arch``
+    (``"sm_90"``) with :data:`NVRTC_OPTIONS` and ``options``: (CUBIN, the lowered name of the kernel
+    ``name``, NVRTC's log). A compile error raises ``RuntimeError`` with the log. Needs no GPU: the
+    offline check (``find_nvrtc``, benchmarks/nvrtc_check.py) compiles every kernel with it."""
 
-    nvrtc = _utils._get_gpu_rtc_library()
+    def log_of(prog: Any) -> str:
+        size = ctypes.c_size_t()
+        nvrtc.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+        buf = ctypes.create_string_buffer(size.value)
+        nvrtc.nvrtcGetProgramLog(prog, buf)
+        return buf.value.decode(errors="replace")
 
     def check(code: int, prog: Any = None) -> None:
         if code == 0:
             return
-        message = ctypes.c_char_p()
-        nvrtc.nvrtcGetErrorString(code, ctypes.byref(message))
-        log = ""
-        if prog is not None:
-            size = ctypes.c_size_t()
-            nvrtc.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
-            buf = ctypes.create_string_buffer(size.value)
-            nvrtc.nvrtcGetProgramLog(prog, buf)
-            log = buf.value.decode(errors="replace")
-        raise RuntimeError(f"NVRTC: {(message.value or b'error').decode()}\n{log}")
+        name_of = nvrtc.nvrtcGetErrorString  # const char *nvrtcGetErrorString(nvrtcResult)
+        name_of.restype = ctypes.c_char_p
+        log = log_of(prog) if prog is not None else ""
+        raise RuntimeError(f"NVRTC: {(name_of(code) or b'error').decode()}\n{log}")
 
-    major, minor = torch.cuda.get_device_capability()
-    options = [f"--gpu-architecture=sm_{major}{minor}".encode(), *(o.encode() for o in NVRTC_OPTIONS)]
+    flags = [f"--gpu-architecture={arch}".encode(), *(o.encode() for o in (*NVRTC_OPTIONS, *options))]
     prog = ctypes.c_void_p()
     check(nvrtc.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), b"leanopt.cu", 0, None, None))
     try:
         check(nvrtc.nvrtcAddNameExpression(prog, name.encode()))
-        check(nvrtc.nvrtcCompileProgram(prog, len(options), (ctypes.c_char_p * len(options))(*options)), prog)
+        check(nvrtc.nvrtcCompileProgram(prog, len(flags), (ctypes.c_char_p * len(flags))(*flags)), prog)
         size = ctypes.c_size_t()
         check(nvrtc.nvrtcGetCUBINSize(prog, ctypes.byref(size)))
         cubin = ctypes.create_string_buffer(size.value)
@@ -516,9 +517,82 @@ def _nvrtc_direct(source: str, name: str) -> Any:
         lowered = ctypes.c_char_p()
         check(nvrtc.nvrtcGetLoweredName(prog, name.encode(), ctypes.byref(lowered)))
         mangled = (lowered.value or name.encode()).decode()
+        log = log_of(prog)
     finally:
         nvrtc.nvrtcDestroyProgram(ctypes.byref(prog))
-    return _utils._cuda_load_module(cubin.raw, [mangled])[mangled]
+    return cubin.raw, mangled, log
+
+
+def find_nvrtc() -> Any | None:
+    """An NVRTC library to compile with where there may be no GPU: ``$LEANOPT_NVRTC`` (a path), else
+    the one the ``nvidia-cuda-nvrtc`` wheels install (the ``nvrtc`` extra), else torch's own where
+    torch was built with CUDA; None if there is none. For the offline check only: a step on a GPU
+    uses torch's (``_nvrtc``)."""
+    import glob
+
+    paths = [os.environ["LEANOPT_NVRTC"]] if os.environ.get("LEANOPT_NVRTC") else []
+    try:
+        import nvidia  # namespace package of NVIDIA's CUDA wheels
+
+        for root in nvidia.__path__:
+            for pattern in ("cuda_nvrtc/lib/libnvrtc.so.*", "cu*/lib/libnvrtc.so.*"):
+                paths += sorted(
+                    p for p in glob.glob(os.path.join(root, pattern)) if "alt" not in p and "builtins" not in p
+                )
+    except ImportError:
+        pass
+    for path in paths:
+        try:
+            return ctypes.CDLL(path)
+        except OSError:
+            continue
+    if torch.version.cuda:
+        try:
+            from torch.cuda import _utils
+
+            return _utils._get_gpu_rtc_library()
+        except Exception:  # noqa: BLE001 - no usable NVRTC
+            return None
+    return None
+
+
+def every_source() -> list[tuple[str, str, str]]:
+    """(label, kernel name, CUDA source) of one kernel for every rule (AdamW with AMSGrad, SGD with
+    Nesterov momentum, Lion) x weight format x state format on bf16, fp16 weights (as bits) in four
+    weight formats, and the NaN/inf check: what the offline checks compile (tests/test_gpu_kernels.py,
+    benchmarks/nvrtc_check.py)."""
+    import itertools
+
+    from ..optimizer import SGD, AdamW, Lion
+
+    out = [("nan check", "lo_cuda_finite", _FINITE_SOURCE)]
+    rules = [(AdamW, dict(amsgrad=True)), (SGD, dict(momentum=0.9, nesterov=True)), (Lion, {})]
+    cases = [
+        (cls, kw, torch.bfloat16, master, states)
+        for (cls, kw), master, states in itertools.product(
+            rules, ["exact", "compact", "none", "kahan", "stochastic"], ["fp32", "bf16", "int8", "int4"]
+        )
+    ]
+    cases += [(AdamW, {}, torch.float16, master, "int8") for master in ["none", "kahan", "compact", "stochastic"]]
+    for cls, kw, dtype, master, states in cases:
+        p = torch.nn.Parameter(torch.randn(4, 33).to(dtype))
+        opt = cls([p], lr=1e-2, master=master, states=states, **kw)
+        group = opt.param_groups[0]
+        spec = for_gpu(native.plan(opt.rule, *opt.formats(p, group), p, dtype, opt._init_state(p, group), group)[0])
+        label = f"{cls.__name__}/{master}/{states}" if dtype == torch.bfloat16 else f"fp16/{master}"
+        out.append((label, "lo_cuda", generate(spec, scalar_count(spec))))
+    return out
+
+
+def _nvrtc_direct(source: str, name: str) -> Any:
+    """``name`` compiled by NVRTC and loaded on the current device, without the CUDA toolkit's headers
+    (the source includes none): torch's own ``_compile_kernel`` adds the toolkit's include folder and
+    fails where there is no toolkit (pip-installed torch), though NVRTC itself ships with torch."""
+    from torch.cuda import _utils
+
+    major, minor = torch.cuda.get_device_capability()
+    cubin, mangled, _ = nvrtc_compile(_utils._get_gpu_rtc_library(), source, name, f"sm_{major}{minor}")
+    return _utils._cuda_load_module(cubin, [mangled])[mangled]
 
 
 def _nvrtc(source: str, device: torch.device, name: str) -> Any:
