@@ -1,0 +1,146 @@
+"""Random configurations at the edges of the number formats: every executor writes the same bytes.
+
+Each case draws (seeded) a rule and its hyper-parameters (zero and huge learning rates, betas of 0 and
+almost 1, tiny and large eps, momentum 1), a weight format, a state format, a shape with full and
+partial groups, and weights and gradients mixing ordinary values of one scale with +-0, fp32
+subnormals, values near the fp32 maximum (inf in fp16), huge and tiny magnitudes, and (in some
+cases) NaN and +-inf, let through with ``nonfinite="ignore"``. Three steps each. Then bit for bit:
+
+- the native kernels (AVX-512 where the CPU has it) against the same kernels built as portable C;
+- the native kernels against the CUDA kernels' source run on the CPU (``gpu.EMULATE``);
+- for SGD and Lion, whose kernels claim bit-identity with the reference, against the reference.
+
+Every byte must match, with one exception: a NaN must be a NaN in the same place, but its sign and
+payload may differ (x86 passes on the first NaN operand, and each executor orders operands its own
+way; torch's CPU code writes 0xFFFF for every bf16 NaN and 0x7FFFFFFF from some of its fp32 kernels,
+the kernels' bf16 conversion 0x7FC0). Integer tensors (remainders, residuals, codes) match exactly.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+import leanopt
+from leanopt.kernels import gpu, native
+
+_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32}
+SHAPES = [(1,), (31,), (32,), (33,), (3, 64), (5, 65), (2, 127), (3, 129), (2, 3, 40), (6, 5, 3, 3), (16, 200)]
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().contiguous().view(_INT[t.element_size()])
+
+
+def edge_values(shape, g: torch.Generator, dtype: torch.dtype, non_finite: bool, scale: float) -> torch.Tensor:
+    n = 1
+    for s in shape:
+        n *= s
+    base = torch.randn(n, generator=g, dtype=torch.float64)
+    kind = torch.randint(0, 100, (n,), generator=g)
+    wide = base * torch.pow(10.0, torch.randint(-45, 38, (n,), generator=g).double())
+    x = torch.where(kind < 70, base * scale, wide)
+    specials = {70: 0.0, 71: -0.0, 72: 1e-40, 73: 3.3e38, 74: 9.2e-41}
+    if non_finite:
+        specials.update({75: float("inf"), 76: float("nan")})
+    for k, v in specials.items():
+        x = torch.where(kind == k, torch.full_like(x, v) * (1 if k in (71, 76) else base.sign()), x)
+    return x.float().to(dtype).reshape(shape)
+
+
+def draw(rng: random.Random):
+    rule = rng.choice(["adamw", "adam", "sgd", "lion"])
+    hyper = dict(lr=rng.choice([0.0, 1e-8, 1e-3, 1e-1, 10.0, 1e30]), weight_decay=rng.choice([0.0, 0.01, 0.5]))
+    if rule in ("adamw", "adam"):
+        cls = leanopt.AdamW if rule == "adamw" else leanopt.Adam
+        betas = (rng.choice([0.0, 0.5, 0.9, 0.999999]), rng.choice([0.0, 0.9, 0.999, 0.9999999]))
+        hyper.update(betas=betas, eps=rng.choice([1e-30, 1e-8, 1.0]), amsgrad=rng.random() < 0.3)
+        hyper.update(maximize=rng.random() < 0.2)
+    elif rule == "sgd":
+        cls, momentum = leanopt.SGD, rng.choice([0.0, 0.9, 1.0])
+        nesterov = momentum > 0 and rng.random() < 0.5
+        hyper.update(momentum=momentum, nesterov=nesterov, dampening=0.0 if nesterov else rng.choice([0.0, 0.3]),
+                     maximize=rng.random() < 0.2)  # fmt: skip
+    else:
+        cls = leanopt.Lion
+        hyper.update(betas=(rng.choice([0.0, 0.9, 0.99]), rng.choice([0.0, 0.99, 0.999])))
+    masters = ["exact", "compact", "none", "kahan", "stochastic"] + (["auto"] if cls is not leanopt.Lion else [])
+    master = rng.choice(masters)
+    if master == "auto":
+        dtype = torch.float32
+    elif master == "exact":
+        dtype = torch.bfloat16
+    else:
+        dtype = rng.choice([torch.bfloat16, torch.bfloat16, torch.float16])
+    return cls, hyper, master, rng.choice(["fp32", "bf16", "int8", "int4"]), rng.choice(SHAPES), dtype
+
+
+def train(kernel: str, case, seed: int) -> dict[str, torch.Tensor]:
+    cls, hyper, master, states, shape, dtype = case
+    g = torch.Generator().manual_seed(seed)
+    scale = 10.0 ** [-30, -8, -3, 0, 2, 10, 30][seed % 7]
+    p = torch.nn.Parameter(edge_values(shape, g, dtype, seed % 3 == 0, scale))
+    opt = cls([p], master=master, states=states, kernel=kernel, nonfinite="ignore", **hyper)
+    for _ in range(3):
+        p.grad = edge_values(shape, g, dtype, seed % 2 == 0, scale)
+        opt.step()
+    state = {k: v.clone() for k, v in opt.state[p].items() if isinstance(v, torch.Tensor)}
+    return {"param": p.detach().clone(), **state}
+
+
+def assert_same(a: dict, b: dict, what: str) -> None:
+    """Every byte the same, except that a NaN may have other sign and payload bits than the other's NaN."""
+    assert a.keys() == b.keys(), what
+    for key in a:
+        x, y = a[key], b[key]
+        assert x.shape == y.shape and x.dtype == y.dtype, f"{what} {key}"
+        differ = bits(x) != bits(y)
+        if x.is_floating_point():
+            nan_x, nan_y = torch.isnan(x), torch.isnan(y)
+            assert torch.equal(nan_x, nan_y), f"{what} {key}: NaN in different places"
+            differ &= ~nan_x
+        diff = int(differ.sum())
+        assert diff == 0, f"{what} {key}: {diff} of {x.numel()} elements differ"
+
+
+CASES = 40
+
+
+@pytest.mark.slow
+def test_random_edge_values_give_the_same_bytes_on_every_executor(tmp_path, monkeypatch):
+    if native.compiler() is None:
+        pytest.skip("needs a C compiler")
+    monkeypatch.setenv("LEANOPT_CACHE_DIR", str(tmp_path))
+    rng = random.Random(2026)
+    cases = [draw(rng) for _ in range(CASES)]
+    runs: dict[tuple[str, int], dict] = {}
+    for flags in ("", "-DLO_NO_VECTOR"):
+        monkeypatch.setenv("LEANOPT_CFLAGS", flags)
+        native.reset()
+        calls = sum(k.calls for k in native.compile_stats())
+        for i, case in enumerate(cases):
+            runs[flags, i] = train("auto", case, i)
+        assert sum(k.calls for k in native.compile_stats()) - calls >= 3 * CASES  # the native kernels ran
+    monkeypatch.delenv("LEANOPT_CFLAGS")
+    native.reset()
+    monkeypatch.setattr(gpu, "EMULATE", True)
+    monkeypatch.delenv("LEANOPT_GPU_KERNELS", raising=False)
+    gpu.reset()
+    try:
+        for i, case in enumerate(cases):
+            runs["cuda", i] = train("fused", case, i)
+        assert sum(k.launches for k in gpu.compile_stats()) >= 3 * CASES  # the CUDA kernels' path ran
+    finally:
+        gpu.reset()
+    monkeypatch.setattr(gpu, "EMULATE", False)
+    exact_rules = 0
+    for i, case in enumerate(cases):
+        what = f"case {i}: {case[0].__name__} {case[1:]}"
+        assert_same(runs["", i], runs["-DLO_NO_VECTOR", i], f"{what}, portable C")
+        assert_same(runs["", i], runs["cuda", i], f"{what}, CUDA kernels (emulated)")
+        if case[0] in (leanopt.SGD, leanopt.Lion):
+            assert_same(runs["", i], train("reference", case, i), f"{what}, reference")
+            exact_rules += 1
+    assert exact_rules >= 10
