@@ -11,7 +11,9 @@ one run, every case in turn for ``--rounds`` rounds (median of ``--steps`` timed
 
 int8/int4 states of a conv weight are grouped in rows of ``in * kh * kw`` in logical order
 (formats/quantized.py ``rows_shape``), so channels_last conv weights with compact/int8 run the kernels on
-contiguous copies (kernels/fused.py ``_on_contiguous_twin``). ``bytes_per_param`` is what the case holds
+contiguous copies (kernels/fused.py ``_on_contiguous_twin``), made by a native transpose
+(``native.to_logical`` / ``from_logical``); the case "torch copies" makes them with torch's
+``.contiguous()`` / ``copy_`` instead, as before that existed. ``bytes_per_param`` is what the case holds
 in weights and optimizer state (torch: fp32 weights; gradients not counted).
 
     python benchmarks/channels_last.py              # -> benchmarks/results/channels_last.json
@@ -74,16 +76,19 @@ CASES = {
     "leanopt exact/fp32, channels_last, dense layouts off": _leanopt("exact", "fp32"),
     "leanopt exact/fp32, contiguous": _leanopt("exact", "fp32", channels_last=False),
     "leanopt compact/int8, channels_last": _leanopt("compact", "int8"),
+    "leanopt compact/int8, channels_last, torch copies": _leanopt("compact", "int8"),
     "leanopt compact/int8, channels_last, dense layouts off": _leanopt("compact", "int8"),
     "leanopt compact/int8, contiguous": _leanopt("compact", "int8", channels_last=False),
 }
 
 
 def permuted_copy_ms(rounds: int = 30) -> dict[str, float]:
-    """What the int8 copies cost per tensor: ResNet-50's largest 3x3 conv weight (512x512x3x3, bf16)
-    made contiguous from channels_last, against a plain clone of the same bytes (fastest of ``rounds``)."""
+    """What the int8 copies cost per tensor: ResNet-50's largest 3x3 conv weight (512x512x3x3, bf16, and
+    its int8 residual) made contiguous from channels_last by torch and by the native transpose, against
+    a plain clone of the same bytes (fastest of ``rounds``)."""
     x = torch.randn(512, 512, 3, 3).bfloat16()
     cl = x.to(memory_format=torch.channels_last)
+    r8 = torch.randint(-128, 128, x.shape, dtype=torch.int8).to(memory_format=torch.channels_last)
 
     def fastest(fn) -> float:
         times = []
@@ -93,7 +98,13 @@ def permuted_copy_ms(rounds: int = 30) -> dict[str, float]:
             times.append(time.perf_counter() - t0)
         return round(min(times) * 1e3, 3)
 
-    return {"channels_last_to_contiguous": fastest(cl.contiguous), "clone": fastest(x.clone)}
+    return {
+        "channels_last_to_contiguous": fastest(cl.contiguous),
+        "native_transpose": fastest(lambda: native.to_logical(cl)),
+        "int8_channels_last_to_contiguous": fastest(r8.contiguous),
+        "int8_native_transpose": fastest(lambda: native.to_logical(r8)),
+        "clone": fastest(x.clone),
+    }
 
 
 def main() -> None:
@@ -109,7 +120,7 @@ def main() -> None:
     print(f"ResNet-50: {sum(torch.Size(s).numel() for s in shapes) / 1e6:.1f}M parameters, {len(shapes)} tensors, "
           f"{strided} of them not contiguous in channels_last; int8/int4 keep fp32 states for {fp32_kept:,} "
           f"parameters (grouping along the last dim only: {fp32_kept_before:,})")  # fmt: skip
-    real_dense = native.dense
+    real_dense, real_to, real_from = native.dense, native.to_logical, native.from_logical
     opts = {}
     for name, build in CASES.items():
         opts[name] = build()
@@ -117,10 +128,12 @@ def main() -> None:
     for _ in range(args.rounds):
         for name, opt in opts.items():
             native.dense = (lambda t: t.is_contiguous()) if "dense layouts off" in name else real_dense
+            if "torch copies" in name:  # the twin path's copies by torch (the native transpose declines)
+                native.to_logical, native.from_logical = (lambda t: None), (lambda dst, src: False)
             try:
                 times[name].append(statistics.median(time_steps(opt, args.steps)) * 1e3)
             finally:
-                native.dense = real_dense
+                native.dense, native.to_logical, native.from_logical = real_dense, real_to, real_from
     base = statistics.median(times["torch AdamW fp32 fused, channels_last"])
     rows = []
     for name in CASES:
@@ -130,8 +143,7 @@ def main() -> None:
                      "bytes_per_param": round(held, 3), "rounds_ms": [round(t, 2) for t in times[name]]})  # fmt: skip
         print(f"{name:56} {ms:9.2f} ms  {ms / base:6.2f}x torch fused  {held:6.3f} bytes/param held")
     copies = permuted_copy_ms()
-    print(f"512x512x3x3 bf16: channels_last -> contiguous {copies['channels_last_to_contiguous']:.3f} ms, "
-          f"plain clone {copies['clone']:.3f} ms")  # fmt: skip
+    print("512x512x3x3 channels_last -> contiguous:", ", ".join(f"{k} {v:.3f} ms" for k, v in copies.items()))
     write_rows(args.out, f"python benchmarks/channels_last.py --steps {args.steps} --rounds {args.rounds}", rows,
                int8_fp32_state_params=fp32_kept, int8_fp32_state_params_last_dim_rule=fp32_kept_before,
                copy_512x512x3x3_bf16_ms=copies)  # fmt: skip

@@ -283,3 +283,47 @@ def test_cuda_kernels_walk_a_channels_last_weight_like_the_native_ones(mode):
     assert torch.equal(bits(a.cpu()), bits(b))
     for k, v in opt_a.state[a].items():
         assert torch.equal(bits(v.cpu()), bits(opt_b.state[b][k])), k
+
+
+@pytest.mark.parametrize("flags", ["", "-DLO_NO_VECTOR"], ids=["vector", "portable"])
+def test_native_channels_last_transpose_moves_torch_contiguous_bytes(flags, tmp_path, monkeypatch):
+    """``native.to_logical`` / ``from_logical`` (the copies a channels_last weight with grouped int8/int4
+    states is updated through): byte for byte ``t.contiguous()`` and ``dst.copy_(src)``, for 1-, 2- and
+    4-byte elements, kernel areas S = kh*kw below and above the vector path's 32, channel counts L below,
+    at and past the vector width (tails), channels_last_3d; the AVX-512 blocks and the portable C."""
+    if native.compiler() is None:
+        pytest.skip("needs a C compiler")
+    monkeypatch.setenv("LEANOPT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("LEANOPT_CFLAGS", flags)
+    native.reset()
+    try:
+        g = torch.Generator().manual_seed(0)
+        shapes = [(3, 70, 3, 3), (2, 64, 1, 3), (2, 5, 7, 7), (2, 33, 5, 5), (3, 16, 3, 3), (2, 130, 2, 2),
+                  (4, 40, 2, 3, 3), (2, 17, 1, 1, 33)]  # fmt: skip
+        dtypes = [torch.int8, torch.bfloat16, torch.float16, torch.float32]
+        widths = set()
+        for shape in shapes:
+            fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+            for dtype in dtypes:
+                x = (torch.randn(shape, generator=g) * 100).to(dtype).to(memory_format=fmt)
+                dims = native.row_transpose_dims(x)
+                assert dims == (shape[0], x.numel() // (shape[0] * shape[1]), shape[1]), shape
+                y = native.to_logical(x)
+                assert y is not None and y.is_contiguous() and torch.equal(y.view(-1), x.contiguous().view(-1))
+                back = torch.empty_like(x)
+                assert native.from_logical(back, y) and back.stride() == x.stride()
+                assert torch.equal(back, x), (shape, dtype)
+                out = torch.empty(shape, dtype=dtype)
+                widths.add(native._transpose_fn()(x.data_ptr(), out.data_ptr(), *dims, x.element_size(), 1, 1))
+                assert torch.equal(out, y)
+        if flags:
+            assert widths == {1}
+        elif native.vector_width() == 16:
+            assert widths == {1, 16, 32}  # S > 32 or L below the width: element by element
+        # other layouts: not this transpose (torch copies them)
+        assert native.row_transpose_dims(torch.zeros(4, 64, 3, 3)) is None  # contiguous
+        assert native.row_transpose_dims(torch.zeros(64, 40).t()) is None  # a transposed matrix
+        assert native.row_transpose_dims(torch.zeros(4, 3, 5, 64).permute(0, 3, 2, 1)) is None  # H, W swapped
+        assert native.to_logical(torch.zeros(4, 64, 3, 3).permute(0, 1, 3, 2)) is None
+    finally:
+        native.reset()

@@ -1797,6 +1797,7 @@ def reset() -> None:
     _PLANS.clear()
     _FINITE.clear()
     _FINITE_MANY.clear()
+    _TRANSPOSE.clear()
     _STATUS.update(disabled=None, warned=False)
 
 
@@ -1965,3 +1966,177 @@ def all_finite(t: Tensor) -> bool | None:
     if t.numel() == 0:
         return True
     return bool(fn(t.data_ptr(), t.numel(), spec[0], spec[1], torch.get_num_threads()))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Channels-last <-> logical order (the grouped int8/int4 states' rows), for the copies a channels_last
+# conv weight is updated through (kernels/fused.py, ``_on_contiguous_twin``).
+
+_TRANSPOSE_SOURCE = r"""
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+/* Each of `rows` rows holds S*L elements of `es` bytes: in memory order (S x L) (channels_last: S =
+   kh*kw, L = in channels) or in logical order (L x S). to_logical: src (S x L) -> dst (L x S); else
+   src (L x S) -> dst (S x L). Bytes are moved, never changed. With AVX-512 BW and S <= 32: blocks of
+   W elements along L (W = 32 for 1- and 2-byte elements, 1-byte ones widened to 16 bits; 16 for 4-byte),
+   S registers in, S out, each output lane taken from its input register by a masked permute; the
+   rest (L % W, larger S, other CPUs) element by element. */
+#define LO_SRC(a, b) (tl ? (a) * L + (b) : (b) * S + (a)) /* element (s=a, l=b) in src */
+#define LO_DST(a, b) (tl ? (b) * S + (a) : (a) * L + (b))
+#define LO_INLINE static inline __attribute__((always_inline))
+LO_INLINE void lo_tr_scalar(const uint8_t *s8, uint8_t *d8, int64_t S, int64_t L, int64_t b0, const int es,
+                            const int tl) {
+  for (int64_t b = b0; b < L; b++)
+    for (int64_t a = 0; a < S; a++) {
+      if (es == 1) d8[LO_DST(a, b)] = s8[LO_SRC(a, b)];
+      else if (es == 2) ((uint16_t *)d8)[LO_DST(a, b)] = ((const uint16_t *)s8)[LO_SRC(a, b)];
+      else ((uint32_t *)d8)[LO_DST(a, b)] = ((const uint32_t *)s8)[LO_SRC(a, b)];
+    }
+}
+#if defined(__AVX512F__) && defined(__AVX512BW__) && !defined(LO_NO_VECTOR)
+#include <immintrin.h>
+#define LO_TR_VECTOR 1
+/* out[j] lane l = in[v] lane idx[j][v][l] for the v whose mask[j][v] has bit l */
+static void lo_tr_tables(int S, int W, int tl, uint16_t *idx16, uint32_t *idx32, uint32_t *mask) {
+  memset(mask, 0, sizeof(uint32_t) * S * S);
+  for (int j = 0; j < S; j++)
+    for (int l = 0; l < W; l++) {
+      /* the input block: tl, S registers of W (row a = register a); else W rows of S, flat */
+      const int k = tl ? W * j + l : l * S + j;
+      const int v = tl ? k % S : k / W, lane = tl ? k / S : k % W;
+      if (W == 32) idx16[(j * S + v) * 32 + l] = (uint16_t)lane;
+      else idx32[(j * S + v) * 16 + l] = (uint32_t)lane;
+      mask[j * S + v] |= 1u << l;
+    }
+}
+LO_INLINE int64_t lo_tr_vector(const uint8_t *s, uint8_t *d, int64_t S, int64_t L, const int es, const int tl,
+                               const uint16_t *idx16, const uint32_t *idx32, const uint32_t *mask) {
+  const int64_t W = es == 4 ? 16 : 32;
+  int64_t b0 = 0;
+  for (; b0 + W <= L; b0 += W) {
+    __m512i in[32];
+    for (int64_t a = 0; a < S; a++) {  /* register a: tl, row a's W elements; else the a-th W of the block */
+      const uint8_t *p = s + (tl ? a * L + b0 : b0 * S + W * a) * es;
+      in[a] = es == 1 ? _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)p)) : _mm512_loadu_si512(p);
+    }
+    for (int64_t j = 0; j < S; j++) {
+      __m512i acc = _mm512_setzero_si512();
+      for (int64_t v = 0; v < S; v++) {
+        const uint32_t m = mask[j * S + v];
+        if (es == 4)
+          acc = _mm512_mask_permutexvar_epi32(acc, (__mmask16)m, _mm512_loadu_si512(idx32 + (j * S + v) * 16), in[v]);
+        else
+          acc = _mm512_mask_permutexvar_epi16(acc, (__mmask32)m, _mm512_loadu_si512(idx16 + (j * S + v) * 32), in[v]);
+      }
+      uint8_t *q = d + (tl ? b0 * S + W * j : j * L + b0) * es;
+      if (es == 1) _mm256_storeu_si256((__m256i *)q, _mm512_cvtepi16_epi8(acc));
+      else _mm512_storeu_si512(q, acc);
+    }
+  }
+  return b0;
+}
+#endif
+LO_INLINE void lo_tr_rows(const uint8_t *src, uint8_t *dst, int64_t rows, int64_t S, int64_t L, const int es,
+                          const int tl, int vec, const uint16_t *idx16, const uint32_t *idx32, const uint32_t *mask,
+                          int threads) {
+  (void)vec; (void)idx16; (void)idx32; (void)mask; (void)threads;
+#ifdef _OPENMP
+  #pragma omp parallel for num_threads(threads) schedule(static) if (rows * S * L >= 65536 && threads > 1)
+#endif
+  for (int64_t r = 0; r < rows; r++) {
+    const uint8_t *s = src + r * S * L * es;
+    uint8_t *d = dst + r * S * L * es;
+    int64_t b0 = 0;
+#ifdef LO_TR_VECTOR
+    if (vec) b0 = lo_tr_vector(s, d, S, L, es, tl, idx16, idx32, mask);
+#endif
+    lo_tr_scalar(s, d, S, L, b0, es, tl);
+  }
+}
+/* returns the vector width used (1: element by element) */
+int lo_transpose(const void *src, void *dst, int64_t rows, int64_t S, int64_t L, int es, int to_logical, int threads) {
+  uint16_t *idx16 = 0; uint32_t *idx32 = 0; uint32_t mask[32 * 32];
+  int vec = 0, W = 1;
+#ifdef LO_TR_VECTOR
+  /* the tables, shared by the threads (read only): S * S permutes of W lanes */
+  W = es == 4 ? 16 : 32;
+  vec = S <= 32 && L >= W;
+  if (vec) {
+    idx16 = (uint16_t *)calloc((size_t)(S * S * 32), sizeof(uint16_t));
+    idx32 = (uint32_t *)calloc((size_t)(S * S * 16), sizeof(uint32_t));
+    vec = idx16 && idx32;
+    if (vec) lo_tr_tables((int)S, W, to_logical, idx16, idx32, mask);
+  }
+#endif
+  const uint8_t *s = (const uint8_t *)src; uint8_t *d = (uint8_t *)dst;
+  /* constant element sizes and directions: each combination its own specialised loop */
+  if (es == 1 && to_logical) lo_tr_rows(s, d, rows, S, L, 1, 1, vec, idx16, idx32, mask, threads);
+  else if (es == 1) lo_tr_rows(s, d, rows, S, L, 1, 0, vec, idx16, idx32, mask, threads);
+  else if (es == 2 && to_logical) lo_tr_rows(s, d, rows, S, L, 2, 1, vec, idx16, idx32, mask, threads);
+  else if (es == 2) lo_tr_rows(s, d, rows, S, L, 2, 0, vec, idx16, idx32, mask, threads);
+  else if (to_logical) lo_tr_rows(s, d, rows, S, L, 4, 1, vec, idx16, idx32, mask, threads);
+  else lo_tr_rows(s, d, rows, S, L, 4, 0, vec, idx16, idx32, mask, threads);
+  free(idx16); free(idx32);
+  return vec ? W : 1;
+}
+"""
+
+_TRANSPOSE: list[Any] = []
+
+
+def row_transpose_dims(t: Tensor) -> tuple[int, int, int] | None:
+    """(rows, S, L) when ``t`` (3+ dims) is stored channels_last-like: dim 0 outermost, then dims 2.. in
+    order, then dim 1 innermost (``torch.channels_last``, ``channels_last_3d``), so that each row (an
+    output channel) is an (S x L) matrix in memory, S = prod(shape[2:]), L = shape[1], and an (L x S)
+    one in logical order. None for any other layout."""
+    if t.dim() < 3 or t.is_contiguous():
+        return None
+    rows, L = t.shape[0], t.shape[1]
+    S = t.numel() // max(rows * L, 1)
+    expected = 1
+    for dim in [1, *range(t.dim() - 1, 1, -1), 0]:  # innermost first
+        if t.shape[dim] != 1 and t.stride(dim) != expected:
+            return None
+        expected *= t.shape[dim]
+    return rows, S, L
+
+
+def _transpose_fn() -> Any:
+    if not _TRANSPOSE:
+        args = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int,
+                ctypes.c_int, ctypes.c_int]  # fmt: skip
+        try:
+            _TRANSPOSE.append(build(_TRANSPOSE_SOURCE, "lo_transpose", args, ctypes.c_int).fn)
+        except (BuildError, OSError):
+            _TRANSPOSE.append(None)
+    return _TRANSPOSE[0]
+
+
+def to_logical(t: Tensor) -> Tensor | None:
+    """A contiguous copy of the channels_last-like CPU tensor ``t`` (``t.contiguous()``, the same
+    bytes), made by one native pass; None when the native path cannot (another layout or device, no
+    compiler): then ``t.contiguous()``."""
+    dims = row_transpose_dims(t) if t.device.type == "cpu" and t.element_size() in (1, 2, 4) else None
+    fn = None if dims is None or disabled_reason() is not None else _transpose_fn()
+    if fn is None:
+        return None
+    out = torch.empty(t.shape, dtype=t.dtype)
+    fn(t.data_ptr(), out.data_ptr(), *dims, t.element_size(), 1, torch.get_num_threads())
+    return out
+
+
+def from_logical(dst: Tensor, src: Tensor) -> bool:
+    """``dst.copy_(src)`` for a channels_last-like CPU tensor ``dst`` and a contiguous ``src`` of its
+    shape and dtype, by one native pass; False (nothing written) when the native path cannot."""
+    dims = row_transpose_dims(dst) if dst.device.type == "cpu" and dst.element_size() in (1, 2, 4) else None
+    if dims is None or not src.is_contiguous() or src.dtype != dst.dtype or src.shape != dst.shape:
+        return False
+    fn = None if disabled_reason() is not None else _transpose_fn()
+    if fn is None:
+        return False
+    fn(src.data_ptr(), dst.data_ptr(), *dims, dst.element_size(), 0, torch.get_num_threads())
+    return True
