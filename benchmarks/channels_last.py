@@ -10,10 +10,11 @@ one run, every case in turn for ``--rounds`` rounds (median of ``--steps`` timed
 - leanopt exact/fp32 and compact/int8 with the same parameters contiguous (what the layout costs).
 
 int8/int4 states of a conv weight are grouped in rows of ``in * kh * kw`` in logical order
-(formats/quantized.py ``rows_shape``), so channels_last conv weights with compact/int8 run the kernels on
-contiguous copies (kernels/fused.py ``_on_contiguous_twin``), made by a native transpose
-(``native.to_logical`` / ``from_logical``); the case "torch copies" makes them with torch's
-``.contiguous()`` / ``copy_`` instead, as before that existed. ``bytes_per_param`` is what the case holds
+(formats/quantized.py ``rows_shape``), so a channels_last conv weight with compact/int8 runs a kernel
+that transposes each row in cache (``KernelSpec.permuted``). The cases "copies" run the kernels on
+contiguous copies instead (``native.PERMUTED_ROWS`` off: kernels/fused.py ``_on_contiguous_twin``), made
+by the native transpose (``native.to_logical`` / ``from_logical``) or, "torch copies", by torch's
+``.contiguous()`` / ``copy_``. ``bytes_per_param`` is what the case holds
 in weights and optimizer state (torch: fp32 weights; gradients not counted).
 
     python benchmarks/channels_last.py              # -> benchmarks/results/channels_last.json
@@ -76,6 +77,7 @@ CASES = {
     "leanopt exact/fp32, channels_last, dense layouts off": _leanopt("exact", "fp32"),
     "leanopt exact/fp32, contiguous": _leanopt("exact", "fp32", channels_last=False),
     "leanopt compact/int8, channels_last": _leanopt("compact", "int8"),
+    "leanopt compact/int8, channels_last, copies": _leanopt("compact", "int8"),
     "leanopt compact/int8, channels_last, torch copies": _leanopt("compact", "int8"),
     "leanopt compact/int8, channels_last, dense layouts off": _leanopt("compact", "int8"),
     "leanopt compact/int8, contiguous": _leanopt("compact", "int8", channels_last=False),
@@ -128,12 +130,14 @@ def main() -> None:
     for _ in range(args.rounds):
         for name, opt in opts.items():
             native.dense = (lambda t: t.is_contiguous()) if "dense layouts off" in name else real_dense
+            native.PERMUTED_ROWS = "copies" not in name
             if "torch copies" in name:  # the twin path's copies by torch (the native transpose declines)
                 native.to_logical, native.from_logical = (lambda t: None), (lambda dst, src: False)
             try:
                 times[name].append(statistics.median(time_steps(opt, args.steps)) * 1e3)
             finally:
                 native.dense, native.to_logical, native.from_logical = real_dense, real_to, real_from
+                native.PERMUTED_ROWS = True
     base = statistics.median(times["torch AdamW fp32 fused, channels_last"])
     rows = []
     for name in CASES:

@@ -7,6 +7,8 @@ layout that is not dense) keeps to the other executors, with their bits."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -82,10 +84,17 @@ def test_dense_layouts_run_natively_with_the_bits_of_a_contiguous_parameter(mode
     monkeypatch.setattr(fused, "reference_step", lambda *a, **k: (calls.append(a[3].shape), real(*a, **k))[1])
     (a, opt_a), (b, opt_b) = twin_run(mode, shape, to_layout)
     assert not calls, "a tensor took the reference executor"
-    if grouped:  # the kernels ran on contiguous copies: no whole-step plan, the contiguous twin's bits
+    if grouped:  # a kernel that transposes each row in cache (the spec's S = kh*kw), the contiguous twin's bits
         assert opt_a.state[a]["exp_avg.codes"].is_contiguous()
         assert opt_a.state[a]["residual"].stride() == a.stride()  # the weight's own buffers keep its layout
         assert not a.is_contiguous() and a.stride() == to_layout(torch.empty(shape)).stride()
+        assert math.prod(shape[2:]) in {spec.permuted for spec in native._BY_SPEC}
+        assert isinstance(opt_a._step_plan, leanopt.kernels.step_plan.StepPlan)  # and planned, like the rest
+        assert_same(a, opt_a, b, opt_b)
+        # without those kernels: contiguous copies (fused._on_contiguous_twin), not planned, the same bits
+        monkeypatch.setattr(native, "PERMUTED_ROWS", False)
+        (a, opt_a), (b, opt_b) = twin_run(mode, shape, to_layout)
+        assert opt_a._step_plan is None and not calls
         assert_same(a, opt_a, b, opt_b)
         return
     assert isinstance(opt_a._step_plan, leanopt.kernels.step_plan.StepPlan)  # later steps: the plan

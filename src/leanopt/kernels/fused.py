@@ -620,6 +620,9 @@ def dispatch_step(
     FUSED_MIN_NUMEL elements (a model big enough to repay a compile; its small tensors then use the
     same kernels) and the rule has a fused form; ``"fused"`` for every tensor it can."""
     if kernel != "reference" and _on_contiguous_twin(weight_format, param, grad, state):
+        on_cpu = param.device.type == "cpu" and not gpu.wanted(kernel, param.device)  # (not the CUDA path, emulated)
+        if on_cpu and native.native_step(rule, weight_format, state_format, param, grad, state, group, random_bits):
+            return "native"  # a native kernel that transposes the weight's rows in cache: no copies
         twin = dict(state)
         twin.update({b: _contiguous(state[b]) for b in weight_format.buffers})
         flat = _contiguous(param.detach())
@@ -658,12 +661,13 @@ def _copy_back(dst: Tensor, src: Tensor) -> None:
 
 
 def _on_contiguous_twin(weight_format: WeightFormat, param: Tensor, grad: Tensor, state: dict[str, Any]) -> bool:
-    """Whether to update ``param`` through contiguous copies: a dense, non-contiguous parameter (a
-    channels_last conv weight) whose int8/int4 states are grouped along rows in logical (contiguous)
-    order (formats/quantized.py), which no kernel walks in the parameter's memory order. The kernels
-    then run on copies of the parameter, its weight-format buffers and its gradient, and the parameter
-    and buffers are copied back: the bits of a contiguous parameter, for those permuted copies in and
-    out (docs/kernels.md, "Dense layouts"). The reference executor needs no copies."""
+    """Whether ``param`` is a dense, non-contiguous parameter (a channels_last conv weight) whose
+    int8/int4 states are grouped along rows in logical (contiguous) order (formats/quantized.py), which
+    the flat kernels cannot walk in the parameter's memory order. On the CPU a native kernel that
+    transposes each row in cache takes it (``native.KernelSpec.permuted``); elsewhere the kernels run on
+    copies of the parameter, its weight-format buffers and its gradient, and the parameter and buffers
+    are copied back: the bits of a contiguous parameter (docs/kernels.md, "Dense layouts"). The
+    reference executor needs neither."""
     if param.is_contiguous() or not native.dense(param) or not native.same_layout(grad, param):
         return False
     if not any(k.endswith(".codes") for k in state):

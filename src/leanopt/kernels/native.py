@@ -831,6 +831,9 @@ class KernelSpec:
     weight: WeightCodec
     grad: tuple[str, str]
     states: tuple[tuple[str, bool, StateCodec], ...]  # (name, signed, codec)
+    #: S > 0: the weight tensors and gradient are stored channels_last-like (each row an (S x n/S)
+    #: matrix in memory, ``row_transpose_dims``); the kernel transposes each row in cache (grouped only)
+    permuted: int = 0
 
     @property
     def grouped(self) -> bool:
@@ -948,9 +951,84 @@ def generate(spec: KernelSpec) -> str:
   }}
 }}"""
     )
+    if spec.permuted:
+        lines.append(_permuted_rows(spec))
+        lines.append(_launcher("rows", "lo_body_rows"))
+        return "\n".join(lines)
     blocks = f"rows * (((n + {gs - 1}) / {gs} + {BLOCK_GROUPS - 1}) / {BLOCK_GROUPS})"
     lines.append(_launcher(blocks))
     return "\n".join(lines)
+
+
+_TRANSPOSE_ROW = r"""
+/* one row: (S x L) -> (L x S) (tl) or back, with the tables of its direction */
+LO_INLINE void lo_tr_row(const uint8_t *s, uint8_t *d, int64_t S, int64_t L, const int es, const int tl,
+                         const uint16_t *idx16, const uint32_t *idx32, const uint32_t *mask, int vec) {
+  int64_t b0 = 0;
+  (void)idx16; (void)idx32; (void)mask; (void)vec;
+#ifdef LO_TR_VECTOR
+  if (vec) b0 = lo_tr_vector(s, d, S, L, es, tl, idx16, idx32, mask);
+#endif
+  lo_tr_scalar(s, d, S, L, b0, es, tl);
+}
+"""
+
+_CTYPE_BYTES = {"float": 4, "uint16_t": 2, "int16_t": 2, "_Float16": 2, "int8_t": 1, "uint8_t": 1}
+
+
+def _permuted_rows(spec: KernelSpec) -> str:
+    """C of ``lo_body_rows``: rows [t0, t1) of a parameter stored channels_last-like (``spec.permuted``
+    = S: each row an (S x L) matrix in memory, L = n / S, an (L x S) one in logical order). Per row, the
+    weight tensors and the gradient are transposed into per-thread scratch (in cache), ``lo_body`` updates
+    that row there with its states' codes and scales (stored in logical order), and the weight tensors
+    are transposed back: one pass over memory, the bits of a contiguous parameter."""
+    side = [_CTYPE_BYTES[c] for c in spec.weight.ctypes_] + [_CTYPE_BYTES[spec.grad[0]]]
+    nw = len(spec.weight.ctypes_)
+    sizes = [f"(n * {es} + 63) / 64 * 64" for es in side]  # each tensor's row in scratch, 64-byte aligned
+    # after the weight side: per state its codes (a row: n bytes, n / 2 packed) and scales (2 per group)
+    state_rows = [r for _, _, c in spec.states for r in ("(n / 2)" if c.kind == "q4p" else "n", "(groups * 2)")]
+    count = nw + 1 + len(state_rows) + int(spec.weight.random)
+    lines = [
+        "static void lo_body_rows(int64_t rows, int64_t n, void **ptrs, const float *s, int64_t t0, int64_t t1) {",
+        f"  const int64_t S = {spec.permuted}, L = n / S, groups = (n + {GROUP_SIZE - 1}) / {GROUP_SIZE};",
+        f"  const int64_t blocks = (groups + {BLOCK_GROUPS - 1}) / {BLOCK_GROUPS};",
+        "  (void)rows;",
+        f"  uint8_t *scratch = (uint8_t *)malloc((size_t)({' + '.join(sizes)}));",
+        '  if (!scratch) { fputs("leanopt: out of memory for a row\'s scratch\\n", stderr); abort(); }',
+        "  /* permute tables into (in) and out of (out) logical order, for 32 lanes (1-, 2-byte) and 16 (4-byte) */",
+        "  uint16_t *in16 = 0, *out16 = 0; uint32_t *in32 = 0, *out32 = 0;",
+        "  uint32_t in_m32[32 * 32], in_m16[32 * 32], out_m32[32 * 32], out_m16[32 * 32];",
+        "  int v32 = 0, v16 = 0;",
+        "#ifdef LO_TR_VECTOR",
+        "  if (S <= 32) {",
+        "    in16 = (uint16_t *)calloc((size_t)(S * S * 32), 2); out16 = (uint16_t *)calloc((size_t)(S * S * 32), 2);",
+        "    in32 = (uint32_t *)calloc((size_t)(S * S * 16), 4); out32 = (uint32_t *)calloc((size_t)(S * S * 16), 4);",
+        "    if (in16 && out16 && in32 && out32) {",
+        "      lo_tr_tables((int)S, 32, 1, in16, in32, in_m32); lo_tr_tables((int)S, 16, 1, in16, in32, in_m16);",
+        "      lo_tr_tables((int)S, 32, 0, out16, out32, out_m32); lo_tr_tables((int)S, 16, 0, out16, out32, out_m16);",
+        "      v32 = L >= 32; v16 = L >= 16;",
+        "    }",
+        "  }",
+        "#endif",
+        f"  void *p[{count}];",
+        "  for (int64_t r = t0; r < t1; r++) {",
+    ]
+    for k, es in enumerate(side):
+        w = "16" if es == 4 else "32"
+        lines.append(f"    p[{k}] = scratch + {' + '.join(sizes[:k]) or '0'};")
+        lines.append(f"    lo_tr_row((const uint8_t *)ptrs[{k}] + r * n * {es}, (uint8_t *)p[{k}], S, L, {es}, 1,"
+                     f" in16, in32, in_m{w}, v{w});")  # fmt: skip
+    for j, stride in enumerate(state_rows):
+        lines.append(f"    p[{nw + 1 + j}] = (uint8_t *)ptrs[{nw + 1 + j}] + r * {stride};")
+    if spec.weight.random:  # stochastic rounding's noise: int32 per element, drawn in logical order
+        lines.append(f"    p[{count - 1}] = (uint8_t *)ptrs[{count - 1}] + r * n * 4;")
+    lines.append("    lo_body(1, n, p, s, 0, blocks);")
+    for k, es in enumerate(side[:nw]):
+        w = "16" if es == 4 else "32"
+        lines.append(f"    lo_tr_row((const uint8_t *)p[{k}], (uint8_t *)ptrs[{k}] + r * n * {es}, S, L, {es}, 0,"
+                     f" out16, out32, out_m{w}, v{w});")  # fmt: skip
+    lines += ["  }", "  free(scratch); free(in16); free(out16); free(in32); free(out32);", "}"]
+    return "#include <stdio.h>\n#include <stdlib.h>\n" + _TRANSPOSE_CORE + _TRANSPOSE_ROW + "\n".join(lines)
 
 
 def pointer_decls(
@@ -1118,20 +1196,24 @@ FLAT_CHUNK = 16384
 PARALLEL_MIN = {"openmp": 1 << 15, "pthreads": 1 << 20}
 
 
-def _launcher(units: str) -> str:
-    """``lo_step``: splits ``units`` work units (chunks or blocks) into contiguous ranges, one per thread:
-    an OpenMP team where the compiler has OpenMP (the process's libgomp, shared with torch), else
-    POSIX threads."""
-    return f"""
+def _launcher(units: str, body: str = "lo_body") -> str:
+    """``lo_step``: splits ``units`` work units (chunks, blocks or rows) into contiguous ranges, one per
+    thread, each run by ``body``: an OpenMP team where the compiler has OpenMP (the process's libgomp,
+    shared with torch), else POSIX threads."""
+    text = _LAUNCHER.format(units=units, omp_min=PARALLEL_MIN["openmp"], pt_min=PARALLEL_MIN["pthreads"])
+    return text.replace("lo_body(", f"{body}(")
+
+
+_LAUNCHER = """
 typedef struct {{ int64_t rows, n, t0, t1; void **ptrs; const float *s; }} lo_job;
 static void *lo_run(void *a) {{
   lo_job *j = (lo_job *)a; lo_body(j->rows, j->n, j->ptrs, j->s, j->t0, j->t1); return 0; }}
 void lo_step(int64_t rows, int64_t n, void **ptrs, const float *s, int threads) {{
   const int64_t total = {units};
 #ifdef _OPENMP
-  int64_t nt = rows * n >= {PARALLEL_MIN["openmp"]} ? threads : 1;
+  int64_t nt = rows * n >= {omp_min} ? threads : 1;
 #else
-  int64_t nt = rows * n >= {PARALLEL_MIN["pthreads"]} ? threads : 1;
+  int64_t nt = rows * n >= {pt_min} ? threads : 1;
   if (nt > 64) nt = 64;
 #endif
   if (nt > total) nt = total;
@@ -1425,10 +1507,12 @@ def plan(
 
 def _plan(
     rule: Rule, weight_format: WeightFormat, state_format: StateFormat, param: Tensor, grad_dtype: torch.dtype,
-    state: dict[str, Any], group: dict[str, Any], device_type: str = "cpu",
+    state: dict[str, Any], group: dict[str, Any], device_type: str = "cpu", permuted_rows: bool = False,
 ) -> tuple[KernelSpec, list[Tensor], list[str]] | None:  # fmt: skip
     """``plan`` plus the state keys of the tensors after the parameter (for a parameter on a
-    ``device_type`` device: kernels/gpu.py plans CUDA tensors with the same specs)."""
+    ``device_type`` device: kernels/gpu.py plans CUDA tensors with the same specs). ``permuted_rows``:
+    a channels_last conv weight with grouped states may get a kernel that transposes its rows
+    (``KernelSpec.permuted``; native CPU launches only)."""
     from .fused import fused_form  # fused imports this module
 
     form = fused_form(rule)
@@ -1458,24 +1542,43 @@ def _plan(
             keys += [f"{sp.name}.codes", f"{sp.name}.scales"]
     if any(t is None or t.device != param.device for t in tensors):
         return None
+    permuted = 0
     if not all(t.is_contiguous() for t in tensors):
         # A dense non-contiguous layout (channels_last conv weights): the elementwise (flat) kernels walk
         # memory order, the same element order in every tensor when all share the parameter's shape and
-        # strides. Not for grouped states (groups follow the last logical dim) nor for drawn noise
-        # (drawn contiguous, in logical order).
-        if weight_format.needs_random or any(c.kind != "flat" for _, _, c in codecs) or not dense(param):
+        # strides. Not for drawn noise (drawn contiguous, in logical order). Grouped states follow the
+        # logical order of a conv weight's rows (out, in * kh * kw): a kernel that transposes each row of
+        # a channels_last weight (its weight tensors; codes and scales contiguous), where asked.
+        nweight = 1 + len(weight_format.buffers)
+        if not dense(param):
             return None
-        if any(t.shape != param.shape or t.stride() != param.stride() for t in tensors):
+        if any(t.shape != param.shape or t.stride() != param.stride() for t in tensors[:nweight]):
+            return None
+        if any(c.kind != "flat" for _, _, c in codecs):  # (the noise is drawn in logical order, as they are)
+            permuted_rows = permuted_rows and PERMUTED_ROWS and device_type == "cpu"
+            dims = row_transpose_dims(param) if permuted_rows else None
+            if dims is None or any(c.kind == "flat" for _, _, c in codecs):
+                return None
+            if kernel_rows(param.shape) != (dims[0], dims[1] * dims[2]) or dims[1] == 1:
+                return None  # grouped along another dim (a last dim of 32 or more)
+            if not all(t.is_contiguous() for t in tensors[nweight:]):
+                return None
+            permuted = dims[1]
+        elif weight_format.needs_random or any(t.shape != param.shape or t.stride() != param.stride() for t in tensors):
             return None
     flags = form.flags(group)
-    key = (_form_key(form), flags, wcodec, gcodec, tuple(codecs))
+    key = (_form_key(form), flags, wcodec, gcodec, tuple(codecs), permuted)
     spec = _SPECS.get(key)
     if spec is None:
         body = tuple(trace_rule(form, flags, tuple(sp.name for sp in specs)))
-        spec = _SPECS[key] = KernelSpec(f"{_form_key(form)}{flags}", body, wcodec, gcodec, tuple(codecs))
+        spec = KernelSpec(f"{_form_key(form)}{flags}", body, wcodec, gcodec, tuple(codecs), permuted)
+        spec = _SPECS[key] = spec
     return spec, tensors, keys
 
 
+#: channels_last conv weights with grouped int8/int4 states get kernels that transpose each row in
+#: cache (``KernelSpec.permuted``); off: they are updated through contiguous copies (benchmarks)
+PERMUTED_ROWS = os.environ.get("LEANOPT_PERMUTED_ROWS", "1") != "0"
 _STATUS: dict[str, Any] = {"disabled": None, "warned": False}
 #: id(state dict) -> (what the plan depends on, spec, kernel, [(state key, weakref to tensor)]); checked on use
 _PLANS: dict[int, tuple] = {}
@@ -1615,7 +1718,7 @@ def launch(
     if cached is not None and cached[0] == check and same_tensors(cached[3], state):
         spec, kernel, refs, ptrs, counter = cached[1], cached[2], cached[3], cached[4], cached[5]
     else:
-        planned = _plan(rule, weight_format, state_format, param, grad.dtype, state, group)
+        planned = _plan(rule, weight_format, state_format, param, grad.dtype, state, group, permuted_rows=True)
         if planned is None:
             return None
         spec, tensors, keys = planned
@@ -1969,16 +2072,11 @@ def all_finite(t: Tensor) -> bool | None:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Channels-last <-> logical order (the grouped int8/int4 states' rows), for the copies a channels_last
-# conv weight is updated through (kernels/fused.py, ``_on_contiguous_twin``).
+# Channels-last <-> logical order (the grouped int8/int4 states' rows): the row transposes of the
+# permuted kernels (``_permuted_rows``), and the copies a channels_last conv weight is updated through
+# where those do not run (kernels/fused.py, ``_on_contiguous_twin``).
 
-_TRANSPOSE_SOURCE = r"""
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+_TRANSPOSE_CORE = r"""
 /* Each of `rows` rows holds S*L elements of `es` bytes: in memory order (S x L) (channels_last: S =
    kh*kw, L = in channels) or in logical order (L x S). to_logical: src (S x L) -> dst (L x S); else
    src (L x S) -> dst (S x L). Bytes are moved, never changed. With AVX-512 BW and S <= 32: blocks of
@@ -2040,6 +2138,19 @@ LO_INLINE int64_t lo_tr_vector(const uint8_t *s, uint8_t *d, int64_t S, int64_t 
   return b0;
 }
 #endif
+"""
+
+_TRANSPOSE_SOURCE = (
+    r"""
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+"""
+    + _TRANSPOSE_CORE
+    + r"""
 LO_INLINE void lo_tr_rows(const uint8_t *src, uint8_t *dst, int64_t rows, int64_t S, int64_t L, const int es,
                           const int tl, int vec, const uint16_t *idx16, const uint32_t *idx32, const uint32_t *mask,
                           int threads) {
@@ -2084,6 +2195,7 @@ int lo_transpose(const void *src, void *dst, int64_t rows, int64_t S, int64_t L,
   return vec ? W : 1;
 }
 """
+)
 
 _TRANSPOSE: list[Any] = []
 
