@@ -195,3 +195,35 @@ def test_resume_and_release_at_the_edges_give_the_same_bytes():
         for key in plain:
             assert torch.equal(bits(plain[key]), bits(resumed[key])), f"{what}, resumed: {key}"
         assert_same(plain, _run(case, i, release=True), f"{what}, released")
+
+
+@pytest.mark.slow
+def test_channels_last_conv_weights_at_the_edges_give_a_contiguous_weights_bytes():
+    """Random edge cases on conv weights stored channels_last (the row-transposing kernels of grouped
+    int8/int4 states, the flat kernels' memory-order walk otherwise, the reference for stochastic
+    rounding with flat states): every byte of a contiguous twin, NaN sign and payload aside (where the
+    two take different executors)."""
+    rng = random.Random(11)
+    shapes = [(6, 5, 3, 3), (4, 40, 3, 3), (3, 33, 1, 3), (2, 3, 7, 7), (2, 64, 2, 2)]
+    checked = 0
+    for i in range(24):
+        cls, hyper, master, states, _, dtype = draw(rng)
+        shape = rng.choice(shapes)
+        if i % 2 == 0:  # every other case with grouped states
+            states = ("int8", "int4")[i // 2 % 2]
+        g = torch.Generator().manual_seed(i)
+        scale = 10.0 ** [-30, -8, -3, 0, 2, 10, 30][i % 7]
+        weight = edge_values(shape, g, dtype, i % 3 == 0, scale)
+        grads = [edge_values(shape, g, dtype, i % 2 == 0, scale) for _ in range(3)]
+        out = []
+        for layout in (torch.contiguous_format, torch.channels_last):
+            p = torch.nn.Parameter(weight.clone().to(memory_format=layout))
+            opt = cls([p], master=master, states=states, nonfinite="ignore", **hyper)
+            for grad in grads:
+                p.grad = grad.clone().to(memory_format=layout)
+                opt.step()
+            state = {k: v.contiguous() for k, v in opt.state[p].items() if isinstance(v, torch.Tensor)}
+            out.append({"param": p.detach().contiguous(), **state})
+        assert_same(out[0], out[1], f"case {i}: {cls.__name__} {hyper} {master} {states} {shape} {dtype}")
+        checked += states in ("int8", "int4")
+    assert checked >= 12
