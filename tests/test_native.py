@@ -280,6 +280,15 @@ def test_prepare_builds_every_kernel_before_the_first_step(tmp_path, monkeypatch
         model(torch.randn(3, 32).bfloat16()).sum().backward()
         opt.step()
         assert len(native.compile_stats()) == built
+        # a channels_last conv weight's kernel (rows transposed in cache, its own per kernel area) too
+        conv = torch.nn.Conv2d(8, 40, 3).bfloat16().to(memory_format=torch.channels_last)
+        opt = leanopt.AdamW(conv.parameters(), master="compact", states="int8")
+        assert leanopt.kernels.prepare(opt) == 2
+        assert len(native.compile_stats()) == built + 1 and any(s.permuted == 9 for s in native._BY_SPEC)
+        conv(torch.randn(2, 8, 6, 6).bfloat16().to(memory_format=torch.channels_last)).sum().backward()
+        assert not conv.weight.grad.is_contiguous()
+        opt.step()
+        assert len(native.compile_stats()) == built + 1
     finally:
         native.reset()
 

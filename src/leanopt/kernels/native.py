@@ -1500,8 +1500,8 @@ def plan(
     state: dict[str, Any], group: dict[str, Any],
 ) -> tuple[KernelSpec, list[Tensor]] | None:  # fmt: skip
     """The kernel spec and the tensors it reads (in ``ptrs`` order) for this update, or None when the
-    native path does not cover it (device, dtype, format, layout)."""
-    planned = _plan(rule, weight_format, state_format, param, grad_dtype, state, group)
+    native path does not cover it (device, dtype, format, layout); the spec a native step would use."""
+    planned = _plan(rule, weight_format, state_format, param, grad_dtype, state, group, permuted_rows=True)
     return None if planned is None else planned[:2]
 
 
