@@ -336,3 +336,28 @@ def test_native_channels_last_transpose_moves_torch_contiguous_bytes(flags, tmp_
         assert native.to_logical(torch.zeros(4, 64, 3, 3).permute(0, 1, 3, 2)) is None
     finally:
         native.reset()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flags", ["-DLO_NO_VECTOR", "-march=x86-64-v3"], ids=["portable", "avx2"])
+def test_row_transposing_kernels_of_other_builds(flags, tmp_path, monkeypatch):
+    """The channels_last row-transposing int8/int4 kernels built as portable C and for AVX2 CPUs (element
+    by element transposes there): a contiguous twin's bits, 3x3 and 7x7 kernels, partial groups."""
+    from test_native import _compiler_takes, _cpu_has
+
+    monkeypatch.setenv("LEANOPT_CACHE_DIR", str(tmp_path))
+    if not _compiler_takes(flags, monkeypatch):
+        pytest.skip(f"the C compiler does not take {flags}")
+    if "x86-64-v3" in flags and not _cpu_has("avx2", "fma", "f16c"):
+        pytest.skip("this CPU does not run AVX2 code")
+    monkeypatch.setenv("LEANOPT_CFLAGS", flags)
+    native.reset()
+    try:
+        for mode in ("adamw compact/int8", "sgd nesterov kahan"):
+            for shape in ((40, 24, 3, 3), (6, 5, 7, 7)):
+                kw = {"states": "int4"} if mode.startswith("sgd") else {}
+                (a, opt_a), (b, opt_b) = twin_run(mode, shape, _channels_last, **kw)
+                assert_same(a, opt_a, b, opt_b)
+        assert {9, 49} <= {spec.permuted for spec in native._BY_SPEC}
+    finally:
+        native.reset()
