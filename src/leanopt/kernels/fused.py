@@ -649,7 +649,7 @@ def dispatch_step(
 
 def _contiguous(t: Tensor) -> Tensor:
     """``t.contiguous()``; a channels_last CPU tensor by the native transpose (the same bytes; faster
-    than torch's permuted copy here, 3.5x for an int8 residual: ``python benchmarks/channels_last.py``)."""
+    than torch's permuted copy here, above all for int8: ``python benchmarks/channels_last.py``)."""
     out = native.to_logical(t) if t.device.type == "cpu" and not t.is_contiguous() else None
     return t.contiguous() if out is None else out
 
