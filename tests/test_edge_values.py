@@ -78,16 +78,8 @@ def draw(rng: random.Random):
 
 
 def train(kernel: str, case, seed: int) -> dict[str, torch.Tensor]:
-    cls, hyper, master, states, shape, dtype = case
-    g = torch.Generator().manual_seed(seed)
-    scale = 10.0 ** [-30, -8, -3, 0, 2, 10, 30][seed % 7]
-    p = torch.nn.Parameter(edge_values(shape, g, dtype, seed % 3 == 0, scale))
-    opt = cls([p], master=master, states=states, kernel=kernel, nonfinite="ignore", **hyper)
-    for _ in range(3):
-        p.grad = edge_values(shape, g, dtype, seed % 2 == 0, scale)
-        opt.step()
-    state = {k: v.clone() for k, v in opt.state[p].items() if isinstance(v, torch.Tensor)}
-    return {"param": p.detach().clone(), **state}
+    """Three steps of ``case`` with ``kernel`` (see :func:`_run`)."""
+    return _run(case, seed, kernel=kernel)
 
 
 def assert_same(a: dict, b: dict, what: str) -> None:
@@ -146,10 +138,13 @@ def test_random_edge_values_give_the_same_bytes_on_every_executor(tmp_path, monk
     assert exact_rules >= 10
 
 
-def _run(case, seed: int, resume_at: int | None = None, release: bool = False) -> dict[str, torch.Tensor]:
-    """``train`` with the native kernels, optionally resumed from a saved checkpoint after ``resume_at``
-    steps (a new parameter and optimizer, ``torch.save``/``torch.load``), or with gradient release (the
-    gradients come out of backward: ``d sum(p * c) / dp = c``)."""
+def _run(
+    case, seed: int, kernel: str = "auto", resume_at: int | None = None, release: bool = False
+) -> dict[str, torch.Tensor]:
+    """``case``'s weight trained for three steps on edge values drawn from ``seed``, optionally resumed
+    from a saved checkpoint after ``resume_at`` steps (a new parameter and optimizer,
+    ``torch.save``/``torch.load``), or with gradient release (the gradients come out of backward:
+    ``d sum(p * c) / dp = c``)."""
     import io
 
     cls, hyper, master, states, shape, dtype = case
@@ -158,7 +153,7 @@ def _run(case, seed: int, resume_at: int | None = None, release: bool = False) -
     weight = edge_values(shape, g, dtype, seed % 3 == 0, scale)
     grads = [edge_values(shape, g, dtype, seed % 2 == 0, scale) for _ in range(3)]
     p = torch.nn.Parameter(weight)
-    opt = cls([p], master=master, states=states, nonfinite="ignore", **hyper)
+    opt = cls([p], master=master, states=states, kernel=kernel, nonfinite="ignore", **hyper)
     handle = leanopt.release_gradients(opt) if release else None
     for i, grad in enumerate(grads):
         if i == resume_at:
@@ -167,7 +162,7 @@ def _run(case, seed: int, resume_at: int | None = None, release: bool = False) -
             buf.seek(0)
             saved = torch.load(buf, weights_only=True)
             p = torch.nn.Parameter(saved["weight"])
-            opt = cls([p], master=master, states=states, nonfinite="ignore", **hyper)
+            opt = cls([p], master=master, states=states, kernel=kernel, nonfinite="ignore", **hyper)
             opt.load_state_dict(saved["optimizer"])
         if release:
             (p * grad).sum().backward()

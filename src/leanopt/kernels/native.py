@@ -2228,27 +2228,33 @@ def _transpose_fn() -> Any:
     return _TRANSPOSE[0]
 
 
+def _transposer(t: Tensor) -> tuple[Any, tuple[int, int, int]] | None:
+    """(the native transpose, ``row_transpose_dims(t)``) for a channels_last-like CPU tensor ``t`` of
+    1-, 2- or 4-byte elements; None when the native path cannot move it."""
+    dims = row_transpose_dims(t) if t.device.type == "cpu" and t.element_size() in (1, 2, 4) else None
+    fn = None if dims is None or disabled_reason() is not None else _transpose_fn()
+    return None if fn is None else (fn, dims)  # type: ignore[return-value]
+
+
 def to_logical(t: Tensor) -> Tensor | None:
     """A contiguous copy of the channels_last-like CPU tensor ``t`` (``t.contiguous()``, the same
     bytes), made by one native pass; None when the native path cannot (another layout or device, no
     compiler): then ``t.contiguous()``."""
-    dims = row_transpose_dims(t) if t.device.type == "cpu" and t.element_size() in (1, 2, 4) else None
-    fn = None if dims is None or disabled_reason() is not None else _transpose_fn()
-    if fn is None:
+    found = _transposer(t)
+    if found is None:
         return None
     out = torch.empty(t.shape, dtype=t.dtype)
-    fn(t.data_ptr(), out.data_ptr(), *dims, t.element_size(), 1, torch.get_num_threads())
+    found[0](t.data_ptr(), out.data_ptr(), *found[1], t.element_size(), 1, torch.get_num_threads())
     return out
 
 
 def from_logical(dst: Tensor, src: Tensor) -> bool:
     """``dst.copy_(src)`` for a channels_last-like CPU tensor ``dst`` and a contiguous ``src`` of its
     shape and dtype, by one native pass; False (nothing written) when the native path cannot."""
-    dims = row_transpose_dims(dst) if dst.device.type == "cpu" and dst.element_size() in (1, 2, 4) else None
-    if dims is None or not src.is_contiguous() or src.dtype != dst.dtype or src.shape != dst.shape:
+    if not src.is_contiguous() or src.dtype != dst.dtype or src.shape != dst.shape:
         return False
-    fn = None if disabled_reason() is not None else _transpose_fn()
-    if fn is None:
+    found = _transposer(dst)
+    if found is None:
         return False
-    fn(src.data_ptr(), dst.data_ptr(), *dims, dst.element_size(), 0, torch.get_num_threads())
+    found[0](src.data_ptr(), dst.data_ptr(), *found[1], dst.element_size(), 0, torch.get_num_threads())
     return True
