@@ -448,7 +448,8 @@ class LeanOptimizer(torch.optim.Optimizer):
         key = (group["master"], group["states"], param.dtype, tuple(param.shape), specs)
         # The same state dict holding the same tensors as at its last check with the same modes: done.
         seen = self.__dict__.setdefault("_layout_seen", {})
-        mark = (key, tuple(state), tuple(map(id, state.values())))
+        # (dtypes too: ``t.data = other`` keeps the tensor object but may change its dtype)
+        mark = (key, tuple(state), tuple((id(v), getattr(v, "dtype", None)) for v in state.values()))
         if seen.get(id(state)) == mark:
             return
         wfmt, _ = self.formats(param, group)

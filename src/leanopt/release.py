@@ -15,6 +15,7 @@ bucket's all-reduce, from the averaged gradient.
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -23,10 +24,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .kernels import step_plan as _step_plan
 from .optimizer import LeanOptimizer
 from .rules import AdamRule, LionRule, SGDRule
 
 CLIP_MODES = ("exact", "previous")
+#: Per-parameter plans: after a hook's update ran in a native CPU kernel, the next backward's hook for
+#: that parameter repeats it with one native call and a few checks (kernels/step_plan.py ``run_param``)
+#: instead of the general path; the same bits. ``LEANOPT_RELEASE_PLANS=0`` (or False here) turns them off.
+PLANS = os.environ.get("LEANOPT_RELEASE_PLANS", "1") != "0"
 ACCUMULATION_MODES = ("grad", "states")
 
 
@@ -196,6 +202,10 @@ class ReleaseHandle:
         self._hooked: set[int] = set()
         self._groups: dict[int, int] = {}
         self._poisoned: set[int] = set()
+        #: the hooks repeat native updates by per-parameter plans (default: module-level PLANS)
+        self.plans = PLANS
+        self._plans: dict[int, Any] = {}  # param index -> step_plan.ParamPlan
+        self._plan_cache: dict[Any, Any] = {}  # what every hook of one backward shares (run_param)
         self._sync_hooks()
         # kernel="fused" on CUDA: each hook's NaN/inf check runs on the device, its verdict is read at
         # optimizer.step() (_complete_step), so backward never waits for the GPU per tensor
@@ -257,6 +267,7 @@ class ReleaseHandle:
                 "or run loss.backward(retain_graph=True) inside handle.measure_norm() and then loss.backward()"
             )
         self._open = True
+        self._plan_cache = {}  # the groups were just checked; they may have changed since the last step
         self.optimizer.last_skipped = []
         self._skipped = []
         self._updated = set()
@@ -329,8 +340,10 @@ class ReleaseHandle:
             clip_(grad, self.per_param_max_norm, tensor_norm(grad, self.norm_type))
         self._norms[self.optimizer.param_index(p)] = tensor_norm(grad, self.norm_type)
 
-    @torch.no_grad()
     def _update(self, p: Tensor, grad: Tensor) -> None:
+        if torch.is_grad_enabled():  # (backward(create_graph=True)); torch.no_grad() costs ~2.5 us per hook
+            with torch.no_grad():
+                return self._update(p, grad)
         opt = self.optimizer
         index = opt.param_index(p)
         if grad.is_sparse:
@@ -352,9 +365,22 @@ class ReleaseHandle:
         if self._fold is not None:
             self._fold_micro_batch(p, grad, last=True)
             return
+        plan = self._plans.pop(index, None) if self.plans else None
+        if plan is not None:
+            done = _step_plan.run_param(plan, opt, p, grad, group, self._plan_cache)
+            if done is not None:
+                self._plans[index] = plan
+                if done:
+                    self._updated.add(index)
+                else:
+                    self._skip(index)
+                return
         before = len(opt.last_skipped)
         if opt.update_param(p, group, grad):
             self._updated.add(index)
+            plan = _step_plan.param_plan(opt, p, group, grad) if self.plans else None
+            if plan is not None:
+                self._plans[index] = plan
         elif len(opt.last_skipped) > before:
             self._skipped.append(index)
 
@@ -562,6 +588,7 @@ class ReleaseHandle:
         for h in self._param_hooks + self._step_hooks:
             h.remove()
         self._param_hooks, self._step_hooks, self._hooked = [], [], set()
+        self._plans = {}
         self.optimizer.__dict__.pop("_step_supports_amp_scaling", None)
         self.optimizer.__dict__.pop("_leanopt_release", None)
         self._active = False

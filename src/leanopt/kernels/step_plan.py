@@ -67,6 +67,14 @@ int lo_step_all(int64_t count, void **grads, const int64_t *sizes, const uint32_
   }
   return (int)skipped;
 }
+/* lo_step_all of one tensor (gradient release's hooks), its 17 arguments packed in one array: one
+   argument to convert per call instead of 17 (~3 us of ctypes) */
+int lo_step_one(const int64_t *a) {
+  return lo_step_all(a[0], (void **)a[1], (const int64_t *)a[2], (const uint32_t *)a[3], (int)a[4],
+                     (float **)a[5], (const int32_t *)a[6], (const float *)a[7], (const int64_t *)a[8],
+                     (void **)a[9], (const int64_t *)a[10], (const int64_t *)a[11], (void ***)a[12],
+                     (const float **)a[13], (int8_t *)a[14], (int)a[15], a[16]);
+}
 """
 
 _FN: list[Any] = []
@@ -81,10 +89,16 @@ def _step_all() -> Any:
                 c.c_int64]  # fmt: skip
         source = _native._FINITE_SOURCE + _STEP_ALL_SOURCE
         try:
-            _FN.append(_native.build(source, "lo_step_all", args, c.c_int).fn)
+            every = _native.build(source, "lo_step_all", args, c.c_int).fn
+            _FN.append((every, _native.build(source, "lo_step_one", [c.c_void_p], c.c_int).fn))
         except (_native.BuildError, OSError):
             _FN.append(None)
-    return _FN[0]
+    return _FN[0] and _FN[0][0]
+
+
+def _step_one() -> Any:
+    """The compiled ``lo_step_one`` (None if it cannot be built)."""
+    return _step_all() and _FN[0][1]
 
 
 @dataclass(slots=True)
@@ -216,7 +230,9 @@ def _valid(plan: Any, opt: Any, params: list[Tensor], grads: list[Tensor]) -> bo
     for g, dtype, shape, layout in zip(grads, plan.grad_dtypes, plan.shapes, plan.layouts, strict=True):
         if type(g) is not Tensor or g.layout is not strided or g.dtype is not dtype or g.shape != shape:
             return False
-        if g.get_device() != plan.device_index or not (g.is_contiguous() if layout is None else g.stride() == layout):
+        if g.get_device() != plan.device_index or (plan.device_index == -1 and not g.is_cpu):  # (meta: -1 too)
+            return False
+        if not (g.is_contiguous() if layout is None else g.stride() == layout):
             return False
     state = opt.state
     for i, p in enumerate(params):
@@ -275,3 +291,160 @@ def run(plan: StepPlan, opt: Any) -> list[int] | None:
     if rc == 0:
         return []
     return [opt.param_index(p) for p, ok in zip(params, plan.ok, strict=True) if not ok]
+
+
+# ---------------------------------------------------------------------------------------------------
+# One parameter's plan: gradient release's hooks (release.py) update one parameter at a time, each
+# through the general path's ~50 us of Python (checks, state, formats, dispatch) before its kernel.
+# After a hook's update ran in a native kernel, its plan repeats it: the checks of :func:`_valid` for
+# that one tensor, its param group's formats and flags once per backward (the hooks' ``cache``), and
+# ``lo_step_all`` with a count of one (NaN/inf check, step counter check and advance, the kernel).
+
+
+@dataclass(slots=True)
+class ParamPlan:
+    mode: tuple  # (kernel, nonfinite) of the optimizer
+    form: Any
+    group_id: int
+    group_key: tuple  # (formats, states, flags) of the group when planned
+    state_id: int
+    refs: tuple  # (state key, weakref, address) of every state tensor, the step tensor last
+    param_ptr: int
+    shape: torch.Size
+    layout: Any  # None (contiguous) or the parameter's strides
+    grad_dtype: torch.dtype
+    kernel: Any  # native.Kernel: its code is what fns points to
+    keep: Any  # the pointer array (fns' kernel reads it; the general path shares it: native._PLANS)
+    # lo_step_all's arrays, of one element each
+    grads: Any
+    sizes: Any
+    masks: Any
+    counters: Any
+    seg: Any
+    expect: Any  # the step counter's value before the next update
+    slot: Any
+    fns: Any
+    rows: Any
+    ns: Any
+    ptrs: Any
+    scalars: Any
+    ok: Any
+    packed: Any = None  # lo_step_one's argument: the 17 arguments of lo_step_all (CHECK, THREADS per call)
+
+
+CHECK, THREADS = 4, 15  # the places in ParamPlan.packed that change per call
+_CHECKS = {"ignore": 0, "skip": 1, "raise": 2}
+
+
+def _group_key(opt: Any, form: Any, group: dict) -> tuple:
+    return (group["master"], group["states"]), tuple(opt.rule.states(group)), form.flags(group)
+
+
+def param_plan(opt: Any, param: Tensor, group: dict, grad: Tensor) -> ParamPlan | None:
+    """The plan of the update of ``param`` from ``grad`` that has just run, or None when it did not run
+    in a native kernel a plan can repeat (another executor, a sharded or non-CPU tensor, noise drawn
+    per update, a step counter that is not a plain fp32 tensor). Only reads."""
+    from .. import distributed as _shards
+    from . import gpu as _gpu
+
+    if opt.kernel == "reference" or param.device.type != "cpu" or _gpu.wanted(opt.kernel, param.device):
+        return None
+    if _shards.is_dtensor(param) or type(grad) is not Tensor or _step_all() is None:
+        return None
+    spec = _native._EXPONENT_MASKS.get(grad.dtype)
+    form = _native._fused_form()(opt.rule)
+    state = opt.state.get(param)
+    cached = _native._PLANS.get(id(state)) if state is not None else None
+    if spec is None or form is None or cached is None:
+        return None
+    check, kspec, kernel, refs, ptrs, counter = cached
+    if counter is None or kspec.weight.random or counter[0]() is not state.get("step"):
+        return None
+    wfmt, sfmt = opt.formats(param, group)
+    now = (opt.rule, wfmt, sfmt, form.flags(group), grad.dtype, param.dtype, param.shape, param.data_ptr(),
+           param.stride(), param.device)  # fmt: skip
+    if check != now or not _native.same_tensors(refs, state):
+        return None  # the native plan cached for this state is not this update's
+    rows, n = _native.kernel_rows(param.shape)
+    c = ctypes
+    plan = ParamPlan(
+        mode=(opt.kernel, opt.nonfinite),
+        form=form,
+        group_id=id(group),
+        group_key=_group_key(opt, form, group),
+        state_id=id(state),
+        refs=(*refs, ("step", counter[0], counter[2])),
+        param_ptr=param.data_ptr(),
+        shape=param.shape,
+        layout=None if param.is_contiguous() else param.stride(),
+        grad_dtype=grad.dtype,
+        kernel=kernel,
+        keep=ptrs,
+        grads=(c.c_void_p * 1)(),
+        sizes=(c.c_int64 * 1)(grad.numel()),
+        masks=(c.c_uint32 * 1)(spec[1] | (spec[0] == 32)),
+        counters=(c.c_void_p * 1)(counter[2]),
+        seg=(c.c_int32 * 1)(0),
+        expect=(c.c_float * 1)(counter[1].value),
+        slot=(c.c_int64 * 1)(len(kspec.weight.ctypes_)),
+        fns=(c.c_void_p * 1)(c.cast(kernel.fn, c.c_void_p).value),
+        rows=(c.c_int64 * 1)(rows),
+        ns=(c.c_int64 * 1)(n),
+        ptrs=(c.c_void_p * 1)(c.addressof(ptrs)),
+        scalars=(c.c_void_p * 1)(),
+        ok=(c.c_int8 * 1)(),
+    )
+    arrays = (plan.grads, plan.sizes, plan.masks, 0, plan.counters, plan.seg, plan.expect, plan.slot, plan.fns,
+              plan.rows, plan.ns, plan.ptrs, plan.scalars, plan.ok)  # fmt: skip
+    plan.packed = (c.c_int64 * 17)(1, *(a if isinstance(a, int) else c.addressof(a) for a in arrays), 0,
+                                   _native.SMALL_TENSOR)  # fmt: skip
+    return plan
+
+
+def run_param(plan: ParamPlan, opt: Any, param: Tensor, grad: Tensor, group: dict, cache: dict) -> bool | None:
+    """Update ``param`` from ``grad`` by its ``plan``: True when updated, False when skipped for a
+    non-finite gradient (``nonfinite="skip"``: nothing changed, as on the general path), None (nothing
+    changed) when the plan does not apply or the native call declined (a step counter changed from
+    outside, a non-finite gradient under "raise"): then the general path runs. ``cache`` holds what is
+    the same for every hook of one backward (the groups' formats and flags, hyper-parameter arrays);
+    the caller empties it when a backward begins, after checking every group's hyper-parameters."""
+    if (opt.kernel, opt.nonfinite) != plan.mode or id(group) != plan.group_id:
+        return None
+    g = grad
+    if type(g) is not Tensor or g.layout is not torch.strided or g.dtype is not plan.grad_dtype:
+        return None
+    if g.shape != plan.shape or not g.is_cpu:
+        return None
+    layout = plan.layout
+    if not (g.is_contiguous() if layout is None else g.stride() == layout):
+        return None
+    if param.data_ptr() != plan.param_ptr or param.shape != plan.shape:
+        return None
+    if not (param.is_contiguous() if layout is None else param.stride() == layout):
+        return None
+    state = opt.state.get(param)
+    if id(state) != plan.state_id or not _native.same_tensors(plan.refs, state):
+        return None
+    key = cache.get(plan.group_id)
+    if key is None:
+        key = cache[plan.group_id] = _group_key(opt, plan.form, group)
+    if key != plan.group_key:
+        return None
+    step = ctypes.c_float(plan.expect[0] + 1.0).value  # float32 + 1, as the counter advances
+    values = cache.get((plan.group_id, step))
+    if values is None:
+        floats = plan.form.scalars(group, step)
+        values = cache[plan.group_id, step] = (ctypes.c_float * len(floats))(*floats)
+    plan.scalars[0] = ctypes.addressof(values)
+    plan.grads[0] = g.data_ptr()
+    packed = plan.packed
+    packed[CHECK] = _CHECKS[opt.nonfinite]
+    packed[THREADS] = torch.get_num_threads()
+    rc = _step_one()(packed)
+    if rc < 0:
+        return None
+    if rc:
+        return False
+    plan.expect[0] = step
+    plan.kernel.calls += 1
+    return True

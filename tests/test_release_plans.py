@@ -1,0 +1,299 @@
+"""Gradient release's per-parameter plans (kernels/step_plan.py ``param_plan``/``run_param``): after a
+hook's update ran in a native kernel, the next backward's hook repeats it in one native call.
+
+Every test trains three equal copies of the same parameters: ``planned`` (release as users get it),
+``general`` (release with its plans off, ``handle.plans = False``: every hook takes the general path)
+and ``ordinary`` (no release: backward, then ``step()``). Weights, states and skip counts must agree bit
+for bit whatever happens between steps, and the plans must actually be used when nothing changed.
+"""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+import leanopt
+from leanopt.kernels import native, step_plan
+from test_step_plan import MODES, _replace_state, _scenario, bits
+
+pytestmark = pytest.mark.skipif(native.disabled_reason() is not None or native.compiler() is None,
+                                reason="no C compiler")  # fmt: skip
+
+SHAPES = [(64, 64), (3, 70), (130,), (5, 96), (1,), (4, 12, 3, 3), (300, 256)]  # the last: > SMALL_TENSOR
+
+
+class Triplet:
+    """One optimizer three times: released with plans, released without, and stepped ordinarily. A
+    step's "gradient" of parameter i is ``targets[i]`` (loss = sum(p * target)), so all three get the
+    same bits; a parameter whose target is None gets none."""
+
+    names = ("planned", "general", "ordinary")
+
+    def __init__(self, make_opt, dtype=torch.bfloat16, shapes=SHAPES, seed=0, layouts=None):
+        self.gen = torch.Generator().manual_seed(seed)
+        dtypes = dtype if isinstance(dtype, list) else [dtype] * len(shapes)
+        base = [(torch.randn(s, generator=self.gen) * 0.5).to(d) for s, d in zip(shapes, dtypes, strict=True)]
+        layouts = layouts or [torch.contiguous_format] * len(shapes)
+        self.params = {
+            n: [torch.nn.Parameter(t.clone().to(memory_format=f)) for t, f in zip(base, layouts, strict=True)]
+            for n in self.names
+        }
+        self.opts = {n: make_opt(self.params[n]) for n in self.names}
+        self.handles = {n: leanopt.release_gradients(self.opts[n]) for n in self.names[:2]}
+        self.handles["general"].plans = False
+        self.dtype = dtype
+
+    def targets(self, scale=1.0, skip=()):
+        return [None if i in skip else torch.randn(p.shape, generator=self.gen) * scale
+                for i, p in enumerate(self.params["planned"])]  # fmt: skip
+
+    def step(self, targets):
+        errors = []
+        for n in self.names:
+            terms = [(p.float() * t).sum() for p, t in zip(self.params[n], targets, strict=True) if t is not None]
+            try:
+                if terms:  # else no gradient at all: step() changes nothing
+                    torch.stack(terms).sum().backward()
+                self.opts[n].step()
+                errors.append(None)
+            except Exception as err:  # noqa: BLE001 - compared below
+                errors.append(err)
+            self.opts[n].zero_grad()
+        assert len({type(e) for e in errors}) == 1, errors
+        if errors[0] is not None:
+            assert len({str(e) for e in errors}) == 1, errors
+            raise errors[0]
+
+    def assert_same(self, against="ordinary"):
+        ref = self.opts[against]
+        for n in self.names[:2]:
+            if n == against:
+                continue
+            opt = self.opts[n]
+            assert (opt.nonfinite_skipped, opt.last_skipped) == (ref.nonfinite_skipped, ref.last_skipped), n
+            for i, (p, q) in enumerate(zip(self.params[n], self.params[against], strict=True)):
+                assert torch.equal(bits(p), bits(q)), f"{n}: weights of param {i}"
+                sp, sq = opt.state.get(p, {}), ref.state.get(q, {})
+                assert sorted(sp) == sorted(sq), f"{n}: state keys of param {i}"
+                for k in sp:
+                    assert torch.equal(bits(sp[k]), bits(sq[k])), f"{n}: state {k!r} of param {i}"
+
+
+@pytest.fixture
+def planned_runs(monkeypatch):
+    """Counts the hooks that a plan ran (run_param returned True or False, not None)."""
+    runs = []
+    real = step_plan.run_param
+    monkeypatch.setattr(step_plan, "run_param", lambda *a: (lambda r: (runs.append(r), r)[1])(real(*a)))
+    return runs
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_hooks_repeat_their_updates_by_plan_with_the_general_paths_bits(mode, planned_runs):
+    t = Triplet(MODES[mode])
+    for i in range(5):
+        for opt in t.opts.values():
+            opt.param_groups[0]["lr"] *= 0.7  # a schedule: the plans still apply
+        t.step(t.targets(scale=10.0 ** -(i % 3)))
+        t.assert_same()
+    # the first backward plans, the four after it run every hook by its plan
+    assert planned_runs.count(True) == 4 * len(SHAPES) and len(planned_runs) == 4 * len(SHAPES)
+
+
+@pytest.mark.parametrize("where", [1, 6], ids=["small tensor", "large tensor"])
+def test_non_finite_gradient_is_skipped_by_the_plan_as_on_the_general_path(where, planned_runs):
+    t = Triplet(MODES["adamw exact/fp32"])
+    for _ in range(2):
+        t.step(t.targets())
+    targets = t.targets()
+    targets[where][-1] = float("nan")
+    t.step(targets)
+    t.assert_same()
+    assert t.opts["planned"].last_skipped == [where] and t.opts["planned"].nonfinite_skipped == 1
+    assert planned_runs.count(False) == 1  # the plan skipped it, in its native call
+    for _ in range(2):  # parameter `where` is a step behind the others now
+        t.step(t.targets())
+        t.assert_same()
+
+
+def test_non_finite_gradient_under_raise_is_raised_by_the_general_path():
+    t = Triplet(lambda ps: leanopt.AdamW(ps, lr=1e-2, nonfinite="raise"))
+    for _ in range(2):
+        t.step(t.targets())
+    targets = t.targets()
+    targets[0][0, 0] = float("inf")  # backward reaches parameter 0 last: the others are updated by then
+    with pytest.raises(FloatingPointError, match="parameter 0"):
+        t.step(targets)
+    for n in t.names:
+        t.opts[n].zero_grad()
+    # released, the tensors updated earlier in that backward stay updated (docs/release.md), by plan or not
+    t.assert_same(against="general")
+    assert not torch.equal(bits(t.params["planned"][1]), bits(t.params["ordinary"][1]))
+
+
+@pytest.mark.parametrize("how", ["new tensor", "new storage", "in place", "step count"])
+def test_states_changed_between_steps_are_followed(how):
+    t = Triplet(MODES["adamw compact/int8"])
+    for i in range(4):
+        if i == 2:
+            key = "step" if how == "step count" else "exp_avg.scales"
+            for n in t.names:
+                _replace_state(t.opts[n], t.params[n][0], key, how)
+        t.step(t.targets())
+        t.assert_same()
+
+
+def test_a_state_given_storage_of_another_dtype_is_refused_by_every_path():
+    t = Triplet(MODES["adamw compact/int8"])
+    for _ in range(2):
+        t.step(t.targets())
+    for n in t.names:
+        codes = t.opts[n].state[t.params[n][0]]["exp_avg.codes"]
+        codes.data = codes.float()  # the same tensor object, now fp32
+    with pytest.raises(RuntimeError, match="parameter 0: its state holds"):
+        t.step(t.targets())
+
+
+def test_load_state_dict_weights_replaced_and_group_changes_are_followed(planned_runs):
+    t = Triplet(lambda ps: leanopt.SGD(ps, lr=1e-2, momentum=0.9))
+    for _ in range(3):
+        t.step(t.targets())
+    saved = t.opts["ordinary"].state_dict()
+    t.step(t.targets(skip=(2,)))  # one parameter without a gradient
+    for n in t.names:
+        buf = io.BytesIO()
+        torch.save(saved, buf)
+        buf.seek(0)
+        t.opts[n].load_state_dict(torch.load(buf, weights_only=True))
+        for p in t.params[n]:  # weights given new storage (same values)
+            p.data = p.data.clone()
+    t.step(t.targets())
+    t.assert_same()
+    for n in t.names:
+        t.opts[n].param_groups[0]["nesterov"] = True  # another kernel
+    t.step(t.targets())
+    t.assert_same()
+    runs = len(planned_runs)
+    t.step(t.targets())
+    t.assert_same()
+    assert planned_runs[runs:] == [True] * len(SHAPES)  # planned again
+    for n in t.names:
+        t.opts[n].param_groups[0]["lr"] = -1.0
+    before = [bits(p) for p in t.params["planned"]]
+    with pytest.raises(ValueError, match="lr"):
+        t.step(t.targets())
+    assert all(torch.equal(bits(p), b) for p, b in zip(t.params["planned"], before, strict=True))
+
+
+@pytest.mark.parametrize("states", ["int8", "int4"])
+def test_channels_last_conv_weights_are_planned(states, planned_runs):
+    shapes = [(8, 4, 3, 3), (6, 8, 3, 3), (6, 40)]
+    layouts = [torch.channels_last, torch.channels_last, torch.contiguous_format]
+    t = Triplet(lambda ps: leanopt.AdamW(ps, lr=1e-2, master="compact", states=states), shapes=shapes,
+                layouts=layouts)  # fmt: skip
+    for _ in range(4):
+        t.step(t.targets())
+        t.assert_same()
+    assert not t.params["planned"][0].is_contiguous()
+    assert planned_runs == [True] * (3 * len(shapes))
+
+
+def test_what_a_plan_cannot_repeat_takes_the_general_path(planned_runs):
+    """Noise drawn per update (stochastic rounding), the eager reference, and fp32 params with clipping
+    by the previous step's norm (clipped in the hook, then planned): same bits as without release."""
+    for make, planned in (
+        (lambda ps: leanopt.AdamW(ps, lr=1e-2, master="stochastic"), False),
+        (lambda ps: leanopt.AdamW(ps, lr=1e-2, kernel="reference"), False),
+    ):
+        planned_runs.clear()
+        t = Triplet(make, shapes=SHAPES[:3])
+        for _ in range(3):
+            t.step(t.targets())
+            t.assert_same()
+        assert bool(planned_runs) == planned
+        assert not t.handles["planned"]._plans
+
+
+def test_random_scenarios_give_the_same_bits_with_and_without_plans(planned_runs):
+    """test_step_plan's 24 random optimizers and event sequences (LR and weight decay changes, tensors
+    without a gradient, NaN, state_dict round trips, channels_last conv weights), each trained released
+    with plans, released without, and ordinarily: every weight, state and skip count must match."""
+    for seed in range(24):
+        cls, groups, events = _scenario(seed)
+        g = torch.Generator().manual_seed(seed)
+        shapes, layouts, per_group = [], [], []
+        for chosen, cl, _dtype, hyper in groups:
+            per_group.append((len(chosen), hyper))
+            shapes += chosen
+            layouts += [torch.channels_last if c else torch.contiguous_format for c in cl]
+        dtypes = [dtype for chosen, _, dtype, _ in groups for _ in chosen]
+
+        def make(ps, per_group=per_group, cls=cls):
+            out, k = [], 0
+            for count, hyper in per_group:
+                out.append({"params": ps[k : k + count], **hyper})
+                k += count
+            return cls(out)
+
+        t = Triplet(make, dtype=dtypes, shapes=shapes, seed=seed, layouts=layouts)
+        for ev in events:
+            for n in t.names:
+                if "lr" in ev:
+                    t.opts[n].param_groups[ev["lr"][0]]["lr"] = ev["lr"][1]
+                if "wd" in ev:
+                    t.opts[n].param_groups[ev["wd"][0]]["weight_decay"] = ev["wd"][1]
+            targets = [torch.randn(s, generator=g) * 1e-2 for s in shapes]
+            if "no grad" in ev:
+                targets[int(ev["no grad"] * len(shapes))] = None
+            if "nan" in ev and targets[int(ev["nan"] * len(shapes))] is not None:
+                targets[int(ev["nan"] * len(shapes))].view(-1)[0] = float("nan")
+            t.step(targets)
+            if "reload" in ev:
+                for n in t.names:
+                    buf = io.BytesIO()
+                    torch.save(t.opts[n].state_dict(), buf)
+                    buf.seek(0)
+                    t.opts[n].load_state_dict(torch.load(buf, weights_only=True))
+            try:
+                t.assert_same()
+            except AssertionError as err:
+                raise AssertionError(f"scenario {seed}: {err}") from None
+    assert planned_runs.count(True) >= 100  # the plans were used
+
+
+def test_run_param_declines_what_its_plan_was_not_made_for():
+    """run_param itself: a gradient of another layout, shape, dtype or device, another group, or a
+    parameter given new storage: None, nothing changed; the plan's own case: True, updated."""
+    p = torch.nn.Parameter(torch.randn(6, 40).bfloat16())
+    opt = leanopt.AdamW([p], lr=1e-2)
+    handle = leanopt.release_gradients(opt)
+    for _ in range(2):
+        (p.float() * torch.randn(6, 40)).sum().backward()
+        opt.step()
+    plan = handle._plans[0]
+    group = opt.param_groups[0]
+
+    def snapshot():
+        return [bits(p)] + [bits(v) for v in opt.state[p].values()]
+
+    g = torch.randn(6, 40).bfloat16()
+    before = snapshot()
+    for grad, grp in (
+        (torch.randn(40, 6).bfloat16().t(), group),  # not contiguous
+        (torch.randn(240).bfloat16(), group),  # another shape
+        (g.float(), group),  # another dtype
+        (g.to("meta"), group),  # another device
+        (g, {**group}),  # another group
+    ):
+        assert step_plan.run_param(plan, opt, p, grad, grp, {}) is None
+        assert all(torch.equal(a, b) for a, b in zip(snapshot(), before, strict=True))
+    p.data = p.data.clone()
+    assert step_plan.run_param(plan, opt, p, g, group, {}) is None
+    assert all(torch.equal(a, b) for a, b in zip(snapshot(), before, strict=True))
+    assert step_plan.param_plan(opt, p, group, g) is None  # no update has run on the new storage yet
+    assert opt.update_param(p, group, g)  # the general path
+    plan = step_plan.param_plan(opt, p, group, g)
+    assert step_plan.run_param(plan, opt, p, g, group, {}) is True
+    assert not torch.equal(bits(p), before[0]) and opt.state[p]["step"].item() == 4
