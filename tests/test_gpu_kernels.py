@@ -429,12 +429,13 @@ class Spy:
         monkeypatch.setattr(gpu, "run_plan", run_plan)
 
 
-def test_planned_steps_give_the_native_bits_with_one_launch_per_kernel(emulate, monkeypatch):
+@pytest.mark.parametrize("master", ["compact", "stochastic"])  # stochastic: each update's key in the table
+def test_planned_steps_give_the_native_bits_with_one_launch_per_kernel(emulate, monkeypatch, master):
     spy = Spy(monkeypatch)
     shapes = [(5, 64), (7,), (3, 70), (33, 1000), (4, 33)]
-    ref = snapshot(*train("auto", leanopt.AdamW, "compact", "int8", dict(lr=1e-2), steps=6, shapes=shapes,
+    ref = snapshot(*train("auto", leanopt.AdamW, master, "int8", dict(lr=1e-2), steps=6, shapes=shapes,
                           late=False))  # fmt: skip
-    ours = snapshot(*train("fused", leanopt.AdamW, "compact", "int8", dict(lr=1e-2), steps=6, shapes=shapes,
+    ours = snapshot(*train("fused", leanopt.AdamW, master, "int8", dict(lr=1e-2), steps=6, shapes=shapes,
                            late=False))  # fmt: skip
     assert_same(ref, ours, "planned")
     assert spy.planned == 5  # every step after the first

@@ -201,19 +201,12 @@ def test_channels_last_conv_weights_are_planned(states, planned_runs):
 
 
 def test_what_a_plan_cannot_repeat_takes_the_general_path(planned_runs):
-    """Noise drawn per update (stochastic rounding), the eager reference, and fp32 params with clipping
-    by the previous step's norm (clipped in the hook, then planned): same bits as without release."""
-    for make, planned in (
-        (lambda ps: leanopt.AdamW(ps, lr=1e-2, master="stochastic"), False),
-        (lambda ps: leanopt.AdamW(ps, lr=1e-2, kernel="reference"), False),
-    ):
-        planned_runs.clear()
-        t = Triplet(make, shapes=SHAPES[:3])
-        for _ in range(3):
-            t.step(t.targets())
-            t.assert_same()
-        assert bool(planned_runs) == planned
-        assert not t.handles["planned"]._plans
+    """The eager reference (kernel="reference"): no plans, the same bits as without release."""
+    t = Triplet(lambda ps: leanopt.AdamW(ps, lr=1e-2, kernel="reference"), shapes=SHAPES[:3])
+    for _ in range(3):
+        t.step(t.targets())
+        t.assert_same()
+    assert not planned_runs and not t.handles["planned"]._plans
 
 
 def test_random_scenarios_give_the_same_bits_with_and_without_plans(planned_runs):

@@ -85,6 +85,8 @@ MODES = {
     "adamw compact/int4": lambda ps: leanopt.AdamW(ps, lr=1e-2, master="compact", states="int4"),
     "sgd nesterov": lambda ps: leanopt.SGD(ps, lr=1e-2, momentum=0.9, nesterov=True),
     "lion kahan": lambda ps: leanopt.Lion(ps, lr=1e-3, master="kahan", weight_decay=0.1),
+    "adamw stochastic/int8": lambda ps: leanopt.AdamW(ps, lr=1e-2, master="stochastic", states="int8", seed=5),
+    "sgd stochastic": lambda ps: leanopt.SGD(ps, lr=1e-2, momentum=0.9, master="stochastic", seed=5),
 }
 
 
@@ -239,13 +241,22 @@ def test_load_state_dict_and_weights_replaced_are_followed():
     twin.assert_same()
 
 
-def test_stochastic_rounding_is_not_planned():
-    ps = [torch.nn.Parameter(torch.randn(8, 32).bfloat16())]
-    opt = leanopt.AdamW(ps, lr=1e-2, master="stochastic")
-    for _ in range(2):
-        ps[0].grad = torch.randn(8, 32).bfloat16()
-        opt.step()
-    assert opt._step_plan is None  # noise is drawn per tensor per step
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_stochastic_rounding_is_planned_with_each_updates_key(dtype, monkeypatch):
+    """Its bits are computed in the kernels from each update's key (formats/noise.py), which the plan
+    writes before its native call: the general path's bits, the optimizer's seed read at each step."""
+    twin = Twin(lambda ps: leanopt.AdamW(ps, lr=1e-2, master="stochastic", seed=3), dtype=dtype)
+    twin.grads()
+    twin.step()
+    general = count_general(monkeypatch)
+    for i in range(4):
+        if i == 2:
+            twin.planned.seed = twin.general.seed = 4
+        twin.grads(scale=1e-3)
+        twin.step()
+        twin.assert_same()
+    assert len(general) == 4  # only the general optimizer's steps
+    assert twin.planned._step_plan.noise
 
 
 def test_the_native_call_skips_only_the_non_finite_tensor_and_declines_stale_plans():

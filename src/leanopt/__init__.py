@@ -7,7 +7,7 @@ from .memory import MemoryReport, memory_report
 from .optimizer import SGD, Adam, AdamW, LeanOptimizer, Lion
 from .release import ReleaseHandle, release_gradients
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "SGD",

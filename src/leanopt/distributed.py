@@ -253,18 +253,19 @@ def finite_checks(grads: list[Tensor]) -> Iterator[None]:
         _finite_cache.flags = previous if previous is not None else {}
 
 
-def random_rows(param: Tensor, like: Tensor, draw: Any) -> Tensor:
-    """Random integers for ``like`` (this rank's rows of ``param``): ``draw(shape)`` over the whole
-    tensor, then this rank's rows, so a shard rounds with the bits the unsharded tensor would use."""
+def row_base(param: Tensor, like: Tensor) -> int:
+    """The index, in the whole tensor ``param`` (row-major), of the first element of ``like``: 0 for a
+    plain tensor; for a sharded one, ``like`` must be this rank's rows, and it is their first element's
+    (stochastic rounding's bits are indexed so: formats/noise.py)."""
     if not is_dtensor(param) or not _sharded_dims(param):
-        return draw(like.shape)
+        return 0
     if tuple(like.shape) != tuple(local(param).shape):
         raise ValueError(
             f"random bits asked for shape {tuple(like.shape)}, not the local rows {tuple(local(param).shape)} "
             "of a sharded parameter"
         )
-    first, end = row_range(param)
-    return draw(param.shape)[first:end]
+    first, _ = row_range(param)
+    return first * (param.numel() // param.shape[0] if param.shape[0] else 0)
 
 
 # Collectives gather int16 (remainders) on no backend (gloo: "Invalid scalar type"; NCCL has no int16);

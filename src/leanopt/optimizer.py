@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from . import distributed as _shards
+from .formats import noise as _noise
 from .formats.states import STATE_FORMATS, StateFormat
 from .formats.weights import MASTER_CHOICES, WeightFormat, resolve_weight_format
 from .kernels import fused as _fused
@@ -24,7 +25,6 @@ from .rules import AdamRule, AdamWRule, LionRule, Rule, SGDRule
 
 NONFINITE_CHOICES = ("skip", "raise", "ignore")
 STATE_DICT_VERSION = 1
-_SEED_MASK = (1 << 63) - 1
 
 
 #: (master, states, dtype) -> (weight format, state format): formats() runs for every tensor on every step
@@ -123,7 +123,6 @@ class LeanOptimizer(torch.optim.Optimizer):
         self.seed = torch.initial_seed() if seed is None else seed
         self.nonfinite_skipped = 0
         self.last_skipped: list[int] = []
-        self._generators: dict[torch.device, torch.Generator] = {}
         self._index: dict[Tensor, int] | None = None
         self._pending_verdicts: list[tuple] = []  # (param index, device verdict, state, step before)
         self._settled_skips: list[int] = []  # deferred updates found skipped, not yet taken
@@ -158,7 +157,6 @@ class LeanOptimizer(torch.optim.Optimizer):
         extra = state.pop("leanopt", {})
         super().__setstate__(state)
         self.__dict__.update(extra)
-        self._generators = {}
         self._index = None
         self._pending_verdicts = []
         self._settled_skips = []
@@ -250,20 +248,11 @@ class LeanOptimizer(torch.optim.Optimizer):
             self._index = {p: i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
         return self._index[param]
 
-    def _random_bits(self, param: Tensor, state: dict[str, Any]) -> Callable[[Tensor], Tensor]:
-        def make(like: Tensor) -> Tensor:
-            gen = self._generators.get(like.device)
-            if gen is None:
-                gen = self._generators[like.device] = torch.Generator(device=like.device)
-            key = (self.seed, self.param_index(param), int(state["step"].item()))
-            gen.manual_seed(hash(key) & _SEED_MASK)
-            # a shard takes its rows of the whole tensor's bits: the same rounding as unsharded
-            return _shards.random_rows(
-                param, like,
-                lambda shape: torch.randint(0, 1 << 16, shape, generator=gen, device=like.device, dtype=torch.int32),
-            )  # fmt: skip
-
-        return make
+    def _random_bits(self, param: Tensor, state: dict[str, Any]) -> _noise.UpdateNoise:
+        """Stochastic rounding's bits for this parameter's update (formats/noise.py): keyed by (seed,
+        parameter index, step count after the update), indexed by each element's place in the whole
+        tensor, so shards and executors round alike."""
+        return _noise.UpdateNoise(self.seed, self.param_index(param), state, param)
 
     # ----------------------------------------------------------------------------- stepping
 

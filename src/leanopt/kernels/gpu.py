@@ -26,7 +26,8 @@ warp synchronisation and the bits on the device (benchmarks/gpu_check.sh runs th
 Used for ``kernel="fused"`` on CUDA; ``"auto"`` keeps the per-tensor compiled path until a GPU run
 has measured this one. Every combination the native kernels have is covered: fp16 weights and
 gradients as their bits (NVRTC has no ``_Float16``; :data:`_F16_BITS`); stochastic rounding with the
-reference's own noise (drawn per tensor and step, passed as a tensor), but its steps are not planned.
+reference's bits, computed in the kernel from the update's key and each element's index
+(formats/noise.py).
 A step whose tensors are all covered is kept as a plan (:class:`GpuStepPlan`), so the next one costs
 the host a few microseconds per tensor.
 """
@@ -45,6 +46,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..formats.noise import key as noise_key
 from ..formats.quantized import GROUP_SIZE
 from ..formats.states import StateFormat
 from ..formats.weights import WeightFormat
@@ -71,6 +73,7 @@ _CUDA_PRELUDE = r"""
 #define int8_t signed char
 #define uint8_t unsigned char
 #define int64_t long long
+#define uint64_t unsigned long long
 #define LO_FN static __device__ __forceinline__
 #define LO_RESTRICT __restrict__
 #define LO_SYNC() __syncwarp()
@@ -213,7 +216,7 @@ def _f16_codecs() -> dict[int, Any]:
             ("uint16_t", "int8_t"), "lo_c16_join_b(W0[i], W1[i])", "lo_c16_split_b(p, W0 + i, W1 + i);"
         ),
         id(WEIGHT_CODECS["stochastic", h]): WeightCodec(
-            ("uint16_t",), "lo_h2f(W0[i])", "W0[i] = lo_sr16_b(p, RB[i]);", random=True
+            ("uint16_t",), "lo_h2f(W0[i])", "W0[i] = lo_sr16_b(p, LO_NOISE);", random=True
         ),
     }
 
@@ -788,7 +791,7 @@ def launch(
         row = [rows, n, *(t.data_ptr() for t in tensors)]
         row.insert(slot, 0)
         if spec.weight.random:
-            row.append(0)  # the noise, drawn per step
+            row += [0, 0]  # the noise's key and base index (formats/noise.py), per step
         if spec.grouped:
             units = -(-rows * -(-n // GROUP_SIZE) // WARPS)
         else:
@@ -804,10 +807,9 @@ def launch(
     row = list(prepared[3])
     row[prepared[4]] = grad.data_ptr()
     keep: list = [grad]
-    if prepared[1].spec.weight.random:  # the reference's own noise: whole tensor, after the step advanced
-        noise = random_bits(param).to(torch.int32).contiguous()
-        keep.append(noise)
-        row[-1] = noise.data_ptr()
+    if prepared[1].spec.weight.random:  # the reference's noise: this update's key, element 0's index
+        k = random_bits.key_at(step)
+        row[-2], row[-1] = k - (1 << 64) if k >> 63 else k, random_bits.base(param)  # (a signed int64 table)
     return GpuLaunch(prepared[1], prepared[5], row, values, keep, prepared[4], prepared[2])
 
 
@@ -882,6 +884,8 @@ class GpuStepPlan:
     seg_of: list[int]  # per tensor: its segment
     finite: tuple | None  # (check table, [(position of a gradient's pointer, tensor)], blocks, tensors in order)
     batches: list[tuple]  # (kernel, table, [(position, tensor)], tensors in rows, blocks)
+    #: stochastic rounding, per batch: [(position of a tensor's noise key, parameter index, tensor)]
+    noise: list = field(default_factory=list)
 
 
 def build_plan(opt: Any, work: list[tuple[Tensor, dict]], jobs: list[GpuLaunch]) -> GpuStepPlan | None:
@@ -892,8 +896,6 @@ def build_plan(opt: Any, work: list[tuple[Tensor, dict]], jobs: list[GpuLaunch])
     from .fused import fused_form  # fused imports this module
 
     if not jobs or len(jobs) != len(work) or len({p.device for p, _ in work}) != 1:
-        return None
-    if any(j.kernel.spec.weight.random for j in jobs):  # noise drawn per tensor and step
         return None
     form = fused_form(opt.rule)
     sig, _, grads = step_plan._signature(opt.param_groups)
@@ -919,11 +921,15 @@ def build_plan(opt: Any, work: list[tuple[Tensor, dict]], jobs: list[GpuLaunch])
     for i, job in enumerate(jobs):
         if job.units:
             by.setdefault(id(job.kernel), []).append(i)
+    noise = []
     for members in by.values():
         meta, _, units = _batch([jobs[i] for i in members])
         width = 1 + len(jobs[members[0]].row)
         slots = [(k * width + 1 + jobs[i].slot, i) for k, i in enumerate(members)]
         batches.append((jobs[members[0]].kernel, meta, slots, members, units))
+        random = jobs[members[0]].kernel.spec.weight.random  # the key: second to last in a row
+        noise.append([((k + 1) * width - 2, opt.param_index(work[i][0]), i) for k, i in enumerate(members)]
+                     if random else [])  # fmt: skip
     finite = None
     if opt.nonfinite != "ignore":  # checked in batch order: each batch's verdicts are one slice
         order = [i for *_, members, _ in batches for i in members]
@@ -938,7 +944,7 @@ def build_plan(opt: Any, work: list[tuple[Tensor, dict]], jobs: list[GpuLaunch])
         param_ptrs=[p.data_ptr() for p, _ in work], shapes=[p.shape for p, _ in work],
         layouts=step_plan.layouts(work), grad_dtypes=[g.dtype for g in grads], device=device,
         device_index=device.index if device.type == "cuda" else -1, counters=counters, seg_of=seg_of,
-        finite=finite, batches=batches,
+        finite=finite, batches=batches, noise=noise,
     )  # fmt: skip
 
 
@@ -966,10 +972,13 @@ def run_plan(plan: GpuStepPlan, opt: Any) -> list[int] | None:
     values = [plan.form.scalars(seg.group, step) for seg, step in zip(segments, steps, strict=True)]
     ptrs = [g.data_ptr() for g in grads]
     parts: list[array] = []
-    for kernel, template, slots, members, _ in plan.batches:
+    for b, (kernel, template, slots, members, _) in enumerate(plan.batches):
         meta = array("q", template)
         for pos, i in slots:
             meta[pos] = ptrs[i]
+        for pos, index, i in plan.noise[b]:  # stochastic rounding: this update's key (formats/noise.py)
+            k = noise_key(opt.seed, index, int(steps[plan.seg_of[i]]))
+            meta[pos] = k - (1 << 64) if k >> 63 else k
         width = max(kernel.nscalars, 1)
         rows = [values[plan.seg_of[i]] for i in members]
         scal = array("f", [x for v in rows for x in v[:width] + [0.0] * (width - len(v[:width]))])

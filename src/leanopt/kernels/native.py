@@ -48,6 +48,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..formats import noise as _noise
 from ..formats.quantized import GROUP_SIZE, QuantizedStates, rows_shape
 from ..formats.states import StateFormat
 from ..formats.weights import WeightFormat
@@ -209,7 +210,7 @@ class WeightCodec:
     ctypes_: tuple[str, ...]
     load: str
     store: str
-    random: bool = False  # the store reads ``RB[i]``, 16 random bits per element (stochastic rounding)
+    random: bool = False  # the store uses ``LO_NOISE``: element i's 16 random bits (stochastic rounding)
     # the same for elements i .. i + 15 in an AVX-512 register ``p`` ("": no vector form)
     vload: str = ""
     vstore: str = ""
@@ -273,15 +274,18 @@ WEIGHT_CODECS: dict[tuple[str, torch.dtype], WeightCodec] = {
     ("stochastic", torch.bfloat16): WeightCodec(
         ("uint16_t",),
         "lo_f((uint32_t)W0[i] << 16)",
-        "W0[i] = (uint16_t)(((lo_canon(p) + (uint32_t)RB[i]) & 0xFFFF0000u) >> 16);",
+        "W0[i] = (uint16_t)(((lo_canon(p) + (uint32_t)LO_NOISE) & 0xFFFF0000u) >> 16);",
         random=True,
+        vload="lv_load_bf16(W0 + i)",
+        vstore="lv_st16(W0 + i, _mm512_srli_epi32(_mm512_and_si512(_mm512_add_epi32(lv_canon(p), LV_NOISE),"
+        " lv_i((int32_t)0xFFFF0000u)), 16));",
     ),
     # fp16: the weight is the nearest fp16; the int8 residual counts 1/256 of its ULP (formats/compact.py)
     ("compact", torch.float16): WeightCodec(
         ("_Float16", "int8_t"), "lo_c16_join(W0[i], W1[i])", "lo_c16_split(p, W0 + i, W1 + i);"
     ),
     ("stochastic", torch.float16): WeightCodec(
-        ("_Float16",), "(float)W0[i]", "W0[i] = lo_sr16(p, RB[i]);", random=True
+        ("_Float16",), "(float)W0[i]", "W0[i] = lo_sr16(p, LO_NOISE);", random=True
     ),
     **{("none", dt): _round_nearest_codec(dt) for dt in HALF_TYPES},
     **{("kahan", dt): _kahan_codec(dt) for dt in HALF_TYPES},
@@ -357,7 +361,8 @@ static inline uint32_t lo_u(float f) { uint32_t b; memcpy(&b, &f, 4); return b; 
 
 #: Helpers of the traced rules and weight codecs, shared with the CUDA kernels (kernels/gpu.py), where
 #: ``LO_FN`` makes them device functions.
-SHARED_HELPERS = r"""
+SHARED_HELPERS = (
+    r"""
 /* fp32 bits with NaNs made quiet NaNs of the same sign (as the formats' encode). */
 LO_FN uint32_t lo_canon(float f) {
   uint32_t b = lo_u(f); return (f != f) ? ((b & 0x80000000u) | 0x7FC00000u) : b; }
@@ -368,6 +373,11 @@ LO_FN float lo_sign(float x) { return (float)((0.0f < x) - (x < 0.0f)); }
 LO_FN float lo_maximum(float a, float b) { return (a != a) ? a : ((b != b) ? b : (a > b ? a : b)); }
 LO_FN float lo_minimum(float a, float b) { return (a != a) ? a : ((b != b) ? b : (a < b ? a : b)); }
 """
+    + _noise.C_SOURCE
+    + r"""
+#define LO_NOISE lo_noise(NK, NB + (uint64_t)i) /* element i's bits, in a weight codec's store */
+"""
+)
 
 _F16_HELPERS = r"""
 /* fp16 compact (formats/compact.py): residual unit = ulp(w) / 256 = 2^(max(floor(log2|w|), -14) - 18) */
@@ -688,6 +698,30 @@ _VECTOR_PRELUDE = r"""
 #define LV_EQ(a, b) _mm512_cmp_ps_mask(a, b, _CMP_EQ_OQ)
 #define LV_NE(a, b) _mm512_cmp_ps_mask(a, b, _CMP_NEQ_UQ)
 static inline __m512i lv_i(int32_t x) { return _mm512_set1_epi32(x); }
+/* lo_noise of elements i0 .. i0 + 15 */
+#ifdef LO_AVX2
+static inline __m512i lv_noise(uint64_t key, uint64_t i0) {
+  int32_t t[16];
+  for (int l = 0; l < 16; l++) t[l] = lo_noise(key, i0 + (uint64_t)l);
+  return (lo2_i){_mm256_loadu_si256((const __m256i *)t), _mm256_loadu_si256((const __m256i *)(t + 8))}; }
+#else
+static inline __m512i lv_mix32(__m512i x) {
+  x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+  x = _mm512_mullo_epi32(x, lv_i(0x7FEB352D));
+  x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 15));
+  x = _mm512_mullo_epi32(x, lv_i((int32_t)0x846CA68Bu));
+  return _mm512_xor_si512(x, _mm512_srli_epi32(x, 16)); }
+static inline __m512i lv_noise(uint64_t key, uint64_t i0) {
+  const __m512i first = lv_i((int32_t)(uint32_t)i0);
+  const __m512i lo = _mm512_add_epi32(first, _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+  const __mmask16 carry = _mm512_cmplt_epu32_mask(lo, first);  /* lanes past a multiple of 2^32 */
+  const __m512i hi = _mm512_mask_add_epi32(lv_i((int32_t)(uint32_t)(i0 >> 32)), carry,
+                                           lv_i((int32_t)(uint32_t)(i0 >> 32)), lv_i(1));
+  const __m512i h = lv_mix32(_mm512_xor_si512(lo, lv_i((int32_t)(uint32_t)key)));
+  return _mm512_srli_epi32(lv_mix32(_mm512_xor_si512(_mm512_xor_si512(h, hi), lv_i((int32_t)(uint32_t)(key >> 32)))),
+                           16); }
+#endif
+#define LV_NOISE lv_noise(NK, NB + (uint64_t)i)
 static inline __m512 lv_sign(__m512 x) {  /* lo_sign: 1, -1, or 0 (also for NaN) */
   const __m512 z = _mm512_setzero_ps();
   __m512 r = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, z, _CMP_GT_OQ), z, _mm512_set1_ps(1.0f));
@@ -987,7 +1021,7 @@ def _permuted_rows(spec: KernelSpec) -> str:
     sizes = [f"(n * {es} + 63) / 64 * 64" for es in side]  # each tensor's row in scratch, 64-byte aligned
     # after the weight side: per state its codes (a row: n bytes, n / 2 packed) and scales (2 per group)
     state_rows = [r for _, _, c in spec.states for r in ("(n / 2)" if c.kind == "q4p" else "n", "(groups * 2)")]
-    count = nw + 1 + len(state_rows) + int(spec.weight.random)
+    count = nw + 1 + len(state_rows) + 2 * int(spec.weight.random)
     lines = [
         "static void lo_body_rows(int64_t rows, int64_t n, void **ptrs, const float *s, int64_t t0, int64_t t1) {",
         f"  const int64_t S = {spec.permuted}, L = n / S, groups = (n + {GROUP_SIZE - 1}) / {GROUP_SIZE};",
@@ -1020,8 +1054,9 @@ def _permuted_rows(spec: KernelSpec) -> str:
                      f" in16, in32, in_m{w}, v{w});")  # fmt: skip
     for j, stride in enumerate(state_rows):
         lines.append(f"    p[{nw + 1 + j}] = (uint8_t *)ptrs[{nw + 1 + j}] + r * {stride};")
-    if spec.weight.random:  # stochastic rounding's noise: int32 per element, drawn in logical order
-        lines.append(f"    p[{count - 1}] = (uint8_t *)ptrs[{count - 1}] + r * n * 4;")
+    if spec.weight.random:  # stochastic rounding: the key, and the index of the row's first element
+        lines.append(f"    p[{count - 2}] = ptrs[{count - 2}];")
+        lines.append(f"    p[{count - 1}] = (void *)((uint64_t)ptrs[{count - 1}] + (uint64_t)(r * n));")
     lines.append("    lo_body(1, n, p, s, 0, blocks);")
     for k, es in enumerate(side[:nw]):
         w = "16" if es == 4 else "32"
@@ -1036,7 +1071,8 @@ def pointer_decls(
 ) -> tuple[list[str], int]:
     """C declarations of a kernel's pointers, ``array[first]`` on: the weight tensors ``W<j>``, the
     gradient ``G``, per state ``S_<name>`` (flat) or codes ``C_<name>`` and scales ``K_<name>``, then the
-    noise ``RB`` (stochastic rounding); and how many there are. Shared with the CUDA kernels."""
+    noise's key ``NK`` and base index ``NB`` (stochastic rounding: values, not pointers); and how many
+    there are. Shared with the CUDA kernels."""
     lines, k = [], first
     for j, ct in enumerate(spec.weight.ctypes_):
         lines.append(f"  {ct} *{restrict} W{j} = ({ct} *){array}[{k}];")
@@ -1053,9 +1089,9 @@ def pointer_decls(
             lines.append(f"  {ct} *{restrict} C_{v} = ({ct} *){array}[{k}];")
             lines.append(f"  uint16_t *{restrict} K_{v} = (uint16_t *){array}[{k + 1}];")
             k += 2
-    if spec.weight.random:  # stochastic rounding: 16 random bits per element, drawn per step
-        lines.append(f"  const int32_t *{restrict} RB = (const int32_t *){array}[{k}];")
-        k += 1
+    if spec.weight.random:  # stochastic rounding: the update's key and the index of element 0 (noise.py)
+        lines.append(f"  const uint64_t NK = (uint64_t){array}[{k}], NB = (uint64_t){array}[{k + 1}];")
+        k += 2
     return lines, k - first
 
 
@@ -1546,7 +1582,7 @@ def _plan(
     if not all(t.is_contiguous() for t in tensors):
         # A dense non-contiguous layout (channels_last conv weights): the elementwise (flat) kernels walk
         # memory order, the same element order in every tensor when all share the parameter's shape and
-        # strides. Not for drawn noise (drawn contiguous, in logical order). Grouped states follow the
+        # strides. Not for stochastic rounding (its bits follow the logical order). Grouped states follow the
         # logical order of a conv weight's rows (out, in * kh * kw): a kernel that transposes each row of
         # a channels_last weight (its weight tensors; codes and scales contiguous), where asked.
         nweight = 1 + len(weight_format.buffers)
@@ -1554,7 +1590,7 @@ def _plan(
             return None
         if any(t.shape != param.shape or t.stride() != param.stride() for t in tensors[:nweight]):
             return None
-        if any(c.kind != "flat" for _, _, c in codecs):  # (the noise is drawn in logical order, as they are)
+        if any(c.kind != "flat" for _, _, c in codecs):  # (the noise follows the logical order, as they do)
             permuted_rows = permuted_rows and PERMUTED_ROWS and device_type == "cpu"
             dims = row_transpose_dims(param) if permuted_rows else None
             if dims is None or any(c.kind == "flat" for _, _, c in codecs):
@@ -1673,7 +1709,7 @@ class Launch:
     slot: int = 0  # the gradient's index in ``ptrs``
     counter: Any = None  # (weakref, C float view, address) of the fp32 step tensor, or None
     refs: tuple = ()  # (state key, weakref, address) of every state tensor in ``ptrs``
-    random: bool = False  # the weight format's noise is in ``ptrs`` (drawn per step)
+    random: bool = False  # stochastic rounding: the last two of ``ptrs`` are the noise's key and base (per step)
 
 
 def launch(
@@ -1730,7 +1766,7 @@ def launch(
         refs = tuple((k, weakref.ref(t), t.data_ptr()) for k, t in zip(keys, tensors[1:], strict=True))
         tensors.insert(len(spec.weight.ctypes_), grad)
         if spec.weight.random:
-            tensors.append(grad)  # a slot for the noise, filled below
+            tensors += [grad, grad]  # slots for the noise's key and base index, filled below
         # The pointer array is kept with the plan and reused: only the gradient (and noise) slots change.
         ptrs = (ctypes.c_void_p * len(tensors))(*[t.data_ptr() for t in tensors])
         counter = None
@@ -1756,10 +1792,8 @@ def launch(
             scalars[key] = values
     keep: list[Any] = [grad]
     ptrs[len(spec.weight.ctypes_)] = grad.data_ptr()
-    if spec.weight.random:  # the same noise the reference draws: whole tensor, after the step advanced
-        noise = random_bits(param).to(torch.int32).contiguous()
-        keep.append(noise)
-        ptrs[len(ptrs) - 1] = noise.data_ptr()
+    if spec.weight.random:  # the reference's noise (formats/noise.py): this update's key, element 0's index
+        ptrs[len(ptrs) - 2], ptrs[len(ptrs) - 1] = random_bits.key_at(step), random_bits.base(param)
     rows, n = kernel_rows(check[6])
     return Launch(kernel, rows, n, ptrs, values, keep, len(spec.weight.ctypes_), counter, refs, spec.weight.random)
 

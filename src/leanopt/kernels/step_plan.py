@@ -21,12 +21,13 @@ hyper-parameter values (tests/test_step_plan.py compares bits). Measured on 500 
 from __future__ import annotations
 
 import ctypes
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from ..formats import noise as _noise
 from . import native as _native
 
 _STEP_ALL_SOURCE = r"""
@@ -143,6 +144,9 @@ class StepPlan:
     kernels: list  # kept alive: their code is what fns points to
     keep: list  # the pointer arrays (kept alive: ptrs holds their addresses)
     device_index: int = -1  # for _valid: every gradient on the CPU
+    #: stochastic rounding: (pointer array, its key slot, parameter index, segment) per such tensor; the
+    #: key of each update (formats/noise.py) is written there before the native call
+    noise: list = field(default_factory=list)
 
 
 def _signature(groups: list[dict]) -> tuple[tuple, list[Tensor], list[Tensor]]:
@@ -158,11 +162,11 @@ def _signature(groups: list[dict]) -> tuple[tuple, list[Tensor], list[Tensor]]:
 
 def build(opt: Any, work: list[tuple[Tensor, dict]], jobs: list) -> StepPlan | None:
     """The plan of the step that has just run ``jobs`` for ``work`` (one launch per item, in order), or
-    None when that step is not one a plan can repeat (a tensor updated elsewhere or skipped, noise drawn
-    per step, a step counter that is not a plain fp32 tensor)."""
+    None when that step is not one a plan can repeat (a tensor updated elsewhere or skipped, a step
+    counter that is not a plain fp32 tensor)."""
     if not jobs or len(jobs) != len(work) or _step_all() is None:
         return None
-    if any(j.random or j.counter is None for j in jobs):
+    if any(j.counter is None for j in jobs):
         return None
     form = _native._fused_form()(opt.rule)
     if form is None:
@@ -214,6 +218,11 @@ def build(opt: Any, work: list[tuple[Tensor, dict]], jobs: list) -> StepPlan | N
         ok=(c.c_int8 * count)(),
         kernels=[j.kernel for j in jobs],
         keep=[j.ptrs for j in jobs],
+        noise=[
+            (j.ptrs, len(j.ptrs) - 2, opt.param_index(p), seg_of[t])
+            for t, ((p, _), j) in enumerate(zip(work, jobs, strict=True))
+            if j.random
+        ],  # fmt: skip
     )
 
 
@@ -278,6 +287,8 @@ def run(plan: StepPlan, opt: Any) -> list[int] | None:
         plan.expect[s] = seg.expect
         steps.append(step)
     gptrs = (ctypes.c_void_p * plan.count)(*[g.data_ptr() for g in grads])
+    for ptrs, slot, index, s in plan.noise:  # stochastic rounding: this update's key
+        ptrs[slot] = _noise.key(opt.seed, index, int(steps[s]))
     check = {"ignore": 0, "skip": 1, "raise": 2}[opt.nonfinite]
     rc = fn(plan.count, gptrs, plan.sizes, plan.masks, check, plan.counters, plan.seg, plan.expect, plan.slot,
             plan.fns, plan.rows, plan.ns, plan.ptrs, plan.scalars, plan.ok, torch.get_num_threads(),
@@ -330,6 +341,7 @@ class ParamPlan:
     scalars: Any
     ok: Any
     packed: Any = None  # lo_step_one's argument: the 17 arguments of lo_step_all (CHECK, THREADS per call)
+    noise: tuple | None = None  # stochastic rounding: (key slot in ``keep``, parameter index)
 
 
 CHECK, THREADS = 4, 15  # the places in ParamPlan.packed that change per call
@@ -342,8 +354,8 @@ def _group_key(opt: Any, form: Any, group: dict) -> tuple:
 
 def param_plan(opt: Any, param: Tensor, group: dict, grad: Tensor) -> ParamPlan | None:
     """The plan of the update of ``param`` from ``grad`` that has just run, or None when it did not run
-    in a native kernel a plan can repeat (another executor, a sharded or non-CPU tensor, noise drawn
-    per update, a step counter that is not a plain fp32 tensor). Only reads."""
+    in a native kernel a plan can repeat (another executor, a sharded or non-CPU tensor, a step counter
+    that is not a plain fp32 tensor). Only reads."""
     from .. import distributed as _shards
     from . import gpu as _gpu
 
@@ -358,7 +370,7 @@ def param_plan(opt: Any, param: Tensor, group: dict, grad: Tensor) -> ParamPlan 
     if spec is None or form is None or cached is None:
         return None
     check, kspec, kernel, refs, ptrs, counter = cached
-    if counter is None or kspec.weight.random or counter[0]() is not state.get("step"):
+    if counter is None or counter[0]() is not state.get("step"):
         return None
     wfmt, sfmt = opt.formats(param, group)
     now = (opt.rule, wfmt, sfmt, form.flags(group), grad.dtype, param.dtype, param.shape, param.data_ptr(),
@@ -393,6 +405,7 @@ def param_plan(opt: Any, param: Tensor, group: dict, grad: Tensor) -> ParamPlan 
         ptrs=(c.c_void_p * 1)(c.addressof(ptrs)),
         scalars=(c.c_void_p * 1)(),
         ok=(c.c_int8 * 1)(),
+        noise=(len(ptrs) - 2, opt.param_index(param)) if kspec.weight.random else None,
     )
     arrays = (plan.grads, plan.sizes, plan.masks, 0, plan.counters, plan.seg, plan.expect, plan.slot, plan.fns,
               plan.rows, plan.ns, plan.ptrs, plan.scalars, plan.ok)  # fmt: skip
@@ -437,6 +450,8 @@ def run_param(plan: ParamPlan, opt: Any, param: Tensor, grad: Tensor, group: dic
         values = cache[plan.group_id, step] = (ctypes.c_float * len(floats))(*floats)
     plan.scalars[0] = ctypes.addressof(values)
     plan.grads[0] = g.data_ptr()
+    if plan.noise is not None:  # stochastic rounding: this update's key (formats/noise.py)
+        plan.keep[plan.noise[0]] = _noise.key(opt.seed, plan.noise[1], int(step))
     packed = plan.packed
     packed[CHECK] = _CHECKS[opt.nonfinite]
     packed[THREADS] = torch.get_num_threads()
