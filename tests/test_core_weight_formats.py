@@ -4,7 +4,12 @@ import pytest
 import torch
 
 import leanopt
-from leanopt.formats.weights import WEIGHT_FORMATS, resolve_weight_format, stochastic_round_bf16
+from leanopt.formats.weights import (
+    WEIGHT_FORMATS,
+    _stochastic_round_generic,
+    resolve_weight_format,
+    stochastic_round_bf16,
+)
 
 BF16_ULP_AT_1 = 2.0**-7  # bf16 keeps 8 significant bits: the spacing in [1, 2)
 FP16_ULP_AT_1 = 2.0**-10
@@ -176,3 +181,52 @@ def test_kahan_fp16_precision_is_bounded():
     assert err[~big].max().item() <= 2.0**-25 + 2.0**-29  # half the fp16 subnormal step (+ fp32 rounding)
     # Far better than the fp16 weight alone (relative error up to 2**-11).
     assert rel.max().item() < 2.0**-16
+
+
+def _nextafter_fp16_rounding(value, random_bits):
+    """The fp16 stochastic rounding as first written, with torch.nextafter (the oracle below)."""
+    down = value.to(torch.float16)
+    too_big = down.float().abs() > value.abs()
+    toward_zero = torch.where(too_big, torch.nextafter(down, torch.zeros_like(down)), down)
+    away = torch.nextafter(toward_zero, torch.where(value < 0, -torch.inf, torch.inf).to(torch.float16))
+    lo_f, hi_f = toward_zero.float(), away.float()
+    span = (hi_f - lo_f).abs()
+    below = torch.nextafter(toward_zero, torch.zeros_like(toward_zero)).float()
+    span = torch.where(torch.isinf(hi_f), (lo_f - below).abs(), span)
+    frac = (value - lo_f).abs() / span
+    out = torch.where(random_bits.float() / 65536.0 < frac, away, toward_zero)
+    return torch.where(torch.isfinite(value), out, value.to(torch.float16))
+
+
+def _fp16_rounding_cases():
+    g = torch.Generator().manual_seed(0)
+    every = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(torch.float16).float()
+    wide = torch.randn(100_000, generator=g) * torch.pow(10.0, torch.randint(-9, 6, (100_000,), generator=g).float())
+    edges = torch.tensor([0.0, -0.0, 65504.0, 65519.0, 65520.0, 7e4, -1e6, 6e-8, -6e-8, 2.9e-8, -2.9e-8, 1e-9])
+    values = torch.cat([every, every * (1 + 2**-12), -every * (1 - 2**-13), wide, edges])
+    values = values[torch.isfinite(values)]  # (NaN and inf are passed through: tested above)
+    return values, torch.randint(0, 65536, values.shape, generator=g, dtype=torch.int32)
+
+
+def test_fp16_stochastic_rounding_on_bit_patterns_equals_the_nextafter_form():
+    """The format finds an fp16 value's neighbours on its bit patterns; on every fp16 value, values just
+    off them, 100,000 values over 15 decades and the edges it gives the nextafter form's bits."""
+    values, r = _fp16_rounding_cases()
+    want = _nextafter_fp16_rounding(values, r)
+    got = _stochastic_round_generic(values, torch.float16, lambda like: r)
+    assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+
+
+@pytest.mark.slow
+def test_fp16_stochastic_rounding_compiles_to_the_same_bits():
+    """Under torch.compile (the compiled path: the CUDA default for large groups). The nextafter form
+    compiled by Inductor never rounded away from zero: a mean of exactly 1.0 for 65,536 roundings of
+    1 + 0.3 ulp; it must be the value."""
+    compiled = torch.compile(lambda v, r: _stochastic_round_generic(v, torch.float16, lambda like: r),
+                             options={"emulate_precision_casts": True})  # fmt: skip
+    values, r = _fp16_rounding_cases()
+    want = _stochastic_round_generic(values, torch.float16, lambda like: r)
+    assert torch.equal(compiled(values, r).view(torch.int16), want.view(torch.int16))
+    v = torch.full((65536,), 1.0 + 0.3 * 2**-10)
+    mean = compiled(v, torch.arange(65536, dtype=torch.int32)).double().mean().item()
+    assert mean == pytest.approx(v[0].item(), abs=2**-10 * 2**-16)

@@ -134,3 +134,36 @@ def test_stochastic_updates_hold_no_noise_tensor(monkeypatch):
     p.grad = torch.randn(64, 64).bfloat16()
     opt.step()
     assert calls == [torch.Size([64, 64])]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_compiled_path_computes_the_bits_in_its_kernel_without_recompiling(dtype):
+    """kernel="fused" through torch.compile (the CUDA default for groups of 2**20 elements; here
+    Inductor's C++): the key and base go in as a tensor and the bits are computed inside the compiled
+    kernel, the reference's bits at a base across 2**32, and a new key each step compiles nothing.
+    (SGD: bit-identical on this path; Adam's master is within 1 ULP there, docs/kernels.md.)"""
+    from torch._dynamo.utils import counters
+
+    from leanopt.kernels import fused
+
+    base = (1 << 32) - 1000
+    out = {}
+    for path in ("reference", "compiled"):
+        torch.manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(37, 70).to(dtype))
+        opt = leanopt.SGD([p], lr=1e-2, momentum=0.9, master="stochastic")
+        group = opt.param_groups[0]
+        for s in range(4):
+            p.grad = torch.randn(37, 70, generator=torch.Generator().manual_seed(s)).to(dtype)
+            state = opt.state_for(p, group)
+            wfmt, sfmt = opt.formats(p, group)
+            if path == "reference":
+                dispatch_step("reference", opt.rule, wfmt, sfmt, p, p.grad, state, group, _Noise(state, base))
+                continue
+            assert fused.fused_step(opt.rule, wfmt, sfmt, p, p.grad, state, group, _Noise(state, base))
+            if s == 1:
+                graphs = counters["stats"]["unique_graphs"]
+        out[path] = p.detach().view(torch.int16).clone()
+    assert counters["stats"]["unique_graphs"] == graphs  # steps 3 and 4 compiled nothing
+    assert torch.equal(out["compiled"], out["reference"])

@@ -61,16 +61,46 @@ def _mix32(x: Tensor) -> Tensor:
     return x ^ (x >> 16)
 
 
+def _hash(i: Tensor, k0: int | Tensor, k1: int | Tensor) -> Tensor:
+    """The bits of int64 indices ``i`` under the key halves ``k0``, ``k1`` (ints or int64 tensors)."""
+    h = _mix32((i & MASK32) ^ k0)
+    return (_mix32(h ^ (i >> 32) ^ k1) >> 16).to(torch.int32)
+
+
+#: elements per block of :func:`bits`: its int64 temporaries stay a few tens of MiB whatever the tensor
+CHUNK = 1 << 22
+
+
 def bits(k: int, base: int, shape: tuple | torch.Size, device: torch.device | str = "cpu") -> Tensor:
     """int32 random bits in [0, 65536) shaped ``shape``: element ``j`` (row-major) is the element at
-    global index ``base + j`` of the update keyed ``k``."""
+    global index ``base + j`` of the update keyed ``k``. Computed in blocks of :data:`CHUNK` elements,
+    so the only tensor of the full size is the int32 result."""
     numel = 1
     for s in shape:
         numel *= s
-    i = torch.arange(base, base + numel, dtype=torch.int64, device=device)
-    h = _mix32((i & MASK32) ^ (k & MASK32))
-    h = _mix32(h ^ (i >> 32) ^ (k >> 32))
-    return (h >> 16).to(torch.int32).reshape(shape)
+    out = torch.empty(numel, dtype=torch.int32, device=device)
+    for start in range(0, numel, CHUNK):
+        end = min(numel, start + CHUNK)
+        i = torch.arange(base + start, base + end, dtype=torch.int64, device=device)
+        out[start:end] = _hash(i, k & MASK32, k >> 32)
+    return out.reshape(shape)
+
+
+def key_tensor(k: int, base: int, device: torch.device) -> Tensor:
+    """(k0, k1, base) as an int64 tensor on ``device``: what :func:`bits_from` reads (the compiled path
+    takes it as an input, so a new key each step compiles nothing)."""
+    host = torch.tensor([k & MASK32, k >> 32, base], dtype=torch.int64)
+    return host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host.to(device)
+
+
+def bits_from(keys: Tensor, shape: tuple | torch.Size) -> Tensor:
+    """:func:`bits` with the key and base in the tensor ``keys`` (:func:`key_tensor`), in one expression
+    that ``torch.compile`` fuses into the kernel using the bits: no tensor of them is made there."""
+    numel = 1
+    for s in shape:
+        numel *= s
+    i = torch.arange(numel, dtype=torch.int64, device=keys.device) + keys[2]
+    return _hash(i, keys[0], keys[1]).reshape(shape)
 
 
 def bits_scalar(k: int, i: int) -> int:

@@ -161,26 +161,44 @@ class Stochastic(WeightFormat):
 
 
 def _stochastic_round_generic(value: Tensor, dtype: torch.dtype, random_bits: RandomBits) -> Tensor:
-    """Stochastic rounding to any float dtype: round toward zero, then away from zero with
+    """Stochastic rounding to fp16 (``dtype``): round toward zero, then away from zero with
     probability (distance to the lower neighbour) / ulp. Unbiased; for fp16 normals exactly so (their
     13 dropped bits are resolved by the 16 random bits), elsewhere to within 2**-16 ulp. Beyond the
-    largest finite value the next neighbour is infinity, one ulp further (as for bf16)."""
+    largest finite value the next neighbour is infinity, one ulp further (as for bf16).
+
+    The neighbours are found on the fp16 bit patterns (int32 arithmetic: one step in magnitude is one
+    in the bits), not with ``torch.nextafter``: under ``torch.compile`` Inductor computed nextafter of
+    fp16 values in fp32, so the compiled path never rounded away from zero (a mean of 1.0 for values
+    0.3 ulp above 1.0; tests/test_core_weight_formats.py compares this with the nextafter form)."""
+    if dtype != torch.float16:
+        raise ValueError(f"stochastic rounding to {dtype} is not implemented (bf16: stochastic_round_bf16)")
     down = value.to(dtype)
-    down_f = down.float()
-    # Make ``down`` the neighbour at or below value in magnitude.
-    too_big = down_f.abs() > value.abs()
-    toward_zero = torch.where(too_big, torch.nextafter(down, torch.zeros_like(down)), down)
-    away = torch.nextafter(toward_zero, torch.where(value < 0, -torch.inf, torch.inf).to(dtype))
-    lo_f, hi_f = toward_zero.float(), away.float()
+    b = down.view(torch.int16).to(torch.int32) & 0xFFFF
+    # ``down`` rounded to nearest; one step toward zero if that went past ``value`` (never from 0)
+    too_big = down.float().abs() > value.abs()
+    tz = torch.where(too_big, b - 1, b)
+    # one step away from zero, toward ``value``'s side: from +-0 the smallest subnormal of that sign
+    at_zero = (tz & 0x7FFF) == 0
+    away = torch.where(at_zero, torch.where(value < 0, 0x8001, 0x0001), tz + 1)
+    below = torch.where(at_zero, tz, tz - 1)  # one step toward zero (0 stays 0)
+    lo_f, hi_f, below_f = (_f16_from_bits(x) for x in (tz, away, below))
     span = (hi_f - lo_f).abs()
     # Past the largest finite value ``away`` is inf: use the ulp below it, so that values at least
     # one ulp beyond the largest finite value always overflow, as round-to-nearest would.
-    below = torch.nextafter(toward_zero, torch.zeros_like(toward_zero)).float()
-    span = torch.where(torch.isinf(hi_f), (lo_f - below).abs(), span)
+    span = torch.where(torch.isinf(hi_f), (lo_f - below_f).abs(), span)
     frac = (value - lo_f).abs() / span
     u = random_bits(value).float() / 65536.0
-    out = torch.where(u < frac, away, toward_zero)
-    return torch.where(torch.isfinite(value), out, value.to(dtype))
+    out = torch.where(u < frac, away, tz)
+    return torch.where(torch.isfinite(value), _f16_from_int(out), down)
+
+
+def _f16_from_int(bits: Tensor) -> Tensor:
+    """fp16 values from their bit patterns in int32 (0 .. 0xFFFF)."""
+    return torch.where(bits >= 0x8000, bits - 0x10000, bits).to(torch.int16).view(torch.float16)
+
+
+def _f16_from_bits(bits: Tensor) -> Tensor:
+    return _f16_from_int(bits).float()
 
 
 class Kahan(WeightFormat):

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..formats import noise as _noise
 from ..formats.states import StateFormat
 from ..formats.weights import RandomBits, WeightFormat
 from ..rules.adam import AdamRule
@@ -378,8 +379,9 @@ def _make_pipeline(
             value = states32[spec.name]
             if not any(value is t for t in stored.values()):  # decoded in place: nothing to write
                 sfmt.encode(spec.name, value, stored, spec.signed)
-        if not w_alias:
-            wencode(master, param, buffers, (lambda like: rbits) if needs_random else None)
+        if not w_alias:  # rbits: stochastic rounding's key and base index, its bits computed in the kernel
+            noise = (lambda like: _noise.bits_from(rbits, like.shape)) if needs_random else None
+            wencode(master, param, buffers, noise)
 
     # A fresh code object per pipeline: dynamo keeps its cache (and recompile limit) per code object.
     code = pipeline.__code__.replace(co_name=f"leanopt_fused_{len(_PIPELINES)}")
@@ -563,7 +565,9 @@ def fused_step(
         run = lambda s, rbits: fn(param.data, grad, buffers, stored, s, rbits)  # noqa: E731
     step = _advance_step(state)  # before drawing random bits: they depend on the step, as in the reference
     s = device_scalars(form.scalars(group, step), param.device)
-    rbits = random_bits(param) if (random_bits is not None and weight_format.needs_random) else None
+    rbits = None
+    if random_bits is not None and weight_format.needs_random:  # formats/noise.py: computed in the kernel
+        rbits = _noise.key_tensor(random_bits.key_at(step), random_bits.base(param), param.device)
     record = _RECORDS[key]
     if record.calls == 0:
         start = time.perf_counter()
