@@ -3,10 +3,10 @@
 Same seed, same initial weights, same batches and the same LR schedule for every run; only the
 precision recipe changes. Prints a table and writes benchmarks/results/quality.json.
 
-    python benchmarks/quality.py              # full: 500 steps per run, six runs (~15 CPU-minutes)
+    python benchmarks/quality.py              # full: 500 steps per run, seven runs (~18 CPU-minutes)
     python benchmarks/quality.py --short      # 60 steps, a smaller model: a smoke test
 
-The six runs can also go in parallel (``--runs NAME --out part.json`` each) and be merged with
+The seven runs can also go in parallel (``--runs NAME --out part.json`` each) and be merged with
 ``--combine part1.json part2.json ...``. ms/step is wall time and only meaningful on a quiet machine.
 """
 
@@ -27,7 +27,7 @@ import leanopt
 from leanopt.data import get_batch, stdlib_corpus
 from leanopt.models import GPT, TINY_BYTES, GPTConfig
 
-#: TINY_BYTES (4 layers, width 128) with 64-byte contexts, to fit six runs on a shared 2-core machine
+#: TINY_BYTES (4 layers, width 128) with 64-byte contexts, to fit the runs on a shared 2-core machine
 QUALITY_MODEL = replace(TINY_BYTES, block_size=64)
 
 #: run name -> (description, how the model is kept, optimizer options)
@@ -37,6 +37,7 @@ RUNS: dict[str, str] = {
     "compact_int4": "bf16 weights, leanopt master='compact', states='int4'",
     "none": "plain bf16 weights (round to nearest), leanopt master='none', fp32 states",
     "exact": "bf16 weights, leanopt master='exact', fp32 states",
+    "stochastic": "bf16 weights, leanopt master='stochastic' (no extra weight bytes), fp32 states",
     "autocast": "fp32 weights + bf16 autocast, torch.optim.AdamW (standard mixed precision)",
 }
 
@@ -85,6 +86,7 @@ def make_optimizer(run: str, model: torch.nn.Module, s: Setup, **leanopt_options
         "compact_int8": dict(master="compact", states="int8"),
         "compact_int4": dict(master="compact", states="int4"),
         "none": dict(master="none", states="fp32"),
+        "stochastic": dict(master="stochastic", states="fp32"),
     }[run]
     options.update(leanopt_options)
     return leanopt.AdamW(model.parameters(), seed=s.seed, **hyper, **options)

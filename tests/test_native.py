@@ -515,7 +515,8 @@ def test_avx512_avx2_and_portable_grouped_code_give_the_same_bits(tmp_path, monk
             widths[flags] = native.vector_width()
             calls = sum(k.calls for k in native.compile_stats())
             for name, (cls, hyper) in cases.items():
-                for master in ("exact", "compact", "none", "auto") if flags in ("", "-DLO_NO_VECTOR") else ("compact",):
+                every = ("exact", "compact", "none", "stochastic", "auto")
+                for master in every if flags in ("", "-DLO_NO_VECTOR") else ("compact", "stochastic"):
                     if cls is leanopt.Lion and master == "auto":
                         continue
                     for shape in shapes:
@@ -537,7 +538,7 @@ def test_avx512_avx2_and_portable_grouped_code_give_the_same_bits(tmp_path, monk
             same = torch.equal(bits(want[key]), bits(got[key]))
             assert same, f"{case} {key}: vector code ({flags or 'AVX-512, gather'}) and portable code differ"
         compared += 1
-    assert compared == (4 * len(shapes) * 4 - len(shapes)) + (1 + len(avx2)) * 4 * len(shapes)
+    assert compared == (4 * len(shapes) * 5 - len(shapes)) + (1 + len(avx2)) * 4 * len(shapes) * 2
 
 
 #: compiler flags of a build for CPUs with AVX2, FMA and F16C but no AVX-512 (after -march=native)
