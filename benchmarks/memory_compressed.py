@@ -1,4 +1,4 @@
-"""Bytes per parameter of compact master weights + 8-bit / 4-bit states on the 124M GPT-2 shape.
+"""Bytes per parameter of compact or stochastic master weights + 8-bit / 4-bit states on the GPT-2 shape.
 
 Every figure is measured from the tensors the optimizer really holds after a real training step
 (``leanopt.memory_report``) and from the size of a real ``torch.save`` checkpoint (model state dict +
@@ -35,6 +35,9 @@ CONFIGS = [
     ("Lion compact + int8, release", leanopt.Lion, dict(master="compact", states="int8"), True, 4.2),
     ("SGD-momentum compact + int8, release", leanopt.SGD, dict(master="compact", states="int8", momentum=0.9), True,
      4.2),
+    # no extra weight bytes (stochastic rounding), the smallest AdamW
+    ("AdamW stochastic + int8, release", leanopt.AdamW, dict(master="stochastic", states="int8"), True, None),
+    ("AdamW stochastic + int4, release", leanopt.AdamW, dict(master="stochastic", states="int4"), True, None),
 ]  # fmt: skip
 #: the on-disk target (torch.save of model + optimizer state dicts)
 CHECKPOINT_TARGET = {"AdamW compact + int8": 5.2}

@@ -3,10 +3,10 @@
 Same seed, same initial weights, same batches and the same LR schedule for every run; only the
 precision recipe changes. Prints a table and writes benchmarks/results/quality.json.
 
-    python benchmarks/quality.py              # full: 500 steps per run, seven runs (~18 CPU-minutes)
+    python benchmarks/quality.py              # full: 500 steps per run, nine runs (~25 CPU-minutes)
     python benchmarks/quality.py --short      # 60 steps, a smaller model: a smoke test
 
-The seven runs can also go in parallel (``--runs NAME --out part.json`` each) and be merged with
+The nine runs can also go in parallel (``--runs NAME --out part.json`` each) and be merged with
 ``--combine part1.json part2.json ...``. ms/step is wall time and only meaningful on a quiet machine.
 """
 
@@ -38,6 +38,8 @@ RUNS: dict[str, str] = {
     "none": "plain bf16 weights (round to nearest), leanopt master='none', fp32 states",
     "exact": "bf16 weights, leanopt master='exact', fp32 states",
     "stochastic": "bf16 weights, leanopt master='stochastic' (no extra weight bytes), fp32 states",
+    "stochastic_int8": "bf16 weights, leanopt master='stochastic', states='int8'",
+    "stochastic_int4": "bf16 weights, leanopt master='stochastic', states='int4'",
     "autocast": "fp32 weights + bf16 autocast, torch.optim.AdamW (standard mixed precision)",
 }
 
@@ -87,6 +89,8 @@ def make_optimizer(run: str, model: torch.nn.Module, s: Setup, **leanopt_options
         "compact_int4": dict(master="compact", states="int4"),
         "none": dict(master="none", states="fp32"),
         "stochastic": dict(master="stochastic", states="fp32"),
+        "stochastic_int8": dict(master="stochastic", states="int8"),
+        "stochastic_int4": dict(master="stochastic", states="int4"),
     }[run]
     options.update(leanopt_options)
     return leanopt.AdamW(model.parameters(), seed=s.seed, **hyper, **options)
@@ -191,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     for run in runs:
         r = train(run, s, data)
         payload["results"].append(r)
-        print(f"  {run:13s} val {r['val_loss']:.4f}  ({r['ms_per_step']:.0f} ms/step)", flush=True)
+        print(f"  {run:15s} val {r['val_loss']:.4f}  ({r['ms_per_step']:.0f} ms/step)", flush=True)
         args.out.write_text(json.dumps(payload, indent=2) + "\n")  # partial results survive an interruption
     print_table(payload["results"])
     payload["complete"] = True
@@ -204,11 +208,11 @@ def print_table(results: list[dict]) -> None:
     """The results table; adds ``vs_fp32`` (relative difference of the validation loss) to each."""
     base = next((r["val_loss"] for r in results if r["run"] == "fp32"), None)
     print()
-    print(f"{'run':13s}  {'val loss':>8s}  {'vs fp32':>8s}  {'ms/step':>7s}  description")
+    print(f"{'run':15s}  {'val loss':>8s}  {'vs fp32':>8s}  {'ms/step':>7s}  description")
     for r in results:
         rel = f"{100 * (r['val_loss'] / base - 1):+.2f}%" if base else "n/a"
         r["vs_fp32"] = (r["val_loss"] / base - 1) if base else None
-        print(f"{r['run']:13s}  {r['val_loss']:8.4f}  {rel:>8s}  {r['ms_per_step']:7.0f}  {r['description']}")
+        print(f"{r['run']:15s}  {r['val_loss']:8.4f}  {rel:>8s}  {r['ms_per_step']:7.0f}  {r['description']}")
 
 
 def combine(paths: list[Path], out: Path, argv: list[str] | None) -> int:
