@@ -8,7 +8,7 @@ from leanopt.formats.states import STATE_FORMATS
 from leanopt.formats.weights import WEIGHT_FORMATS
 from leanopt.kernels import reference
 
-MASTERS = [m for m in WEIGHT_FORMATS if m not in ("fp32", "stochastic")]
+MASTERS = [m for m in WEIGHT_FORMATS if m != "fp32"]  # stochastic too: each block takes its rows' bits
 
 
 def _run(monkeypatch, chunk, cls, master, states, steps=3):
@@ -45,3 +45,19 @@ def test_blocks_really_split_the_tensor(monkeypatch):
     blocks = list(reference._row_blocks(w, w, state, whole=False))
     assert [b[0].shape[0] for b in blocks] == [5] * 7 + [2]
     assert len(list(reference._row_blocks(w, w, state, whole=True))) == 1
+
+
+def test_stochastic_rounding_is_updated_a_block_at_a_time(monkeypatch):
+    """Its bits follow each element's index (formats/noise.py), so the blocks need no whole-tensor noise:
+    the blocks are really used, and give one pass's bits (test above)."""
+    sizes = []
+    real = reference._row_blocks
+
+    def spy(*args):
+        for block in real(*args):
+            sizes.append(block[0].shape[0])
+            yield block
+
+    monkeypatch.setattr(reference, "_row_blocks", spy)
+    _run(monkeypatch, 5 * 64, leanopt.AdamW, "stochastic", "fp32", steps=1)
+    assert sizes == [5] * 7 + [2]
