@@ -426,6 +426,9 @@ def default_modes(features: Features, dtype: torch.dtype = torch.bfloat16) -> li
         Mode("compact", "int8"),
         Mode("compact", "int8", True),
         Mode("compact", "int4", True),
+        # no bytes beyond the 16-bit weight (stochastic rounding): the smallest
+        Mode("stochastic", "int8", True),
+        Mode("stochastic", "int4", True),
     ]
     from leanopt.formats.weights import resolve_weight_format
 
