@@ -83,10 +83,12 @@ grep -v "^W[0-9]" "$OUT/kernels.txt" >> "$OUT/log.txt"; tail -n 25 "$OUT/kernels
 
 # 3. kernel="fused": the multi-tensor CUDA kernels (kernels/gpu.py, one launch per combination per
 #    step) next to the defaults (exact/fp32: compiled per tensor; int8: eager), on GPT-2's 148 tensors,
-#    one 50M tensor and 500 small tensors: the data for making them the default.
+#    one 50M tensor and 500 small tensors: the data for making them the default (stochastic/int8@fused:
+#    stochastic rounding's bits computed in the CUDA kernel, formats/noise.py).
 log "benchmark ($DEVICE, kernel=fused: multi-tensor CUDA kernels)"
 timeout "${FUSED_TIMEOUT:-120}" "$PYTHON" benchmarks/kernels.py --device "$DEVICE" --workloads "$BIG" \
-  --modes torch-fused,exact/fp32,exact/fp32@fused,compact/int8,compact/int8@fused,compact/int4@fused "${STEPS[@]}" \
+  --modes torch-fused,exact/fp32,exact/fp32@fused,compact/int8,compact/int8@fused,compact/int4@fused,stochastic/int8@fused \
+  "${STEPS[@]}" \
   --out "$OUT/kernels_fused.json" > "$OUT/kernels_fused.txt" 2>&1
 FUSED_RC=$?
 grep -v "^W[0-9]" "$OUT/kernels_fused.txt" >> "$OUT/log.txt"; tail -n 20 "$OUT/kernels_fused.txt"
