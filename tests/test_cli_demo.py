@@ -18,7 +18,7 @@ from leanopt.cli.worker import train
 
 FEATURES = detect_features()
 CORE_ONLY = Features(release=False, masters=("exact", "none", "stochastic", "kahan"), states=("fp32", "bf16"))
-EVERYTHING = Features(release=True, masters=("exact", "compact"), states=("fp32", "bf16", "int8", "int4"))
+EVERYTHING = Features(release=True, masters=("exact", "compact", "stochastic"), states=("fp32", "bf16", "int8", "int4"))
 
 
 def test_default_configs_grow_with_what_is_installed():
@@ -28,6 +28,7 @@ def test_default_configs_grow_with_what_is_installed():
     default, every = available_configs(EVERYTHING)
     assert [c.name for c in default] == [
         "standard", "exact/fp32", "exact/fp32+release", "compact/int8+release", "compact/int4+release",
+        "stochastic/int8+release",
     ]  # fmt: skip
     assert "compact/int8" in [c.name for c in every]
 

@@ -85,12 +85,14 @@ def available_configs(features: Features) -> tuple[list[DemoConfig], list[DemoCo
     compact8 = f.has_master("compact") and f.has_states("int8")
     modes = [Mode("exact", "fp32"), Mode("exact", "fp32", True), Mode("exact", "bf16"), Mode("exact", "bf16", True),
              Mode("compact", "int8"), Mode("compact", "int8", True), Mode("compact", "int4"),
-             Mode("compact", "int4", True)]  # fmt: skip
+             Mode("compact", "int4", True), Mode("stochastic", "int8", True),
+             Mode("stochastic", "int4", True)]  # fmt: skip
     runnable = [m for m in modes if f.has_master(m.master) and f.has_states(m.states) and (release or not m.release)]
     default = [Mode("exact", "fp32"), Mode("exact", "fp32", True)]
     if not compact8:  # the smallest layout that exists so far
         default.append(Mode("exact", "bf16", release))
-    default += [Mode("compact", "int8", release), Mode("compact", "int4", True)]
+    # then the smallest: no bytes beyond the 16-bit weight (stochastic rounding), 8-bit states
+    default += [Mode("compact", "int8", release), Mode("compact", "int4", True), Mode("stochastic", "int8", True)]
     default_cfgs = [STANDARD] + [leanopt_config(m) for m in dict.fromkeys(default) if m in runnable]
     return default_cfgs, [STANDARD] + [leanopt_config(m) for m in runnable]
 
