@@ -115,7 +115,25 @@ class Segment:
 
 
 @dataclass(slots=True)
-class StepPlan:
+class _StepAllArrays:
+    """The per-tensor ctypes arrays ``lo_step_all`` reads (whole-step and per-parameter plans)."""
+
+    sizes: Any
+    masks: Any
+    counters: Any
+    seg: Any
+    expect: Any  # per segment: the step counters' value before the next step
+    slot: Any
+    fns: Any
+    rows: Any
+    ns: Any
+    ptrs: Any
+    scalars: Any
+    ok: Any  # per tensor: its gradient was finite (written by the native call)
+
+
+@dataclass(slots=True)
+class StepPlan(_StepAllArrays):
     signature: tuple
     mode: tuple  # (kernel, nonfinite) of the optimizer
     form: Any
@@ -127,20 +145,7 @@ class StepPlan:
     shapes: list[torch.Size]
     layouts: list  # None (contiguous) or the strides of a dense non-contiguous parameter (see _valid)
     grad_dtypes: list[torch.dtype]
-    # the native call's arrays
-    count: int
-    sizes: Any
-    masks: Any
-    counters: Any
-    seg: Any
-    expect: Any
-    slot: Any
-    fns: Any
-    rows: Any
-    ns: Any
-    ptrs: Any
-    scalars: Any
-    ok: Any  # per tensor: its gradient was finite (written by the native call)
+    count: int  # tensors in the native call's arrays
     kernels: list  # kept alive: their code is what fns points to
     keep: list  # the pointer arrays (kept alive: ptrs holds their addresses)
     device_index: int = -1  # for _valid: every gradient on the CPU
@@ -313,7 +318,7 @@ def run(plan: StepPlan, opt: Any) -> list[int] | None:
 
 
 @dataclass(slots=True)
-class ParamPlan:
+class ParamPlan(_StepAllArrays):
     mode: tuple  # (kernel, nonfinite) of the optimizer
     form: Any
     group_id: int
@@ -326,20 +331,7 @@ class ParamPlan:
     grad_dtype: torch.dtype
     kernel: Any  # native.Kernel: its code is what fns points to
     keep: Any  # the pointer array (fns' kernel reads it; the general path shares it: native._PLANS)
-    # lo_step_all's arrays, of one element each
-    grads: Any
-    sizes: Any
-    masks: Any
-    counters: Any
-    seg: Any
-    expect: Any  # the step counter's value before the next update
-    slot: Any
-    fns: Any
-    rows: Any
-    ns: Any
-    ptrs: Any
-    scalars: Any
-    ok: Any
+    grads: Any  # lo_step_all's arrays here have one element each
     packed: Any = None  # lo_step_one's argument: the 17 arguments of lo_step_all (CHECK, THREADS per call)
     noise: tuple | None = None  # stochastic rounding: (key slot in ``keep``, parameter index)
 
