@@ -220,8 +220,8 @@ def test_fp16_stochastic_rounding_on_bit_patterns_equals_the_nextafter_form():
 @pytest.mark.slow
 def test_fp16_stochastic_rounding_compiles_to_the_same_bits():
     """Under torch.compile (the compiled path: the CUDA default for large groups). The nextafter form
-    compiled by Inductor never rounded away from zero: a mean of exactly 1.0 for 65,536 roundings of
-    1 + 0.3 ulp; it must be the value."""
+    compiled by Inductor never rounded away from zero; here the mean of 65,536 roundings of 1 + 0.3 ulp
+    must be that value."""
     compiled = torch.compile(lambda v, r: _stochastic_round_generic(v, torch.float16, lambda like: r),
                              options={"emulate_precision_casts": True})  # fmt: skip
     values, r = _fp16_rounding_cases()

@@ -103,19 +103,6 @@ def bits_from(keys: Tensor, shape: tuple | torch.Size) -> Tensor:
     return _hash(i, keys[0], keys[1]).reshape(shape)
 
 
-def bits_scalar(k: int, i: int) -> int:
-    """One element's bits in plain Python (tests: the definition, written a third way)."""
-
-    def mix(x: int) -> int:
-        x ^= x >> 16
-        x = (x * M1) & MASK32
-        x ^= x >> 15
-        x = (x * M2) & MASK32
-        return x ^ (x >> 16)
-
-    return mix(mix((i & MASK32) ^ (k & MASK32)) ^ (i >> 32) ^ (k >> 32)) >> 16
-
-
 class UpdateNoise:
     """The ``random_bits`` of one parameter's update (formats/weights.py ``RandomBits``): called on a
     tensor shaped like the parameter, or like this rank's rows of a sharded one, it gives that tensor's

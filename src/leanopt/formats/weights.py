@@ -168,10 +168,10 @@ def _stochastic_round_generic(value: Tensor, dtype: torch.dtype, random_bits: Ra
 
     The neighbours are found on the fp16 bit patterns (int32 arithmetic: one step in magnitude is one
     in the bits), not with ``torch.nextafter``: under ``torch.compile`` Inductor computed nextafter of
-    fp16 values in fp32, so the compiled path never rounded away from zero (a mean of 1.0 for values
-    0.3 ulp above 1.0; tests/test_core_weight_formats.py compares this with the nextafter form)."""
+    fp16 values in fp32, so the compiled path never rounded away from zero (biased toward zero;
+    tests/test_core_weight_formats.py compares this with the nextafter form, eager and compiled)."""
     if dtype != torch.float16:
-        raise ValueError(f"stochastic rounding to {dtype} is not implemented (bf16: stochastic_round_bf16)")
+        raise ValueError(f"dtype must be torch.float16 here, got {dtype} (bf16: use stochastic_round_bf16)")
     down = value.to(dtype)
     b = down.view(torch.int16).to(torch.int32) & 0xFFFF
     # ``down`` rounded to nearest; one step toward zero if that went past ``value`` (never from 0)

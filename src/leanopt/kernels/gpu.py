@@ -808,9 +808,13 @@ def launch(
     row[prepared[4]] = grad.data_ptr()
     keep: list = [grad]
     if prepared[1].spec.weight.random:  # the reference's noise: this update's key, element 0's index
-        k = random_bits.key_at(step)
-        row[-2], row[-1] = k - (1 << 64) if k >> 63 else k, random_bits.base(param)  # (a signed int64 table)
+        row[-2], row[-1] = _signed64(random_bits.key_at(step)), random_bits.base(param)
     return GpuLaunch(prepared[1], prepared[5], row, values, keep, prepared[4], prepared[2])
+
+
+def _signed64(k: int) -> int:
+    """A 64-bit key as the signed int64 the launch tables hold (the kernels read its bits back)."""
+    return k - (1 << 64) if k >> 63 else k
 
 
 def _batch(group: list[GpuLaunch]) -> tuple[array, array, int]:
@@ -977,8 +981,7 @@ def run_plan(plan: GpuStepPlan, opt: Any) -> list[int] | None:
         for pos, i in slots:
             meta[pos] = ptrs[i]
         for pos, index, i in plan.noise[b]:  # stochastic rounding: this update's key (formats/noise.py)
-            k = noise_key(opt.seed, index, int(steps[plan.seg_of[i]]))
-            meta[pos] = k - (1 << 64) if k >> 63 else k
+            meta[pos] = _signed64(noise_key(opt.seed, index, int(steps[plan.seg_of[i]])))
         width = max(kernel.nscalars, 1)
         rows = [values[plan.seg_of[i]] for i in members]
         scal = array("f", [x for v in rows for x in v[:width] + [0.0] * (width - len(v[:width]))])

@@ -78,6 +78,7 @@ int lo_step_one(const int64_t *a) {
 }
 """
 
+_CHECKS = {"ignore": 0, "skip": 1, "raise": 2}  # lo_step_all's check, per nonfinite mode
 _FN: list[Any] = []
 
 
@@ -294,7 +295,7 @@ def run(plan: StepPlan, opt: Any) -> list[int] | None:
     gptrs = (ctypes.c_void_p * plan.count)(*[g.data_ptr() for g in grads])
     for ptrs, slot, index, s in plan.noise:  # stochastic rounding: this update's key
         ptrs[slot] = _noise.key(opt.seed, index, int(steps[s]))
-    check = {"ignore": 0, "skip": 1, "raise": 2}[opt.nonfinite]
+    check = _CHECKS[opt.nonfinite]
     rc = fn(plan.count, gptrs, plan.sizes, plan.masks, check, plan.counters, plan.seg, plan.expect, plan.slot,
             plan.fns, plan.rows, plan.ns, plan.ptrs, plan.scalars, plan.ok, torch.get_num_threads(),
             _native.SMALL_TENSOR)  # fmt: skip
@@ -337,7 +338,6 @@ class ParamPlan(_StepAllArrays):
 
 
 CHECK, THREADS = 4, 15  # the places in ParamPlan.packed that change per call
-_CHECKS = {"ignore": 0, "skip": 1, "raise": 2}
 
 
 def _group_key(opt: Any, form: Any, group: dict) -> tuple:
