@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# One command for a machine with a CUDA GPU (about 5 minutes): runs the CUDA variants of the test suite
-# (every test whose id names cuda) and the kernel benchmark on CUDA with FlashOptim, then times
-# kernel="fused" (the multi-tensor CUDA kernels) and their host time per tensor, and writes everything
+# One command for a machine with a CUDA GPU (about 4 minutes): runs the CUDA variants of the test suite
+# (every test whose id names cuda), the kernel benchmark on CUDA with FlashOptim (GPT-2 small, one 50M
+# tensor, 500 small tensors; kernel="auto" runs the multi-tensor CUDA kernels there), the CUDA kernels'
+# code-shape variants (benchmarks/gpu_variants.py) and their host time per tensor, and writes everything
 # under $OUT: summary.json (machine, date, exit codes, test counts), log.txt (everything printed),
-# tests.txt, tests.xml, kernels.json, kernels_fused.json, gpu_host.json. Seven files, no subfolders:
+# tests.txt, tests.xml, kernels.json, variants.json, gpu_host.json. Seven files, no subfolders:
 # what a device call brings back.
 #
 #   bash benchmarks/gpu_check.sh                 # results in $OUT, else benchmarks/results/gpu-<date>/
@@ -16,8 +17,8 @@
 # python3 and torch, and installs FlashOptim and optimi from benchmarks/wheels/ (pure Python, in the
 # repo) into a temporary folder when they are missing.
 # Environment: PYTHON (default: .venv/bin/python if present, else python3), OUT, WHEELS (default
-# benchmarks/wheels), TEST_TIMEOUT (s, default 200), BENCH_TIMEOUT (s, default 150), FUSED_TIMEOUT (s,
-# default 120), HOST_TIMEOUT (s, default 45): about 5 minutes expected, 8.6 at most. DRY_RUN=1 runs
+# benchmarks/wheels), TEST_TIMEOUT (s, default 200), BENCH_TIMEOUT (s, default 150), VARIANTS_TIMEOUT
+# (s, default 120), HOST_TIMEOUT (s, default 45): about 4 minutes expected, 8.6 at most. DRY_RUN=1 runs
 # the same steps on the CPU with a tiny workload (to check the script itself on a machine without a GPU).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -33,9 +34,9 @@ export PYTHONPATH="$PWD/src:$SITE${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 log() { echo "[gpu_check $(date -u +%H:%M:%S)] $*" | tee -a "$OUT/log.txt"; }
 
-DEVICE=cuda WORKLOADS=() STEPS=(--steps 10 --warmup 3) BIG=gpt2-small,tensor50m,many-small
+DEVICE=cuda WORKLOADS=(--workloads gpt2-small,tensor50m,many-small) STEPS=(--steps 10 --warmup 3) VWORK=()
 if [[ "${DRY_RUN:-0}" == 1 ]]; then
-  DEVICE=cpu WORKLOADS=(--workloads tiny) STEPS=(--steps 1 --warmup 1) BIG=tiny
+  DEVICE=cpu WORKLOADS=(--workloads tiny) STEPS=(--steps 1 --warmup 1) VWORK=(--workloads tiny)
   log "DRY_RUN=1: the CPU, tiny workloads"
 elif ! "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   log "no CUDA device visible to torch ($PYTHON); nothing to check"
@@ -81,18 +82,11 @@ timeout "${BENCH_TIMEOUT:-150}" "$PYTHON" benchmarks/kernels.py --device "$DEVIC
 BENCH_RC=$?
 grep -v "^W[0-9]" "$OUT/kernels.txt" >> "$OUT/log.txt"; tail -n 25 "$OUT/kernels.txt"; rm -f "$OUT/kernels.txt"
 
-# 3. kernel="fused": the multi-tensor CUDA kernels (kernels/gpu.py, one launch per combination per
-#    step) next to the defaults (exact/fp32: compiled per tensor; int8: eager), on GPT-2's 148 tensors,
-#    one 50M tensor and 500 small tensors: the data for making them the default (stochastic/int8@fused:
-#    stochastic rounding's bits computed in the CUDA kernel, formats/noise.py).
-log "benchmark ($DEVICE, kernel=fused: multi-tensor CUDA kernels)"
-timeout "${FUSED_TIMEOUT:-120}" "$PYTHON" benchmarks/kernels.py --device "$DEVICE" --workloads "$BIG" \
-  --modes torch-fused,exact/fp32,exact/fp32@fused,compact/int8,compact/int8@fused,compact/int4@fused,stochastic/int8@fused \
-  "${STEPS[@]}" \
-  --out "$OUT/kernels_fused.json" > "$OUT/kernels_fused.txt" 2>&1
-FUSED_RC=$?
-grep -v "^W[0-9]" "$OUT/kernels_fused.txt" >> "$OUT/log.txt"; tail -n 20 "$OUT/kernels_fused.txt"
-rm -f "$OUT/kernels_fused.txt"
+# 3. The CUDA kernels' code-shape variants (kernels.gpu.VARIANT), side by side with torch's fused AdamW.
+log "kernel variants ($DEVICE)"
+timeout "${VARIANTS_TIMEOUT:-120}" "$PYTHON" benchmarks/gpu_variants.py --device "$DEVICE" \
+  "${VWORK[@]}" --steps "${STEPS[1]}" --out "$OUT/variants.json" 2>&1 | grep -v "^W[0-9]" | tee -a "$OUT/log.txt"
+VARIANTS_RC=${PIPESTATUS[0]}
 
 # 4. Host time of a kernel="fused" step on CUDA: planned against general, 500 small tensors.
 log "host time per tensor ($DEVICE)"
@@ -100,11 +94,11 @@ timeout "${HOST_TIMEOUT:-45}" "$PYTHON" benchmarks/gpu_host_overhead.py --device
   --out "$OUT/gpu_host.json" 2>&1 | grep -v "^W[0-9]" | tee -a "$OUT/log.txt"
 HOST_RC=${PIPESTATUS[0]}
 
-"$PYTHON" - "$OUT" "$TEST_RC" "$BENCH_RC" "$FUSED_RC" "$HOST_RC" <<'EOF'
+"$PYTHON" - "$OUT" "$TEST_RC" "$BENCH_RC" "$VARIANTS_RC" "$HOST_RC" <<'EOF'
 import json, sys, pathlib, xml.etree.ElementTree as ET
-out, test_rc, bench_rc, fused_rc, host_rc = pathlib.Path(sys.argv[1]), *map(int, sys.argv[2:6])
+out, test_rc, bench_rc, variants_rc, host_rc = pathlib.Path(sys.argv[1]), *map(int, sys.argv[2:6])
 summary = {"machine": json.loads((out / "machine.json").read_text()), "tests_rc": test_rc, "benchmark_rc": bench_rc,
-           "fused_benchmark_rc": fused_rc, "host_overhead_rc": host_rc}
+           "variants_rc": variants_rc, "host_overhead_rc": host_rc}
 try:
     suite = ET.parse(out / "tests.xml").getroot()
     suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
@@ -115,5 +109,5 @@ except Exception as err:  # noqa: BLE001
 (out / "machine.json").unlink()  # in summary.json now
 print(json.dumps(summary))
 EOF
-log "results in $OUT (tests rc=$TEST_RC, benchmark rc=$BENCH_RC, kernel=fused benchmark rc=$FUSED_RC, host rc=$HOST_RC)"
-[[ $TEST_RC -eq 0 && $BENCH_RC -eq 0 && $FUSED_RC -eq 0 && $HOST_RC -eq 0 ]]
+log "results in $OUT (tests rc=$TEST_RC, benchmark rc=$BENCH_RC, variants rc=$VARIANTS_RC, host rc=$HOST_RC)"
+[[ $TEST_RC -eq 0 && $BENCH_RC -eq 0 && $VARIANTS_RC -eq 0 && $HOST_RC -eq 0 ]]

@@ -184,18 +184,31 @@ def test_fused_adamw_exact_split_matches_reference_within_the_documented_bound(d
     """AdamW, bf16 weights, exact split, fp32 states. Per step from identical inputs: both moments are
     bit-identical; the fp32 master differs by at most 1 ULP plus 2**-20 of the step's update (eager
     CPU ``torch.sqrt`` is not correctly rounded, the compiled one is). LR and step change every step
-    without compiling again."""
+    without compiling again. On CUDA ``kernel="fused"`` runs the multi-tensor CUDA kernels, which
+    follow the CPU reference bit for bit (test_gpu_kernels), while torch's eager CUDA kernels that the
+    reference executor calls there contract multiply-adds differently (an H200 run: 1060 of 4288
+    second moments differed in their last bits), so on CUDA the moments are compared within a few
+    roundings of their terms' magnitudes instead."""
     torch.manual_seed(0)
     for shape in [(64, 67), (61, 67)]:  # even size: pair mode on CPU; odd: the generic kernel
         p0 = torch.randn(shape).bfloat16()
         grads = [torch.randn(shape).bfloat16() for _ in range(5)]
         lrs = [1e-2, 5e-3, 2e-3, 1e-3, 1e-2]
         graphs_after_first = None
+        states_before = [torch.zeros(shape, device=device)] * 2
         for i, (before, (p_ref, ref), (p_fus, fus)) in enumerate(
             _pair(leanopt.AdamW, p0, grads, lrs, device, weight_decay=0.1, master="exact", states="fp32")
         ):
-            for key in ("exp_avg", "exp_avg_sq"):
-                assert_same_bits(fus.state[p_fus][key], ref.state[p_ref][key], f"{shape} step {i} {key}")
+            if device == "cpu":
+                for key in ("exp_avg", "exp_avg_sq"):
+                    assert_same_bits(fus.state[p_fus][key], ref.state[p_ref][key], f"{shape} step {i} {key}")
+            else:  # |difference| <= 2**-21 of the sum of the terms' magnitudes (a few roundings of fp32)
+                g = grads[i].to(device).float()
+                for key, prev, new in (("exp_avg", states_before[0], g), ("exp_avg_sq", states_before[1], g * g)):
+                    ours, theirs = fus.state[p_fus][key], ref.state[p_ref][key]
+                    bound = 2.0**-21 * (prev.abs() + new.abs())
+                    assert bool(((ours - theirs).abs() <= bound).all()), f"{shape} step {i} {key} outside the bound"
+            states_before = [ref.state[p_ref][k].clone() for k in ("exp_avg", "exp_avg_sq")]
             m_ref, m_fus = ref.master_value(p_ref), fus.master_value(p_fus)
             ulp = torch.nextafter(m_ref.abs(), torch.tensor(float("inf"), device=m_ref.device)) - m_ref.abs()
             bound = ulp + 2.0**-20 * (m_ref - before).abs()

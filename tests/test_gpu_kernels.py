@@ -246,6 +246,8 @@ _CUDA_STUB = r"""
 struct lo_dim3 { unsigned x, y, z; };
 extern lo_dim3 blockIdx, threadIdx;
 void __syncwarp();
+unsigned __shfl_xor_sync(unsigned, unsigned, int);
+unsigned __reduce_max_sync(unsigned, unsigned);
 float __uint_as_float(unsigned); unsigned __float_as_uint(float); float __int_as_float(int);
 float fabsf(float); float sqrtf(float); float fmaf(float, float, float); float rintf(float);
 float copysignf(float, float);
@@ -288,6 +290,8 @@ __device__ float fabsf(float); __device__ float sqrtf(float); __device__ float f
 __device__ float rintf(float); __device__ float copysignf(float, float);
 }
 __device__ void __syncwarp(unsigned mask = 0xffffffffu);
+__device__ unsigned __shfl_xor_sync(unsigned, unsigned, int);
+__device__ unsigned __reduce_max_sync(unsigned, unsigned);
 __device__ float __uint_as_float(unsigned); __device__ unsigned __float_as_uint(float);
 __device__ float __int_as_float(int);
 """
@@ -652,3 +656,21 @@ def test_direct_nvrtc_call_sequence(monkeypatch, fail):
         assert loaded == [b"CUBIN-bytes-here"]
     assert fake.options == [b"--gpu-architecture=sm_90", b"--fmad=false"]
     assert fake.calls[0] == "nvrtcCreateProgram" and fake.calls[-1] == "nvrtcDestroyProgram"
+
+
+def test_auto_and_fused_take_the_cuda_kernels_on_cuda_and_only_fused_is_emulated(monkeypatch):
+    """kernel="auto" on CUDA runs the multi-tensor CUDA kernels (the H200 run of
+    benchmarks/results/gpu-2026-11-29 measured them far ahead of the per-tensor compiled and eager
+    paths), as "fused" does; "reference" never; LEANOPT_GPU_KERNELS=0 turns them off; on the CPU
+    only "fused" with EMULATE (tests) takes them, "auto" stays on the native CPU kernels."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.delenv("LEANOPT_GPU_KERNELS", raising=False)
+    assert gpu.wanted("auto", cuda) and gpu.wanted("fused", cuda)
+    assert not gpu.wanted("reference", cuda)
+    monkeypatch.setattr(gpu, "EMULATE", True)
+    assert gpu.wanted("fused", cpu)
+    assert not gpu.wanted("auto", cpu) and not gpu.wanted("reference", cpu)
+    monkeypatch.setattr(gpu, "EMULATE", False)
+    assert not gpu.wanted("fused", cpu)
+    monkeypatch.setenv("LEANOPT_GPU_KERNELS", "0")
+    assert not gpu.wanted("auto", cuda) and not gpu.wanted("fused", cuda)

@@ -62,6 +62,11 @@ FLAT_UNIT = THREADS * ITEMS  # elements per block (flat kernels)
 WARPS = THREADS // 32  # groups per block (grouped kernels)
 META = 3  # table row per tensor: first block, rows, n; then the pointers
 NVRTC_OPTIONS = ["--fmad=false"]
+#: code-shape choices (the same arithmetic, so the same bits; benchmarks/gpu_variants.py times them):
+#: ``hoist``: a flat kernel's thread loads all its ITEMS elements before computing any (more loads in
+#: flight per thread); ``warp_max``: a grouped kernel finds its group's largest magnitude with one
+#: warp reduction (``__reduce_max_sync``) instead of each lane reading all 32 from shared memory.
+VARIANT = {"hoist": True, "warp_max": True}
 
 _CUDA_PRELUDE = r"""
 #ifdef __CUDACC__
@@ -77,6 +82,7 @@ _CUDA_PRELUDE = r"""
 #define LO_FN static __device__ __forceinline__
 #define LO_RESTRICT __restrict__
 #define LO_SYNC() __syncwarp()
+#define LO_UNROLL _Pragma("unroll")
 #ifndef FLT_MAX
 #define FLT_MAX 3.402823466e+38f
 #endif
@@ -96,6 +102,7 @@ LO_FN uint32_t lo_u(float f) { return __float_as_uint(f); }
 #define LO_FN static inline
 #define LO_RESTRICT restrict
 #define LO_SYNC()
+#define LO_UNROLL
 static inline float lo_f(uint32_t b) { float f; memcpy(&f, &b, 4); return f; }
 static inline uint32_t lo_u(float f) { uint32_t b; memcpy(&b, &f, 4); return b; }
 #endif
@@ -281,13 +288,43 @@ def generate(spec: KernelSpec, nscalars: int) -> str:
     wload, wstore, gload = spec.weight.load, spec.weight.store, spec.grad[1]
     if not spec.grouped:
         loads, stores = native.flat_state_io(spec)
-        unit_fn = "\n".join(
-            [
-                "LO_FN void lo_unit(const int64_t *LO_RESTRICT meta, const float *LO_RESTRICT scal,"
-                " const int32_t *LO_RESTRICT ok, int count,"
-                " int64_t unit, int me) {",
-                *common,
-                f"  const int64_t total = rows * n, base = (unit - m[0]) * {FLAT_UNIT};",
+        head_fn = [
+            "LO_FN void lo_unit(const int64_t *LO_RESTRICT meta, const float *LO_RESTRICT scal,"
+            " const int32_t *LO_RESTRICT ok, int count,"
+            " int64_t unit, int me) {",
+            *common,
+            f"  const int64_t total = rows * n, base = (unit - m[0]) * {FLAT_UNIT};",
+        ]
+        if VARIANT["hoist"]:  # every load of the thread's ITEMS elements first, then the arithmetic
+            names = ["p", "g", *(f"st_{_ident(n)}" for n, _, _ in spec.states)]
+            keep = " ".join(f"H_{v}[k] = {v};" for v in names)
+            take = "\n".join(f"      {'const ' if v == 'g' else ''}float {v} = H_{v}[k];" for v in names)
+            loops = [
+                f"  LO_EACH(x, {THREADS}) {{",
+                "    " + " ".join(f"float H_{v}[{ITEMS}];" for v in names),
+                "    LO_UNROLL",
+                f"    for (int k = 0; k < {ITEMS}; k++) {{",
+                f"      const int64_t i = base + k * {THREADS} + x;",
+                "      if (i >= total) break;",
+                f"      float p = {wload};",
+                f"      const float g = {gload};",
+                loads,
+                f"      {keep}",
+                "    }",
+                "    LO_UNROLL",
+                f"    for (int k = 0; k < {ITEMS}; k++) {{",
+                f"      const int64_t i = base + k * {THREADS} + x;",
+                "      if (i >= total) break;",
+                take,
+                body,
+                stores,
+                f"      {wstore}",
+                "    }",
+                "  }",
+                "}",
+            ]
+        else:  # one element at a time
+            loops = [
                 f"  for (int k = 0; k < {ITEMS}; k++) {{",
                 f"    LO_EACH(x, {THREADS}) {{",
                 f"      const int64_t i = base + k * {THREADS} + x;",
@@ -302,7 +339,7 @@ def generate(spec: KernelSpec, nscalars: int) -> str:
                 "  }",
                 "}",
             ]
-        )
+        unit_fn = "\n".join([*head_fn, *loops])
         entry = f"""#ifdef __CUDACC__
 extern "C" __global__ void __launch_bounds__({THREADS})
 lo_cuda(const int64_t *meta, int count, const float *scal, const int32_t *ok) {{
@@ -369,10 +406,25 @@ def _grouped(spec: KernelSpec, common: list[str], body: str) -> list[str]:
             put = (
                 f"      if (e < len) C_{v}[r * n + j0 + e] = (int8_t)(lo_code_{v}({gv_e}, {mag_e}, top, inv) - {off});"
             )
+        loop_max = (
+            f"      uint32_t topb = 0;\n"
+            f"      for (int k = 0; k < len; k++) {{ const uint32_t mb = lo_u({mag_k}) & 0x7FFFFFFFu;"
+            " topb = mb > topb ? mb : topb; }"
+        )
+        if VARIANT["warp_max"]:  # on CUDA one reduction over the warp's lanes (sm_80+); the loop on the CPU
+            own = f"e < len ? lo_u({mag_e}) & 0x7FFFFFFFu : 0u"
+            loop_max = (
+                "#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800\n"
+                f"      const uint32_t topb = __reduce_max_sync(0xFFFFFFFFu, {own});\n"
+                "#elif defined(__CUDACC__)  /* older GPUs: five shuffles */\n"
+                f"      uint32_t topb = {own};\n"
+                "      for (int o = 16; o > 0; o >>= 1) { const uint32_t w = __shfl_xor_sync(0xFFFFFFFFu, topb, o);"
+                " topb = w > topb ? w : topb; }\n"
+                f"#else\n{loop_max}\n#endif"
+            )
         encode.append(
             f"""    LO_EACH(e, {gs}) {{  /* the group's largest magnitude: bits of values >= 0 order like them */
-      uint32_t topb = 0;
-      for (int k = 0; k < len; k++) {{ const uint32_t mb = lo_u({mag_k}) & 0x7FFFFFFFu; topb = mb > topb ? mb : topb; }}
+{loop_max}
       const float top = lo_f(topb);
       const uint16_t sb = lo_bf16(top); const float s32 = lo_f((uint32_t)sb << 16);
       const float inv = 1.0f / (s32 > 0.0f ? s32 : 1.0f);
@@ -477,8 +529,8 @@ def _warn(reason: str) -> None:
     if not _STATUS["warned"]:
         _STATUS["warned"] = True
         warnings.warn(
-            f"leanopt: multi-tensor CUDA kernels are not available ({reason}); kernel='fused' uses the "
-            "per-tensor compiled kernels instead.",
+            f"leanopt: multi-tensor CUDA kernels are not available ({reason}); CUDA tensors use the "
+            "per-tensor compiled kernels (kernel='fused', or 'auto' where they apply) or the eager ones instead.",
             RuntimeWarning,
             stacklevel=6,
         )
@@ -705,7 +757,7 @@ def all_finite_many(grads: list[Tensor]) -> list[bool] | None:
 
 def kernel_for(spec: KernelSpec, device: torch.device) -> GpuKernel | None:
     """The kernel for ``spec`` on ``device``; None (one warning) if it cannot be compiled there."""
-    key = (spec, device)
+    key = (spec, device, *VARIANT.values())
     kernel = _KERNELS.get(key)
     if kernel is not None:
         return kernel
@@ -724,11 +776,14 @@ def kernel_for(spec: KernelSpec, device: torch.device) -> GpuKernel | None:
 
 
 def wanted(kernel: str, device: torch.device) -> bool:
-    """Whether an update on ``device`` with the optimizer's ``kernel`` choice takes this path
-    (``LEANOPT_GPU_KERNELS=0``: never; ``kernel="fused"`` then means the per-tensor compiled path)."""
-    if kernel != "fused" or os.environ.get("LEANOPT_GPU_KERNELS", "1") == "0":
+    """Whether an update on ``device`` with the optimizer's ``kernel`` choice takes this path: on CUDA
+    for ``"auto"`` and ``"fused"`` (measured on an H200: benchmarks/results/gpu-2026-11-29; 13x faster
+    than the per-tensor compiled path on GPT-2's tensors, 50x than the eager int8 path), on the CPU
+    only emulated (tests). ``LEANOPT_GPU_KERNELS=0``: never (``"fused"`` then means the per-tensor
+    compiled path, ``"auto"`` that path for large groups and fp32/bf16 states, else the eager one)."""
+    if kernel not in ("auto", "fused") or os.environ.get("LEANOPT_GPU_KERNELS", "1") == "0":
         return False
-    return device.type == "cuda" or (EMULATE and device.type == "cpu")
+    return device.type == "cuda" or (EMULATE and kernel == "fused" and device.type == "cpu")
 
 
 @dataclass(slots=True)

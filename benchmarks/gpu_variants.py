@@ -1,0 +1,86 @@
+"""The multi-tensor CUDA kernels' code-shape choices (``kernels.gpu.VARIANT``) timed side by side in
+one run: each variant builds its own kernels (``gpu.reset()``) and runs kernel="fused" AdamW steps,
+rounds interleaved, next to torch's fused AdamW. The choices change only the code's shape, not its
+arithmetic (the emulated tests compare every variant's bits with the native CPU kernels).
+
+    python benchmarks/gpu_variants.py --device cuda --out benchmarks/results/gpu-<date>/variants.json
+    python benchmarks/gpu_variants.py                 # the CPU, emulated kernels, tiny: checks the script
+
+``old``: one element at a time in the flat kernels, each lane reading its group's 32 magnitudes for the
+group's maximum; ``new``: the defaults (loads of a thread's 4 elements first; one warp reduction).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+from _results import write_rows  # benchmarks/_results.py
+
+from leanopt.cli import bench
+from leanopt.kernels import gpu
+
+VARIANTS = {"old": {"hoist": False, "warp_max": False}, "new": {"hoist": True, "warp_max": True}}
+MODES = ["exact/fp32@fused", "exact/fp32@fused:ignore", "compact/int8@fused", "compact/int4@fused"]
+OUT = Path(__file__).resolve().parent / "results" / "gpu_variants.json"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu", help="cuda, or cpu (emulated kernels: checks the script)")
+    ap.add_argument("--workloads", default=None, help="default: tensor50m,gpt2-small on cuda, tiny on cpu")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=OUT)
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        gpu.EMULATE = True
+    workloads = bench.resolve_workloads(args.workloads or ("tensor50m,gpt2-small" if device.type == "cuda" else "tiny"),
+                                        None, False)  # fmt: skip
+    torch_fused = [c for c in bench._torch_cases("adamw") if c.key == "torch-fused"]
+    cases = {m: bench.leanopt_case("adamw", m) for m in MODES}
+    default = dict(gpu.VARIANT)
+    runs: dict[tuple, list[bench.Result]] = {}
+    try:
+        for _ in range(args.rounds):
+            for wname, ws in workloads.items():
+                for case in torch_fused:
+                    runs.setdefault((wname, "-", case.key), []).append(
+                        bench.run_case(wname, ws.shapes, case, device, args.steps, 3)
+                    )
+                for vname, variant in VARIANTS.items():
+                    gpu.VARIANT.update(variant)
+                    gpu.reset()
+                    for mode, case in cases.items():
+                        runs.setdefault((wname, vname, mode), []).append(
+                            bench.run_case(wname, ws.shapes, case, device, args.steps, 3)
+                        )
+    finally:
+        gpu.VARIANT.update(default)
+        gpu.reset()
+    rows = []
+    for (wname, vname, mode), results in runs.items():
+        bad = [r for r in results if r.status != "ok"]
+        if bad:
+            rows.append({"workload": wname, "variant": vname, "mode": mode, "error": bad[0].error})
+            print(f"{wname:11s} {vname:4s} {mode:24s} {bad[0].status}: {bad[0].error}")
+            continue
+        ms = statistics.median(x for r in results for x in r.step_ms_all)
+        base = statistics.median(x for r in runs[(wname, "-", "torch-fused")] for x in r.step_ms_all)
+        gbps = results[0].touched_bytes_per_param * results[0].params / (ms / 1e3) / 1e9
+        rows.append({"workload": wname, "variant": vname, "mode": mode, "step_ms": round(ms, 4),
+                     "vs_torch_fused": round(ms / base, 3), "achieved_gbps": round(gbps, 1),
+                     "touched_bytes_per_param": results[0].touched_bytes_per_param,
+                     "step_ms_all": [x for r in results for x in r.step_ms_all]})  # fmt: skip
+        print(f"{wname:11s} {vname:4s} {mode:24s} {ms:8.3f} ms  {ms / base:6.2f}x torch fused  {gbps:7.1f} GB/s")
+    write_rows(args.out, "python benchmarks/gpu_variants.py " + " ".join(sys.argv[1:]), rows,
+               device=bench._device_name(device), variants=VARIANTS)  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
