@@ -85,6 +85,22 @@ def test_bytes_touched_and_held_come_from_the_tensors():
     assert reference.status == "ok" and reference.kernels_used == [] == fused.kernels_used  # no compiled kernel ran
 
 
+def test_kernels_used_names_the_cuda_multi_tensor_kernels(monkeypatch):
+    """A case that ran on the multi-tensor CUDA kernels lists them (here emulated on the CPU), so a
+    GPU run's JSON shows which path each leanopt figure timed."""
+    from leanopt.kernels import gpu, native
+
+    if native.compiler() is None:
+        pytest.skip("needs a C compiler")
+    monkeypatch.setattr(gpu, "EMULATE", True)
+    gpu.reset()
+    case = select_cases("adamw", "exact/fp32@fused")[1]
+    res = run_case("w", [(64, 32)], case, torch.device("cpu"), steps=1)
+    gpu.reset()
+    assert res.status == "ok", res.error
+    assert any(k.startswith("gpu multi-tensor ") for k in res.kernels_used), res.kernels_used
+
+
 class _Wrapped(torch.Tensor):
     """A tensor subclass that keeps its data in two inner tensors, as torchao's quantised states do."""
 

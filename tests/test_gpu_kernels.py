@@ -92,6 +92,25 @@ def assert_same(a, b, what: str) -> None:
         assert diff == 0, f"{what} {key}: {diff} of {x.numel()} elements differ"
 
 
+@pytest.mark.parametrize("hoist,warp_max", [(False, False), (True, False), (False, True)])
+def test_every_code_shape_variant_gives_the_same_bits(emulate, monkeypatch, hoist, warp_max):
+    """gpu.VARIANT changes only the code's shape (benchmarks/gpu_variants.py times the variants): the
+    variants that are not the default give the native kernels' bits too (the default: the test below).
+    On the CPU the warp reduction is the loop it replaces (its CUDA form: the CUDA tests, clang, NVRTC)."""
+    monkeypatch.setitem(gpu.VARIANT, "hoist", hoist)
+    monkeypatch.setitem(gpu.VARIANT, "warp_max", warp_max)
+    for master, states in [("exact", "fp32"), ("compact", "bf16"), ("stochastic", "int8"), ("kahan", "int4")]:
+        ref = snapshot(*train("auto", leanopt.AdamW, master, states, dict(lr=1e-2, weight_decay=0.1)))
+        gpu.reset()
+        ours = snapshot(*train("fused", leanopt.AdamW, master, states, dict(lr=1e-2, weight_decay=0.1)))
+        assert_same(ref, ours, f"{master}/{states} hoist={hoist} warp_max={warp_max}")
+        assert gpu.compile_stats(), "the CUDA kernels' path did not run"
+        for k in gpu.compile_stats():  # each kernel's source has the shape asked for
+            source = gpu.generate(k.spec, k.nscalars)
+            assert ("H_p[k]" in source) == (hoist and not k.spec.grouped)
+            assert ("__reduce_max_sync" in source) == (warp_max and k.spec.grouped)
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_emulated_kernels_match_the_native_kernels_bit_for_bit(emulate, case):
     """Every weight and state format, partial groups (n = 33, 70, 1000), packed and unpacked int4,

@@ -305,11 +305,11 @@ class Result:
 
 def _kernel_records() -> dict[tuple[str, Any], Any]:
     """leanopt's compiled kernels so far, from the executors that report them (``compile_stats()`` of
-    ``leanopt.kernels.native`` and ``.fused``: records with ``key`` and ``calls``)."""
+    ``leanopt.kernels.native``, ``.fused`` and ``.gpu``: records with ``key`` and ``calls``)."""
     import importlib
 
     records = {}
-    for name in ("native", "fused"):
+    for name in ("native", "fused", "gpu"):
         try:
             stats = getattr(importlib.import_module(f"leanopt.kernels.{name}"), "compile_stats", None)
         except ImportError:

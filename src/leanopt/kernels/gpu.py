@@ -497,6 +497,14 @@ class GpuKernel:
     launches: int = 0
     tensors: int = 0
 
+    @property
+    def key(self) -> str:  # what ``leanopt bench`` lists under kernels_used (as native.Kernel's key)
+        return f"multi-tensor {self.spec.form} on {self.device}"
+
+    @property
+    def calls(self) -> int:
+        return self.launches
+
 
 _KERNELS: dict[tuple, GpuKernel] = {}
 _FAILED: dict[tuple, str] = {}
