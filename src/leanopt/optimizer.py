@@ -49,11 +49,12 @@ class LeanOptimizer(torch.optim.Optimizer):
       depends only on (seed, parameter index, step), never on the order tensors are updated in.
     - ``kernel``: the update executor. ``"auto"`` (default): on CPU every tensor is updated by a
       native kernel (``leanopt.kernels.native``: the rule's fused form generated as C, compiled once per
-      combination with the system C compiler and cached on disk); on CUDA, param groups with at least
-      2**20 elements use ``torch.compile`` (Triton; ``leanopt.kernels.fused``) and smaller ones the
-      eager reference. ``"fused"``: on CUDA the multi-tensor CUDA kernels (``leanopt.kernels.gpu``: the
-      native kernels' code compiled with NVRTC, one launch per combination per step), else the compiled
-      paths, for every group. ``"reference"``: always the eager
+      combination with the system C compiler and cached on disk); on CUDA the multi-tensor CUDA kernels
+      (``leanopt.kernels.gpu``: the native kernels' code compiled with NVRTC, one launch per combination
+      per step); where those cannot build, param groups with at least 2**20 elements use
+      ``torch.compile`` (Triton; ``leanopt.kernels.fused``) and smaller ones the eager reference.
+      ``"fused"``: the same, but the compiled paths for every group they cover.
+      ``"reference"``: always the eager
       reference (torch.optim's single-tensor arithmetic, op for op). Without a working compiler the
       compiled paths warn once and fall back. What each path reproduces bit for bit: docs/kernels.md.
     """

@@ -493,9 +493,10 @@ def available() -> tuple[bool, str]:
 #: the reference executor (on CPU the native kernels run them first).
 FUSED_STATE_FORMATS = {"fp32", "bf16"}
 #: ... except when asked for: with ``kernel="fused"`` the compiled path also takes these state formats
-#: on these devices. On CUDA the grouped formats otherwise run eagerly, a dozen small kernels per tensor;
-#: their Triton kernel has not been measured yet (no GPU in the sessions so far: benchmarks/gpu_check.sh
-#: times it). Its results match the reference as the native kernels' do (tests/test_fused.py).
+#: on these devices (CUDA: only where the multi-tensor CUDA kernels are off or cannot build; otherwise
+#: the grouped formats run eagerly there, a dozen small kernels per tensor: 172x torch's fused AdamW on
+#: GPT-2's tensors on an H200). Its results match the reference as the native kernels' do
+#: (tests/test_fused.py).
 OPT_IN_STATE_FORMATS: dict[str, set[str]] = {"cuda": {"int8", "int4"}}
 
 

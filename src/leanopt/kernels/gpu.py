@@ -21,13 +21,13 @@ The same source compiles as C on the CPU (each warp's lanes run in a loop, ``LO_
 kernels on machines without a GPU (tests/test_gpu_kernels.py), and NVRTC itself (from its pip wheel:
 :func:`find_nvrtc`, :func:`nvrtc_compile`) compiles every kernel to CUBIN for sm_80 and sm_90 there
 (benchmarks/nvrtc_check.py reports registers and spills). What only a GPU checks: the launch, the
-warp synchronisation and the bits on the device (benchmarks/gpu_check.sh runs the CUDA tests).
+warp synchronisation and the bits on the device (benchmarks/gpu_check.sh runs the CUDA tests; on an
+H200 they pass: benchmarks/results/gpu-2026-11-29-run2).
 
-Used for ``kernel="fused"`` on CUDA; ``"auto"`` keeps the per-tensor compiled path until a GPU run
-has measured this one. Every combination the native kernels have is covered: fp16 weights and
-gradients as their bits (NVRTC has no ``_Float16``; :data:`_F16_BITS`); stochastic rounding with the
-reference's bits, computed in the kernel from the update's key and each element's index
-(formats/noise.py).
+Used for ``kernel="auto"`` and ``"fused"`` on CUDA (:func:`wanted`). Every combination the native
+kernels have is covered: fp16 weights and gradients as their bits (NVRTC has no ``_Float16``;
+:data:`_F16_BITS`); stochastic rounding with the reference's bits, computed in the kernel from the
+update's key and each element's index (formats/noise.py).
 A step whose tensors are all covered is kept as a plan (:class:`GpuStepPlan`), so the next one costs
 the host a few microseconds per tensor.
 """
