@@ -17,9 +17,9 @@
 # python3 and torch, and installs FlashOptim and optimi from benchmarks/wheels/ (pure Python, in the
 # repo) into a temporary folder when they are missing.
 # Environment: PYTHON (default: .venv/bin/python if present, else python3), OUT, WHEELS (default
-# benchmarks/wheels), TEST_TIMEOUT (s, default 260), BENCH_TIMEOUT (s, default 120), VARIANTS_TIMEOUT
-# (s, default 100), HOST_TIMEOUT (s, default 45): about 6.5 minutes on an H200 (2026-11-29: tests 193 s,
-# benchmark 75 s, variants 80 s, host 14 s), 8.8 at most. DRY_RUN=1 runs
+# benchmarks/wheels), TEST_TIMEOUT (s, default 260), BENCH_TIMEOUT (s, default 110), VARIANTS_TIMEOUT
+# (s, default 120), HOST_TIMEOUT (s, default 45): about 6.5 minutes on an H200 (2026-11-29: tests 193 s,
+# benchmark 75 s, variants 80 s for 16 cases, now 18; host 14 s), 8.9 at most. DRY_RUN=1 runs
 # the same steps on the CPU with a tiny workload (to check the script itself on a machine without a GPU).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -78,14 +78,15 @@ tail -n 3 "$OUT/tests.txt" | tee -a "$OUT/log.txt"
 
 # 2. Kernel benchmark on CUDA, FlashOptim included.
 log "benchmark ($DEVICE)"
-timeout "${BENCH_TIMEOUT:-120}" "$PYTHON" benchmarks/kernels.py --device "$DEVICE" "${WORKLOADS[@]}" "${STEPS[@]}" \
+timeout "${BENCH_TIMEOUT:-110}" "$PYTHON" benchmarks/kernels.py --device "$DEVICE" "${WORKLOADS[@]}" "${STEPS[@]}" \
   --out "$OUT/kernels.json" > "$OUT/kernels.txt" 2>&1
 BENCH_RC=$?
 grep -v "^W[0-9]" "$OUT/kernels.txt" >> "$OUT/log.txt"; tail -n 25 "$OUT/kernels.txt"; rm -f "$OUT/kernels.txt"
 
-# 3. The CUDA kernels' code-shape variants (kernels.gpu.VARIANT), side by side with torch's fused AdamW.
+# 3. The CUDA kernels' code-shape variants (kernels.gpu.VARIANT: the old code, the defaults, and the
+#    untimed ones, several groups per warp and a decode table), side by side with torch's fused AdamW.
 log "kernel variants ($DEVICE)"
-timeout "${VARIANTS_TIMEOUT:-100}" "$PYTHON" benchmarks/gpu_variants.py --device "$DEVICE" \
+timeout "${VARIANTS_TIMEOUT:-120}" "$PYTHON" benchmarks/gpu_variants.py --device "$DEVICE" \
   "${VWORK[@]}" --steps "${STEPS[1]}" --out "$OUT/variants.json" 2>&1 | grep -v "^W[0-9]" | tee -a "$OUT/log.txt"
 VARIANTS_RC=${PIPESTATUS[0]}
 

@@ -7,7 +7,9 @@ arithmetic (the emulated tests compare every variant's bits with the native CPU 
     python benchmarks/gpu_variants.py                 # the CPU, emulated kernels, tiny: checks the script
 
 ``old``: one element at a time in the flat kernels, each lane reading its group's 32 magnitudes for the
-group's maximum; ``new``: the defaults (loads of a thread's 4 elements first; one warp reduction).
+group's maximum (the kernels before 2026-11-29); ``default``: ``gpu.VARIANT`` as it stands; ``groups4``:
+each warp updates 4 consecutive int8/int4 groups; ``table``: signed codes decoded through a table;
+``groups4+table``: both.
 """
 
 from __future__ import annotations
@@ -23,8 +25,16 @@ from _results import write_rows  # benchmarks/_results.py
 from leanopt.cli import bench
 from leanopt.kernels import gpu
 
-VARIANTS = {"old": {"hoist": False, "warp_max": False}, "new": {"hoist": True, "warp_max": True}}
 MODES = ["exact/fp32@fused", "exact/fp32@fused:ignore", "compact/int8@fused", "compact/int4@fused"]
+GROUPED = MODES[2:]  # the modes ``groups`` and ``table`` change
+#: name -> (gpu.VARIANT settings, modes timed)
+VARIANTS = {
+    "old": ({"hoist": False, "warp_max": False}, MODES),
+    "default": ({}, MODES),
+    "groups4": ({"groups": 4}, GROUPED),
+    "table": ({"table": True}, GROUPED),
+    "groups4+table": ({"groups": 4, "table": True}, GROUPED),
+}
 OUT = Path(__file__).resolve().parent / "results" / "gpu_variants.json"
 
 
@@ -34,6 +44,7 @@ def main() -> int:
     ap.add_argument("--workloads", default=None, help="default: tensor50m,gpt2-small on cuda, tiny on cpu")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -44,6 +55,10 @@ def main() -> int:
     torch_fused = [c for c in bench._torch_cases("adamw") if c.key == "torch-fused"]
     cases = {m: bench.leanopt_case("adamw", m) for m in MODES}
     default = dict(gpu.VARIANT)
+    chosen = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in chosen if v not in VARIANTS]
+    if unknown or not chosen:
+        ap.error(f"--variants: unknown {unknown or 'empty'}; accepted: {', '.join(VARIANTS)}")
     runs: dict[tuple, list[bench.Result]] = {}
     try:
         for _ in range(args.rounds):
@@ -52,10 +67,13 @@ def main() -> int:
                     runs.setdefault((wname, "-", case.key), []).append(
                         bench.run_case(wname, ws.shapes, case, device, args.steps, 3)
                     )
-                for vname, variant in VARIANTS.items():
+                for vname in chosen:
+                    variant, modes = VARIANTS[vname]
+                    gpu.VARIANT.update(default)
                     gpu.VARIANT.update(variant)
                     gpu.reset()
-                    for mode, case in cases.items():
+                    for mode in modes:
+                        case = cases[mode]
                         runs.setdefault((wname, vname, mode), []).append(
                             bench.run_case(wname, ws.shapes, case, device, args.steps, 3)
                         )
@@ -67,7 +85,7 @@ def main() -> int:
         bad = [r for r in results if r.status != "ok"]
         if bad:
             rows.append({"workload": wname, "variant": vname, "mode": mode, "error": bad[0].error})
-            print(f"{wname:11s} {vname:4s} {mode:24s} {bad[0].status}: {bad[0].error}")
+            print(f"{wname:11s} {vname:13s} {mode:24s} {bad[0].status}: {bad[0].error}")
             continue
         ms = statistics.median(x for r in results for x in r.step_ms_all)
         base = statistics.median(x for r in runs[(wname, "-", "torch-fused")] for x in r.step_ms_all)
@@ -76,9 +94,10 @@ def main() -> int:
                      "vs_torch_fused": round(ms / base, 3), "achieved_gbps": round(gbps, 1),
                      "touched_bytes_per_param": results[0].touched_bytes_per_param,
                      "step_ms_all": [x for r in results for x in r.step_ms_all]})  # fmt: skip
-        print(f"{wname:11s} {vname:4s} {mode:24s} {ms:8.3f} ms  {ms / base:6.2f}x torch fused  {gbps:7.1f} GB/s")
+        print(f"{wname:11s} {vname:13s} {mode:24s} {ms:8.3f} ms  {ms / base:6.2f}x torch fused  {gbps:7.1f} GB/s")
     write_rows(args.out, "python benchmarks/gpu_variants.py " + " ".join(sys.argv[1:]), rows,
-               device=bench._device_name(device), variants=VARIANTS)  # fmt: skip
+               device=bench._device_name(device), default_variant=default,
+               variants={v: VARIANTS[v][0] for v in chosen})  # fmt: skip
     return 0
 
 

@@ -92,23 +92,33 @@ def assert_same(a, b, what: str) -> None:
         assert diff == 0, f"{what} {key}: {diff} of {x.numel()} elements differ"
 
 
-@pytest.mark.parametrize("hoist,warp_max", [(False, False), (True, False), (False, True)])
-def test_every_code_shape_variant_gives_the_same_bits(emulate, monkeypatch, hoist, warp_max):
+VARIANTS = [dict(hoist=False, warp_max=False), dict(hoist=True, warp_max=False), dict(hoist=False, warp_max=True),
+            dict(groups=3), dict(table=True), dict(groups=4, table=True)]  # fmt: skip
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: ",".join(f"{k}={x}" for k, x in v.items()))
+def test_every_code_shape_variant_gives_the_same_bits(emulate, monkeypatch, variant):
     """gpu.VARIANT changes only the code's shape (benchmarks/gpu_variants.py times the variants): the
-    variants that are not the default give the native kernels' bits too (the default: the test below).
-    On the CPU the warp reduction is the loop it replaces (its CUDA form: the CUDA tests, clang, NVRTC)."""
-    monkeypatch.setitem(gpu.VARIANT, "hoist", hoist)
-    monkeypatch.setitem(gpu.VARIANT, "warp_max", warp_max)
-    for master, states in [("exact", "fp32"), ("compact", "bf16"), ("stochastic", "int8"), ("kahan", "int4")]:
-        ref = snapshot(*train("auto", leanopt.AdamW, master, states, dict(lr=1e-2, weight_decay=0.1)))
+    variants that are not the default give the native kernels' bits too (the default: the test below),
+    with partial groups, rows whose groups a warp continues into the next row, several tensors and
+    two step counts in one launch. On the CPU the warp reduction is the loop it replaces (its CUDA form:
+    the CUDA tests, clang, NVRTC)."""
+    for k, x in variant.items():
+        monkeypatch.setitem(gpu.VARIANT, k, x)
+    hyper = dict(lr=1e-2, weight_decay=0.1)
+    combos = [("exact", "fp32"), ("compact", "bf16"), ("stochastic", "int8"), ("kahan", "int4"), ("exact", "int8")]
+    for master, states in combos:
+        ref = snapshot(*train("auto", leanopt.AdamW, master, states, hyper))
         gpu.reset()
-        ours = snapshot(*train("fused", leanopt.AdamW, master, states, dict(lr=1e-2, weight_decay=0.1)))
-        assert_same(ref, ours, f"{master}/{states} hoist={hoist} warp_max={warp_max}")
+        ours = snapshot(*train("fused", leanopt.AdamW, master, states, hyper))
+        assert_same(ref, ours, f"{master}/{states} {variant}")
         assert gpu.compile_stats(), "the CUDA kernels' path did not run"
         for k in gpu.compile_stats():  # each kernel's source has the shape asked for
             source = gpu.generate(k.spec, k.nscalars)
-            assert ("H_p[k]" in source) == (hoist and not k.spec.grouped)
-            assert ("__reduce_max_sync" in source) == (warp_max and k.spec.grouped)
+            assert ("H_p[k]" in source) == (gpu.VARIANT["hoist"] and not k.spec.grouped)
+            assert ("__reduce_max_sync" in source) == (gpu.VARIANT["warp_max"] and k.spec.grouped)
+            assert ("T_q" in source) == (gpu.VARIANT["table"] and k.spec.grouped)
+            assert k.groups_per_warp == gpu.VARIANT["groups"]
 
 
 @pytest.mark.parametrize("case", list(CASES))

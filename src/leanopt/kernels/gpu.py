@@ -66,7 +66,10 @@ NVRTC_OPTIONS = ["--fmad=false"]
 #: ``hoist``: a flat kernel's thread loads all its ITEMS elements before computing any (more loads in
 #: flight per thread); ``warp_max``: a grouped kernel finds its group's largest magnitude with one
 #: warp reduction (``__reduce_max_sync``) instead of each lane reading all 32 from shared memory.
-VARIANT = {"hoist": True, "warp_max": True}
+#: ``groups``: consecutive int8/int4 groups one warp updates (its setup paid once for them all);
+#: ``table``: signed int8/int4 codes decoded through a per-block table of ``y / (2 - |y|)`` (no
+#: divisions per element). The last two are off until a GPU run has timed them.
+VARIANT: dict[str, Any] = {"hoist": True, "warp_max": True, "groups": 1, "table": False}
 
 _CUDA_PRELUDE = r"""
 #ifdef __CUDACC__
@@ -370,6 +373,7 @@ def _grouped(spec: KernelSpec, common: list[str], body: str) -> list[str]:
             f"  {native.quant_code(signed, codec.kind)}\n  return code; }}"
         )
     decode, keep, encode = [], [], []
+    tables: set[str] = set()  # signed codec kinds decoded through a table
     for name, signed, codec in states:
         v = _ident(name)
         qs, levels = _quant_consts(codec.kind)
@@ -379,10 +383,14 @@ def _grouped(spec: KernelSpec, common: list[str], body: str) -> list[str]:
         else:
             code = f"((int)C_{v}[r * n + j0 + e] + {0 if signed else levels // 2})"
         if signed:  # as the CPU kernels' table: y = c / Q; x = y / (2 - |y|)
-            decode.append(
-                f"      const float y_{v} = (float){code} / {_lit(qs)};"
-                f" float st_{v} = y_{v} / ({_lit(2)} - fabsf(y_{v})) * sc_{v};"
-            )
+            if VARIANT["table"]:  # y / (2 - |y|) of each code from the block's table (the same bits)
+                decode.append(f"      float st_{v} = T_{codec.kind}[{code} + {levels // 2}] * sc_{v};")
+                tables.add(codec.kind)
+            else:
+                decode.append(
+                    f"      const float y_{v} = (float){code} / {_lit(qs)};"
+                    f" float st_{v} = y_{v} / ({_lit(2)} - fabsf(y_{v})) * sc_{v};"
+                )
             keep.append(f"      X_{v}[e] = st_{v};")
             mag_k, gv_e, mag_e = f"fabsf(X_{v}[k])", f"X_{v}[e]", f"fabsf(X_{v}[e])"
         else:
@@ -436,17 +444,27 @@ def _grouped(spec: KernelSpec, common: list[str], body: str) -> list[str]:
     scales = [
         f"  const float sc_{_ident(n)} = lo_f((uint32_t)K_{_ident(n)}[r * gpr + gi] << 16);" for n, _, _ in states
     ]
+    per_warp = VARIANT["groups"]  # consecutive groups a warp updates one after the other
+    table_args = "".join(f", const float *LO_RESTRICT T_{k}" for k in sorted(tables))
     unit_fn = "\n".join(
         [
             "LO_FN void lo_unit(const int64_t *LO_RESTRICT meta, const float *LO_RESTRICT scal,"
             " const int32_t *LO_RESTRICT ok, int count,"
-            " int64_t unit, int warp, int me, float *LO_RESTRICT sh) {",
+            f" int64_t unit, int warp, int me, float *LO_RESTRICT sh{table_args}) {{",
             *common,
-            f"  const int64_t gpr = (n + {gs - 1}) / {gs}, gidx = (unit - m[0]) * {WARPS} + warp;",
-            "  if (gidx >= rows * gpr) return;  /* the whole warp: its lanes share gidx */",
-            f"  const int64_t r = gidx / gpr, gi = gidx % gpr, j0 = gi * {gs};",
-            f"  const int len = n - j0 < {gs} ? (int)(n - j0) : {gs};",
+            f"  const int64_t gpr = (n + {gs - 1}) / {gs}, groups = rows * gpr;",
+            f"  const int64_t first = ((unit - m[0]) * {WARPS} + warp) * {per_warp};",
+            "  if (first >= groups) return;  /* the whole warp: its lanes share its groups */",
+            "  int64_t r = first / gpr, gi = first % gpr;",
             *scratch,
+            f"  for (int q = 0; q < {per_warp}; q++, gi++) {{",
+            "  if (q > 0) {",
+            "    if (first + q >= groups) break;",
+            "    if (gi == gpr) { gi = 0; r++; }",
+            "    LO_SYNC();  /* every lane is done with the last group's scratch */",
+            "  }",
+            f"  const int64_t j0 = gi * {gs};",
+            f"  const int len = n - j0 < {gs} ? (int)(n - j0) : {gs};",
             *scales,
             f"  LO_EACH(e, {gs}) {{",
             "    if (e < len) {",
@@ -461,21 +479,38 @@ def _grouped(spec: KernelSpec, common: list[str], body: str) -> list[str]:
             "  }",
             "  LO_SYNC();",
             *encode,
+            "  }",
             "}",
         ]
     )
     nst = len(states) * gs
+    # the tables: entry c + half of kind k's codes holds (c / Q) / (2 - |c / Q|), as the decode computed it
+    tdecl, tfill, targs = [], [], ""
+    for k in sorted(tables):
+        qs, levels = _quant_consts(k)
+        tdecl.append(f"float T_{k}[{levels}];")
+        tfill.append(
+            f"if (c < {levels}) {{ const float y = (float)(c - {levels // 2}) / {_lit(qs)};"
+            f" T_{k}[c] = y / ({_lit(2)} - fabsf(y)); }}"
+        )
+        targs += f", T_{k}"
+    fill_cuda = f"  {{ const int c = threadIdx.x; {' '.join(tfill)} }}\n  __syncthreads();" if tables else ""
+    fill_cpu = f"  for (int c = 0; c < 256; c++) {{ {' '.join(tfill)} }}" if tables else ""
     entry = f"""#ifdef __CUDACC__
 extern "C" __global__ void __launch_bounds__({THREADS})
 lo_cuda(const int64_t *meta, int count, const float *scal, const int32_t *ok) {{
   __shared__ float sh[{WARPS}][{nst}];
-  lo_unit(meta, scal, ok, count, blockIdx.x, threadIdx.x >> 5, threadIdx.x & 31, sh[threadIdx.x >> 5]);
+  {" ".join("__shared__ " + d for d in tdecl)}
+{fill_cuda}
+  lo_unit(meta, scal, ok, count, blockIdx.x, threadIdx.x >> 5, threadIdx.x & 31, sh[threadIdx.x >> 5]{targs});
 }}
 #else
 void lo_emulate(const int64_t *meta, int count, const float *scal, const int32_t *ok, int64_t units) {{
   float sh[{nst}];
+  {" ".join(tdecl)}
+{fill_cpu}
   for (int64_t u = 0; u < units; u++)
-    for (int w = 0; w < {WARPS}; w++) lo_unit(meta, scal, ok, count, u, w, -1, sh);
+    for (int w = 0; w < {WARPS}; w++) lo_unit(meta, scal, ok, count, u, w, -1, sh{targs});
 }}
 #endif"""
     return [*fns, unit_fn, entry]
@@ -496,6 +531,7 @@ class GpuKernel:
     seconds: float  # compile time
     launches: int = 0
     tensors: int = 0
+    groups_per_warp: int = 1  # grouped kernels: VARIANT["groups"] when it was generated
 
     @property
     def key(self) -> str:  # what ``leanopt bench`` lists under kernels_used (as native.Kernel's key)
@@ -779,7 +815,8 @@ def kernel_for(spec: KernelSpec, device: torch.device) -> GpuKernel | None:
     except Exception as err:  # noqa: BLE001 - no NVRTC, a compile error: the other executors
         _fail(key, err)
         return None
-    kernel = _KERNELS[key] = GpuKernel(spec, device, fn, nscalars, time.perf_counter() - start)
+    kernel = _KERNELS[key] = GpuKernel(spec, device, fn, nscalars, time.perf_counter() - start,
+                                       groups_per_warp=VARIANT["groups"])  # fmt: skip
     return kernel
 
 
@@ -856,7 +893,7 @@ def launch(
         if spec.weight.random:
             row += [0, 0]  # the noise's key and base index (formats/noise.py), per step
         if spec.grouped:
-            units = -(-rows * -(-n // GROUP_SIZE) // WARPS)
+            units = -(-rows * -(-n // GROUP_SIZE) // (WARPS * kernel.groups_per_warp))
         else:
             units = -(-rows * n // FLAT_UNIT)
         if len(_PREPARED) > 100_000:
