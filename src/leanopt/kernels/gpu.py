@@ -298,50 +298,19 @@ def generate(spec: KernelSpec, nscalars: int) -> str:
             *common,
             f"  const int64_t total = rows * n, base = (unit - m[0]) * {FLAT_UNIT};",
         ]
+        index = f"      const int64_t i = base + k * {THREADS} + x;"
+        read = [f"      float p = {wload};", f"      const float g = {gload};", loads]  # element i's values
+        update = [body, stores, f"      {wstore}"]  # the rule, then the stores
         if VARIANT["hoist"]:  # every load of the thread's ITEMS elements first, then the arithmetic
             names = ["p", "g", *(f"st_{_ident(n)}" for n, _, _ in spec.states)]
             keep = " ".join(f"H_{v}[k] = {v};" for v in names)
             take = "\n".join(f"      {'const ' if v == 'g' else ''}float {v} = H_{v}[k];" for v in names)
-            loops = [
-                f"  LO_EACH(x, {THREADS}) {{",
-                "    " + " ".join(f"float H_{v}[{ITEMS}];" for v in names),
-                "    LO_UNROLL",
-                f"    for (int k = 0; k < {ITEMS}; k++) {{",
-                f"      const int64_t i = base + k * {THREADS} + x;",
-                "      if (i >= total) break;",
-                f"      float p = {wload};",
-                f"      const float g = {gload};",
-                loads,
-                f"      {keep}",
-                "    }",
-                "    LO_UNROLL",
-                f"    for (int k = 0; k < {ITEMS}; k++) {{",
-                f"      const int64_t i = base + k * {THREADS} + x;",
-                "      if (i >= total) break;",
-                take,
-                body,
-                stores,
-                f"      {wstore}",
-                "    }",
-                "  }",
-                "}",
-            ]
+            each = ["    LO_UNROLL", f"    for (int k = 0; k < {ITEMS}; k++) {{", index, "      if (i >= total) break;"]
+            loops = [f"  LO_EACH(x, {THREADS}) {{", "    " + " ".join(f"float H_{v}[{ITEMS}];" for v in names),
+                     *each, *read, f"      {keep}", "    }", *each, take, *update, "    }", "  }", "}"]  # fmt: skip
         else:  # one element at a time
-            loops = [
-                f"  for (int k = 0; k < {ITEMS}; k++) {{",
-                f"    LO_EACH(x, {THREADS}) {{",
-                f"      const int64_t i = base + k * {THREADS} + x;",
-                "      if (i >= total) continue;",
-                f"      float p = {wload};",
-                f"      const float g = {gload};",
-                loads,
-                body,
-                stores,
-                f"      {wstore}",
-                "    }",
-                "  }",
-                "}",
-            ]
+            loops = [f"  for (int k = 0; k < {ITEMS}; k++) {{", f"    LO_EACH(x, {THREADS}) {{", index,
+                     "      if (i >= total) continue;", *read, *update, "    }", "  }", "}"]  # fmt: skip
         unit_fn = "\n".join([*head_fn, *loops])
         entry = f"""#ifdef __CUDACC__
 extern "C" __global__ void __launch_bounds__({THREADS})
