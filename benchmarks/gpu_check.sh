@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One command for a machine with a CUDA GPU (about 6.5 minutes): runs the CUDA variants of the test suite
+# One command for a machine with a CUDA GPU (about 8 minutes): runs the CUDA variants of the test suite
 # (every test whose id names cuda), the kernel benchmark on CUDA with FlashOptim (GPT-2 small, one 50M
 # tensor, 500 small tensors; kernel="auto" runs the multi-tensor CUDA kernels there), the CUDA kernels'
 # code-shape variants (benchmarks/gpu_variants.py) and their host time per tensor, and writes everything
@@ -10,16 +10,16 @@
 #   bash benchmarks/gpu_check.sh                 # results in $OUT, else benchmarks/results/gpu-<date>/
 #   DRY_RUN=1 OUT=/tmp/g bash benchmarks/gpu_check.sh   # the script itself, on a CPU (about 1.5 min)
 #
-# With a lent device machine (the `run` tool): command `bash benchmarks/gpu_check.sh`, timeout_s 560;
+# With a lent device machine (the `run` tool): command `bash benchmarks/gpu_check.sh`, timeout_s 590;
 # the seven files come back from its $OUT; commit them as benchmarks/results/gpu-<date>/.
 #
 # It needs no network and no install: it runs leanopt from src/ (PYTHONPATH) with the machine's own
 # python3 and torch, and installs FlashOptim and optimi from benchmarks/wheels/ (pure Python, in the
 # repo) into a temporary folder when they are missing.
 # Environment: PYTHON (default: .venv/bin/python if present, else python3), OUT, WHEELS (default
-# benchmarks/wheels), TEST_TIMEOUT (s, default 260), BENCH_TIMEOUT (s, default 110), VARIANTS_TIMEOUT
-# (s, default 120), HOST_TIMEOUT (s, default 45): about 6.5 minutes on an H200 (2026-11-29: tests 193 s,
-# benchmark 75 s, variants 80 s for 16 cases, now 18; host 14 s), 8.9 at most. DRY_RUN=1 runs
+# benchmarks/wheels), TEST_TIMEOUT (s, default 250), BENCH_TIMEOUT (s, default 100), VARIANTS_TIMEOUT
+# (s, default 170), HOST_TIMEOUT (s, default 40): about 8 minutes on an H200 (2026-11-29: tests 193 s,
+# benchmark 75 s, variants 80 s for 36 timed cases, now 44 and 22 profiled; host 14 s), 9.7 at most. DRY_RUN=1 runs
 # the same steps on the CPU with a tiny workload (to check the script itself on a machine without a GPU).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -70,7 +70,7 @@ done
 # 1. Tests on CUDA: every test whose id names cuda (the CPU variants run in CI), but the offline source
 #    checks (clang's CUDA front end, NVRTC from its wheel), which need no GPU and run in CI.
 log "tests (CUDA variants)"
-timeout "${TEST_TIMEOUT:-260}" "$PYTHON" -m pytest -q -p no:cacheprovider --continue-on-collection-errors \
+timeout "${TEST_TIMEOUT:-250}" "$PYTHON" -m pytest -q -p no:cacheprovider --continue-on-collection-errors \
   -k "cuda and not clangs_cuda_checks and not compiles_with_nvrtc" \
   --junitxml "$OUT/tests.xml" tests > "$OUT/tests.txt" 2>&1
 TEST_RC=$?
@@ -78,21 +78,22 @@ tail -n 3 "$OUT/tests.txt" | tee -a "$OUT/log.txt"
 
 # 2. Kernel benchmark on CUDA, FlashOptim included.
 log "benchmark ($DEVICE)"
-timeout "${BENCH_TIMEOUT:-110}" "$PYTHON" benchmarks/kernels.py --device "$DEVICE" "${WORKLOADS[@]}" "${STEPS[@]}" \
+timeout "${BENCH_TIMEOUT:-100}" "$PYTHON" benchmarks/kernels.py --device "$DEVICE" "${WORKLOADS[@]}" "${STEPS[@]}" \
   --out "$OUT/kernels.json" > "$OUT/kernels.txt" 2>&1
 BENCH_RC=$?
 grep -v "^W[0-9]" "$OUT/kernels.txt" >> "$OUT/log.txt"; tail -n 25 "$OUT/kernels.txt"; rm -f "$OUT/kernels.txt"
 
-# 3. The CUDA kernels' code-shape variants (kernels.gpu.VARIANT: the old code, the defaults, and the
-#    untimed ones, several groups per warp and a decode table), side by side with torch's fused AdamW.
+# 3. The CUDA kernels' code-shape variants (kernels.gpu.VARIANT: the defaults and the ones not yet timed,
+#    several groups per warp and a decode table), side by side with torch's fused AdamW; each case's
+#    kernel time from torch.profiler too (gpu_ms), to tell kernel time from host time.
 log "kernel variants ($DEVICE)"
-timeout "${VARIANTS_TIMEOUT:-120}" "$PYTHON" benchmarks/gpu_variants.py --device "$DEVICE" \
+timeout "${VARIANTS_TIMEOUT:-170}" "$PYTHON" benchmarks/gpu_variants.py --device "$DEVICE" \
   "${VWORK[@]}" --steps "${STEPS[1]}" --out "$OUT/variants.json" 2>&1 | grep -v "^W[0-9]" | tee -a "$OUT/log.txt"
 VARIANTS_RC=${PIPESTATUS[0]}
 
 # 4. Host time of a kernel="fused" step on CUDA: planned against general, 500 small tensors.
 log "host time per tensor ($DEVICE)"
-timeout "${HOST_TIMEOUT:-45}" "$PYTHON" benchmarks/gpu_host_overhead.py --device "$DEVICE" --steps 10 \
+timeout "${HOST_TIMEOUT:-40}" "$PYTHON" benchmarks/gpu_host_overhead.py --device "$DEVICE" --steps 10 \
   --out "$OUT/gpu_host.json" 2>&1 | grep -v "^W[0-9]" | tee -a "$OUT/log.txt"
 HOST_RC=${PIPESTATUS[0]}
 
