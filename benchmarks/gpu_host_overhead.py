@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -21,10 +22,24 @@ import torch
 from _results import write_rows  # benchmarks/_results.py
 
 import leanopt
-from leanopt.kernels import gpu
+from leanopt.kernels import gpu, step_plan
 
 
-def measure(device: str, count: int, states: str, nonfinite: str, steps: int, planned: bool) -> dict:
+def measure(device: str, count: int, states: str, nonfinite: str, steps: int, planned: bool,
+            one_by_one: bool = False) -> dict:  # fmt: skip
+    """Host (and with CUDA, wall) time of ``steps`` steps; ``one_by_one``: the plan's check as a Python
+    loop over tensors (``step_plan._valid_one_by_one``, what every plan ran before its loops in C)."""
+    real = step_plan._valid
+    if one_by_one:
+        step_plan._valid = step_plan._valid_one_by_one
+    try:
+        row = _measure(device, count, states, nonfinite, steps, planned)
+        return row | {"check": "one by one" if one_by_one else "C"}
+    finally:
+        step_plan._valid = real
+
+
+def _measure(device: str, count: int, states: str, nonfinite: str, steps: int, planned: bool) -> dict:
     params = [torch.nn.Parameter(torch.randn(64, 64, device=device).bfloat16()) for _ in range(count)]
     opt = leanopt.AdamW(params, lr=1e-3, master="compact", states=states, kernel="fused", nonfinite=nonfinite)
     for p in params:
@@ -61,21 +76,32 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--tensors", type=int, default=500)
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "gpu_host_overhead.json"))
     args = ap.parse_args()
     if args.device == "cpu":
         gpu.EMULATE = True
+    configs = [("int8", "skip", True, False), ("int8", "skip", True, True), ("int8", "skip", False, False),
+               ("int8", "ignore", True, False), ("fp32", "skip", True, False), ("fp32", "skip", True, True),
+               ("fp32", "skip", False, False)]  # fmt: skip
+    found: dict[tuple, list[dict]] = {}
+    for _ in range(args.rounds):  # rounds interleaved: a drift of the machine's speed hits every config
+        for config in configs:
+            row = measure(args.device, args.tensors, *config[:2], args.steps, *config[2:])
+            found.setdefault(config, []).append(row)
     rows = []
-    for states, nonfinite, planned in [("int8", "skip", True), ("int8", "skip", False), ("int8", "ignore", True),
-                                       ("fp32", "skip", True), ("fp32", "skip", False)]:  # fmt: skip
-        row = measure(args.device, args.tensors, states, nonfinite, args.steps, planned)
+    for (states, nonfinite, planned, one_by_one), runs in found.items():
+        row = runs[0] | {"rounds_host_ms": [r["host_ms"] for r in runs]}  # medians of the rounds' medians
+        row["host_ms"] = statistics.median(r["host_ms"] for r in runs)
+        if row["gpu_ms"] is not None:
+            row["gpu_ms"] = statistics.median(r["gpu_ms"] for r in runs)
+        row["host_us_per_tensor"] = round(row["host_ms"] / args.tensors * 1e3, 2)
         rows.append(row)
         gpu_ms = f"  gpu {row['gpu_ms']:.2f} ms" if row["gpu_ms"] else ""
-        print(
-            f"{states:5} {nonfinite:6} {'planned' if planned else 'general':8} host {row['host_ms']:8.2f} ms"
-            f"  {row['host_us_per_tensor']:6.1f} us/tensor{gpu_ms}"
-        )
-    write_rows(args.out, f"python benchmarks/gpu_host_overhead.py --device {args.device}", rows,
+        how = ("planned" + (", check one by one" if one_by_one else "")) if planned else "general"
+        print(f"{states:5} {nonfinite:6} {how:28} host {row['host_ms']:8.2f} ms", end="")
+        print(f"  {row['host_us_per_tensor']:6.1f} us/tensor{gpu_ms}")
+    write_rows(args.out, "python benchmarks/gpu_host_overhead.py " + " ".join(sys.argv[1:]), rows,
                device=args.device, emulated_no_op_kernels=args.device == "cpu")  # fmt: skip
 
 

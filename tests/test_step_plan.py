@@ -410,3 +410,72 @@ def test_random_scenarios_give_the_same_bits_planned_and_unplanned():
             assert torch.equal(bits(a[key]), bits(b[key])), f"scenario {seed}: {key}"
         planned_steps += plans
     assert planned_steps >= 40  # the plans were used
+
+
+KEEP: list = []
+
+
+def _change(what: str, opt, params: list, grads: list) -> tuple[list, list]:
+    """``params`` and ``grads`` (or the optimizer's state) with one thing changed that a plan relies on."""
+    p0, g0 = params[0], grads[0]
+    grads, params = list(grads), list(params)
+    if what == "gradient not contiguous":
+        grads[0] = g0.t().contiguous().t()
+    elif what == "gradient dtype":
+        grads[0] = g0.float()
+    elif what == "gradient shape":
+        grads[0] = g0.reshape(-1)
+    elif what == "gradient on meta":
+        grads[0] = g0.to("meta")
+    elif what == "gradient a subclass":
+        grads[0] = torch.nn.Parameter(g0.clone())
+    elif what == "weights new storage":
+        p0.data = p0.data.clone()
+    elif what == "state dict copied":
+        opt.state[p0] = dict(opt.state[p0])
+    elif what == "state tensor replaced":
+        key = next(k for k in opt.state[p0] if k != "step")
+        opt.state[p0][key] = opt.state[p0][key].clone()
+    elif what == "state storage replaced":
+        key = next(k for k in opt.state[p0] if k != "step")
+        t = opt.state[p0][key]
+        t.data = t.data.clone()
+    elif what == "state tensor an alias":  # same memory, another tensor object
+        key = next(k for k in opt.state[p0] if k != "step")
+        KEEP.append(opt.state[p0][key])  # the old object stays alive (else its weak reference dies)
+        opt.state[p0][key] = opt.state[p0][key].detach()
+    elif what == "state tensor gone":
+        key = next(k for k in opt.state[p0] if k != "step")
+        del opt.state[p0][key]
+    return params, grads
+
+
+CHANGES = ["gradient not contiguous", "gradient dtype", "gradient shape", "gradient on meta", "gradient a subclass",
+           "weights new storage", "state dict copied", "state tensor replaced", "state storage replaced",
+           "state tensor an alias", "state tensor gone"]  # fmt: skip
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "with a channels_last weight"])
+@pytest.mark.parametrize("what", CHANGES)
+def test_the_plan_check_refuses_each_change_it_relies_on(what, channels_last):
+    """step_plan._valid (whole-step plans, CPU and CUDA) on a plan that applies, then with one change:
+    refused. Contiguous parameters take its loops in C over all tensors; a plan with a channels_last
+    weight the per-tensor loop."""
+    shapes = [(6, 40), (33,), (4, 12, 3, 3)]
+    twin = Twin(MODES["adamw compact/int8"], shapes=shapes)
+    if channels_last:
+        for p in twin.a:
+            if p.dim() == 4:
+                p.data = p.data.to(memory_format=torch.channels_last)
+    for _ in range(2):
+        twin.grads()
+        for p in twin.a:
+            if p.grad is not None and not p.is_contiguous():
+                p.grad = p.grad.to(memory_format=torch.channels_last)
+        twin.planned.step()
+    plan = twin.planned._step_plan
+    assert plan is not None and step_plan._checks(plan).contiguous is not channels_last
+    _, params, grads = step_plan._signature(twin.planned.param_groups)
+    assert step_plan._valid(plan, twin.planned, params, grads)
+    params, grads = _change(what, twin.planned, params, grads)
+    assert not step_plan._valid(plan, twin.planned, params, grads), what

@@ -959,6 +959,7 @@ class GpuStepPlan:
     batches: list[tuple]  # (kernel, table, [(position, tensor)], tensors in rows, blocks)
     #: stochastic rounding, per batch: [(position of a tensor's noise key, parameter index, tensor)]
     noise: list = field(default_factory=list)
+    checks: Any = None  # step_plan._valid's flattened form (built on first use)
 
 
 def build_plan(opt: Any, work: list[tuple[Tensor, dict]], jobs: list[GpuLaunch]) -> GpuStepPlan | None:
@@ -1043,7 +1044,7 @@ def run_plan(plan: GpuStepPlan, opt: Any) -> list[int] | None:
         return None
     steps = [ctypes.c_float(seg.expect + 1.0).value for seg in segments]  # float32 + 1
     values = [plan.form.scalars(seg.group, step) for seg, step in zip(segments, steps, strict=True)]
-    ptrs = [g.data_ptr() for g in grads]
+    ptrs = list(map(Tensor.data_ptr, grads))
     parts: list[array] = []
     for b, (kernel, template, slots, members, _) in enumerate(plan.batches):
         meta = array("q", template)
@@ -1051,9 +1052,10 @@ def run_plan(plan: GpuStepPlan, opt: Any) -> list[int] | None:
             meta[pos] = ptrs[i]
         for pos, index, i in plan.noise[b]:  # stochastic rounding: this update's key (formats/noise.py)
             meta[pos] = _signed64(noise_key(opt.seed, index, int(steps[plan.seg_of[i]])))
-        width = max(kernel.nscalars, 1)
-        rows = [values[plan.seg_of[i]] for i in members]
-        scal = array("f", [x for v in rows for x in v[:width] + [0.0] * (width - len(v[:width]))])
+        width = max(kernel.nscalars, 1)  # each segment's row of scalars once, then one join for all tensors
+        row_bytes = [array("f", (v[:width] + [0.0] * width)[:width]).tobytes() for v in values]
+        scal = array("f")
+        scal.frombytes(b"".join(map(row_bytes.__getitem__, map(plan.seg_of.__getitem__, members))))
         parts += [meta, scal, array("i", [1]) * len(members)]
     if plan.finite is not None:
         meta = array("q", plan.finite[0])
