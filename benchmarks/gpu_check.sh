@@ -84,7 +84,7 @@ BENCH_RC=$?
 grep -v "^W[0-9]" "$OUT/kernels.txt" >> "$OUT/log.txt"; tail -n 25 "$OUT/kernels.txt"; rm -f "$OUT/kernels.txt"
 
 # 3. The CUDA kernels' code-shape variants (kernels.gpu.VARIANT: the defaults and the ones not yet timed,
-#    several groups per warp and a decode table), side by side with torch's fused AdamW; each case's
+#    several chunks per block, several groups per warp, a decode table), next to torch's fused AdamW; each case's
 #    kernel time from torch.profiler too (gpu_ms), to tell kernel time from host time.
 log "kernel variants ($DEVICE)"
 timeout "${VARIANTS_TIMEOUT:-170}" "$PYTHON" benchmarks/gpu_variants.py --device "$DEVICE" \

@@ -7,10 +7,11 @@ arithmetic (the emulated tests compare every variant's bits with the native CPU 
     python benchmarks/gpu_variants.py                 # the CPU, emulated kernels, tiny: checks the script
 
 ``old``: one element at a time in the flat kernels, each lane reading its group's 32 magnitudes for the
-group's maximum (the kernels before 2026-11-29); ``default``: ``gpu.VARIANT`` as it stands; ``groups4``:
-each warp updates 4 consecutive int8/int4 groups; ``table``: signed codes decoded through a table;
-``groups4+table``: both. On CUDA each case is also profiled once (torch.profiler): ``gpu_ms`` is the
-device time of its kernels and copies per step, so a step much longer than it waits on the host.
+group's maximum (the kernels before 2026-11-29); ``default``: ``gpu.VARIANT`` as it stands; ``chunks4``:
+each block of a flat kernel updates 4 x 1024 elements; ``groups4``: each warp updates 4 consecutive
+int8/int4 groups; ``table``: signed codes decoded through a table; ``groups4+table``: both. On CUDA
+each case is also profiled once (torch.profiler): ``gpu_ms`` is the device time of its kernels and
+copies per step, so a step much longer than it waits on the host.
 """
 
 from __future__ import annotations
@@ -27,15 +28,18 @@ from leanopt.cli import bench
 from leanopt.kernels import gpu
 
 MODES = ["exact/fp32@fused", "exact/fp32@fused:ignore", "compact/int8@fused", "compact/int4@fused"]
-GROUPED = MODES[2:]  # the modes ``groups`` and ``table`` change
+FLAT, GROUPED = MODES[:2], MODES[2:]  # the modes ``chunks`` changes; ``groups`` and ``table``
 #: name -> (gpu.VARIANT settings, modes timed)
 VARIANTS = {
     "old": ({"hoist": False, "warp_max": False}, MODES),
     "default": ({}, MODES),
+    "chunks4": ({"chunks": 4}, FLAT),
     "groups4": ({"groups": 4}, GROUPED),
     "table": ({"table": True}, GROUPED),
     "groups4+table": ({"groups": 4, "table": True}, GROUPED),
 }
+#: timed by default (``old`` was timed on 2026-11-29; ``table`` alone is the combination's other half)
+DEFAULT_VARIANTS = ["default", "chunks4", "groups4", "groups4+table"]
 OUT = Path(__file__).resolve().parent / "results" / "gpu_variants.json"
 
 
@@ -77,8 +81,8 @@ def main() -> int:
     ap.add_argument("--workloads", default=None, help="default: tensor50m,gpt2-small on cuda, tiny on cpu")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--variants", default=",".join(v for v in VARIANTS if v != "old"),
-                    help=f"comma list of {', '.join(VARIANTS)} (default: all but old, timed 2026-11-29)")  # fmt: skip
+    ap.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                    help=f"comma list of {', '.join(VARIANTS)} (default: {','.join(DEFAULT_VARIANTS)})")  # fmt: skip
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
     device = torch.device(args.device)

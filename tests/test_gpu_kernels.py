@@ -93,7 +93,8 @@ def assert_same(a, b, what: str) -> None:
 
 
 VARIANTS = [dict(hoist=False, warp_max=False), dict(hoist=True, warp_max=False), dict(hoist=False, warp_max=True),
-            dict(groups=3), dict(table=True), dict(groups=4, table=True)]  # fmt: skip
+            dict(groups=3), dict(table=True), dict(groups=4, table=True), dict(chunks=3),
+            dict(chunks=2, hoist=False)]  # fmt: skip
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: ",".join(f"{k}={x}" for k, x in v.items()))
@@ -118,7 +119,7 @@ def test_every_code_shape_variant_gives_the_same_bits(emulate, monkeypatch, vari
             assert ("H_p[k]" in source) == (gpu.VARIANT["hoist"] and not k.spec.grouped)
             assert ("__reduce_max_sync" in source) == (gpu.VARIANT["warp_max"] and k.spec.grouped)
             assert ("T_q" in source) == (gpu.VARIANT["table"] and k.spec.grouped)
-            assert k.groups_per_warp == gpu.VARIANT["groups"]
+            assert k.groups_per_warp == gpu.VARIANT["groups"] and k.chunks == gpu.VARIANT["chunks"]
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -66,10 +66,12 @@ NVRTC_OPTIONS = ["--fmad=false"]
 #: ``hoist``: a flat kernel's thread loads all its ITEMS elements before computing any (more loads in
 #: flight per thread); ``warp_max``: a grouped kernel finds its group's largest magnitude with one
 #: warp reduction (``__reduce_max_sync``) instead of each lane reading all 32 from shared memory.
+#: ``chunks``: blocks of FLAT_UNIT elements one flat kernel's block updates in turn (its setup - finding
+#: its tensor, reading the table row: dependent loads - paid once for them all);
 #: ``groups``: consecutive int8/int4 groups one warp updates (its setup paid once for them all);
 #: ``table``: signed int8/int4 codes decoded through a per-block table of ``y / (2 - |y|)`` (no
-#: divisions per element). The last two are off until a GPU run has timed them.
-VARIANT: dict[str, Any] = {"hoist": True, "warp_max": True, "groups": 1, "table": False}
+#: divisions per element). The last three are off until a GPU run has timed them.
+VARIANT: dict[str, Any] = {"hoist": True, "warp_max": True, "chunks": 1, "groups": 1, "table": False}
 
 _CUDA_PRELUDE = r"""
 #ifdef __CUDACC__
@@ -296,7 +298,10 @@ def generate(spec: KernelSpec, nscalars: int) -> str:
             " const int32_t *LO_RESTRICT ok, int count,"
             " int64_t unit, int me) {",
             *common,
-            f"  const int64_t total = rows * n, base = (unit - m[0]) * {FLAT_UNIT};",
+            f"  const int64_t total = rows * n, first = (unit - m[0]) * {FLAT_UNIT * VARIANT['chunks']};",
+            f"  for (int c = 0; c < {VARIANT['chunks']}; c++) {{  /* a block's chunks of FLAT_UNIT, in turn */",
+            f"  const int64_t base = first + (int64_t)c * {FLAT_UNIT};",
+            "  if (base >= total) break;",
         ]
         index = f"      const int64_t i = base + k * {THREADS} + x;"
         read = [f"      float p = {wload};", f"      const float g = {gload};", loads]  # element i's values
@@ -307,11 +312,11 @@ def generate(spec: KernelSpec, nscalars: int) -> str:
             take = "\n".join(f"      {'const ' if v == 'g' else ''}float {v} = H_{v}[k];" for v in names)
             each = ["    LO_UNROLL", f"    for (int k = 0; k < {ITEMS}; k++) {{", index, "      if (i >= total) break;"]
             loops = [f"  LO_EACH(x, {THREADS}) {{", "    " + " ".join(f"float H_{v}[{ITEMS}];" for v in names),
-                     *each, *read, f"      {keep}", "    }", *each, take, *update, "    }", "  }", "}"]  # fmt: skip
+                     *each, *read, f"      {keep}", "    }", *each, take, *update, "    }", "  }"]  # fmt: skip
         else:  # one element at a time
             loops = [f"  for (int k = 0; k < {ITEMS}; k++) {{", f"    LO_EACH(x, {THREADS}) {{", index,
-                     "      if (i >= total) continue;", *read, *update, "    }", "  }", "}"]  # fmt: skip
-        unit_fn = "\n".join([*head_fn, *loops])
+                     "      if (i >= total) continue;", *read, *update, "    }", "  }"]  # fmt: skip
+        unit_fn = "\n".join([*head_fn, *loops, "  }", "}"])  # the chunk loop, the function
         entry = f"""#ifdef __CUDACC__
 extern "C" __global__ void __launch_bounds__({THREADS})
 lo_cuda(const int64_t *meta, int count, const float *scal, const int32_t *ok) {{
@@ -501,6 +506,7 @@ class GpuKernel:
     launches: int = 0
     tensors: int = 0
     groups_per_warp: int = 1  # grouped kernels: VARIANT["groups"] when it was generated
+    chunks: int = 1  # flat kernels: VARIANT["chunks"] when it was generated (FLAT_UNIT elements each)
 
     @property
     def key(self) -> str:  # what ``leanopt bench`` lists under kernels_used (as native.Kernel's key)
@@ -785,7 +791,7 @@ def kernel_for(spec: KernelSpec, device: torch.device) -> GpuKernel | None:
         _fail(key, err)
         return None
     kernel = _KERNELS[key] = GpuKernel(spec, device, fn, nscalars, time.perf_counter() - start,
-                                       groups_per_warp=VARIANT["groups"])  # fmt: skip
+                                       groups_per_warp=VARIANT["groups"], chunks=VARIANT["chunks"])  # fmt: skip
     return kernel
 
 
@@ -864,7 +870,7 @@ def launch(
         if spec.grouped:
             units = -(-rows * -(-n // GROUP_SIZE) // (WARPS * kernel.groups_per_warp))
         else:
-            units = -(-rows * n // FLAT_UNIT)
+            units = -(-rows * n // (FLAT_UNIT * kernel.chunks))
         if len(_PREPARED) > 100_000:
             _PREPARED.clear()
         prepared = _PREPARED[id(state)] = (check, kernel, refs, row, slot, units)
