@@ -18,8 +18,9 @@
 # repo) into a temporary folder when they are missing.
 # Environment: PYTHON (default: .venv/bin/python if present, else python3), OUT, WHEELS (default
 # benchmarks/wheels), TEST_TIMEOUT (s, default 250), BENCH_TIMEOUT (s, default 100), VARIANTS_TIMEOUT
-# (s, default 170), HOST_TIMEOUT (s, default 40): about 8 minutes on an H200 (2026-11-29: tests 193 s,
-# benchmark 75 s, variants 80 s for 36 timed cases, now 44 and 22 profiled; host 14 s), 9.7 at most. DRY_RUN=1 runs
+# (s, default 170), HOST_TIMEOUT (s, default 40): about 7 minutes on an H200 (2026-11-29: tests 193 s,
+# benchmark 75 s, variants 80 s for 36 timed cases, each drawing its parameters; now 52 cases that
+# reuse each workload's parameter values, 26 of them profiled; host 14 s), 9.7 at most. DRY_RUN=1 runs
 # the same steps on the CPU with a tiny workload (to check the script itself on a machine without a GPU).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -84,8 +85,8 @@ BENCH_RC=$?
 grep -v "^W[0-9]" "$OUT/kernels.txt" >> "$OUT/log.txt"; tail -n 25 "$OUT/kernels.txt"; rm -f "$OUT/kernels.txt"
 
 # 3. The CUDA kernels' code-shape variants (kernels.gpu.VARIANT: the defaults and the ones not yet timed,
-#    several chunks per block, several groups per warp, a decode table), next to torch's fused AdamW; each case's
-#    kernel time from torch.profiler too (gpu_ms), to tell kernel time from host time.
+#    several chunks per block, vector loads, several groups per warp, a decode table), next to torch's
+#    fused AdamW; each case's kernel time from torch.profiler too (gpu_ms), to tell it from host time.
 log "kernel variants ($DEVICE)"
 timeout "${VARIANTS_TIMEOUT:-170}" "$PYTHON" benchmarks/gpu_variants.py --device "$DEVICE" \
   "${VWORK[@]}" --steps "${STEPS[1]}" --out "$OUT/variants.json" 2>&1 | grep -v "^W[0-9]" | tee -a "$OUT/log.txt"

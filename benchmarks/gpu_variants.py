@@ -8,8 +8,9 @@ arithmetic (the emulated tests compare every variant's bits with the native CPU 
 
 ``old``: one element at a time in the flat kernels, each lane reading its group's 32 magnitudes for the
 group's maximum (the kernels before 2026-11-29); ``default``: ``gpu.VARIANT`` as it stands; ``chunks4``:
-each block of a flat kernel updates 4 x 1024 elements; ``groups4``: each warp updates 4 consecutive
-int8/int4 groups; ``table``: signed codes decoded through a table; ``groups4+table``: both. On CUDA
+each block of a flat kernel updates 4 x 1024 elements; ``vec``: each thread of a flat kernel updates 4
+consecutive elements, reading and writing each array in one access; ``groups4``: each warp updates 4
+consecutive int8/int4 groups; ``table``: signed codes decoded through a table; ``groups4+table``: both. On CUDA
 each case is also profiled once (torch.profiler): ``gpu_ms`` is the device time of its kernels and
 copies per step, so a step much longer than it waits on the host.
 """
@@ -34,12 +35,35 @@ VARIANTS = {
     "old": ({"hoist": False, "warp_max": False}, MODES),
     "default": ({}, MODES),
     "chunks4": ({"chunks": 4}, FLAT),
+    "vec": ({"vec": True}, FLAT),
     "groups4": ({"groups": 4}, GROUPED),
     "table": ({"table": True}, GROUPED),
     "groups4+table": ({"groups": 4, "table": True}, GROUPED),
 }
 #: timed by default (``old`` was timed on 2026-11-29; ``table`` alone is the combination's other half)
-DEFAULT_VARIANTS = ["default", "chunks4", "groups4", "groups4+table"]
+DEFAULT_VARIANTS = ["default", "chunks4", "vec", "groups4", "groups4+table"]
+
+
+def _reuse_parameter_values() -> None:
+    """``bench.make_params`` drawing each workload's values once on the CPU (the draw takes seconds for
+    GPT-2's 124M parameters, most of a case's time) and copying them to the device for every case."""
+    draw = bench.make_params
+    drawn: dict[tuple, list] = {}
+
+    def make_params(shapes, dtype, device, seed=0):  # noqa: ANN001, ANN202 - bench.make_params' own
+        key = (tuple(map(tuple, shapes)), dtype, seed)
+        if key not in drawn:
+            drawn[key] = [(p.detach(), p.grad) for p in draw(shapes, dtype, "cpu", seed)]
+        out = []
+        for w, g in drawn[key]:
+            p = torch.nn.Parameter(w.to(device, copy=True))
+            p.grad = g.to(device, copy=True)
+            out.append(p)
+        return out
+
+    bench.make_params = make_params
+
+
 OUT = Path(__file__).resolve().parent / "results" / "gpu_variants.json"
 
 
@@ -88,6 +112,7 @@ def main() -> int:
     device = torch.device(args.device)
     if device.type == "cpu":
         gpu.EMULATE = True
+    _reuse_parameter_values()
     workloads = bench.resolve_workloads(args.workloads or ("tensor50m,gpt2-small" if device.type == "cuda" else "tiny"),
                                         None, False)  # fmt: skip
     torch_fused = [c for c in bench._torch_cases("adamw") if c.key == "torch-fused"]

@@ -94,7 +94,7 @@ def assert_same(a, b, what: str) -> None:
 
 VARIANTS = [dict(hoist=False, warp_max=False), dict(hoist=True, warp_max=False), dict(hoist=False, warp_max=True),
             dict(groups=3), dict(table=True), dict(groups=4, table=True), dict(chunks=3),
-            dict(chunks=2, hoist=False)]  # fmt: skip
+            dict(chunks=2, hoist=False), dict(vec=True), dict(vec=True, chunks=2)]  # fmt: skip
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: ",".join(f"{k}={x}" for k, x in v.items()))
@@ -116,7 +116,8 @@ def test_every_code_shape_variant_gives_the_same_bits(emulate, monkeypatch, vari
         assert gpu.compile_stats(), "the CUDA kernels' path did not run"
         for k in gpu.compile_stats():  # each kernel's source has the shape asked for
             source = gpu.generate(k.spec, k.nscalars)
-            assert ("H_p[k]" in source) == (gpu.VARIANT["hoist"] and not k.spec.grouped)
+            assert ("H_p[k]" in source) == ((gpu.VARIANT["hoist"] or gpu.VARIANT["vec"]) and not k.spec.grouped)
+            assert ("V_G[k]" in source) == (gpu.VARIANT["vec"] and not k.spec.grouped)
             assert ("__reduce_max_sync" in source) == (gpu.VARIANT["warp_max"] and k.spec.grouped)
             assert ("T_q" in source) == (gpu.VARIANT["table"] and k.spec.grouped)
             assert k.groups_per_warp == gpu.VARIANT["groups"] and k.chunks == gpu.VARIANT["chunks"]

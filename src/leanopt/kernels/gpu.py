@@ -70,8 +70,12 @@ NVRTC_OPTIONS = ["--fmad=false"]
 #: its tensor, reading the table row: dependent loads - paid once for them all);
 #: ``groups``: consecutive int8/int4 groups one warp updates (its setup paid once for them all);
 #: ``table``: signed int8/int4 codes decoded through a per-block table of ``y / (2 - |y|)`` (no
-#: divisions per element). The last three are off until a GPU run has timed them.
-VARIANT: dict[str, Any] = {"hoist": True, "warp_max": True, "chunks": 1, "groups": 1, "table": False}
+#: divisions per element). ``chunks``, ``groups``, ``table`` and ``vec`` are off until a GPU run has
+#: timed them.
+#: ``vec``: a flat kernel's thread updates ITEMS consecutive elements, each array read and written in
+#: one 4-16 byte access where aligned (as torch's fused kernels do).
+VARIANT: dict[str, Any] = {"hoist": True, "warp_max": True, "chunks": 1, "groups": 1, "table": False,
+                           "vec": False}  # fmt: skip
 
 _CUDA_PRELUDE = r"""
 #ifdef __CUDACC__
@@ -88,6 +92,13 @@ _CUDA_PRELUDE = r"""
 #define LO_RESTRICT __restrict__
 #define LO_SYNC() __syncwarp()
 #define LO_UNROLL _Pragma("unroll")
+/* n 32-bit words at p (aligned to 4n bytes) in one load / store */
+#define LO_WLOAD(w, p, n) do { if ((n) == 1) (w)[0] = *(const uint32_t *)(p); \
+  else if ((n) == 2) { const uint2 v_ = *(const uint2 *)(p); (w)[0] = v_.x; (w)[1] = v_.y; } \
+  else { const uint4 v_ = *(const uint4 *)(p); (w)[0] = v_.x; (w)[1] = v_.y; (w)[2] = v_.z; (w)[3] = v_.w; } } while (0)
+#define LO_WSTORE(p, w, n) do { if ((n) == 1) *(uint32_t *)(p) = (w)[0]; \
+  else if ((n) == 2) *(uint2 *)(p) = make_uint2((w)[0], (w)[1]); \
+  else *(uint4 *)(p) = make_uint4((w)[0], (w)[1], (w)[2], (w)[3]); } while (0)
 #ifndef FLT_MAX
 #define FLT_MAX 3.402823466e+38f
 #endif
@@ -108,9 +119,12 @@ LO_FN uint32_t lo_u(float f) { return __float_as_uint(f); }
 #define LO_RESTRICT restrict
 #define LO_SYNC()
 #define LO_UNROLL
+#define LO_WLOAD(w, p, n) memcpy((w), (p), 4 * (n))
+#define LO_WSTORE(p, w, n) memcpy((p), (w), 4 * (n))
 static inline float lo_f(uint32_t b) { float f; memcpy(&f, &b, 4); return f; }
 static inline uint32_t lo_u(float f) { uint32_t b; memcpy(&b, &f, 4); return b; }
 #endif
+#define LO_ADDR(p) ((unsigned long long)(p))
 /* x in [0, count): on CUDA the calling thread's own x (me >= 0), on the CPU (me < 0) each in turn */
 #define LO_EACH(x, count) for (int x = me < 0 ? 0 : me, x##_end = me < 0 ? (count) : me + 1; x < x##_end; x++)
 """
@@ -306,7 +320,9 @@ def generate(spec: KernelSpec, nscalars: int) -> str:
         index = f"      const int64_t i = base + k * {THREADS} + x;"
         read = [f"      float p = {wload};", f"      const float g = {gload};", loads]  # element i's values
         update = [body, stores, f"      {wstore}"]  # the rule, then the stores
-        if VARIANT["hoist"]:  # every load of the thread's ITEMS elements first, then the arithmetic
+        if VARIANT["vec"]:  # a thread's ITEMS consecutive elements, each array read and written whole
+            loops = _vector_loops(spec, read, update, ptr_lines)
+        elif VARIANT["hoist"]:  # every load of the thread's ITEMS elements first, then the arithmetic
             names = ["p", "g", *(f"st_{_ident(n)}" for n, _, _ in spec.states)]
             keep = " ".join(f"H_{v}[k] = {v};" for v in names)
             take = "\n".join(f"      {'const ' if v == 'g' else ''}float {v} = H_{v}[k];" for v in names)
@@ -329,6 +345,71 @@ void lo_emulate(const int64_t *meta, int count, const float *scal, const int32_t
 #endif"""
         return "\n".join([_CUDA_PRELUDE, *head, unit_fn, entry])
     return "\n".join([_CUDA_PRELUDE, *head, *_grouped(spec, common, body)])
+
+
+_SIZES = {"float": 4, "uint16_t": 2, "int16_t": 2, "int8_t": 1, "uint8_t": 1}
+_FROM_BITS = {"float": "lo_f({})", "uint16_t": "(uint16_t){}", "int16_t": "(int16_t)(uint16_t){}",
+              "int8_t": "(int8_t)(uint8_t){}", "uint8_t": "(uint8_t){}"}  # fmt: skip
+_TO_BITS = {"float": "lo_u({})", "uint16_t": "(uint32_t){}", "int16_t": "(uint32_t)(uint16_t){}",
+            "int8_t": "(uint32_t)(uint8_t){}", "uint8_t": "(uint32_t){}"}  # fmt: skip
+
+
+def _vector_loads(arrays: list[tuple[str, str]], written: set[str]) -> tuple[list[str], list[str]]:
+    """(C that fills ``V_<name>[k]`` with elements i0..i0+ITEMS-1 of each array, C that writes the
+    ``written`` ones back): whole 4/8/16-byte words where every array is aligned for that and all
+    ITEMS elements exist, else element by element."""
+    aligned = " && ".join(f"(LO_ADDR({n} + i0) & {ITEMS * _SIZES[t] - 1}) == 0" for n, t in arrays)
+    head = [f"    const int full = i0 + {ITEMS} <= total && {aligned};",
+            *(f"    {t} V_{n}[{ITEMS}];" for n, t in arrays)]  # fmt: skip
+    vread, vwrite = [], []
+    for n, t in arrays:
+        e = _SIZES[t]
+        words = ITEMS * e // 4
+        get = [f"V_{n}[{k}] = " + _FROM_BITS[t].format(
+            f"((w[{k * e // 4}] >> {(k * e) % 4 * 8}) & 0x{(1 << (8 * e)) - 1:X}u)") for k in range(ITEMS)]  # fmt: skip
+        unpack = " ".join(x + ";" for x in get)
+        vread.append(f"      {{ uint32_t w[{words}]; LO_WLOAD(w, {n} + i0, {words}); {unpack} }}")
+        if n in written:
+            put = [f"w[{k * e // 4}] |= (" + _TO_BITS[t].format(f"V_{n}[{k}]") + f" & 0x{(1 << (8 * e)) - 1:X}u)"
+                   f" << {(k * e) % 4 * 8};" for k in range(ITEMS)]  # fmt: skip
+            vwrite.append(f"      {{ uint32_t w[{words}] = {{0}}; {' '.join(put)} LO_WSTORE({n} + i0, w, {words}); }}")
+    each = f"      for (int k = 0; k < {ITEMS} && i0 + k < total; k++) "  # the unaligned or last elements
+    one_read = " ".join(f"V_{n}[k] = {n}[i0 + k];" for n, _ in arrays)
+    one_write = " ".join(f"{n}[i0 + k] = V_{n}[k];" for n, _ in arrays if n in written)
+    reads = [*head, "    if (full) {", *vread, "    } else {", f"{each}{{ {one_read} }}", "    }"]
+    writes = ["    if (full) {", *vwrite, "    } else {", f"{each}{{ {one_write} }}", "    }"]
+    return reads, writes
+
+
+def _vector_loops(spec: KernelSpec, read: list[str], update: list[str], ptr_lines: list[str]) -> list[str]:
+    """The flat kernel's loops for ``VARIANT["vec"]``: thread x updates elements base + ITEMS*x + k, its
+    arrays read and written through locals ``V_<name>[k]`` (the codecs' ``X[i]`` and ``X + i`` become
+    ``V_X[k]`` and ``V_X + k``), the loads first, as ``hoist``."""
+    import re
+
+    arrays = []  # (name, C type) of the weight tensors, the gradient and the flat states
+    for line in ptr_lines:
+        m = re.match(r"\s*(?:const )?(\w+) \*\w* ?(W\d|G|S_\w+) = ", line)
+        if m:
+            arrays.append((m.group(2), m.group(1)))
+    names = "|".join(re.escape(n) for n, _ in arrays)
+
+    def local(code: str) -> str:
+        code = re.sub(rf"\b({names})\[i\]", r"V_\1[k]", code)
+        return re.sub(rf"\b({names}) \+ i\b", r"(V_\1 + k)", code)
+
+    written = {n for n, _ in arrays if n != "G"}
+    reads, writes = _vector_loads(arrays, written)
+    vars_ = ["p", "g", *(f"st_{_ident(n)}" for n, _, _ in spec.states)]
+    keep = " ".join(f"H_{v}[k] = {v};" for v in vars_)
+    take = "\n".join(f"      {'const ' if v == 'g' else ''}float {v} = H_{v}[k];" for v in vars_)
+    each = ["    LO_UNROLL", f"    for (int k = 0; k < {ITEMS}; k++) {{", "      const int64_t i = i0 + k;",
+            "      if (i >= total) break;"]  # fmt: skip
+    return [f"  LO_EACH(x, {THREADS}) {{", f"    const int64_t i0 = base + (int64_t)x * {ITEMS};",
+            "    if (i0 >= total) continue;", *reads,
+            "    " + " ".join(f"float H_{v}[{ITEMS}];" for v in vars_),
+            *each, *(local(r) for r in read), f"      {keep}", "    }",
+            *each, take, *(local(u) for u in update), "    }", *writes, "  }"]  # fmt: skip
 
 
 def _grouped(spec: KernelSpec, common: list[str], body: str) -> list[str]:
