@@ -102,7 +102,7 @@ def profile_once(found: dict, key: tuple, case: bench.Case, shapes: list, device
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu", help="cuda, or cpu (emulated kernels: checks the script)")
-    ap.add_argument("--workloads", default=None, help="default: tensor50m,gpt2-small on cuda, tiny on cpu")
+    ap.add_argument("--workloads", default=None, help="default: tensor50m,gpt2-small,many-small on cuda, tiny on cpu")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
@@ -113,8 +113,8 @@ def main() -> int:
     if device.type == "cpu":
         gpu.EMULATE = True
     _reuse_parameter_values()
-    workloads = bench.resolve_workloads(args.workloads or ("tensor50m,gpt2-small" if device.type == "cuda" else "tiny"),
-                                        None, False)  # fmt: skip
+    on_gpu = "tensor50m,gpt2-small,many-small"
+    workloads = bench.resolve_workloads(args.workloads or (on_gpu if device.type == "cuda" else "tiny"), None, False)
     torch_fused = [c for c in bench._torch_cases("adamw") if c.key == "torch-fused"]
     cases = {m: bench.leanopt_case("adamw", m) for m in MODES}
     default = dict(gpu.VARIANT)
