@@ -99,6 +99,34 @@ def profile_once(found: dict, key: tuple, case: bench.Case, shapes: list, device
             found[key] = f"{type(err).__name__}: {err}"[:300]
 
 
+def report(runs: dict, gpu_ms: dict, out: Path, extra: dict, printing: bool) -> None:
+    """Write what has been measured so far to ``out`` (after every round: a run cut short keeps its
+    finished rounds), and print it at the end."""
+    rows = []
+    for (wname, vname, mode), results in runs.items():
+        bad = [r for r in results if r.status != "ok"]
+        base_runs = runs.get((wname, "-", "torch-fused"), [])
+        if bad or not base_runs:
+            error = bad[0].error if bad else "no torch fused baseline"
+            rows.append({"workload": wname, "variant": vname, "mode": mode, "error": error})
+            if printing:
+                print(f"{wname:11s} {vname:13s} {mode:24s} {error}")
+            continue
+        ms = statistics.median(x for r in results for x in r.step_ms_all)
+        base = statistics.median(x for r in base_runs for x in r.step_ms_all)
+        gbps = results[0].touched_bytes_per_param * results[0].params / (ms / 1e3) / 1e9
+        dev = gpu_ms.get((wname, vname, mode))
+        rows.append({"workload": wname, "variant": vname, "mode": mode, "step_ms": round(ms, 4), "gpu_ms": dev,
+                     "vs_torch_fused": round(ms / base, 3), "achieved_gbps": round(gbps, 1),
+                     "touched_bytes_per_param": results[0].touched_bytes_per_param, "rounds": len(results),
+                     "step_ms_all": [x for r in results for x in r.step_ms_all]})  # fmt: skip
+        if printing:
+            kernels = f"  kernels {dev:.3f} ms" if isinstance(dev, float) else ""
+            print(f"{wname:11s} {vname:13s} {mode:24s} {ms:8.3f} ms  {ms / base:6.2f}x torch fused", end="")
+            print(f"  {gbps:7.1f} GB/s{kernels}")
+    write_rows(out, "python benchmarks/gpu_variants.py " + " ".join(sys.argv[1:]), rows, **extra)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu", help="cuda, or cpu (emulated kernels: checks the script)")
@@ -124,8 +152,10 @@ def main() -> int:
         ap.error(f"--variants: unknown {unknown or 'empty'}; accepted: {', '.join(VARIANTS)}")
     runs: dict[tuple, list[bench.Result]] = {}
     gpu_ms: dict[tuple, float | str | None] = {}
+    extra = {"device": bench._device_name(device), "default_variant": default,
+             "variants": {v: VARIANTS[v][0] for v in chosen}}  # fmt: skip
     try:
-        for _ in range(args.rounds):
+        for done in range(1, args.rounds + 1):
             for wname, ws in workloads.items():
                 for case in torch_fused:
                     runs.setdefault((wname, "-", case.key), []).append(
@@ -143,31 +173,10 @@ def main() -> int:
                             bench.run_case(wname, ws.shapes, case, device, args.steps, 3)
                         )
                         profile_once(gpu_ms, (wname, vname, mode), case, ws.shapes, device)
+            report(runs, gpu_ms, args.out, extra | {"rounds_done": done}, printing=done == args.rounds)
     finally:
         gpu.VARIANT.update(default)
         gpu.reset()
-    rows = []
-    for (wname, vname, mode), results in runs.items():
-        bad = [r for r in results if r.status != "ok"]
-        if bad:
-            rows.append({"workload": wname, "variant": vname, "mode": mode, "error": bad[0].error})
-            print(f"{wname:11s} {vname:13s} {mode:24s} {bad[0].status}: {bad[0].error}")
-            continue
-        ms = statistics.median(x for r in results for x in r.step_ms_all)
-        base = statistics.median(x for r in runs[(wname, "-", "torch-fused")] for x in r.step_ms_all)
-        gbps = results[0].touched_bytes_per_param * results[0].params / (ms / 1e3) / 1e9
-        rows.append({"workload": wname, "variant": vname, "mode": mode, "step_ms": round(ms, 4),
-                     "gpu_ms": gpu_ms.get((wname, vname, mode)),
-                     "vs_torch_fused": round(ms / base, 3), "achieved_gbps": round(gbps, 1),
-                     "touched_bytes_per_param": results[0].touched_bytes_per_param,
-                     "step_ms_all": [x for r in results for x in r.step_ms_all]})  # fmt: skip
-        dev = gpu_ms.get((wname, vname, mode))
-        on_gpu = f"  kernels {dev:.3f} ms" if isinstance(dev, float) else ""
-        print(f"{wname:11s} {vname:13s} {mode:24s} {ms:8.3f} ms  {ms / base:6.2f}x torch fused", end="")
-        print(f"  {gbps:7.1f} GB/s{on_gpu}")
-    write_rows(args.out, "python benchmarks/gpu_variants.py " + " ".join(sys.argv[1:]), rows,
-               device=bench._device_name(device), default_variant=default,
-               variants={v: VARIANTS[v][0] for v in chosen})  # fmt: skip
     return 0
 
 
