@@ -20,8 +20,9 @@
 # benchmarks/wheels), TEST_TIMEOUT (s, default 240), BENCH_TIMEOUT (s, default 100), VARIANTS_TIMEOUT
 # (s, default 170), HOST_TIMEOUT (s, default 40): about 7 minutes on an H200 (2026-11-29: tests 193 s,
 # benchmark 75 s, variants 80 s for 36 timed cases, each drawing its parameters; now 78 cases on 3
-# workloads that reuse each workload's parameter values, 39 of them profiled; host 14 s), 9.2 at most (+ setup). DRY_RUN=1 runs
-# the same steps on the CPU with a tiny workload (to check the script itself on a machine without a GPU).
+# workloads that reuse each workload's parameter values, 39 of them profiled; host 14 s), 9.2 at most
+# plus ~20 s of setup. DRY_RUN=1 runs the same steps on the CPU with a tiny workload (to check the
+# script itself on a machine without a GPU).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
