@@ -10,6 +10,7 @@ runs them) against the native CPU kernels on the same inputs.
 from __future__ import annotations
 
 import itertools
+import os
 import shutil
 import subprocess
 import warnings
@@ -731,3 +732,21 @@ def test_vector_loads_go_element_by_element_where_a_tensor_is_not_aligned(emulat
     assert gpu.compile_stats(), "the CUDA kernels' path did not run"
     for a, b in zip(ours, ref, strict=True):
         assert torch.equal(bits(a), bits(b))
+
+
+def test_the_variant_can_be_set_from_the_environment_and_bad_values_are_named():
+    """LEANOPT_GPU_VARIANT sets gpu.VARIANT at import (a fresh interpreter: the kernels it builds are
+    the variant's); a bad key or value raises an error naming the variable and what is accepted."""
+    import sys
+
+    assert gpu.parse_variant("chunks=4, vec=1,table=0") == {"chunks": 4, "vec": True, "table": False}
+    assert gpu.parse_variant("") == {}
+    for bad, needle in [("speed=2", "KEY one of"), ("vec", "KEY=VALUE"), ("vec=2", "vec='2'"),
+                        ("chunks=0", "[1, 64]"), ("groups=x", "groups='x'")]:  # fmt: skip
+        with pytest.raises(ValueError, match="LEANOPT_GPU_VARIANT") as err:
+            gpu.parse_variant(bad)
+        assert needle in str(err.value), (bad, str(err.value))
+    code = "from leanopt.kernels import gpu; print(gpu.VARIANT['chunks'], gpu.VARIANT['vec'], gpu.VARIANT['hoist'])"
+    env = {**os.environ, "LEANOPT_GPU_VARIANT": "chunks=4,vec=1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["4", "True", "True"]

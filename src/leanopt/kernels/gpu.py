@@ -70,12 +70,34 @@ NVRTC_OPTIONS = ["--fmad=false"]
 #: its tensor, reading the table row: dependent loads - paid once for them all);
 #: ``groups``: consecutive int8/int4 groups one warp updates (its setup paid once for them all);
 #: ``table``: signed int8/int4 codes decoded through a per-block table of ``y / (2 - |y|)`` (no
-#: divisions per element). ``chunks``, ``groups``, ``table`` and ``vec`` are off until a GPU run has
-#: timed them.
-#: ``vec``: a flat kernel's thread updates ITEMS consecutive elements, each array read and written in
-#: one 4-16 byte access where aligned (as torch's fused kernels do).
+#: divisions per element); ``vec``: a flat kernel's thread updates ITEMS consecutive elements, each
+#: array read and written in one 4-16 byte access where aligned (as torch's fused kernels do).
+#: ``chunks``, ``groups``, ``table`` and ``vec`` are off until a GPU run has timed them; the environment
+#: variable ``LEANOPT_GPU_VARIANT`` (e.g. ``"chunks=4,vec=1"``) sets any of them (:func:`parse_variant`).
 VARIANT: dict[str, Any] = {"hoist": True, "warp_max": True, "chunks": 1, "groups": 1, "table": False,
                            "vec": False}  # fmt: skip
+_VARIANT_RANGE = {"chunks": range(1, 65), "groups": range(1, 65)}  # counts; the other keys are 0 or 1
+
+
+def parse_variant(text: str) -> dict[str, Any]:
+    """``"chunks=4,vec=1"`` -> ``{"chunks": 4, "vec": True}``: the ``LEANOPT_GPU_VARIANT`` syntax, checked
+    (ValueError naming the variable, the key and what is accepted)."""
+    out: dict[str, Any] = {}
+    for item in (t.strip() for t in text.split(",")):
+        if not item:
+            continue
+        key, eq, value = (x.strip() for x in item.partition("="))
+        if key not in VARIANT or not eq:
+            raise ValueError(f"LEANOPT_GPU_VARIANT: {item!r} is not KEY=VALUE with KEY one of {sorted(VARIANT)}")
+        accepted = _VARIANT_RANGE.get(key, range(0, 2))
+        if not value.isdigit() or int(value) not in accepted:
+            raise ValueError(f"LEANOPT_GPU_VARIANT: {key}={value!r}; accepted: an integer in "
+                             f"[{accepted.start}, {accepted.stop - 1}]")  # fmt: skip
+        out[key] = int(value) if key in _VARIANT_RANGE else bool(int(value))
+    return out
+
+
+VARIANT.update(parse_variant(os.environ.get("LEANOPT_GPU_VARIANT", "")))
 
 _CUDA_PRELUDE = r"""
 #ifdef __CUDACC__
