@@ -41,7 +41,8 @@ def ptxas_report(log: str) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", action="append", help="e.g. sm_90 (repeatable; default sm_80 sm_90 sm_100 sm_120)")
+    parser.add_argument("--arch", action="append",
+                        help="e.g. sm_90 (repeatable; default sm_75 sm_80 sm_86 sm_90 sm_100 sm_120)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
     nvrtc = gpu.find_nvrtc()
@@ -53,7 +54,7 @@ def main() -> int:
     version = f"{major.value}.{minor.value}"
     sources = gpu.every_source()
     rows, bad = [], 0
-    for arch in args.arch or ["sm_80", "sm_90", "sm_100", "sm_120"]:
+    for arch in args.arch or ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120"]:
         for label, name, source in sources:
             row = {"arch": arch, "kernel": label}
             start = time.perf_counter()
