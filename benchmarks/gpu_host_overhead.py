@@ -22,24 +22,10 @@ import torch
 from _results import write_rows  # benchmarks/_results.py
 
 import leanopt
-from leanopt.kernels import gpu, step_plan
+from leanopt.kernels import gpu
 
 
-def measure(device: str, count: int, states: str, nonfinite: str, steps: int, planned: bool,
-            one_by_one: bool = False) -> dict:  # fmt: skip
-    """Host (and with CUDA, wall) time of ``steps`` steps; ``one_by_one``: the plan's check as a Python
-    loop over tensors (``step_plan._valid_one_by_one``, what every plan ran before its loops in C)."""
-    real = step_plan._valid
-    if one_by_one:
-        step_plan._valid = step_plan._valid_one_by_one
-    try:
-        row = _measure(device, count, states, nonfinite, steps, planned)
-        return row | {"check": "one by one" if one_by_one else "C"}
-    finally:
-        step_plan._valid = real
-
-
-def _measure(device: str, count: int, states: str, nonfinite: str, steps: int, planned: bool) -> dict:
+def measure(device: str, count: int, states: str, nonfinite: str, steps: int, planned: bool) -> dict:
     params = [torch.nn.Parameter(torch.randn(64, 64, device=device).bfloat16()) for _ in range(count)]
     opt = leanopt.AdamW(params, lr=1e-3, master="compact", states=states, kernel="fused", nonfinite=nonfinite)
     for p in params:
@@ -81,16 +67,15 @@ def main() -> None:
     args = ap.parse_args()
     if args.device == "cpu":
         gpu.EMULATE = True
-    configs = [("int8", "skip", True, False), ("int8", "skip", True, True), ("int8", "skip", False, False),
-               ("int8", "ignore", True, False), ("fp32", "skip", True, False), ("fp32", "skip", True, True),
-               ("fp32", "skip", False, False)]  # fmt: skip
+    configs = [("int8", "skip", True), ("int8", "skip", False), ("int8", "ignore", True), ("fp32", "skip", True),
+               ("fp32", "skip", False)]  # fmt: skip
     found: dict[tuple, list[dict]] = {}
     for _ in range(args.rounds):  # rounds interleaved: a drift of the machine's speed hits every config
         for config in configs:
-            row = measure(args.device, args.tensors, *config[:2], args.steps, *config[2:])
+            row = measure(args.device, args.tensors, *config[:2], args.steps, config[2])
             found.setdefault(config, []).append(row)
     rows = []
-    for (states, nonfinite, planned, one_by_one), runs in found.items():
+    for (states, nonfinite, planned), runs in found.items():
         row = runs[0] | {"rounds_host_ms": [r["host_ms"] for r in runs]}  # medians of the rounds' medians
         row["host_ms"] = statistics.median(r["host_ms"] for r in runs)
         if row["gpu_ms"] is not None:
@@ -98,8 +83,8 @@ def main() -> None:
         row["host_us_per_tensor"] = round(row["host_ms"] / args.tensors * 1e3, 2)
         rows.append(row)
         gpu_ms = f"  gpu {row['gpu_ms']:.2f} ms" if row["gpu_ms"] else ""
-        how = ("planned" + (", check one by one" if one_by_one else "")) if planned else "general"
-        print(f"{states:5} {nonfinite:6} {how:28} host {row['host_ms']:8.2f} ms", end="")
+        how = "planned" if planned else "general"
+        print(f"{states:5} {nonfinite:6} {how:8} host {row['host_ms']:8.2f} ms", end="")
         print(f"  {row['host_us_per_tensor']:6.1f} us/tensor{gpu_ms}")
     write_rows(args.out, "python benchmarks/gpu_host_overhead.py " + " ".join(sys.argv[1:]), rows,
                device=args.device, emulated_no_op_kernels=args.device == "cpu")  # fmt: skip

@@ -1072,7 +1072,6 @@ class GpuStepPlan:
     batches: list[tuple]  # (kernel, table, [(position, tensor)], tensors in rows, blocks)
     #: stochastic rounding, per batch: [(position of a tensor's noise key, parameter index, tensor)]
     noise: list = field(default_factory=list)
-    checks: Any = None  # step_plan._valid's flattened form (built on first use)
 
 
 def build_plan(opt: Any, work: list[tuple[Tensor, dict]], jobs: list[GpuLaunch]) -> GpuStepPlan | None:

@@ -21,9 +21,7 @@ hyper-parameter values (tests/test_step_plan.py compares bits). Measured on 500 
 from __future__ import annotations
 
 import ctypes
-import operator
 from dataclasses import dataclass, field
-from itertools import repeat
 from typing import Any
 
 import torch
@@ -152,7 +150,6 @@ class StepPlan(_StepAllArrays):
     kernels: list  # kept alive: their code is what fns points to
     keep: list  # the pointer arrays (kept alive: ptrs holds their addresses)
     device_index: int = -1  # for _valid: every gradient on the CPU
-    checks: Any = None  # _valid's flattened form of the above (built on first use)
     #: stochastic rounding: (pointer array, its key slot, parameter index, segment) per such tensor; the
     #: key of each update (formats/noise.py) is written there before the native call
     noise: list = field(default_factory=list)
@@ -240,67 +237,8 @@ def layouts(work: list[tuple[Tensor, dict]]) -> list:
     return [None if p.is_contiguous() else p.stride() for p, _ in work]
 
 
-@dataclass(slots=True)
-class _Checks:
-    """A plan's per-tensor facts laid out for :func:`_valid`'s loops in C (``map`` over lists): one
-    entry per state tensor (its parameter's index, its key, a weak reference, its address)."""
-
-    contiguous: bool  # every parameter contiguous (else _valid takes its general loop)
-    owners: list[int]
-    keys: list[str]
-    refs: list
-    ptrs: list[int]
-
-
-def _checks(plan: Any) -> _Checks:
-    if plan.checks is None:
-        flat = [(i, k, r, p) for i, refs in enumerate(plan.refs) for k, r, p in refs]
-        owners, keys, refs, ptrs = (list(x) for x in zip(*flat, strict=True)) if flat else ([], [], [], [])
-        plan.checks = _Checks(all(lay is None for lay in plan.layouts), owners, keys, refs, ptrs)
-    return plan.checks
-
-
-_DTYPE, _SHAPE, _LAYOUT, _IS_CPU = (operator.attrgetter(a) for a in ("dtype", "shape", "layout", "is_cpu"))
-
-
 def _valid(plan: Any, opt: Any, params: list[Tensor], grads: list[Tensor]) -> bool:
-    """Whether nothing the plan relies on has changed (only reads). Also for kernels.gpu.GpuStepPlan.
-    Contiguous parameters (the usual case) are checked by loops in C over all tensors at once (a
-    planned step's host time is mostly this check: ``python benchmarks/gpu_host_overhead.py``); the
-    same checks, one tensor at a time, for plans with dense non-contiguous parameters."""
-    n = len(plan.shapes)
-    if len(grads) != n or len(params) != n:
-        return False
-    c = _checks(plan)
-    if not c.contiguous:
-        return _valid_one_by_one(plan, opt, params, grads)
-    if set(map(type, grads)) != {Tensor} or list(map(_LAYOUT, grads)).count(torch.strided) != n:
-        return False
-    if list(map(_DTYPE, grads)) != plan.grad_dtypes or list(map(_SHAPE, grads)) != plan.shapes:
-        return False
-    if set(map(Tensor.get_device, grads)) != {plan.device_index}:
-        return False
-    if plan.device_index == -1 and not all(map(_IS_CPU, grads)):  # (meta: -1 too)
-        return False
-    if not all(map(Tensor.is_contiguous, grads)):
-        return False
-    if list(map(Tensor.data_ptr, params)) != plan.param_ptrs or list(map(_SHAPE, params)) != plan.shapes:
-        return False
-    if not all(map(Tensor.is_contiguous, params)):
-        return False
-    states = list(map(opt.state.get, params))
-    if list(map(id, states)) != plan.state_ids:
-        return False
-    tensors = [r() for r in c.refs]
-    if any(map(operator.is_, tensors, repeat(None))):
-        return False
-    held = map(dict.get, map(states.__getitem__, c.owners), c.keys)
-    if not all(map(operator.is_, held, tensors)) or list(map(Tensor.data_ptr, tensors)) != c.ptrs:
-        return False
-    return _groups_valid(plan, opt)
-
-
-def _valid_one_by_one(plan: Any, opt: Any, params: list[Tensor], grads: list[Tensor]) -> bool:
+    """Whether nothing the plan relies on has changed (only reads). Also for kernels.gpu.GpuStepPlan."""
     strided = torch.strided
     # layouts: None, contiguous; else the strides of a dense non-contiguous parameter (channels_last),
     # which its gradient must have too (native.same_layout)
@@ -324,11 +262,6 @@ def _valid_one_by_one(plan: Any, opt: Any, params: list[Tensor], grads: list[Ten
             t = ref()
             if t is None or st.get(k) is not t or t.data_ptr() != ptr:
                 return False
-    return _groups_valid(plan, opt)
-
-
-def _groups_valid(plan: Any, opt: Any) -> bool:
-    """Each segment's param group still valid, with the formats, states and flags the plan was built for."""
     for seg in plan.segments:
         group = seg.group
         try:
