@@ -33,6 +33,7 @@ STAMP=$(date -u +%Y-%m-%dT%H%MZ)
 OUT=${OUT:-benchmarks/results/gpu-$STAMP}
 WHEELS=${WHEELS:-benchmarks/wheels}
 SITE=$(mktemp -d)  # wheels brought along are installed here, not into the machine's Python
+trap 'rm -rf "$SITE"' EXIT
 export PYTHONPATH="$PWD/src:$SITE${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 log() { echo "[gpu_check $(date -u +%H:%M:%S)] $*" | tee -a "$OUT/log.txt"; }
