@@ -19,9 +19,9 @@
 # Environment: PYTHON (default: .venv/bin/python if present, else python3), OUT, WHEELS (default
 # benchmarks/wheels), TEST_TIMEOUT (s, default 240), BENCH_TIMEOUT (s, default 100), VARIANTS_TIMEOUT
 # (s, default 170), HOST_TIMEOUT (s, default 40): about 7 minutes on an H200 (2026-11-29: tests 193 s,
-# benchmark 75 s, variants 80 s for 36 timed cases, each drawing its parameters; now 78 cases on 3
-# workloads that reuse each workload's parameter values, 39 of them profiled; host 14 s), 9.2 at most
-# plus ~20 s of setup. DRY_RUN=1 runs the same steps on the CPU with a tiny workload (to check the
+# benchmark 75 s: the tests and the benchmark in 4.5 minutes; variants 80 s for 36 timed cases, each
+# drawing its parameters; now 90 cases on 3 workloads that reuse each workload's parameter values, 45
+# of them profiled; host 14 s), 9.2 at most plus ~20 s of setup. DRY_RUN=1 runs the same steps on the CPU with a tiny workload (to check the
 # script itself on a machine without a GPU).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -87,8 +87,9 @@ BENCH_RC=$?
 grep -v "^W[0-9]" "$OUT/kernels.txt" >> "$OUT/log.txt"; tail -n 25 "$OUT/kernels.txt"; rm -f "$OUT/kernels.txt"
 
 # 3. The CUDA kernels' code-shape variants (kernels.gpu.VARIANT: the defaults and the ones not yet timed,
-#    several chunks per block, vector loads, several groups per warp, a decode table), next to torch's
-#    fused AdamW; each case's kernel time from torch.profiler too (gpu_ms), to tell it from host time.
+#    4 or 16 chunks per block in the flat kernels and the NaN/inf check, vector loads, several groups per
+#    warp with a decode table), next to torch's fused AdamW; each case's kernel time from torch.profiler
+#    too (gpu_ms, and per kernel: gpu_ms_by_name), to tell it from host time.
 log "kernel variants ($DEVICE)"
 timeout "${VARIANTS_TIMEOUT:-170}" "$PYTHON" benchmarks/gpu_variants.py --device "$DEVICE" \
   "${VWORK[@]}" --steps "${STEPS[1]}" --out "$OUT/variants.json" 2>&1 | grep -v "^W[0-9]" | tee -a "$OUT/log.txt"

@@ -35,7 +35,7 @@ def measure(device: str, count: int, states: str, nonfinite: str, steps: int, pl
     if device == "cpu":  # the Python alone: kernels replaced by no-ops (all gradients read as finite)
         for k in gpu.compile_stats():
             k.fn = lambda *a: None
-        gpu._FINITE[torch.device("cpu")] = lambda *a: None
+        gpu._FINITE[torch.device("cpu"), gpu.VARIANT["chunks"]] = lambda *a: None
     assert isinstance(opt._step_plan, gpu.GpuStepPlan), "the step was not planned"
     host, wall = [], []
     for _ in range(steps):

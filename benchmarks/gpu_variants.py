@@ -7,8 +7,9 @@ arithmetic (the emulated tests compare every variant's bits with the native CPU 
     python benchmarks/gpu_variants.py                 # the CPU, emulated kernels, tiny: checks the script
 
 ``old``: one element at a time in the flat kernels, each lane reading its group's 32 magnitudes for the
-group's maximum (the kernels before 2026-11-29); ``default``: ``gpu.VARIANT`` as it stands; ``chunks4``:
-each block of a flat kernel updates 4 x 1024 elements; ``vec``: each thread of a flat kernel updates 4
+group's maximum (the kernels before 2026-11-29); ``default``: ``gpu.VARIANT`` as it stands; ``chunks4``,
+``chunks16``: each block of a flat kernel, and of the NaN/inf check, updates (checks) 4 or 16 x 1024
+elements (torch's multi-tensor kernels: 64 x 1024 a block); ``vec``: each thread of a flat kernel updates 4
 consecutive elements, reading and writing each array in one access; ``groups4``: each warp updates 4
 consecutive int8/int4 groups; ``table``: signed codes decoded through a table; ``groups4+table``: both. On CUDA
 each case is also profiled once (torch.profiler): ``gpu_ms`` is the device time of its kernels and
@@ -35,13 +36,16 @@ VARIANTS = {
     "old": ({"hoist": False, "warp_max": False}, MODES),
     "default": ({}, MODES),
     "chunks4": ({"chunks": 4}, FLAT),
+    "chunks16": ({"chunks": 16}, FLAT),
     "vec": ({"vec": True}, FLAT),
+    "chunks16+vec": ({"chunks": 16, "vec": True}, FLAT),
     "groups4": ({"groups": 4}, GROUPED),
     "table": ({"table": True}, GROUPED),
     "groups4+table": ({"groups": 4, "table": True}, GROUPED),
 }
-#: timed by default (``old`` was timed on 2026-11-29; ``table`` alone is the combination's other half)
-DEFAULT_VARIANTS = ["default", "chunks4", "vec", "groups4", "groups4+table"]
+#: timed by default (``old`` was timed on 2026-11-29; ``groups4`` and ``table`` alone are the halves of
+#: ``groups4+table``, timed if it wins)
+DEFAULT_VARIANTS = ["default", "chunks4", "chunks16", "vec", "chunks16+vec", "groups4+table"]
 
 
 def _reuse_parameter_values() -> None:
@@ -67,10 +71,12 @@ def _reuse_parameter_values() -> None:
 OUT = Path(__file__).resolve().parent / "results" / "gpu_variants.json"
 
 
-def device_ms(case: bench.Case, shapes: list, device: torch.device, steps: int = 5) -> float | None:
+def device_ms(case: bench.Case, shapes: list, device: torch.device, steps: int = 5) -> dict | None:
     """GPU time per step of ``case``: the device time of every kernel and copy in ``steps`` profiled
-    steps (torch.profiler, CUPTI), without the host's part of the step; None off CUDA or where the
-    profiler gives nothing. Set against the step time it says whether a case waits on the host."""
+    steps (torch.profiler, CUPTI), without the host's part of the step, in all (``gpu_ms``) and per
+    kernel or copy name (``gpu_ms_by_name``: ``lo_cuda_finite`` is the NaN/inf check, ``lo_cuda`` the
+    updates); None off CUDA or where the profiler gives nothing. Set against the step time it says
+    whether a case waits on the host."""
     if device.type != "cuda":
         return None
     from torch.profiler import ProfilerActivity, profile
@@ -84,10 +90,18 @@ def device_ms(case: bench.Case, shapes: list, device: torch.device, steps: int =
         for _ in range(steps):
             opt.step()
         torch.cuda.synchronize()
-    total = sum(getattr(e, "self_device_time_total", 0.0) for e in prof.key_averages())  # microseconds
+    by_name: dict[str, float] = {}
+    for e in prof.key_averages():  # microseconds
+        us = getattr(e, "self_device_time_total", 0.0)
+        if us > 0:
+            by_name[e.key[:60]] = by_name.get(e.key[:60], 0.0) + us
     del opt, params
     torch.cuda.empty_cache()
-    return round(total / steps / 1e3, 4) if total > 0 else None
+    total = sum(by_name.values())
+    if total <= 0:
+        return None
+    parts = sorted(by_name.items(), key=lambda kv: -kv[1])[:8]
+    return {"gpu_ms": round(total / steps / 1e3, 4), "gpu_ms_by_name": {k: round(v / steps / 1e3, 4) for k, v in parts}}
 
 
 def profile_once(found: dict, key: tuple, case: bench.Case, shapes: list, device: torch.device) -> None:
@@ -96,7 +110,7 @@ def profile_once(found: dict, key: tuple, case: bench.Case, shapes: list, device
         try:
             found[key] = device_ms(case, shapes, device)
         except Exception as err:  # noqa: BLE001 - recorded; the step timings stand
-            found[key] = f"{type(err).__name__}: {err}"[:300]
+            found[key] = {"gpu_ms": f"{type(err).__name__}: {err}"[:300]}
 
 
 def report(runs: dict, gpu_ms: dict, out: Path, extra: dict, printing: bool) -> None:
@@ -115,13 +129,16 @@ def report(runs: dict, gpu_ms: dict, out: Path, extra: dict, printing: bool) -> 
         ms = statistics.median(x for r in results for x in r.step_ms_all)
         base = statistics.median(x for r in base_runs for x in r.step_ms_all)
         gbps = results[0].touched_bytes_per_param * results[0].params / (ms / 1e3) / 1e9
-        dev = gpu_ms.get((wname, vname, mode))
-        rows.append({"workload": wname, "variant": vname, "mode": mode, "step_ms": round(ms, 4), "gpu_ms": dev,
+        profiled = gpu_ms.get((wname, vname, mode)) or {}
+        dev = profiled.get("gpu_ms")
+        rows.append({"workload": wname, "variant": vname, "mode": mode, "step_ms": round(ms, 4), **profiled,
                      "vs_torch_fused": round(ms / base, 3), "achieved_gbps": round(gbps, 1),
                      "touched_bytes_per_param": results[0].touched_bytes_per_param, "rounds": len(results),
                      "step_ms_all": [x for r in results for x in r.step_ms_all]})  # fmt: skip
         if printing:
+            check = profiled.get("gpu_ms_by_name", {}).get("lo_cuda_finite")
             kernels = f"  kernels {dev:.3f} ms" if isinstance(dev, float) else ""
+            kernels += f" (NaN check {check:.3f})" if check else ""
             print(f"{wname:11s} {vname:13s} {mode:24s} {ms:8.3f} ms  {ms / base:6.2f}x torch fused", end="")
             print(f"  {gbps:7.1f} GB/s{kernels}")
     write_rows(out, "python benchmarks/gpu_variants.py " + " ".join(sys.argv[1:]), rows, **extra)
@@ -151,7 +168,7 @@ def main() -> int:
     if unknown or not chosen:
         ap.error(f"--variants: unknown {unknown or 'empty'}; accepted: {', '.join(VARIANTS)}")
     runs: dict[tuple, list[bench.Result]] = {}
-    gpu_ms: dict[tuple, float | str | None] = {}
+    gpu_ms: dict[tuple, dict | None] = {}
     extra = {"device": bench._device_name(device), "default_variant": default,
              "variants": {v: VARIANTS[v][0] for v in chosen}}  # fmt: skip
     try:

@@ -293,7 +293,7 @@ def test_the_cuda_source_is_valid_cplusplus_without_headers(tmp_path, states):
     none), CUDA's keywords and intrinsics declared by a stub. Catches C-only constructs and missing
     declarations on machines without a GPU."""
     if states == "nan check":
-        source = gpu._FINITE_SOURCE
+        source = gpu._finite_source()
     else:
         p = torch.nn.Parameter(torch.randn(4, 64).bfloat16())
         opt = leanopt.AdamW([p], lr=1e-2, master="kahan", states=states, amsgrad=True)
@@ -428,11 +428,14 @@ def test_cuda_step_is_one_launch_per_combination_and_waits_at_most_once(nonfinit
 # ----------------------------------------------------------------------- whole steps and the NaN check
 
 
+@pytest.mark.parametrize("chunks", [1, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_the_multi_tensor_nan_check_finds_each_bad_value_where_it_is(emulate, dtype):
+def test_the_multi_tensor_nan_check_finds_each_bad_value_where_it_is(emulate, monkeypatch, dtype, chunks):
     """One launch over many gradients: NaN, +inf and -inf at the first, a middle and the last element
-    of tensors around the block size (1024 elements), next to clean and empty tensors."""
-    sizes = [1, 5, 1023, 1024, 1025, 4096 + 7, 0]
+    of tensors around the block size (1024 elements, or 3 x 1024 for ``chunks=3``: then a value in a
+    block's second or third chunk), next to clean and empty tensors."""
+    monkeypatch.setitem(gpu.VARIANT, "chunks", chunks)
+    sizes = [1, 5, 1023, 1024, 1025, 3072 + 1, 4096 + 7, 0]
     for value, where in itertools.product([float("nan"), float("inf"), float("-inf")], ["first", "mid", "last"]):
         for target in range(len(sizes) - 1):
             grads = [torch.randn(n).to(dtype) for n in sizes]
@@ -513,6 +516,27 @@ def test_a_nan_in_a_planned_step_is_handled_by_the_general_path(emulate, monkeyp
     assert_same(results[0], results[1], nonfinite)
     assert counts == ([1, 1] if nonfinite == "skip" else [0, 0])
     assert spy.planned >= 1
+
+
+def test_a_planned_step_checks_with_the_kernel_its_table_was_made_for(emulate, monkeypatch):
+    """The NaN/inf check's table maps blocks to gradients for one block size (``VARIANT["chunks"]``
+    x 1024 elements); a plan made under ``chunks=4`` keeps checking 4096 elements a block after the
+    setting changes (else only the first 1024 of each block would be read)."""
+    monkeypatch.setitem(gpu.VARIANT, "chunks", 4)
+    g = torch.Generator().manual_seed(3)
+    params = [torch.nn.Parameter(torch.randn(s, generator=g).bfloat16()) for s in [(3000,), (5, 64)]]
+    opt = leanopt.AdamW(params, lr=1e-2, master="exact", states="fp32", kernel="fused")
+    for step in range(3):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g).bfloat16()
+        if step == 2:
+            monkeypatch.setitem(gpu.VARIANT, "chunks", 1)
+            params[0].grad[2000] = float("nan")  # in the first block of 4096, not in its first 1024
+            before = params[0].detach().clone()
+        opt.step()
+    assert isinstance(opt._step_plan, gpu.GpuStepPlan) and opt._step_plan.finite[4] == 4
+    assert opt.last_skipped == [0]
+    assert torch.equal(bits(params[0]), bits(before))
 
 
 def native_and_gpu(master, states, seed, steps, before_step):
@@ -682,9 +706,9 @@ def test_direct_nvrtc_call_sequence(monkeypatch, fail):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
     if fail:
         with pytest.raises(RuntimeError, match="(?s)NVRTC_ERROR_COMPILATION.*planted error"):
-            gpu._nvrtc_direct(gpu._FINITE_SOURCE, "lo_cuda_finite")
+            gpu._nvrtc_direct(gpu._finite_source(), "lo_cuda_finite")
     else:
-        assert gpu._nvrtc_direct(gpu._FINITE_SOURCE, "lo_cuda_finite") == "k"
+        assert gpu._nvrtc_direct(gpu._finite_source(), "lo_cuda_finite") == "k"
         assert loaded == [b"CUBIN-bytes-here"]
     assert fake.options == [b"--gpu-architecture=sm_90", b"--fmad=false"]
     assert fake.calls[0] == "nvrtcCreateProgram" and fake.calls[-1] == "nvrtcDestroyProgram"

@@ -165,27 +165,33 @@ _FIND = """LO_FN int lo_find(const int64_t *LO_RESTRICT meta, int count, int64_t
   }
   return lo; }"""
 
-#: NaN/inf check of many gradients in one launch: table rows (first block, numel, pointer, kind: 0
-#: fp32, 1 bf16, 2 fp16); ``flags[t]`` (1 on entry) becomes 0 where tensor t holds a NaN or inf
-#: (exponent bits all ones, as the native check).
-_FINITE_SOURCE = (
-    _CUDA_PRELUDE
-    + _FIND
-    + f"""
+
+def _finite_source(chunks: int = 1) -> str:
+    """NaN/inf check of many gradients in one launch: table rows (first block, numel, pointer, kind: 0
+    fp32, 1 bf16, 2 fp16); ``flags[t]`` (1 on entry) becomes 0 where tensor t holds a NaN or inf
+    (exponent bits all ones, as the native check). A block checks ``chunks`` x FLAT_UNIT elements
+    (``VARIANT["chunks"]``, as the flat update kernels), its table row found once for them all."""
+    return (
+        _CUDA_PRELUDE
+        + _FIND
+        + f"""
 LO_FN void lo_check(const int64_t *LO_RESTRICT meta, int count, int32_t *flags, int64_t unit, int me) {{
   const int t = lo_find(meta, count, unit, 4);
   const int64_t *LO_RESTRICT m = meta + (int64_t)t * 4;
-  const int64_t total = m[1], base = (unit - m[0]) * {FLAT_UNIT};
+  const int64_t total = m[1], first = (unit - m[0]) * {FLAT_UNIT * chunks};
   const int kind = (int)m[3];
   const uint32_t mask = kind == 0 ? 0x7F800000u : (kind == 1 ? 0x7F80u : 0x7C00u);
   int bad = 0;
+  for (int c = 0; c < {chunks}; c++) {{  /* a block's chunks of FLAT_UNIT, in turn */
+  LO_UNROLL
   for (int k = 0; k < {ITEMS}; k++) {{
     LO_EACH(x, {THREADS}) {{
-      const int64_t i = base + k * {THREADS} + x;
+      const int64_t i = first + (int64_t)c * {FLAT_UNIT} + k * {THREADS} + x;
       if (i >= total) continue;
       const uint32_t b = kind == 0 ? ((const uint32_t *)m[2])[i] : (uint32_t)((const uint16_t *)m[2])[i];
       bad |= (b & mask) == mask;
     }}
+  }}
   }}
   if (bad) flags[t] = 0;  /* every writer writes 0 */
 }}
@@ -200,7 +206,9 @@ void lo_finite_emulate(const int64_t *meta, int count, int32_t *flags, int64_t u
 }}
 #endif
 """
-)
+    )
+
+
 _FINITE_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
@@ -746,7 +754,7 @@ def every_source() -> list[tuple[str, str, str]]:
 
     from ..optimizer import SGD, AdamW, Lion
 
-    out = [("nan check", "lo_cuda_finite", _FINITE_SOURCE)]
+    out = [("nan check", "lo_cuda_finite", _finite_source(VARIANT["chunks"]))]
     rules = [(AdamW, dict(amsgrad=True)), (SGD, dict(momentum=0.9, nesterov=True)), (Lion, {})]
     cases = [
         (cls, kw, torch.bfloat16, master, states)
@@ -829,34 +837,39 @@ def _to_device(parts: list[array], device: torch.device) -> list[Tensor]:
     return [table[o : o + n].view(kinds[a.typecode]) for a, o, n in zip(parts, offsets, sizes, strict=True)]
 
 
-_FINITE: dict[torch.device, Any] = {}
+_FINITE: dict[tuple[torch.device, int], Any] = {}
 
 
-def _finite_kernel(device: torch.device) -> Any:
-    fn = _FINITE.get(device)
-    if fn is None and _STATUS["disabled"] is None and ("finite", device) not in _FAILED:
+def _finite_kernel(device: torch.device, chunks: int | None = None) -> Any:
+    """The NaN/inf check kernel on ``device`` whose blocks check ``chunks`` x FLAT_UNIT elements
+    (default ``VARIANT["chunks"]``; its table must be made for the same: :func:`finite_table`)."""
+    chunks = VARIANT["chunks"] if chunks is None else chunks
+    fn = _FINITE.get((device, chunks))
+    if fn is None and _STATUS["disabled"] is None and ("finite", device, chunks) not in _FAILED:
         try:
             if device.type == "cpu":
-                fn = _emulated(_FINITE_SOURCE, "lo_finite_emulate", 3)
+                fn = _emulated(_finite_source(chunks), "lo_finite_emulate", 3)
             else:
-                fn = _nvrtc(_FINITE_SOURCE, device, "lo_cuda_finite")
+                fn = _nvrtc(_finite_source(chunks), device, "lo_cuda_finite")
         except Exception as err:  # noqa: BLE001 - no NVRTC, a compile error: the per-tensor check
-            _fail(("finite", device), err)
+            _fail(("finite", device, chunks), err)
             return None
-        _FINITE[device] = fn
+        _FINITE[device, chunks] = fn
     return fn
 
 
-def finite_table(grads: list[Tensor]) -> tuple[array, int] | None:
+def finite_table(grads: list[Tensor], chunks: int | None = None) -> tuple[array, int] | None:
     """The NaN/inf check's table for ``grads`` (contiguous, one device, fp32/bf16/fp16) and its block
-    count; None if one of them cannot be checked this way."""
+    count, for the check kernel of ``chunks`` (default ``VARIANT["chunks"]``); None if one of them
+    cannot be checked this way."""
+    unit = FLAT_UNIT * (VARIANT["chunks"] if chunks is None else chunks)
     meta, first = array("q"), 0
     for g in grads:
         kind = _FINITE_KINDS.get(g.dtype)
         if kind is None or not native.dense(g):
             return None
         meta.extend((first, g.numel(), g.data_ptr(), kind))
-        first += -(-g.numel() // FLAT_UNIT)
+        first += -(-g.numel() // unit)
     return meta, first
 
 
@@ -1068,7 +1081,9 @@ class GpuStepPlan:
     device_index: int  # for step_plan._valid: every gradient on this device (-1: the CPU)
     counters: list  # per tensor: a C float view of its fp32 step tensor
     seg_of: list[int]  # per tensor: its segment
-    finite: tuple | None  # (check table, [(position of a gradient's pointer, tensor)], blocks, tensors in order)
+    #: (check table, [(position of a gradient's pointer, tensor)], blocks, tensors in order, the check
+    #: kernel's chunks: what the table was made for)
+    finite: tuple | None
     batches: list[tuple]  # (kernel, table, [(position, tensor)], tensors in rows, blocks)
     #: stochastic rounding, per batch: [(position of a tensor's noise key, parameter index, tensor)]
     noise: list = field(default_factory=list)
@@ -1122,7 +1137,7 @@ def build_plan(opt: Any, work: list[tuple[Tensor, dict]], jobs: list[GpuLaunch])
         table = finite_table([grads[i] for i in order])
         if table is None:
             return None
-        finite = (table[0], [(4 * k + 2, i) for k, i in enumerate(order)], table[1], order)
+        finite = (table[0], [(4 * k + 2, i) for k, i in enumerate(order)], table[1], order, VARIANT["chunks"])
     device = work[0][0].device
     return GpuStepPlan(
         signature=sig, mode=(opt.kernel, opt.nonfinite), form=form, segments=segments,
@@ -1151,7 +1166,7 @@ def run_plan(plan: GpuStepPlan, opt: Any) -> list[int] | None:
     for counter, s in zip(plan.counters, plan.seg_of, strict=True):
         if counter.value != segments[s].expect:  # a step count changed from outside
             return None
-    fn = None if plan.finite is None else _finite_kernel(plan.device)
+    fn = None if plan.finite is None else _finite_kernel(plan.device, plan.finite[4])
     if plan.finite is not None and fn is None:
         return None
     steps = [ctypes.c_float(seg.expect + 1.0).value for seg in segments]  # float32 + 1
