@@ -13,6 +13,7 @@ import itertools
 import os
 import shutil
 import subprocess
+import time
 import warnings
 
 import pytest
@@ -425,6 +426,44 @@ def test_cuda_step_is_one_launch_per_combination_and_waits_at_most_once(nonfinit
     assert len(waits) <= most, waits[:3]
 
 
+@CUDA
+def test_cuda_next_step_waits_for_the_nan_check_not_for_the_updates(monkeypatch):
+    """A planned step's verdicts are on the host as soon as its NaN/inf check has run: here each update
+    kernel is held back ~1 s behind a sleep on the stream, and the verdicts' copy is done (and read by
+    ``last_skipped``, as the next ``step()`` reads them) while the stream is still busy with it."""
+    gpu.reset()
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(256, 256, device="cuda").bfloat16()) for _ in range(20)]
+    opt = leanopt.AdamW(params, lr=1e-3, master="compact", states="int8", kernel="fused", nonfinite="skip")
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    torch.cuda.synchronize()
+    assert isinstance(opt._step_plan, gpu.GpuStepPlan)
+    for k in gpu.compile_stats():
+        real = k.fn
+
+        def slow(*args, real=real):
+            torch.cuda._sleep(2_000_000_000)  # ~1 s of GPU clock cycles before the update
+            real(*args)
+
+        monkeypatch.setattr(k, "fn", slow)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    event = opt._step_verdicts[0]
+    start = time.monotonic()
+    while not event.query() and time.monotonic() - start < 20:
+        time.sleep(0.001)
+    assert event.query(), "the verdicts' copy never finished"
+    assert not torch.cuda.current_stream().query(), "the verdicts' copy waited for the update kernels"
+    assert opt.last_skipped == [] and opt._step_verdicts is None
+    assert not torch.cuda.current_stream().query(), "reading the verdicts waited for the update kernels"
+    torch.cuda.synchronize()
+    gpu.reset()
+
+
 # ----------------------------------------------------------------------- whole steps and the NaN check
 
 
@@ -537,6 +576,35 @@ def test_a_planned_step_checks_with_the_kernel_its_table_was_made_for(emulate, m
     assert isinstance(opt._step_plan, gpu.GpuStepPlan) and opt._step_plan.finite[4] == 4
     assert opt.last_skipped == [0]
     assert torch.equal(bits(params[0]), bits(before))
+
+
+def test_a_planned_skip_step_copies_its_verdicts_between_the_check_and_the_updates(emulate, monkeypatch):
+    """The next ``step()`` reads this step's NaN/inf verdicts (they decide the step counts), so their
+    copy is queued right behind the check kernel, ahead of the update kernels: on CUDA's one stream,
+    waiting for it does not wait for the updates (the CUDA test below measures that on a GPU)."""
+    g = torch.Generator().manual_seed(4)
+    params = [torch.nn.Parameter(torch.randn(s, generator=g).bfloat16()) for s in [(5, 64), (9,), (3, 70)]]
+    opt = leanopt.AdamW(params, lr=1e-2, master="compact", states="int8", kernel="fused")
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g).bfloat16()
+        opt.step()
+    assert isinstance(opt._step_plan, gpu.GpuStepPlan)
+    order = []
+
+    def spy(name, real):
+        return lambda *a: (order.append(name), real(*a))[1]
+
+    for k in gpu.compile_stats():
+        monkeypatch.setattr(k, "fn", spy("update", k.fn))
+    key = (torch.device("cpu"), gpu.VARIANT["chunks"])
+    monkeypatch.setitem(gpu._FINITE, key, spy("check", gpu._FINITE[key]))
+    monkeypatch.setattr(gpu, "_verdicts_later", spy("verdicts", gpu._verdicts_later))
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g).bfloat16()
+    opt.step()
+    assert order == ["check", "verdicts", "update", "update"]
+    assert opt.last_skipped == [] and opt._step_verdicts is None
 
 
 def native_and_gpu(master, states, seed, steps, before_step):

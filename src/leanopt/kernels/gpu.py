@@ -1153,8 +1153,10 @@ def run_plan(plan: GpuStepPlan, opt: Any) -> list[int] | None:
     """One ``step()`` of ``opt`` by ``plan``: [] when it ran, None (nothing changed) when the plan does
     not apply. The NaN/inf check runs on the device first; with ``nonfinite="skip"`` the update kernels
     leave a tensor with a bad gradient alone and the host does not wait: the verdicts are copied back
-    behind the check and read later (``opt._step_verdicts``, see :func:`read_verdicts`). With "raise" it
-    waits for them and returns None if one is bad (the general path then raises)."""
+    right behind the check, ahead of the updates, and read later (``opt._step_verdicts``, see
+    :func:`read_verdicts`; the next ``step()`` reads them, so it waits for this step's check, not for
+    its updates: it prepares its launches while the GPU still runs them). With "raise" it waits for
+    them and returns None if one is bad (the general path then raises)."""
     from . import step_plan
 
     if (opt.kernel, opt.nonfinite) != plan.mode or not wanted(opt.kernel, plan.device):
@@ -1191,6 +1193,7 @@ def run_plan(plan: GpuStepPlan, opt: Any) -> list[int] | None:
         parts += [meta, array("i", [1]) * len(plan.finite[3])]
     on_device = _to_device(parts, plan.device)
     oks = [on_device[3 * b + 2] for b in range(len(plan.batches))]
+    pending = None
     if plan.finite is not None:
         flags = on_device[-1]
         if plan.finite[2]:
@@ -1198,6 +1201,9 @@ def run_plan(plan: GpuStepPlan, opt: Any) -> list[int] | None:
         if opt.nonfinite == "raise":
             if not all(flags.tolist()):  # waits: nothing may change before the error
                 return None
+        else:  # "skip": the verdicts' copy queued here, between the check and the updates
+            befores = [(params[i], plan.counters[i], segments[plan.seg_of[i]].expect) for i in plan.finite[3]]
+            pending = _verdicts_later(flags, befores)
         oks, start = [], 0
         for *_, members, _ in plan.batches:  # the update kernels read their slice of the verdicts
             oks.append(flags[start : start + len(members)])
@@ -1206,20 +1212,19 @@ def run_plan(plan: GpuStepPlan, opt: Any) -> list[int] | None:
         kernel.fn(units, on_device[3 * b], len(members), on_device[3 * b + 1], oks[b])
         kernel.launches += 1
         kernel.tensors += len(members)
-    befores = [counter.value for counter in plan.counters]
     for counter, s in zip(plan.counters, plan.seg_of, strict=True):
         counter.value = steps[s]
     for seg, step in zip(segments, steps, strict=True):
         seg.expect = step
-    if plan.finite is not None and opt.nonfinite == "skip":
-        order = plan.finite[3]
-        opt._step_verdicts = _verdicts_later(flags, [(params[i], plan.counters[i], befores[i]) for i in order])
+    if pending is not None:
+        opt._step_verdicts = pending
     return []
 
 
 def _verdicts_later(flags: Tensor, tensors: list[tuple]) -> tuple:
     """The verdicts ``flags`` (on the device, written by queued kernels), copied to the host behind them
-    without waiting: (event or None, host copy, [(param, counter, step count before)])."""
+    without waiting: (event or None, host copy, [(param, counter, step count before)]). The event
+    marks the copy's end on the current stream: waiting for it waits for nothing queued later."""
     if flags.device.type != "cuda":
         return None, flags, tensors  # emulated: already written
     host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
