@@ -113,6 +113,41 @@ def profile_once(found: dict, key: tuple, case: bench.Case, shapes: list, device
             found[key] = {"gpu_ms": f"{type(err).__name__}: {err}"[:300]}
 
 
+#: a variant is chosen over "default" only if it is this much faster (geometric mean of its ratios to
+#: default over the workloads and modes it changes) and no case is slower than WORST x default's
+MARGIN, WORST = 0.97, 1.10
+
+
+def choose(rows: list[dict]) -> dict:
+    """For the flat kernels (the variants timed on FLAT modes) and the grouped ones (GROUPED modes):
+    the variant that beats ``default`` by MARGIN without a case worse than WORST, else none; compared
+    on the kernels' device time (``gpu_ms``: the variants change only the kernels' code) where every
+    compared case has it, else on the step time. ``env`` is the ``LEANOPT_GPU_VARIANT`` value of both
+    winners (empty: keep the defaults): benchmarks/gpu_check.sh runs the kernel benchmark with it."""
+    ok = {(r["workload"], r["variant"], r["mode"]): r for r in rows if "step_ms" in r}
+    out: dict = {"margin": MARGIN, "worst": WORST, "families": {}}
+    settings: dict = {}
+    for family, modes in (("flat", FLAT), ("grouped", GROUPED)):
+        names = [v for v, (_, m) in VARIANTS.items() if m == modes and any(k[1] == v for k in ok)]
+        base = {(w, m): r for (w, v, m), r in ok.items() if v == "default" and m in modes}
+        both = {v: [(w, m) for w, m in base if (w, v, m) in ok] for v in ["default", *names]}  # cases both have
+        metric = "gpu_ms" if all(isinstance(ok[w, v, m].get("gpu_ms"), float) for v, cases in both.items()
+                                 for w, m in cases) else "step_ms"  # fmt: skip
+        scores = {}
+        for v in names:
+            ratios = [ok[w, v, m][metric] / base[w, m][metric] for w, m in both[v]]
+            if ratios and len(ratios) == len(base):
+                scores[v] = {"score": round(statistics.geometric_mean(ratios), 4), "worst": round(max(ratios), 4)}
+        good = [v for v, x in scores.items() if x["score"] <= MARGIN and x["worst"] <= WORST]
+        best = min(good, key=lambda v: scores[v]["score"]) if good else None
+        out["families"][family] = {"metric": metric, "scores": scores, "chosen": best}
+        if best:
+            settings.update(VARIANTS[best][0])
+    out["settings"] = settings
+    out["env"] = ",".join(f"{k}={int(x)}" for k, x in settings.items())
+    return out
+
+
 def report(runs: dict, gpu_ms: dict, out: Path, extra: dict, printing: bool) -> None:
     """Write what has been measured so far to ``out`` (after every round: a run cut short keeps its
     finished rounds), and print it at the end."""
@@ -141,7 +176,12 @@ def report(runs: dict, gpu_ms: dict, out: Path, extra: dict, printing: bool) -> 
             kernels += f" (NaN check {check:.3f})" if check else ""
             print(f"{wname:11s} {vname:13s} {mode:24s} {ms:8.3f} ms  {ms / base:6.2f}x torch fused", end="")
             print(f"  {gbps:7.1f} GB/s{kernels}")
-    write_rows(out, "python benchmarks/gpu_variants.py " + " ".join(sys.argv[1:]), rows, **extra)
+    chosen = choose(rows)
+    if printing:
+        for family, x in chosen["families"].items():
+            print(f"{family} kernels: chosen {x['chosen'] or 'default'} (by {x['metric']}; scores {x['scores']})")
+        print(f"LEANOPT_GPU_VARIANT={chosen['env']!r}")
+    write_rows(out, "python benchmarks/gpu_variants.py " + " ".join(sys.argv[1:]), rows, **extra, chosen=chosen)
 
 
 def main() -> int:

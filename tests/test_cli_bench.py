@@ -43,8 +43,10 @@ def test_make_params_gives_the_same_values_in_every_dtype():
 def test_time_steps_runs_warmup_plus_timed_steps_and_changes_the_lr():
     params = make_params([(4, 4)], torch.bfloat16, "cpu")
     opt = leanopt.AdamW(params, lr=1e-3)
-    times = time_steps(opt, steps=3, warmup=2)
+    host: list[float] = []
+    times = time_steps(opt, steps=3, warmup=2, host=host)
     assert len(times) == 3 and all(t > 0 for t in times)
+    assert len(host) == 3 and all(0 < h <= t for h, t in zip(host, times, strict=True))  # until step() returned
     assert int(opt.state[params[0]]["step"].item()) == 5
     assert opt.param_groups[0]["lr"] == pytest.approx(1.02e-4)  # set before each timed step
 

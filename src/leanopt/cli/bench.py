@@ -207,9 +207,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_steps(opt: torch.optim.Optimizer, steps: int, warmup: int = 1) -> list[float]:
-    """Seconds per ``opt.step()`` for ``steps`` steps after ``warmup`` untimed ones (gradients stay set).
-    The learning rate changes before every timed step: a step that recompiles for it shows up here."""
+def time_steps(
+    opt: torch.optim.Optimizer, steps: int, warmup: int = 1, host: list[float] | None = None
+) -> list[float]:  # fmt: skip
+    """Seconds per ``opt.step()`` for ``steps`` steps after ``warmup`` untimed ones (gradients stay set),
+    each to the end of its GPU work (synchronised); ``host``, if given, gets each step's time until
+    ``step()`` returned (on CUDA the host's part: launches are asynchronous). The learning rate
+    changes before every timed step: a step that recompiles for it shows up here."""
     device = next(p.device for g in opt.param_groups for p in g["params"])
     for _ in range(warmup):
         opt.step()
@@ -221,8 +225,11 @@ def time_steps(opt: torch.optim.Optimizer, steps: int, warmup: int = 1) -> list[
                 group["lr"] = 1e-4 * (1 + 0.01 * i)
         t0 = time.perf_counter()
         opt.step()
+        t1 = time.perf_counter()
         _sync(device)
         times.append(time.perf_counter() - t0)
+        if host is not None:
+            host.append(t1 - t0)
     return times
 
 
@@ -291,6 +298,8 @@ class Result:
     step_ms: float = 0.0
     min_ms: float = 0.0
     step_ms_all: list[float] = field(default_factory=list)
+    #: median time until ``step()`` returned: on CUDA the host's part of a step (the rest is the GPU's)
+    host_ms: float = 0.0
     bytes_by_category: dict[str, int] = field(default_factory=dict)
     bytes_per_param: float = 0.0
     touched_bytes_per_param: float = 0.0
@@ -340,7 +349,9 @@ def run_case(
         opt.step()
         _sync(device)
         res.first_step_s = time.perf_counter() - t
-        times = time_steps(opt, steps, max(warmup - 1, 0))
+        host: list[float] = []
+        times = time_steps(opt, steps, max(warmup - 1, 0), host)
+        res.host_ms = 1e3 * statistics.median(host)
         res.step_ms_all = [round(1e3 * x, 3) for x in times]
         res.step_ms, res.min_ms = 1e3 * statistics.median(times), 1e3 * min(times)
         res.bytes_by_category = held_bytes(params, opt)
@@ -546,6 +557,14 @@ def _device_name(device: torch.device) -> str:
     return platform.processor() or "cpu"
 
 
+def _gpu_variant() -> dict[str, Any]:
+    """The multi-tensor CUDA kernels' code shapes this run used (``kernels.gpu.VARIANT``, which
+    ``LEANOPT_GPU_VARIANT`` sets)."""
+    from ..kernels import gpu
+
+    return dict(gpu.VARIANT)
+
+
 def _native_vector_width() -> int | None:
     try:
         from ..kernels import native
@@ -601,6 +620,7 @@ def run(args: argparse.Namespace) -> int:
         "workloads": {n: {"source": m.source, "num_params": m.num_params, "num_tensors": len(m.shapes)}
                       for n, m in workloads.items()},
         "native_vector_width": native_vector,
+        "gpu_variant": _gpu_variant() if device.type == "cuda" else None,
         "copy_gbps": gbps, "copy_gbps_end": None, "loadavg_start": loadavg(), "loadavg_end": None,
         "touched_bytes_rule": "2 x (weights + optimizer state) + gradients, per parameter",
     }  # fmt: skip
