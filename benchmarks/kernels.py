@@ -21,4 +21,5 @@ OUT = Path(__file__).resolve().parent / "results" / "kernels.json"
 
 if __name__ == "__main__":
     OUT.parent.mkdir(exist_ok=True)
-    raise SystemExit(main(["bench", "--out", str(OUT), *sys.argv[1:]]))
+    given = any(a == "--out" or a.startswith("--out=") for a in sys.argv[1:])
+    raise SystemExit(main(["bench", *([] if given else ["--out", str(OUT)]), *sys.argv[1:]]))
