@@ -1,30 +1,32 @@
 #!/usr/bin/env bash
-# One command for a machine with a CUDA GPU (about 8 minutes): runs the CUDA variants of the test suite
-# (every test whose id names cuda), the CUDA kernels' code-shape variants (benchmarks/gpu_variants.py,
-# which chooses the shapes clearly faster than the defaults), the kernel benchmark on CUDA with
-# FlashOptim in the chosen shapes (GPT-2 small, one 50M tensor, 500 small tensors; kernel="auto" runs
-# the multi-tensor CUDA kernels there) and the host time per tensor, and writes everything
-# under $OUT: summary.json (machine, date, exit codes, test counts, the shapes benchmarked), log.txt
-# (everything printed), tests.txt, tests.xml, kernels.json, variants.json, gpu_host.json. Seven files,
-# no subfolders: what a device call brings back.
+# One command for a machine with a CUDA GPU: runs the CUDA variants of the test suite (every test whose
+# id names cuda) and the kernel benchmark on CUDA with FlashOptim (GPT-2 small, one 50M tensor, 500
+# small tensors; kernel="auto" runs the multi-tensor CUDA kernels there): about 4.5 minutes on an H200.
+# With FULL=1 (what a lent device session runs, about 8 minutes) it first times the CUDA kernels'
+# code-shape variants (benchmarks/gpu_variants.py, which chooses the shapes clearly faster than the
+# defaults), runs the benchmark in the chosen shapes, and then measures the host time per tensor.
+# Everything goes under $OUT: summary.json (machine, date, exit codes, test counts, the shapes
+# benchmarked), log.txt (everything printed), tests.txt, tests.xml, kernels.json, and with FULL=1
+# variants.json and gpu_host.json. Seven files at most, no subfolders: what a device call brings back.
 #
 #   bash benchmarks/gpu_check.sh                 # results in $OUT, else benchmarks/results/gpu-<date>/
-#   DRY_RUN=1 OUT=/tmp/g bash benchmarks/gpu_check.sh   # the script itself, on a CPU (about 1.5 min)
+#   FULL=1 bash benchmarks/gpu_check.sh          # with the variants and the host time
+#   DRY_RUN=1 FULL=1 OUT=/tmp/g bash benchmarks/gpu_check.sh   # the script itself, on a CPU (~1.5 min)
 #
-# With a lent device machine (the `run` tool): command `bash benchmarks/gpu_check.sh`, timeout_s 590;
-# the seven files come back from its $OUT; commit them as benchmarks/results/gpu-<date>/.
+# With a lent device machine (the `run` tool): command `FULL=1 bash benchmarks/gpu_check.sh`, timeout_s
+# 590; the seven files come back from its $OUT; commit them as benchmarks/results/gpu-<date>/.
 #
 # It needs no network and no install: it runs leanopt from src/ (PYTHONPATH) with the machine's own
 # python3 and torch, and installs FlashOptim and optimi from benchmarks/wheels/ (pure Python, in the
 # repo) into a temporary folder when they are missing.
 # Environment: PYTHON (default: .venv/bin/python if present, else python3), OUT, WHEELS (default
-# benchmarks/wheels), TEST_TIMEOUT (s, default 240), BENCH_TIMEOUT (s, default 100), VARIANTS_TIMEOUT
-# (s, default 170), HOST_TIMEOUT (s, default 40): about 7 minutes on an H200 (2026-11-29: tests 193 s,
-# benchmark 75 s: the tests and the benchmark in 4.5 minutes; variants 80 s for 36 timed cases, each
-# drawing its parameters; now 90 cases on 3 workloads that reuse each workload's parameter values, 45
-# of them profiled; host 14 s), 9.2 at most plus ~20 s of setup. LEANOPT_GPU_VARIANT, if set, is what
-# the benchmark runs instead of the variants' choice. DRY_RUN=1 runs the same steps on the CPU with a
-# tiny workload (to check the script itself on a machine without a GPU).
+# benchmarks/wheels), FULL, TEST_TIMEOUT (s, default 240), BENCH_TIMEOUT (s, default 100),
+# VARIANTS_TIMEOUT (s, default 170), HOST_TIMEOUT (s, default 40). On an H200 (2026-11-29): tests 193 s,
+# benchmark 75 s; variants 80 s for 36 timed cases, each drawing its parameters (now 90 cases on 3
+# workloads that reuse each workload's parameter values, 45 of them profiled); host 14 s. 9.2 minutes
+# at most plus ~20 s of setup. LEANOPT_GPU_VARIANT, if set, is what the benchmark runs instead of the
+# variants' choice. DRY_RUN=1 runs the same steps on the CPU with a tiny workload (to check the script
+# itself on a machine without a GPU).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -81,36 +83,43 @@ timeout "${TEST_TIMEOUT:-240}" "$PYTHON" -m pytest -q -p no:cacheprovider --cont
 TEST_RC=$?
 tail -n 3 "$OUT/tests.txt" | tee -a "$OUT/log.txt"
 
-# 2. The CUDA kernels' code-shape variants (kernels.gpu.VARIANT: the defaults and the ones not yet timed,
+VARIANTS_RC=-1 HOST_RC=-1  # -1: not run (FULL=1 runs them)
+
+# 2. (FULL=1) The CUDA kernels' code-shape variants (kernels.gpu.VARIANT: the defaults and the ones not yet timed,
 #    4 or 16 chunks per block in the flat kernels and the NaN/inf check, vector loads, several groups per
 #    warp with a decode table), next to torch's fused AdamW; each case's kernel time from torch.profiler
 #    too (gpu_ms, and per kernel: gpu_ms_by_name), to tell it from host time. It chooses, per kernel
 #    family, a variant clearly faster than the default (gpu_variants.choose; "chosen" in variants.json).
-log "kernel variants ($DEVICE)"
-timeout "${VARIANTS_TIMEOUT:-170}" "$PYTHON" benchmarks/gpu_variants.py --device "$DEVICE" \
-  "${VWORK[@]}" --steps "${STEPS[1]}" --out "$OUT/variants.json" 2>&1 | grep -v "^W[0-9]" | tee -a "$OUT/log.txt"
-VARIANTS_RC=${PIPESTATUS[0]}
-CHOSEN=$("$PYTHON" -c "import json, sys; print(json.load(open(sys.argv[1])).get('chosen', {}).get('env', ''))" \
-  "$OUT/variants.json" 2>/dev/null)
-export LEANOPT_GPU_VARIANT="${LEANOPT_GPU_VARIANT:-$CHOSEN}"
+if [[ "${FULL:-0}" == 1 ]]; then
+  log "kernel variants ($DEVICE)"
+  timeout "${VARIANTS_TIMEOUT:-170}" "$PYTHON" benchmarks/gpu_variants.py --device "$DEVICE" \
+    "${VWORK[@]}" --steps "${STEPS[1]}" --out "$OUT/variants.json" 2>&1 | grep -v "^W[0-9]" | tee -a "$OUT/log.txt"
+  VARIANTS_RC=${PIPESTATUS[0]}
+  CHOSEN=$("$PYTHON" -c "import json, sys; print(json.load(open(sys.argv[1])).get('chosen', {}).get('env', ''))" \
+    "$OUT/variants.json" 2>/dev/null)
+  export LEANOPT_GPU_VARIANT="${LEANOPT_GPU_VARIANT:-$CHOSEN}"
+fi
 
 # 3. Kernel benchmark on CUDA, FlashOptim included, leanopt's kernels in the chosen shapes (kernels.json
 #    records them: gpu_variant; host_ms: each case's time until step() returned).
-log "benchmark ($DEVICE; LEANOPT_GPU_VARIANT='$LEANOPT_GPU_VARIANT')"
+log "benchmark ($DEVICE; LEANOPT_GPU_VARIANT='${LEANOPT_GPU_VARIANT:-}')"
 timeout "${BENCH_TIMEOUT:-100}" "$PYTHON" benchmarks/kernels.py --device "$DEVICE" "${WORKLOADS[@]}" "${STEPS[@]}" \
   --out "$OUT/kernels.json" > "$OUT/kernels.txt" 2>&1
 BENCH_RC=$?
 grep -v "^W[0-9]" "$OUT/kernels.txt" >> "$OUT/log.txt"; tail -n 25 "$OUT/kernels.txt"; rm -f "$OUT/kernels.txt"
 
-# 4. Host time of a kernel="fused" step on CUDA: planned against general, 500 small tensors.
-log "host time per tensor ($DEVICE)"
-timeout "${HOST_TIMEOUT:-40}" "$PYTHON" benchmarks/gpu_host_overhead.py --device "$DEVICE" --steps 10 \
-  --out "$OUT/gpu_host.json" 2>&1 | grep -v "^W[0-9]" | tee -a "$OUT/log.txt"
-HOST_RC=${PIPESTATUS[0]}
+# 4. (FULL=1) Host time of a kernel="fused" step on CUDA: planned against general, 500 small tensors.
+if [[ "${FULL:-0}" == 1 ]]; then
+  log "host time per tensor ($DEVICE)"
+  timeout "${HOST_TIMEOUT:-40}" "$PYTHON" benchmarks/gpu_host_overhead.py --device "$DEVICE" --steps 10 \
+    --out "$OUT/gpu_host.json" 2>&1 | grep -v "^W[0-9]" | tee -a "$OUT/log.txt"
+  HOST_RC=${PIPESTATUS[0]}
+fi
 
-"$PYTHON" - "$OUT" "$TEST_RC" "$BENCH_RC" "$VARIANTS_RC" "$HOST_RC" "$LEANOPT_GPU_VARIANT" <<'EOF'
+"$PYTHON" - "$OUT" "$TEST_RC" "$BENCH_RC" "$VARIANTS_RC" "$HOST_RC" "${LEANOPT_GPU_VARIANT:-}" <<'EOF'
 import json, sys, pathlib, xml.etree.ElementTree as ET
-out, test_rc, bench_rc, variants_rc, host_rc = pathlib.Path(sys.argv[1]), *map(int, sys.argv[2:6])
+out, test_rc, bench_rc = pathlib.Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+variants_rc, host_rc = (None if int(x) == -1 else int(x) for x in sys.argv[4:6])  # None: not run
 summary = {"machine": json.loads((out / "machine.json").read_text()), "tests_rc": test_rc, "benchmark_rc": bench_rc,
            "variants_rc": variants_rc, "host_overhead_rc": host_rc, "benchmark_gpu_variant": sys.argv[6]}
 try:
@@ -124,4 +133,4 @@ except Exception as err:  # noqa: BLE001
 print(json.dumps(summary))
 EOF
 log "results in $OUT (tests rc=$TEST_RC, benchmark rc=$BENCH_RC, variants rc=$VARIANTS_RC, host rc=$HOST_RC)"
-[[ $TEST_RC -eq 0 && $BENCH_RC -eq 0 && $VARIANTS_RC -eq 0 && $HOST_RC -eq 0 ]]
+[[ $TEST_RC -eq 0 && $BENCH_RC -eq 0 && ( "${FULL:-0}" != 1 || ( $VARIANTS_RC -eq 0 && $HOST_RC -eq 0 ) ) ]]
