@@ -300,6 +300,7 @@ class Result:
     step_ms_all: list[float] = field(default_factory=list)
     #: median time until ``step()`` returned: on CUDA the host's part of a step (the rest is the GPU's)
     host_ms: float = 0.0
+    host_ms_all: list[float] = field(default_factory=list)
     bytes_by_category: dict[str, int] = field(default_factory=dict)
     bytes_per_param: float = 0.0
     touched_bytes_per_param: float = 0.0
@@ -351,7 +352,7 @@ def run_case(
         res.first_step_s = time.perf_counter() - t
         host: list[float] = []
         times = time_steps(opt, steps, max(warmup - 1, 0), host)
-        res.host_ms = 1e3 * statistics.median(host)
+        res.host_ms, res.host_ms_all = 1e3 * statistics.median(host), [round(1e3 * x, 3) for x in host]
         res.step_ms_all = [round(1e3 * x, 3) for x in times]
         res.step_ms, res.min_ms = 1e3 * statistics.median(times), 1e3 * min(times)
         res.bytes_by_category = held_bytes(params, opt)
