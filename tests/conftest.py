@@ -2,10 +2,30 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_benchmark(filename: str):
+    """A script of benchmarks/ as a module (``benchmarks/`` on the path while it loads: its
+    ``from _results import ...``; registered in sys.modules: dataclasses look their module up)."""
+    name = f"benchmark_{Path(filename).stem}"
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        spec = importlib.util.spec_from_file_location(name, BENCHMARKS / filename)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(BENCHMARKS))
 
 
 @pytest.fixture

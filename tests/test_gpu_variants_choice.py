@@ -1,25 +1,14 @@
 """benchmarks/gpu_variants.py's choice of code shapes (what benchmarks/gpu_check.sh runs the kernel
 benchmark with): a variant replaces the default only if it is clearly faster and nowhere much slower."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def gv():
-    sys.path.insert(0, str(ROOT / "benchmarks"))  # for its `from _results import ...`
-    try:
-        spec = importlib.util.spec_from_file_location("gpu_variants_benchmark", ROOT / "benchmarks" / "gpu_variants.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    return load_benchmark("gpu_variants.py")
 
 
 def rows_for(gv, times: dict[str, float], gpu: bool = True) -> list[dict]:

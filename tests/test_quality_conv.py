@@ -1,29 +1,14 @@
 """A short version of benchmarks/quality_conv.py: int8/int4 states on conv weights train like fp32 AdamW."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_benchmark():
-    sys.path.insert(0, str(ROOT / "benchmarks"))  # for its `from _results import ...`
-    try:
-        spec = importlib.util.spec_from_file_location("quality_conv_benchmark", ROOT / "benchmarks" / "quality_conv.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+from conftest import load_benchmark
 
 
 @pytest.mark.slow
 def test_short_conv_run_int8_and_int4_track_fp32():
-    q = load_benchmark()
+    q = load_benchmark("quality_conv.py")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -1,32 +1,20 @@
 """A short version of benchmarks/quality.py: compressed formats train like fp32 AdamW."""
 
-import importlib.util
 import json
 import math
-import sys
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import load_benchmark
 from leanopt.data import stdlib_corpus
 from leanopt.models import GPTConfig
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("quality_benchmark", ROOT / "benchmarks" / "quality.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.slow
 def test_short_quality_run_compact_int8_and_int4_track_fp32():
-    q = load_benchmark()
+    q = load_benchmark("quality.py")
     setup = replace(
         q.SHORT,
         model=GPTConfig(vocab_size=256, block_size=32, n_layer=1, n_head=2, n_embd=32),
@@ -50,7 +38,7 @@ def test_short_quality_run_compact_int8_and_int4_track_fp32():
 
 
 def test_quality_cli_writes_json_and_rejects_bad_arguments(tmp_path):
-    q = load_benchmark()
+    q = load_benchmark("quality.py")
     out = tmp_path / "q.json"
     assert q.main(["--short", "--steps", "2", "--runs", "compact_int8", "--out", str(out)]) == 0
     payload = json.loads(out.read_text())
