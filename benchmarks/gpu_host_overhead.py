@@ -6,7 +6,9 @@ kernels replaced by no-ops, so the time is the Python around them: what a CUDA s
 before the GPU does anything. With ``--device cuda`` the real kernels run; the figure is then the time
 ``step()`` takes to return (the launches are asynchronous) and ``gpu_ms`` the step with a synchronise.
 ``check_us_per_tensor``: of a planned step's host time, the check that nothing the plan relies on has
-changed (``step_plan._signature`` and ``_valid``), timed alone.
+changed (``plan_check.check``: in C), timed alone. Planned steps alternate, on the same plan, between
+that check in C and in Python (``step_plan._valid``): ``host_us_per_tensor_python_check`` and
+``check_us_per_tensor_python`` are the same figures with the Python check, measured side by side.
 
     python benchmarks/gpu_host_overhead.py                  # -> benchmarks/results/gpu_host_overhead.json
     python benchmarks/gpu_host_overhead.py --device cuda --out /tmp/g.json
@@ -24,7 +26,7 @@ import torch
 from _results import write_rows  # benchmarks/_results.py
 
 import leanopt
-from leanopt.kernels import gpu, step_plan
+from leanopt.kernels import gpu, plan_check
 
 
 def measure(device: str, count: int, states: str, nonfinite: str, steps: int, planned: bool) -> dict:
@@ -39,10 +41,19 @@ def measure(device: str, count: int, states: str, nonfinite: str, steps: int, pl
             k.fn = lambda *a: None
         gpu._FINITE[torch.device("cpu"), gpu.VARIANT["chunks"]] = lambda *a: None
     assert isinstance(opt._step_plan, gpu.GpuStepPlan), "the step was not planned"
-    host, wall = [], []
-    for _ in range(steps):
+    # a planned step's check: in C (plan_check.Checker) and in Python (step_plan._valid), in turn
+    plan = opt._step_plan
+    assert plan_check.check(plan, opt) is not None
+    checkers = {"C": plan.checker or None, "Python": False}
+    host: dict[str, list[float]] = {"C": [], "Python": []}
+    wall = []
+    for i in range(2 * steps):
+        how = "C" if i % 2 == 0 or not planned else "Python"
         if not planned:
             opt._step_plan = None
+        else:
+            assert opt._step_plan is plan, "the plan was not kept"
+            plan.checker = checkers[how]
         if device == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -50,21 +61,28 @@ def measure(device: str, count: int, states: str, nonfinite: str, steps: int, pl
         t1 = time.perf_counter()
         if device == "cuda":
             torch.cuda.synchronize()
-        host.append(t1 - t0)
+        host[how].append(t1 - t0)
         wall.append(time.perf_counter() - t0)
-    check = []  # a planned step's check that nothing it relies on changed, alone (step_plan._valid)
-    plan = opt._step_plan if planned else None
-    for _ in range(steps if plan is not None else 0):
+    check: dict[str, list[float]] = {"C": [], "Python": []}  # the check alone (plan_check.check)
+    for i in range(2 * steps if planned else 0):
+        how = "C" if i % 2 == 0 else "Python"
+        plan.checker = checkers[how]
         t0 = time.perf_counter()
-        sig, live, grads = step_plan._signature(opt.param_groups)
-        ok = sig == plan.signature and step_plan._valid(plan, opt, live, grads)
-        check.append(time.perf_counter() - t0)
+        ok = plan_check.check(plan, opt) is not None
+        check[how].append(time.perf_counter() - t0)
         assert ok, "the plan no longer applies"
+    plan.checker = checkers["C"]
     gpu.reset()
-    med = statistics.median(host)
+    if planned and checkers["C"] is None:
+        print("  (the C check is not available here: both are the Python check)")
+    per = {k: round(statistics.median(v) / count * 1e6, 2) if v else None for k, v in host.items()}
+    med = statistics.median(host["C"])
     return {"tensors": count, "states": states, "nonfinite": nonfinite, "planned": planned,
-            "host_ms": round(med * 1e3, 3), "host_us_per_tensor": round(med / count * 1e6, 2),
-            "check_us_per_tensor": round(statistics.median(check) / count * 1e6, 2) if check else None,
+            "host_ms": round(med * 1e3, 3), "host_us_per_tensor": per["C"],
+            "host_us_per_tensor_python_check": per["Python"] if planned else None,
+            "check_us_per_tensor": round(statistics.median(check["C"]) / count * 1e6, 2) if planned else None,
+            "check_us_per_tensor_python": round(statistics.median(check["Python"]) / count * 1e6, 2)
+            if planned else None,
             "gpu_ms": round(statistics.median(wall) * 1e3, 3) if device == "cuda" else None}  # fmt: skip
 
 
@@ -88,18 +106,23 @@ def main() -> None:
     rows = []
     for (states, nonfinite, planned), runs in found.items():
         row = runs[0] | {"rounds_host_ms": [r["host_ms"] for r in runs]}  # medians of the rounds' medians
-        row["host_ms"] = statistics.median(r["host_ms"] for r in runs)
-        if row["gpu_ms"] is not None:
-            row["gpu_ms"] = statistics.median(r["gpu_ms"] for r in runs)
+        for key in ("host_ms", "gpu_ms", "host_us_per_tensor_python_check", "check_us_per_tensor",
+                    "check_us_per_tensor_python"):  # fmt: skip
+            if row[key] is not None:
+                row[key] = statistics.median(r[key] for r in runs)
         row["host_us_per_tensor"] = round(row["host_ms"] / args.tensors * 1e3, 2)
-        if row["check_us_per_tensor"] is not None:
-            row["check_us_per_tensor"] = statistics.median(r["check_us_per_tensor"] for r in runs)
         rows.append(row)
         gpu_ms = f"  gpu {row['gpu_ms']:.2f} ms" if row["gpu_ms"] else ""
         how = "planned" if planned else "general"
         print(f"{states:5} {nonfinite:6} {how:8} host {row['host_ms']:8.2f} ms", end="")
-        check = f" (its check {row['check_us_per_tensor']:.1f})" if row["check_us_per_tensor"] is not None else ""
-        print(f"  {row['host_us_per_tensor']:6.1f} us/tensor{check}{gpu_ms}")
+        print(f"  {row['host_us_per_tensor']:6.1f} us/tensor{gpu_ms}", end="")
+        if planned:
+            print(
+                f"  (check {row['check_us_per_tensor']:.1f}); with the check in Python:"
+                f" {row['host_us_per_tensor_python_check']:.1f} (check {row['check_us_per_tensor_python']:.1f})"
+            )
+        else:
+            print()
     write_rows(args.out, "python benchmarks/gpu_host_overhead.py " + " ".join(sys.argv[1:]), rows,
                device=args.device, emulated_no_op_kernels=args.device == "cpu")  # fmt: skip
 

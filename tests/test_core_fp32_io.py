@@ -115,9 +115,12 @@ def test_load_fp32_into_other_formats_keeps_what_the_format_can(master):
 
 
 def test_load_then_train_continues_from_the_fp32_values():
-    """Loading then stepping equals training from the fp32 master (exact format)."""
+    """Loading then stepping equals training from the fp32 master (exact format). The eager executor,
+    whose arithmetic is torch.optim's single-tensor path (foreach=False) by design: the native kernels
+    match torch's fused=True path instead, and the two torch paths differ in the last bit of a few
+    elements on some CPUs (4 of this test's elements on an AMD EPYC with AVX-512, 2026-11-30)."""
     weights = fp32_weights()
-    model, opt = bf16_model_and_optimizer()
+    model, opt = bf16_model_and_optimizer(kernel="reference")
     leanopt.load_fp32_state_dict(model, opt, weights)
     ref = {n: weights[n].clone().requires_grad_(True) for n, p in model.named_parameters() if p.requires_grad}
     ref_opt = torch.optim.AdamW(list(ref.values()), lr=1e-3, foreach=False)

@@ -97,7 +97,9 @@ def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def test_adam_one_step_states_match_and_master_within_one_ulp(case, states):
     """From the same state, one step: fp32/bf16 states and the first moment's codes and scales
     bit-identical, the second moment's codes within one code (its encode takes a square root), the master
-    within 1 ULP + 2^-20 |update| (the reference's MKL sqrt is the only difference)."""
+    within 1 ULP + 2^-20 |update| (the reference's MKL sqrt is the only difference); a compact master
+    within one unit of its format (2^-15 of its value, ~16 significant bits: an fp32 value 1 ULP off
+    may round to the next compact value; seen on an AMD EPYC, 2026-11-30, not on Intel CPUs)."""
     cls, hyper = ADAM_CASES[case]
     for master, shape in itertools.product(["exact", "compact", "auto"], [(64, 96), (3, 70), (130,), (8, 16, 3, 3)]):
         p, opt = run("reference", cls, master, states, shape, hyper, steps=3)
@@ -113,6 +115,8 @@ def test_adam_one_step_states_match_and_master_within_one_ulp(case, states):
         a, b = opt.master_value(p).float(), opt2.master_value(twin).float()
         # one ULP of the master plus the last bits of the update (a 1-ULP sqrt moves the update by ~2^-23)
         ulp = torch.nextafter(a.abs(), torch.tensor(float("inf"))) - a.abs()
+        if master == "compact":  # one step of the compact format (~16 significant bits)
+            ulp = torch.maximum(ulp, a.abs() * 2.0**-15)
         bound = ulp.double() + 2.0**-20 * (a.double() - before.double()).abs()
         assert bool(((a.double() - b.double()).abs() <= bound).all()), f"{master}{shape}: master outside bound"
         d = ulp_distance(a, b)
@@ -232,16 +236,18 @@ def test_all_finite_many_answers_for_each_tensor_in_one_call():
 def test_a_state_tensor_given_new_storage_is_followed(tmp_path):
     """The native path keeps each state's plan and pointer array between steps; a state tensor whose
     storage is replaced in place (``.data = ...``, what some wrappers do) or a new step tensor (a
-    loaded checkpoint) must be seen, never written through a stale pointer."""
+    loaded checkpoint) must be seen, never written through a stale pointer: the same bits as the same
+    steps without the replacement (the same values in new memory). (Compared with the native path
+    itself, not the eager reference: their arithmetic may differ in a last bit on some CPUs.)"""
     results = []
-    for kernel in ("reference", "auto"):
+    for replace in (False, True):
         p = torch.nn.Parameter(torch.randn(8, 64, generator=torch.Generator().manual_seed(4)).bfloat16())
-        opt = leanopt.AdamW([p], lr=1e-2, states="int8", kernel=kernel)
+        opt = leanopt.AdamW([p], lr=1e-2, states="int8", kernel="auto")
         for i in range(4):
             p.grad = torch.randn(8, 64, generator=torch.Generator().manual_seed(10 + i)).bfloat16()
             opt.step()
             st = opt.state[p]
-            if i == 1:
+            if i == 1 and replace:
                 old = st["exp_avg.codes"]
                 old.data = old.clone()  # same tensor object, new storage
                 st["step"] = st["step"].clone()  # a new step tensor

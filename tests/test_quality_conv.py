@@ -1,4 +1,4 @@
-"""A short version of benchmarks/quality_conv.py: int8/int4 states on conv weights train like fp32 AdamW."""
+"""A short version of benchmarks/quality_conv.py: int8/int4 states on conv weights train like fp32 states."""
 
 import pytest
 import torch
@@ -17,7 +17,12 @@ def test_short_conv_run_int8_and_int4_track_fp32():
         torch.set_num_threads(threads)
     fp32 = rows["torch AdamW fp32"]
     assert fp32["val_loss"] < 1.8  # it learned something (10 classes: ln 10 = 2.30)
+    # The quantised states against fp32 states on the same bf16 model (leanopt exact/fp32): after 40
+    # steps the bf16 model itself is up to ~10% off torch's fp32 one, by seed and CPU (seeds 0-3 on an
+    # AMD EPYC, 2026-11-30: -4% to +10%), while int8/int4 stayed within 4% of exact/fp32.
+    base = rows["leanopt exact/fp32"]
+    assert abs(base["val_loss"] / fp32["val_loss"] - 1) < 0.15, (base, fp32)
     for name in ("leanopt compact/int8", "leanopt compact/int4"):
         assert rows[name]["quantised_state_share"] > 0.99  # the conv weights' states are quantised
-        assert abs(rows[name]["val_loss"] / fp32["val_loss"] - 1) < 0.05, (name, rows[name], fp32)
+        assert abs(rows[name]["val_loss"] / base["val_loss"] - 1) < 0.05, (name, rows[name], base)
     assert rows["leanopt compact/int8"]["bytes_per_param_held"] < 5.2

@@ -478,3 +478,90 @@ def test_the_plan_check_refuses_each_change_it_relies_on(what, channels_last):
     assert step_plan._valid(plan, twin.planned, params, grads)
     params, grads = _change(what, twin.planned, params, grads)
     assert not step_plan._valid(plan, twin.planned, params, grads), what
+
+
+def _change_live(what: str, opt, params: list) -> None:
+    """One change a plan relies on, made to the optimizer and its parameters themselves (as the C check
+    reads them: ``p.grad`` of each parameter of ``opt.param_groups``, ``opt.state``)."""
+    p0, p1 = params[0], params[1]
+    g0 = p0.grad
+    if what == "gradient not contiguous":
+        p0.grad = g0.t().contiguous().t()
+    elif what == "gradient dtype":
+        p0.grad.data = g0.float()  # .data bypasses the .grad setter's dtype check
+    elif what == "gradient shape":
+        p0.grad.data = g0.reshape(-1)
+    elif what == "gradient a subclass":
+        p0.grad = torch.nn.Parameter(g0.clone())
+    elif what == "gradient on another device":  # the plan's device faked: its gradients are on the CPU
+        pass
+    elif what == "a gradient gone":
+        p1.grad = None
+    elif what == "a gradient moved":  # to the parameter that had none, of the same shape
+        params[3].grad, p1.grad = p1.grad, None
+    elif what == "weights transposed":  # the same memory and shape, not contiguous
+        p0.data = p0.data.t()
+    elif what == "parameters reordered":
+        ps = opt.param_groups[0]["params"]
+        ps[0], ps[1] = ps[1], ps[0]
+    elif what == "a parameter more":
+        opt.param_groups[0]["params"].append(torch.nn.Parameter(torch.zeros(3, dtype=p0.dtype)))
+    elif what == "a param group more":
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(3, dtype=p0.dtype))]})
+    elif what == "params a tuple":
+        opt.param_groups[0]["params"] = tuple(opt.param_groups[0]["params"])
+    else:
+        _change(what, opt, params, [p.grad for p in params])
+
+
+LIVE_CHANGES = [c for c in CHANGES if c != "gradient on meta"] + [
+    "gradient on another device", "a gradient gone", "a gradient moved", "weights transposed",
+    "parameters reordered", "a parameter more",
+    "a param group more", "params a tuple"]  # fmt: skip
+ACCEPTED = {"params a tuple"}  # not a change: the same parameters
+
+
+@pytest.mark.parametrize("impl", ["C", "Python"])
+@pytest.mark.parametrize("what", LIVE_CHANGES)
+def test_both_plan_checks_refuse_each_change_made_to_the_optimizer(what, impl, monkeypatch):
+    """plan_check.check (the C loop where it builds, else step_plan._valid in Python) on a plan that
+    applies: the live parameters and their gradients' addresses; after one change: None (a group's
+    parameters as a tuple is no change). Each implementation alone (the other cannot answer for it)."""
+    from leanopt.kernels import plan_check
+
+    if impl == "C" and (not plan_check.available() or plan_check._function() is None):
+        pytest.skip("the C check does not build here")
+    shapes = [(8, 8), (33,), (4, 12, 3, 3), (33,)]
+    twin = Twin(MODES["adamw compact/int8"], shapes=shapes)
+    for _ in range(2):
+        twin.grads(skip=(3,))  # the last parameter has no gradient
+        twin.planned.step()
+    opt = twin.planned
+    plan = opt._step_plan
+    assert plan is not None and plan.checker is not None  # the second step was planned
+    plan.checker = None if impl == "C" else False  # None: made at the next check
+    live = twin.a[:3]
+    checked = plan_check.check(plan, opt)
+    assert checked is not None
+    assert checked[0] == live and all(a is b for a, b in zip(checked[0], live, strict=True))
+    assert list(checked[1])[:3] == [p.grad.data_ptr() for p in live]
+    assert (plan.checker is False) is (impl == "Python")
+    if what == "gradient on another device":
+        plan.device_index = 0
+        plan.checker = None if impl == "C" else False  # made again, for device 0
+    _change_live(what, opt, twin.a)
+    if what in ACCEPTED:
+        assert plan_check.check(plan, opt)[0] == live
+    else:
+        assert plan_check.check(plan, opt) is None, what
+
+
+def test_the_c_check_can_be_turned_off(monkeypatch):
+    """LEANOPT_PLAN_CHECK=python: plans check in Python (and still apply)."""
+    monkeypatch.setenv("LEANOPT_PLAN_CHECK", "python")
+    twin = Twin(MODES["adamw exact/fp32"])
+    for _ in range(3):
+        twin.grads()
+        twin.step()
+    assert twin.planned._step_plan is not None and twin.planned._step_plan.checker is False
+    twin.assert_same()

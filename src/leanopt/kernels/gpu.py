@@ -1087,6 +1087,7 @@ class GpuStepPlan:
     batches: list[tuple]  # (kernel, table, [(position, tensor)], tensors in rows, blocks)
     #: stochastic rounding, per batch: [(position of a tensor's noise key, parameter index, tensor)]
     noise: list = field(default_factory=list)
+    checker: Any = None  # plan_check.Checker (made at the first check), or False: the check in Python
 
 
 def build_plan(opt: Any, work: list[tuple[Tensor, dict]], jobs: list[GpuLaunch]) -> GpuStepPlan | None:
@@ -1157,23 +1158,23 @@ def run_plan(plan: GpuStepPlan, opt: Any) -> list[int] | None:
     :func:`read_verdicts`; the next ``step()`` reads them, so it waits for this step's check, not for
     its updates: it prepares its launches while the GPU still runs them). With "raise" it waits for
     them and returns None if one is bad (the general path then raises)."""
-    from . import step_plan
+    from . import plan_check
 
     if (opt.kernel, opt.nonfinite) != plan.mode or not wanted(opt.kernel, plan.device):
         return None
-    sig, params, grads = step_plan._signature(opt.param_groups)
-    if sig != plan.signature or not step_plan._valid(plan, opt, params, grads):
+    checked = plan_check.check(plan, opt)
+    if checked is None:
         return None
+    params, grad_ptrs = checked
     segments = plan.segments
-    for counter, s in zip(plan.counters, plan.seg_of, strict=True):
-        if counter.value != segments[s].expect:  # a step count changed from outside
-            return None
+    if not plan_check.counters_at(plan, [seg.expect for seg in segments]):  # a step count changed from outside
+        return None
     fn = None if plan.finite is None else _finite_kernel(plan.device, plan.finite[4])
     if plan.finite is not None and fn is None:
         return None
     steps = [ctypes.c_float(seg.expect + 1.0).value for seg in segments]  # float32 + 1
     values = [plan.form.scalars(seg.group, step) for seg, step in zip(segments, steps, strict=True)]
-    ptrs = list(map(Tensor.data_ptr, grads))
+    ptrs = grad_ptrs[: len(params)]  # a list
     parts: list[array] = []
     for b, (kernel, template, slots, members, _) in enumerate(plan.batches):
         meta = array("q", template)
@@ -1202,7 +1203,7 @@ def run_plan(plan: GpuStepPlan, opt: Any) -> list[int] | None:
             if not all(flags.tolist()):  # waits: nothing may change before the error
                 return None
         else:  # "skip": the verdicts' copy queued here, between the check and the updates
-            befores = [(params[i], plan.counters[i], segments[plan.seg_of[i]].expect) for i in plan.finite[3]]
+            befores = _Befores(params, plan.finite[3], plan.counters, plan.seg_of, [s.expect for s in segments])
             pending = _verdicts_later(flags, befores)
         oks, start = [], 0
         for *_, members, _ in plan.batches:  # the update kernels read their slice of the verdicts
@@ -1212,8 +1213,7 @@ def run_plan(plan: GpuStepPlan, opt: Any) -> list[int] | None:
         kernel.fn(units, on_device[3 * b], len(members), on_device[3 * b + 1], oks[b])
         kernel.launches += 1
         kernel.tensors += len(members)
-    for counter, s in zip(plan.counters, plan.seg_of, strict=True):
-        counter.value = steps[s]
+    plan_check.set_counters(plan, steps)
     for seg, step in zip(segments, steps, strict=True):
         seg.expect = step
     if pending is not None:
@@ -1221,7 +1221,25 @@ def run_plan(plan: GpuStepPlan, opt: Any) -> list[int] | None:
     return []
 
 
-def _verdicts_later(flags: Tensor, tensors: list[tuple]) -> tuple:
+class _Befores:
+    """(param, step counter, step count before) of the k-th tensor a planned step's NaN/inf check read,
+    made only when asked for (read_verdicts asks for the tensors left alone): no tuple per tensor and
+    step."""
+
+    __slots__ = ("params", "order", "counters", "seg_of", "expects")
+
+    def __init__(self, params: list, order: list[int], counters: list, seg_of: list[int], expects: list) -> None:
+        self.params, self.order, self.counters, self.seg_of, self.expects = params, order, counters, seg_of, expects
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, k: int) -> tuple:
+        i = self.order[k]
+        return self.params[i], self.counters[i], self.expects[self.seg_of[i]]
+
+
+def _verdicts_later(flags: Tensor, tensors: Any) -> tuple:
     """The verdicts ``flags`` (on the device, written by queued kernels), copied to the host behind them
     without waiting: (event or None, host copy, [(param, counter, step count before)]). The event
     marks the copy's end on the current stream: waiting for it waits for nothing queued later."""
@@ -1240,7 +1258,10 @@ def read_verdicts(pending: tuple) -> list[tuple]:
     event, host, tensors = pending
     if event is not None and not event.query():
         event.synchronize()
-    return [t for t, ok in zip(tensors, host.tolist(), strict=True) if not ok]
+    oks = host.tolist()
+    if len(oks) != len(tensors):
+        raise RuntimeError(f"{len(oks)} verdicts for {len(tensors)} tensors")
+    return [] if all(oks) else [tensors[k] for k, ok in enumerate(oks) if not ok]
 
 
 def prepare_param(rule: Rule, weight_format: WeightFormat, state_format: StateFormat, param: Tensor,

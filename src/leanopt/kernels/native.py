@@ -1474,8 +1474,11 @@ def slow_gather() -> bool:
 _SLOW_GATHER: list[bool] = []
 
 
-def build(source: str, symbol: str = "lo_step", argtypes: list | None = None, restype: Any = None) -> Kernel:
-    """Compile (or load from the cache) ``source`` and return its function ``symbol``."""
+def build(
+    source: str, symbol: str = "lo_step", argtypes: list | None = None, restype: Any = None, python_api: bool = False
+) -> Kernel:
+    """Compile (or load from the cache) ``source`` and return its function ``symbol``. ``python_api``:
+    the function calls CPython's C API, so it is loaded with ``ctypes.PyDLL`` (called holding the GIL)."""
     cc = compiler()
     if cc is None:
         raise BuildError("no C compiler found (set CC or install gcc/clang)")
@@ -1486,6 +1489,8 @@ def build(source: str, symbol: str = "lo_step", argtypes: list | None = None, re
     flags = [*flags, *shlex.split(os.environ.get("LEANOPT_CFLAGS", ""))]
     key = hashlib.sha256("\n".join([source, cc, " ".join(flags), _cpu_id(), sys.platform]).encode()).hexdigest()[:24]
     with _LOCK:
+        if python_api:
+            key += "-py"
         kernel = _LOADED.get(f"{key}:{symbol}")  # one library may export several functions
         if kernel is not None:
             return kernel
@@ -1503,8 +1508,9 @@ def build(source: str, symbol: str = "lo_step", argtypes: list | None = None, re
             start = time.perf_counter()
             _compile(cc, flags, source, lib)
             seconds = time.perf_counter() - start
+        load = ctypes.PyDLL if python_api else ctypes.CDLL
         try:
-            handle = ctypes.CDLL(str(lib))
+            handle = load(str(lib))
         except OSError:
             if "-fopenmp" not in flags:
                 raise
@@ -1512,7 +1518,7 @@ def build(source: str, symbol: str = "lo_step", argtypes: list | None = None, re
             start = time.perf_counter()
             _compile(cc, [*_NO_OPENMP, *(f for f in flags if f not in CFLAGS)], source, lib)
             seconds += time.perf_counter() - start
-            handle = ctypes.CDLL(str(lib))
+            handle = load(str(lib))
         fn = getattr(handle, symbol)
         fn.argtypes = _STEP_ARGS if argtypes is None else argtypes
         fn.restype = restype

@@ -29,6 +29,7 @@ from torch import Tensor
 
 from ..formats import noise as _noise
 from . import native as _native
+from . import plan_check as _plan_check
 
 _STEP_ALL_SOURCE = r"""
 typedef void (*lo_step_fn)(int64_t, int64_t, void **, const float *, int);
@@ -153,6 +154,7 @@ class StepPlan(_StepAllArrays):
     #: stochastic rounding: (pointer array, its key slot, parameter index, segment) per such tensor; the
     #: key of each update (formats/noise.py) is written there before the native call
     noise: list = field(default_factory=list)
+    checker: Any = None  # plan_check.Checker (made at the first check), or False: the check in Python
 
 
 def _signature(groups: list[dict]) -> tuple[tuple, list[Tensor], list[Tensor]]:
@@ -262,6 +264,11 @@ def _valid(plan: Any, opt: Any, params: list[Tensor], grads: list[Tensor]) -> bo
             t = ref()
             if t is None or st.get(k) is not t or t.data_ptr() != ptr:
                 return False
+    return _valid_groups(plan, opt)
+
+
+def _valid_groups(plan: Any, opt: Any) -> bool:
+    """The part of :func:`_valid` per param group: hyper-parameters valid, the same formats and flags."""
     for seg in plan.segments:
         group = seg.group
         try:
@@ -282,9 +289,10 @@ def run(plan: StepPlan, opt: Any) -> list[int] | None:
     outside, a non-finite gradient under ``nonfinite="raise"``): then the general path runs."""
     if (opt.kernel, opt.nonfinite) != plan.mode:
         return None
-    sig, params, grads = _signature(opt.param_groups)
-    if sig != plan.signature or not _valid(plan, opt, params, grads):
+    checked = _plan_check.check(plan, opt)
+    if checked is None:
         return None
+    params, grad_ptrs = checked
     fn = _step_all()
     steps = []
     for s, seg in enumerate(plan.segments):
@@ -292,7 +300,7 @@ def run(plan: StepPlan, opt: Any) -> list[int] | None:
         seg.scalars[:] = plan.form.scalars(seg.group, step)
         plan.expect[s] = seg.expect
         steps.append(step)
-    gptrs = (ctypes.c_void_p * plan.count)(*[g.data_ptr() for g in grads])
+    gptrs = grad_ptrs if isinstance(grad_ptrs, ctypes.Array) else (ctypes.c_void_p * plan.count)(*grad_ptrs)
     for ptrs, slot, index, s in plan.noise:  # stochastic rounding: this update's key
         ptrs[slot] = _noise.key(opt.seed, index, int(steps[s]))
     check = _CHECKS[opt.nonfinite]
