@@ -565,3 +565,30 @@ def test_the_c_check_can_be_turned_off(monkeypatch):
         twin.step()
     assert twin.planned._step_plan is not None and twin.planned._step_plan.checker is False
     twin.assert_same()
+
+
+class _OwnHash(torch.nn.Parameter):
+    """A parameter type that hashes otherwise than by id (torch's own tensors hash by id)."""
+
+    def __hash__(self) -> int:
+        return hash(("own", id(self)))
+
+
+def test_the_c_check_finds_the_states_of_parameters_that_hash_otherwise():
+    """The C check looks a parameter's state up with its id as the hash (what Tensor.__hash__ gives,
+    without calling it); a parameter type whose hash differs is found by the ordinary lookup."""
+    from leanopt.kernels import plan_check
+
+    if not plan_check.available() or plan_check._function() is None:
+        pytest.skip("the C check does not build here")
+    params = [_OwnHash(torch.randn(8, 8).bfloat16()) for _ in range(3)]
+    assert hash(params[0]) != id(params[0])
+    opt = leanopt.AdamW(params, lr=1e-2)
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.randn(8, 8).bfloat16()
+        opt.step()
+    plan = opt._step_plan
+    assert plan is not None and plan.checker
+    checked = plan_check.check(plan, opt)
+    assert checked is not None and checked[0] == params

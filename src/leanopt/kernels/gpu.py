@@ -1088,6 +1088,8 @@ class GpuStepPlan:
     #: stochastic rounding, per batch: [(position of a tensor's noise key, parameter index, tensor)]
     noise: list = field(default_factory=list)
     checker: Any = None  # plan_check.Checker (made at the first check), or False: the check in Python
+    #: per batch, then for the NaN/inf check's table: its gradient slots as a strided slice (_strided)
+    fills: list = field(default_factory=list)
 
 
 def build_plan(opt: Any, work: list[tuple[Tensor, dict]], jobs: list[GpuLaunch]) -> GpuStepPlan | None:
@@ -1147,6 +1149,7 @@ def build_plan(opt: Any, work: list[tuple[Tensor, dict]], jobs: list[GpuLaunch])
         layouts=step_plan.layouts(work), grad_dtypes=[g.dtype for g in grads], device=device,
         device_index=device.index if device.type == "cuda" else -1, counters=counters, seg_of=seg_of,
         finite=finite, batches=batches, noise=noise,
+        fills=[_strided(b[2]) for b in batches] + ([_strided(finite[1])] if finite is not None else []),
     )  # fmt: skip
 
 
@@ -1178,8 +1181,7 @@ def run_plan(plan: GpuStepPlan, opt: Any) -> list[int] | None:
     parts: list[array] = []
     for b, (kernel, template, slots, members, _) in enumerate(plan.batches):
         meta = array("q", template)
-        for pos, i in slots:
-            meta[pos] = ptrs[i]
+        _fill(meta, slots, plan.fills[b], ptrs)
         for pos, index, i in plan.noise[b]:  # stochastic rounding: this update's key (formats/noise.py)
             meta[pos] = _signed64(noise_key(opt.seed, index, int(steps[plan.seg_of[i]])))
         width = max(kernel.nscalars, 1)  # each segment's row of scalars once, then one join for all tensors
@@ -1189,8 +1191,7 @@ def run_plan(plan: GpuStepPlan, opt: Any) -> list[int] | None:
         parts += [meta, scal, array("i", [1]) * len(members)]
     if plan.finite is not None:
         meta = array("q", plan.finite[0])
-        for pos, i in plan.finite[1]:
-            meta[pos] = ptrs[i]
+        _fill(meta, plan.finite[1], plan.fills[-1], ptrs)
         parts += [meta, array("i", [1]) * len(plan.finite[3])]
     on_device = _to_device(parts, plan.device)
     oks = [on_device[3 * b + 2] for b in range(len(plan.batches))]
@@ -1219,6 +1220,29 @@ def run_plan(plan: GpuStepPlan, opt: Any) -> list[int] | None:
     if pending is not None:
         opt._step_verdicts = pending
     return []
+
+
+def _strided(slots: list[tuple[int, int]]) -> tuple | None:
+    """(start, step, indices) when the positions of ``slots`` ((position, index) pairs) run start,
+    start + step, ... (a batch's gradient slots: one per table row); else None."""
+    if not slots:
+        return None
+    pos = [p for p, _ in slots]
+    step = pos[1] - pos[0] if len(pos) > 1 else 1
+    if step <= 0 or pos != list(range(pos[0], pos[0] + step * len(pos), step)):
+        return None
+    return pos[0], step, [i for _, i in slots]
+
+
+def _fill(meta: array, slots: list[tuple[int, int]], strided: tuple | None, ptrs: list[int]) -> None:
+    """``meta[position] = ptrs[index]`` for each of ``slots``: one strided slice assignment where the
+    positions are evenly spaced (``strided``, from :func:`_strided`), else one by one."""
+    if strided is None:
+        for pos, i in slots:
+            meta[pos] = ptrs[i]
+        return
+    start, step, indices = strided
+    meta[start : start + step * len(indices) : step] = array("q", map(ptrs.__getitem__, indices))
 
 
 class _Befores:

@@ -54,6 +54,9 @@ extern long long PyLong_AsLongLong(PyObject *);
 extern void Py_IncRef(PyObject *);
 extern void Py_DecRef(PyObject *);
 extern void PyErr_Clear(void);
+extern PyObject *PyErr_Occurred(void);
+/* CPython-internal, exported by 3.10-3.12 at least; weak: NULL where an interpreter does not export it */
+extern PyObject *_PyDict_GetItem_KnownHash(PyObject *, PyObject *, Py_ssize_t) __attribute__((weak));
 
 enum { N_GRAD, N_LAYOUT, N_DTYPE, N_SHAPE, N_DATA_PTR, N_IS_CONTIGUOUS, N_STRIDE, N_GET_DEVICE, N_IS_CPU, N_PARAMS,
        N_COUNT };
@@ -109,10 +112,19 @@ static int grad_ok(const lo_plan *c, int64_t i, PyObject *g) {  /* step_plan._va
   Py_DecRef(d);
   if (device != c->device || (c->device == -1 && !attr_is(c, N_IS_CPU, g, c->true_))) return 0;
   return laid_out(c, g, c->layouts[i]); }
+/* state.get(p), borrowed. A torch tensor's hash is its id (Tensor.__hash__, a Python function): the
+   lookup with that hash skips calling it; where it finds nothing (no such function here, or a type
+   that hashes otherwise) the usual lookup decides. */
+static PyObject *state_of(PyObject *state, PyObject *p) {
+  if (_PyDict_GetItem_KnownHash) {
+    PyObject *st = _PyDict_GetItem_KnownHash(state, p, (Py_ssize_t)(intptr_t)p);
+    if (st || PyErr_Occurred()) return st;
+  }
+  return PyDict_GetItemWithError(state, p); }
 static int param_ok(const lo_plan *c, int64_t i, PyObject *p, PyObject *state) {  /* and its states */
   if (address(c, p) != c->param_ptrs[i] || !same(PyObject_GetAttr(p, c->names[N_SHAPE]), c->shapes[i])) return 0;
   if (!laid_out(c, p, c->layouts[i])) return 0;
-  PyObject *st = PyDict_GetItemWithError(state, p);  /* borrowed */
+  PyObject *st = state_of(state, p);
   if (!st || (int64_t)(intptr_t)st != c->state_ids[i]) return 0;
   for (int64_t r = c->ref_start[i]; r < c->ref_start[i + 1]; r++) {
     PyObject *t = PyObject_CallNoArgs(c->refs[r]);  /* the weakref's tensor, or None */
