@@ -18,6 +18,12 @@ tensors, where the hooks' Python shows), ``gpt`` (a 4-layer GPT, 50 tensors), ``
     python benchmarks/release_overhead.py                       # mlp, 5 rounds
     python benchmarks/release_overhead.py --workloads gpt2-small --iters 3 --rounds 3 \\
         --out benchmarks/results/release_overhead_gpt2.json
+    python benchmarks/release_overhead.py --path cuda-emulated --out benchmarks/results/release_overhead_cuda_path.json
+
+``--path cuda-emulated``: the CUDA kernels' path (kernels/gpu.py, ``kernel="fused"``) on the CPU, its
+kernels (and NaN/inf check) replaced by no-ops after a first iteration built them: what each hook
+costs the host before a GPU does anything (there the launches are asynchronous), as
+benchmarks/gpu_host_overhead.py does for ``step()``.
 
 Writes benchmarks/results/release_overhead.json.
 """
@@ -35,6 +41,7 @@ import torch
 
 import leanopt
 from leanopt import release as _release
+from leanopt.kernels import gpu
 from leanopt.models import GPT, GPT2_SMALL, GPTConfig
 
 OUT = Path(__file__).resolve().parent / "results" / "release_overhead.json"
@@ -55,12 +62,11 @@ def workload(name: str) -> tuple[torch.nn.Module, callable]:
     return model, lambda: model(idx[:, :-1], idx[:, 1:])[1]
 
 
-def run(name: str, iters: int, rounds: int, warmup: int) -> dict:
+def run(name: str, iters: int, rounds: int, warmup: int, path: str = "native") -> dict:
     model, loss_fn = workload(name)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = leanopt.AdamW(params, lr=1e-4)
+    opt = leanopt.AdamW(params, lr=1e-4, kernel="fused" if path == "cuda-emulated" else "auto")
     handle = leanopt.release_gradients(opt)
-    handle.remove()
 
     def iteration(mode: str) -> None:
         loss = loss_fn()
@@ -68,6 +74,17 @@ def run(name: str, iters: int, rounds: int, warmup: int) -> dict:
         if mode != "backward only":
             opt.step()
         opt.zero_grad(set_to_none=True)
+
+    if path == "cuda-emulated":  # build the kernels (released and not), then make them no-ops
+        iteration("release")
+        handle.remove()
+        iteration("no release")
+        for k in gpu.compile_stats():
+            k.fn = lambda *a: None
+        for key in list(gpu._FINITE):
+            gpu._FINITE[key] = lambda *a: None
+    else:
+        handle.remove()
 
     def timed(mode: str) -> float:
         nonlocal handle
@@ -98,7 +115,7 @@ def run(name: str, iters: int, rounds: int, warmup: int) -> dict:
         m: statistics.median((r[m] - r["backward only"]) / len(params) * 1e3 for r in per_round) for m in MODES[1:]
     }
     ratio = statistics.median(r["release"] / r["no release"] for r in per_round)
-    return {"workload": name, "parameters": len(params), "elements": sum(p.numel() for p in params),
+    return {"workload": name, "path": path, "parameters": len(params), "elements": sum(p.numel() for p in params),
             "ms": ms, "rounds_ms": per_round, "per_param_us": per_hook, "release_over_no_release": ratio}  # fmt: skip
 
 
@@ -108,9 +125,12 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--path", default="native", choices=["native", "cuda-emulated"])
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
-    results = [run(w, args.iters, args.rounds, args.warmup) for w in args.workloads.split(",")]
+    if args.path == "cuda-emulated":
+        gpu.EMULATE = True
+    results = [run(w, args.iters, args.rounds, args.warmup, args.path) for w in args.workloads.split(",")]
     print()
     print(f"{'workload':<11} {'params':>6}  " + "  ".join(f"{m:>17}" for m in MODES) + "   release/no release")
     for r in results:

@@ -701,6 +701,21 @@ def test_release_checks_nan_on_the_device_and_settles_at_step(emulate, monkeypat
     assert sum(k.tensors for k in gpu.compile_stats()) == 4 * 4
 
 
+def test_release_nan_at_a_first_update_leaves_no_state(emulate):
+    """A NaN in a parameter's first released update on the CUDA path: its state was made for the queued
+    launches; step() reads the verdict and removes that state again, as an ordinary step never makes
+    one for a skipped tensor (so a state_dict taken then is the same); later steps give the same bits."""
+    ref_model, ref_opt, ref_skipped = _release_run("auto", False, "int8", poison_at=0, steps=1)
+    model, opt, skipped = _release_run("fused", True, "int8", poison_at=0, steps=1)
+    assert skipped == ref_skipped == [[0]]
+    assert model[0].weight not in opt.state and ref_model[0].weight not in ref_opt.state
+    assert opt.state_dict()["state"].keys() == ref_opt.state_dict()["state"].keys()
+    ref_model, ref_opt, _ = _release_run("auto", False, "int8", poison_at=0, steps=3)
+    model, opt, _ = _release_run("fused", True, "int8", poison_at=0, steps=3)
+    assert float(opt.state[model[0].weight]["step"]) == 2
+    assert_same(snapshot(list(ref_model.parameters()), ref_opt), snapshot(list(model.parameters()), opt), "after")
+
+
 @CUDA
 def test_cuda_release_never_waits_in_backward_and_once_at_step(cuda_waits):
     torch.manual_seed(0)

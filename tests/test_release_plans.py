@@ -209,10 +209,14 @@ def test_what_a_plan_cannot_repeat_takes_the_general_path(planned_runs):
     assert not planned_runs and not t.handles["planned"]._plans
 
 
-def test_random_scenarios_give_the_same_bits_with_and_without_plans(planned_runs):
+@pytest.mark.parametrize("path", ["native", "cuda"], ids=["native", "cuda kernels emulated"])
+def test_random_scenarios_give_the_same_bits_with_and_without_plans(path, planned_runs, request):
     """test_step_plan's 24 random optimizers and event sequences (LR and weight decay changes, tensors
     without a gradient, NaN, state_dict round trips, channels_last conv weights), each trained released
-    with plans, released without, and ordinarily: every weight, state and skip count must match."""
+    with plans, released without, and ordinarily: every weight, state and skip count must match. Also
+    on the CUDA kernels' path (emulated: kernel="fused"), whose hooks have their own plans."""
+    if path == "cuda":
+        request.getfixturevalue("emulate")
     for seed in range(24):
         cls, groups, events = _scenario(seed)
         g = torch.Generator().manual_seed(seed)
@@ -228,7 +232,7 @@ def test_random_scenarios_give_the_same_bits_with_and_without_plans(planned_runs
             for count, hyper in per_group:
                 out.append({"params": ps[k : k + count], **hyper})
                 k += count
-            return cls(out)
+            return cls(out, kernel="fused" if path == "cuda" else "auto")
 
         t = Triplet(make, dtype=dtypes, shapes=shapes, seed=seed, layouts=layouts)
         for ev in events:
@@ -253,7 +257,125 @@ def test_random_scenarios_give_the_same_bits_with_and_without_plans(planned_runs
                 t.assert_same()
             except AssertionError as err:
                 raise AssertionError(f"scenario {seed}: {err}") from None
-    assert planned_runs.count(True) >= 100  # the plans were used
+    assert planned_runs.count(True) >= (100 if path == "native" else 60)  # the plans were used
+
+
+@pytest.fixture
+def emulate(monkeypatch):
+    """CPU tensors with kernel="fused" take the CUDA kernels' path (kernels/gpu.py), compiled as C."""
+    from leanopt.kernels import gpu
+
+    monkeypatch.setattr(gpu, "EMULATE", True)
+    monkeypatch.delenv("LEANOPT_GPU_KERNELS", raising=False)
+    gpu.reset()
+    yield gpu
+    gpu.reset()
+
+
+def _fused(make):
+    """``make`` with kernel="fused": with ``emulate``, the CUDA kernels' path."""
+
+    def build(ps):
+        opt = make(ps)
+        opt.kernel = "fused"
+        return opt
+
+    return build
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_cuda_path_hooks_repeat_their_updates_by_plan_with_the_general_paths_bits(mode, emulate, planned_runs):
+    """The CUDA kernels' path (emulated): after a hook's update ran there, the next backward's hook
+    repeats it by its plan (gpu.GpuParamPlan: the NaN/inf check's and the update's launches, the verdict
+    read at step()); the same bits as released without plans and as stepped ordinarily. Stochastic
+    rounding is not planned there (every hook takes the general path)."""
+    t = Triplet(_fused(MODES[mode]))
+    for i in range(5):
+        for opt in t.opts.values():
+            opt.param_groups[0]["lr"] *= 0.7  # a schedule: the plans still apply
+        t.step(t.targets(scale=10.0 ** -(i % 3)))
+        t.assert_same()
+    plans = t.handles["planned"]._plans
+    if "stochastic" in mode:
+        assert planned_runs == [] and not plans
+    else:
+        assert planned_runs == [True] * (4 * len(SHAPES))
+        assert len(plans) == len(SHAPES) and all(type(p) is emulate.GpuParamPlan for p in plans.values())
+
+
+@pytest.mark.parametrize("where", [1, 6], ids=["small tensor", "large tensor"])
+def test_cuda_path_plan_leaves_a_non_finite_gradients_tensor_alone(where, emulate, planned_runs):
+    """A NaN reaching a planned hook on the CUDA kernels' path: its check launch and update launch are
+    queued (no wait), the update leaves the tensor alone, step() reads the verdict, puts the step count
+    back and counts the skip; the next backward plans that parameter again. As without plans."""
+    t = Triplet(_fused(MODES["adamw compact/int8"]))
+    for _ in range(2):
+        t.step(t.targets())
+    runs = len(planned_runs)
+    targets = t.targets()
+    targets[where][-1] = float("nan")
+    t.step(targets)
+    t.assert_same()
+    assert planned_runs[runs:] == [True] * len(SHAPES)  # queued by the plans, the bad one too
+    assert t.opts["planned"].last_skipped == [where] and t.opts["planned"].nonfinite_skipped == 1
+    for _ in range(2):  # parameter `where` is a step behind the others now
+        t.step(t.targets())
+        t.assert_same()
+
+
+@pytest.mark.parametrize("how", ["new tensor", "new storage", "in place", "step count"])
+def test_cuda_path_states_changed_between_steps_are_followed(how, emulate):
+    t = Triplet(_fused(MODES["adamw compact/int8"]))
+    for i in range(4):
+        if i == 2:
+            key = "step" if how == "step count" else "exp_avg.scales"
+            for n in t.names:
+                _replace_state(t.opts[n], t.params[n][0], key, how)
+        t.step(t.targets())
+        t.assert_same()
+
+
+def test_cuda_path_run_param_declines_what_its_plan_was_not_made_for(emulate):
+    """gpu.run_param itself: a gradient of another layout, shape, dtype or device, another group, a
+    parameter given new storage, a step count changed: None, nothing changed; else True, updated."""
+    p = torch.nn.Parameter(torch.randn(6, 40).bfloat16())
+    opt = leanopt.AdamW([p], lr=1e-2, states="int8", kernel="fused")
+    handle = leanopt.release_gradients(opt)
+    for _ in range(2):
+        (p.float() * torch.randn(6, 40)).sum().backward()
+        opt.step()
+    plan = handle._plans[0]
+    assert type(plan) is emulate.GpuParamPlan
+    group = opt.param_groups[0]
+
+    def snapshot():
+        return [bits(p)] + [bits(v) for v in opt.state[p].values()]
+
+    g = torch.randn(6, 40).bfloat16()
+    before = snapshot()
+    for grad, grp in (
+        (torch.randn(40, 6).bfloat16().t(), group),  # not contiguous
+        (torch.randn(240).bfloat16(), group),  # another shape
+        (g.float(), group),  # another dtype
+        (g.to("meta"), group),  # another device
+        (g, {**group}),  # another group
+    ):
+        assert step_plan.run_param(plan, opt, p, grad, grp, {}) is None
+        assert all(torch.equal(a, b) for a, b in zip(snapshot(), before, strict=True))
+    opt.state[p]["step"].fill_(7.0)  # changed from outside
+    assert step_plan.run_param(plan, opt, p, g, group, {}) is None
+    opt.state[p]["step"].fill_(2.0)
+    p.data = p.data.clone()
+    assert step_plan.run_param(plan, opt, p, g, group, {}) is None
+    assert all(torch.equal(a, b) for a, b in zip(snapshot(), before, strict=True))
+    assert step_plan.param_plan(opt, p, group, g) is None  # no update has run on the new storage yet
+    assert opt.update_param(p, group, g)  # the general path
+    plan = step_plan.param_plan(opt, p, group, g)
+    assert type(plan) is emulate.GpuParamPlan
+    assert step_plan.run_param(plan, opt, p, g, group, {}) is True
+    opt._settle_verdicts()
+    assert not torch.equal(bits(p), before[0]) and opt.state[p]["step"].item() == 4
+    handle.remove()
 
 
 def test_run_param_declines_what_its_plan_was_not_made_for():
@@ -290,3 +412,26 @@ def test_run_param_declines_what_its_plan_was_not_made_for():
     plan = step_plan.param_plan(opt, p, group, g)
     assert step_plan.run_param(plan, opt, p, g, group, {}) is True
     assert not torch.equal(bits(p), before[0]) and opt.state[p]["step"].item() == 4
+
+
+def test_the_host_time_benchmarks_run_on_the_emulated_cuda_path(emulate, monkeypatch):
+    """benchmarks/release_overhead.py --path cuda-emulated and benchmarks/gpu_host_overhead.py (their
+    figures are in the docs): a tiny run of each gives every mode's row, the planned checks both ways."""
+    from conftest import load_benchmark
+
+    release = load_benchmark("release_overhead.py")
+    monkeypatch.setattr(release, "workload", lambda name: _tiny_mlp())
+    row = release.run("mlp", iters=1, rounds=1, warmup=0, path="cuda-emulated")
+    assert row["path"] == "cuda-emulated" and row["parameters"] == 8
+    assert set(row["per_param_us"]) == {"no release", "release", "release, no plans"}
+    emulate.reset()
+    host = load_benchmark("gpu_host_overhead.py")
+    row = host.measure("cpu", 6, "int8", "skip", 2, True)
+    assert row["planned"] and row["check_us_per_tensor"] > 0 and row["check_us_per_tensor_python"] > 0
+
+
+def _tiny_mlp():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(4)]).bfloat16()
+    x = torch.randn(2, 8).bfloat16()
+    return model, lambda: model(x).float().square().mean()

@@ -125,7 +125,8 @@ class LeanOptimizer(torch.optim.Optimizer):
         self.nonfinite_skipped = 0
         self.last_skipped: list[int] = []
         self._index: dict[Tensor, int] | None = None
-        self._pending_verdicts: list[tuple] = []  # (param index, device verdict, state, step before)
+        #: (param index, device verdict, state, step before, the param if its state was made by that update)
+        self._pending_verdicts: list[tuple] = []
         self._settled_skips: list[int] = []  # deferred updates found skipped, not yet taken
         defaults = {**hyper, "master": master, "states": states}
         super().__init__(params, defaults)
@@ -311,6 +312,7 @@ class LeanOptimizer(torch.optim.Optimizer):
         the step count of a skipped tensor. False (nothing changed) when this path does not apply."""
         if not _gpu.wanted(self.kernel, grad.device) or _shards.is_dtensor(param) or not _gpu.can_check(grad):
             return False
+        fresh = param if not self.state.get(param) else None  # its state made now: gone again if skipped
         state = self.state_for(param, group, check_layout=not layout_checked)
         wfmt, sfmt = self.formats(param, group)
         random_bits = self._random_bits(param, state) if wfmt.needs_random else None
@@ -319,14 +321,15 @@ class LeanOptimizer(torch.optim.Optimizer):
         if job is None:
             return False
         for _, verdict in _gpu.run_many([job], check=True):
-            self._pending_verdicts.append((self.param_index(param), verdict, state, before))
+            self._pending_verdicts.append((self.param_index(param), verdict, state, before, fresh))
         if not job.units:  # an empty tensor: nothing to check or launch
-            self._pending_verdicts.append((self.param_index(param), None, state, before))
+            self._pending_verdicts.append((self.param_index(param), None, state, before, fresh))
         return True
 
     def _settle_verdicts(self) -> None:
         """Read the device verdicts of the deferred updates (one transfer per device): a tensor whose
         gradient held a NaN or inf was left unchanged on the device; its step count is restored here
+        (a state its update had just created is removed, as a step that skips it never creates one)
         and it is counted as skipped (taken by :meth:`_take_settled_skips`)."""
         pending, self._pending_verdicts = self._pending_verdicts, []
         by_device: dict[torch.device, list[tuple]] = {}
@@ -334,10 +337,13 @@ class LeanOptimizer(torch.optim.Optimizer):
             if item[1] is not None:
                 by_device.setdefault(item[1].device, []).append(item)
         for items in by_device.values():
-            flags = torch.stack([v for _, v, _, _ in items]).tolist()
-            for (index, _, state, before), ok in zip(items, flags, strict=True):
+            flags = torch.stack([item[1] for item in items]).tolist()
+            for (index, _, state, before, fresh), ok in zip(items, flags, strict=True):
                 if not ok:
-                    state["step"].fill_(before)
+                    if fresh is not None and self.state.get(fresh) is state:
+                        del self.state[fresh]
+                    else:
+                        state["step"].fill_(before)
                     self._settled_skips.append(index)
 
     def _take_settled_skips(self) -> list[int]:

@@ -1222,6 +1222,191 @@ def run_plan(plan: GpuStepPlan, opt: Any) -> list[int] | None:
     return []
 
 
+# ---------------------------------------------------------------------------------------------------
+# One parameter's plan on the CUDA path: gradient release's hooks (release.py) update one parameter at
+# a time; each went through the general path (checks, state, formats, launch preparation, a table made
+# and copied). After a hook's update ran here, its plan repeats it: the checks of step_plan.run_param
+# for that tensor, its step counter compared and advanced through a C float, and its launch table -
+# kept on the device with its views, made once - refilled on the host (the gradient's address, the
+# step's hyper-parameters) and copied over in one pinned copy; then the NaN/inf check's launch and the
+# update's, the verdict queued for optimizer.step().
+
+
+@dataclass(slots=True)
+class GpuParamPlan:
+    mode: tuple  # (kernel, nonfinite) of the optimizer
+    form: Any
+    group_id: int
+    group_key: tuple  # (formats, states, flags) of the group when planned (step_plan._group_key)
+    state_id: int
+    refs: tuple  # (state key, weakref, address) of every state tensor, the step tensor last
+    param_ptr: int
+    shape: torch.Size
+    layout: Any  # None (contiguous) or the parameter's strides
+    grad_dtype: torch.dtype
+    device: torch.device
+    kernel: GpuKernel
+    units: int
+    counter: Any  # a C float over the step tensor
+    expect: float  # the counter's value before the next update
+    index: int  # the parameter's index (its verdict)
+    check: tuple | None  # the NaN/inf check: (its blocks, the check kernel's chunks); None: "ignore"
+    #: the launch tables as one host image (ctypes bytes: table row, hyper-parameters, verdict, check
+    #: row) and its device copy; views of the image where each hook writes (the gradient's address in
+    #: both rows, the hyper-parameters) and of the device copy that the launches read
+    image: Any
+    grad_slots: tuple
+    scal: Any
+    on_device: Tensor
+    views: tuple  # (table, hyper-parameters, verdicts, check table, the verdict as a 0-d tensor)
+    stream: Any  # CUDA: the stream the table's last copy and launches were queued on
+
+
+def param_plan(opt: Any, param: Tensor, group: dict[str, Any], grad: Tensor) -> GpuParamPlan | None:
+    """The plan of the update of ``param`` from ``grad`` that has just run on this path (a gradient
+    release hook), or None when a plan cannot repeat it (stochastic rounding, an empty tensor, a step
+    counter that is not a plain fp32 CPU tensor, ``nonfinite="raise"``, verdicts not deferred). Only
+    reads (it allocates the plan's device table)."""
+    from . import step_plan
+    from .fused import fused_form
+
+    skip = opt.nonfinite == "skip"
+    if not (opt.nonfinite == "ignore" or (skip and opt._defer_verdicts)) or type(grad) is not Tensor:
+        return None
+    state = opt.state.get(param)
+    prepared = _PREPARED.get(id(state)) if state is not None else None
+    form = fused_form(opt.rule)
+    if prepared is None or form is None:
+        return None
+    wfmt, sfmt = opt.formats(param, group)
+    now = (opt.rule, wfmt, sfmt, form.flags(group), grad.dtype, param.dtype, param.shape, param.data_ptr(),
+           param.stride(), param.device)  # fmt: skip
+    _, kernel, refs, row, slot, units = prepared
+    if prepared[0] != now or not native.same_tensors(refs, state) or kernel.spec.weight.random or not units:
+        return None
+    counter = native._step_counter(state.get("step"))
+    if counter is None:
+        return None
+    check = None
+    parts = [array("q", [0, *row]), array("f", [0.0] * max(kernel.nscalars, 1)), array("i", [1])]
+    if skip:
+        chunks = VARIANT["chunks"]
+        table = finite_table([grad], chunks)
+        if table is None or _finite_kernel(grad.device, chunks) is None:
+            return None
+        check = (table[1], chunks)
+        parts.append(table[0])
+    image, offsets = _image(parts)
+    c = ctypes
+    grad_slots = (c.c_int64.from_buffer(image, offsets[0] + 8 * (1 + slot)),) + (
+        (c.c_int64.from_buffer(image, offsets[3] + 16),) if skip else ()  # the check row's pointer
+    )  # fmt: skip
+    scal = (c.c_float * len(parts[1])).from_buffer(image, offsets[1])
+    on_device = torch.empty(len(image), dtype=torch.uint8, device=param.device)
+    views = _views(on_device, parts, offsets)
+    return GpuParamPlan(
+        mode=(opt.kernel, opt.nonfinite), form=form, group_id=id(group),
+        group_key=step_plan._group_key(opt, form, group), state_id=id(state),
+        refs=(*refs, ("step", counter[0], counter[2])), param_ptr=param.data_ptr(),
+        shape=param.shape, layout=None if param.is_contiguous() else param.stride(), grad_dtype=grad.dtype,
+        device=param.device, kernel=kernel, units=units, counter=counter[1], expect=counter[1].value,
+        index=opt.param_index(param), check=check, image=image, grad_slots=grad_slots, scal=scal,
+        on_device=on_device, views=(*views, *([None] * (4 - len(views))), views[2][0]),
+        stream=torch.cuda.current_stream(param.device) if param.device.type == "cuda" else None,
+    )  # fmt: skip
+
+
+def _image(parts: list[array]) -> tuple[Any, list[int]]:
+    """``parts`` laid out as :func:`_to_device` lays them out, in a ctypes buffer, and their offsets."""
+    offsets, total = [], 0
+    for a in parts:
+        offsets.append(total)
+        total += -(-len(a) * a.itemsize // 8) * 8
+    image = (ctypes.c_char * max(total, 8))()
+    for a, off in zip(parts, offsets, strict=True):
+        ctypes.memmove(ctypes.addressof(image) + off, a.buffer_info()[0], len(a) * a.itemsize)
+    return image, offsets
+
+
+def _views(table: Tensor, parts: list[array], offsets: list[int]) -> list[Tensor]:
+    kinds = {"q": torch.int64, "f": torch.float32, "i": torch.int32}
+    return [table[o : o + len(a) * a.itemsize].view(kinds[a.typecode]) for a, o in zip(parts, offsets, strict=True)]
+
+
+def run_param(plan: GpuParamPlan, opt: Any, param: Tensor, grad: Tensor, group: dict, cache: dict) -> bool | None:
+    """Update ``param`` from ``grad`` by its ``plan``: True when queued (with "skip" the NaN/inf verdict
+    is read at ``optimizer.step()``, as on the general path), None (nothing changed) when the plan does
+    not apply: then the general path runs. ``cache``: what every hook of one backward shares (as
+    step_plan.run_param's). A plan runs at most once between two ``step()`` calls (release refuses a
+    second update of a parameter), so its device table is free again by then: the launches that read
+    it were queued before, and its verdict has been read."""
+    from . import step_plan
+
+    if (opt.kernel, opt.nonfinite) != plan.mode or id(group) != plan.group_id:
+        return None
+    g = grad
+    if type(g) is not Tensor or g.layout is not torch.strided or g.dtype is not plan.grad_dtype:
+        return None
+    if g.shape != plan.shape or g.device != plan.device:
+        return None
+    layout = plan.layout
+    if not (g.is_contiguous() if layout is None else g.stride() == layout):
+        return None
+    if param.data_ptr() != plan.param_ptr or param.shape != plan.shape:
+        return None
+    if not (param.is_contiguous() if layout is None else param.stride() == layout):
+        return None
+    state = opt.state.get(param)
+    if id(state) != plan.state_id or not native.same_tensors(plan.refs, state):
+        return None
+    if plan.counter.value != plan.expect:  # a step count changed from outside
+        return None
+    key = cache.get(plan.group_id)
+    if key is None:
+        key = cache[plan.group_id] = step_plan._group_key(opt, plan.form, group)
+    if key != plan.group_key:
+        return None
+    check = plan.check
+    fn = None if check is None else _finite_kernel(plan.device, check[1])
+    if check is not None and fn is None:
+        return None
+    before = plan.expect
+    step = ctypes.c_float(before + 1.0).value  # float32 + 1, as the counters advance
+    kernel = plan.kernel
+    width = len(plan.scal)
+    values = cache.get(("gpu", plan.group_id, step, width))
+    if values is None:  # this step's hyper-parameters, once per group and backward
+        values = cache["gpu", plan.group_id, step, width] = (plan.form.scalars(group, step)[:width] + [0.0] * width)[
+            :width
+        ]
+    plan.scal[:] = values
+    gptr = g.data_ptr()
+    for slot in plan.grad_slots:
+        slot.value = gptr
+    image = plan.image
+    if plan.device.type == "cuda":  # one pinned, non-blocking copy (torch keeps the block until it has run)
+        stream = torch.cuda.current_stream(plan.device)
+        if stream != plan.stream:  # the table's last readers were queued on another stream: after them
+            stream.wait_stream(plan.stream)
+            plan.stream = stream
+        host = torch.empty(len(image), dtype=torch.uint8, pin_memory=True)
+        ctypes.memmove(host.data_ptr(), image, len(image))
+        plan.on_device.copy_(host, non_blocking=True)
+    else:  # emulated
+        ctypes.memmove(plan.on_device.data_ptr(), image, len(image))
+    table, scal, ok, finite, verdict = plan.views
+    if check is not None and check[0]:
+        fn(check[0], finite, 1, ok)  # writes 0 into ok[0] for a gradient with NaN/inf
+    kernel.fn(plan.units, table, 1, scal, ok)
+    kernel.launches += 1
+    kernel.tensors += 1
+    plan.counter.value = step
+    plan.expect = step
+    if check is not None:
+        opt._pending_verdicts.append((plan.index, verdict, state, before, None))
+    return True
+
+
 def _strided(slots: list[tuple[int, int]]) -> tuple | None:
     """(start, step, indices) when the positions of ``slots`` ((position, index) pairs) run start,
     start + step, ... (a batch's gradient slots: one per table row); else None."""

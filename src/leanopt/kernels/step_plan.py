@@ -352,14 +352,18 @@ def _group_key(opt: Any, form: Any, group: dict) -> tuple:
     return (group["master"], group["states"]), tuple(opt.rule.states(group)), form.flags(group)
 
 
-def param_plan(opt: Any, param: Tensor, group: dict, grad: Tensor) -> ParamPlan | None:
+def param_plan(opt: Any, param: Tensor, group: dict, grad: Tensor) -> Any:
     """The plan of the update of ``param`` from ``grad`` that has just run, or None when it did not run
     in a native kernel a plan can repeat (another executor, a sharded or non-CPU tensor, a step counter
     that is not a plain fp32 tensor). Only reads."""
     from .. import distributed as _shards
     from . import gpu as _gpu
 
-    if opt.kernel == "reference" or param.device.type != "cpu" or _gpu.wanted(opt.kernel, param.device):
+    if opt.kernel == "reference":
+        return None
+    if _gpu.wanted(opt.kernel, param.device):  # the CUDA kernels' path: its own plan
+        return None if _shards.is_dtensor(param) else _gpu.param_plan(opt, param, group, grad)
+    if param.device.type != "cpu":
         return None
     if _shards.is_dtensor(param) or type(grad) is not Tensor or _step_all() is None:
         return None
@@ -420,7 +424,12 @@ def run_param(plan: ParamPlan, opt: Any, param: Tensor, grad: Tensor, group: dic
     changed) when the plan does not apply or the native call declined (a step counter changed from
     outside, a non-finite gradient under "raise"): then the general path runs. ``cache`` holds what is
     the same for every hook of one backward (the groups' formats and flags, hyper-parameter arrays);
-    the caller empties it when a backward begins, after checking every group's hyper-parameters."""
+    the caller empties it when a backward begins, after checking every group's hyper-parameters. A plan
+    of the CUDA kernels' path (gpu.GpuParamPlan) runs there."""
+    if type(plan) is not ParamPlan:
+        from . import gpu as _gpu
+
+        return _gpu.run_param(plan, opt, param, grad, group, cache)
     if (opt.kernel, opt.nonfinite) != plan.mode or id(group) != plan.group_id:
         return None
     g = grad
