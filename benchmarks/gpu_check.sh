@@ -4,27 +4,30 @@
 # small tensors; kernel="auto" runs the multi-tensor CUDA kernels there): about 4.5 minutes on an H200.
 # With FULL=1 (what a lent device session runs, about 8 minutes) it first times the CUDA kernels'
 # code-shape variants (benchmarks/gpu_variants.py, which chooses the shapes clearly faster than the
-# defaults), runs the benchmark in the chosen shapes, and then measures the host time per tensor.
-# Everything goes under $OUT: summary.json (machine, date, exit codes, test counts, the shapes
-# benchmarked), log.txt (everything printed), tests.txt, tests.xml, kernels.json, and with FULL=1
-# variants.json and gpu_host.json. Seven files at most, no subfolders: what a device call brings back.
+# defaults), runs the benchmark in the chosen shapes, and then measures the host time per tensor of a
+# planned step and per gradient release hook. Everything goes under $OUT: summary.json (machine, date,
+# exit codes, test counts, the shapes benchmarked), log.txt (everything printed), tests.txt, tests.xml,
+# kernels.json, and with FULL=1 variants.json, gpu_host.json and release_host.json. Eight files at
+# most, no subfolders: what a device call brings back.
 #
 #   bash benchmarks/gpu_check.sh                 # results in $OUT, else benchmarks/results/gpu-<date>/
 #   FULL=1 bash benchmarks/gpu_check.sh          # with the variants and the host time
 #   DRY_RUN=1 FULL=1 OUT=/tmp/g bash benchmarks/gpu_check.sh   # the script itself, on a CPU (~1.5 min)
 #
 # With a lent device machine (the `run` tool): command `FULL=1 bash benchmarks/gpu_check.sh`, timeout_s
-# 590; the seven files come back from its $OUT; commit them as benchmarks/results/gpu-<date>/.
+# 590; the eight files come back from its $OUT; commit them as benchmarks/results/gpu-<date>/.
 #
 # It needs no network and no install: it runs leanopt from src/ (PYTHONPATH) with the machine's own
 # python3 and torch, and installs FlashOptim and optimi from benchmarks/wheels/ (pure Python, in the
 # repo) into a temporary folder when they are missing.
 # Environment: PYTHON (default: .venv/bin/python if present, else python3), OUT, WHEELS (default
 # benchmarks/wheels), FULL, TEST_TIMEOUT (s, default 240), BENCH_TIMEOUT (s, default 100),
-# VARIANTS_TIMEOUT (s, default 170), HOST_TIMEOUT (s, default 40). On an H200 (2026-11-29): tests 193 s,
-# benchmark 75 s; variants 80 s for 36 timed cases, each drawing its parameters (now 90 cases on 3
-# workloads that reuse each workload's parameter values, 45 of them profiled); host 14 s. 9.2 minutes
-# at most plus ~20 s of setup. LEANOPT_GPU_VARIANT, if set, is what the benchmark runs instead of the
+# VARIANTS_TIMEOUT (s, default 170), HOST_TIMEOUT (s, default 40), RELEASE_TIMEOUT (s, default 30). On an
+# H200 (2026-11-29): tests 193 s, benchmark 75 s; variants 80 s for 36 timed cases, each drawing its
+# parameters (now 90 cases on 3 workloads that reuse each workload's parameter values, 45 of them
+# profiled); host 14 s; release (added 2026-11-30, not yet run there: 3 rounds of 4 modes x 13
+# iterations of a 128-layer MLP, seconds). 9.7 minutes at most plus ~20 s of setup, ~7 expected: if a
+# call's limit stops it, every file but summary.json is already written. LEANOPT_GPU_VARIANT, if set, is what the benchmark runs instead of the
 # variants' choice. DRY_RUN=1 runs the same steps on the CPU with a tiny workload (to check the script
 # itself on a machine without a GPU).
 set -uo pipefail
@@ -43,8 +46,10 @@ mkdir -p "$OUT"
 log() { echo "[gpu_check $(date -u +%H:%M:%S)] $*" | tee -a "$OUT/log.txt"; }
 
 DEVICE=cuda WORKLOADS=(--workloads gpt2-small,tensor50m,many-small) STEPS=(--steps 10 --warmup 3) VWORK=()
+RELEASE=(--path cuda --rounds 3 --iters 10)
 if [[ "${DRY_RUN:-0}" == 1 ]]; then
   DEVICE=cpu WORKLOADS=(--workloads tiny) STEPS=(--steps 1 --warmup 1) VWORK=(--workloads tiny)
+  RELEASE=(--path cuda-emulated --rounds 1 --iters 2 --warmup 1)
   log "DRY_RUN=1: the CPU, tiny workloads"
 elif ! "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   log "no CUDA device visible to torch ($PYTHON); nothing to check"
@@ -83,7 +88,7 @@ timeout "${TEST_TIMEOUT:-240}" "$PYTHON" -m pytest -q -p no:cacheprovider --cont
 TEST_RC=$?
 tail -n 3 "$OUT/tests.txt" | tee -a "$OUT/log.txt"
 
-VARIANTS_RC=-1 HOST_RC=-1  # -1: not run (FULL=1 runs them)
+VARIANTS_RC=-1 HOST_RC=-1 RELEASE_RC=-1  # -1: not run (FULL=1 runs them)
 
 # 2. (FULL=1) The CUDA kernels' code-shape variants (kernels.gpu.VARIANT: the defaults and the ones not yet timed,
 #    4 or 16 chunks per block in the flat kernels and the NaN/inf check, vector loads, several groups per
@@ -114,14 +119,21 @@ if [[ "${FULL:-0}" == 1 ]]; then
   timeout "${HOST_TIMEOUT:-40}" "$PYTHON" benchmarks/gpu_host_overhead.py --device "$DEVICE" --steps 10 \
     --out "$OUT/gpu_host.json" 2>&1 | grep -v "^W[0-9]" | tee -a "$OUT/log.txt"
   HOST_RC=${PIPESTATUS[0]}
+  # 5. (FULL=1) Gradient release's hooks on CUDA: each iteration (forward, backward with the hooks' updates,
+  #    step, synchronise) against backward alone, with the hooks' plans and without (256 small tensors).
+  log "gradient release, per hook ($DEVICE)"
+  timeout "${RELEASE_TIMEOUT:-30}" "$PYTHON" benchmarks/release_overhead.py "${RELEASE[@]}" \
+    --out "$OUT/release_host.json" 2>&1 | grep -v "^W[0-9]" | tee -a "$OUT/log.txt"
+  RELEASE_RC=${PIPESTATUS[0]}
 fi
 
-"$PYTHON" - "$OUT" "$TEST_RC" "$BENCH_RC" "$VARIANTS_RC" "$HOST_RC" "${LEANOPT_GPU_VARIANT:-}" <<'EOF'
+"$PYTHON" - "$OUT" "$TEST_RC" "$BENCH_RC" "$VARIANTS_RC" "$HOST_RC" "$RELEASE_RC" "${LEANOPT_GPU_VARIANT:-}" <<'EOF'
 import json, sys, pathlib, xml.etree.ElementTree as ET
 out, test_rc, bench_rc = pathlib.Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-variants_rc, host_rc = (None if int(x) == -1 else int(x) for x in sys.argv[4:6])  # None: not run
+variants_rc, host_rc, release_rc = (None if int(x) == -1 else int(x) for x in sys.argv[4:7])  # None: not run
 summary = {"machine": json.loads((out / "machine.json").read_text()), "tests_rc": test_rc, "benchmark_rc": bench_rc,
-           "variants_rc": variants_rc, "host_overhead_rc": host_rc, "benchmark_gpu_variant": sys.argv[6]}
+           "variants_rc": variants_rc, "host_overhead_rc": host_rc, "release_rc": release_rc,
+           "benchmark_gpu_variant": sys.argv[7]}
 try:
     suite = ET.parse(out / "tests.xml").getroot()
     suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
@@ -132,5 +144,6 @@ except Exception as err:  # noqa: BLE001
 (out / "machine.json").unlink()  # in summary.json now
 print(json.dumps(summary))
 EOF
-log "results in $OUT (tests rc=$TEST_RC, benchmark rc=$BENCH_RC, variants rc=$VARIANTS_RC, host rc=$HOST_RC)"
-[[ $TEST_RC -eq 0 && $BENCH_RC -eq 0 && ( "${FULL:-0}" != 1 || ( $VARIANTS_RC -eq 0 && $HOST_RC -eq 0 ) ) ]]
+log "results in $OUT (tests rc=$TEST_RC, benchmark rc=$BENCH_RC, variants rc=$VARIANTS_RC, host rc=$HOST_RC," \
+  "release rc=$RELEASE_RC)"
+[[ $TEST_RC -eq 0 && $BENCH_RC -eq 0 && ( "${FULL:-0}" != 1 || ( $VARIANTS_RC -eq 0 && $HOST_RC -eq 0 && $RELEASE_RC -eq 0 ) ) ]]

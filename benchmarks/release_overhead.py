@@ -23,7 +23,8 @@ tensors, where the hooks' Python shows), ``gpt`` (a 4-layer GPT, 50 tensors), ``
 ``--path cuda-emulated``: the CUDA kernels' path (kernels/gpu.py, ``kernel="fused"``) on the CPU, its
 kernels (and NaN/inf check) replaced by no-ops after a first iteration built them: what each hook
 costs the host before a GPU does anything (there the launches are asynchronous), as
-benchmarks/gpu_host_overhead.py does for ``step()``.
+benchmarks/gpu_host_overhead.py does for ``step()``. ``--path cuda``: the model on a GPU (the CUDA
+kernels, ``kernel="auto"``), each iteration ended by a synchronise (benchmarks/gpu_check.sh, FULL=1).
 
 Writes benchmarks/results/release_overhead.json.
 """
@@ -48,22 +49,22 @@ OUT = Path(__file__).resolve().parent / "results" / "release_overhead.json"
 MODES = ("backward only", "no release", "release", "release, no plans")
 
 
-def workload(name: str) -> tuple[torch.nn.Module, callable]:
+def workload(name: str, device: str = "cpu") -> tuple[torch.nn.Module, callable]:
     torch.manual_seed(0)
     if name == "mlp":
-        model = torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(128)]).bfloat16()
-        x = torch.randn(16, 64).bfloat16()
+        model = torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(128)]).to(device, torch.bfloat16)
+        x = torch.randn(16, 64, device=device).bfloat16()
         return model, lambda: model(x).float().square().mean()
     cfg = GPT2_SMALL if name == "gpt2-small" else GPTConfig(vocab_size=4096, block_size=64, n_layer=4, n_head=4,
                                                             n_embd=256)  # fmt: skip
     batch, seq = (1, 32) if name == "gpt2-small" else (4, 64)
-    model = GPT(cfg).bfloat16()
-    idx = torch.randint(0, cfg.vocab_size, (batch, seq + 1))
+    model = GPT(cfg).to(device, torch.bfloat16)
+    idx = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device=device)
     return model, lambda: model(idx[:, :-1], idx[:, 1:])[1]
 
 
 def run(name: str, iters: int, rounds: int, warmup: int, path: str = "native") -> dict:
-    model, loss_fn = workload(name)
+    model, loss_fn = workload(name, "cuda" if path == "cuda" else "cpu")
     params = [p for p in model.parameters() if p.requires_grad]
     opt = leanopt.AdamW(params, lr=1e-4, kernel="fused" if path == "cuda-emulated" else "auto")
     handle = leanopt.release_gradients(opt)
@@ -74,6 +75,8 @@ def run(name: str, iters: int, rounds: int, warmup: int, path: str = "native") -
         if mode != "backward only":
             opt.step()
         opt.zero_grad(set_to_none=True)
+        if path == "cuda":  # the GPU's work included
+            torch.cuda.synchronize()
 
     if path == "cuda-emulated":  # build the kernels (released and not), then make them no-ops
         iteration("release")
@@ -125,7 +128,7 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--path", default="native", choices=["native", "cuda-emulated"])
+    parser.add_argument("--path", default="native", choices=["native", "cuda-emulated", "cuda"])
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
     if args.path == "cuda-emulated":

@@ -209,13 +209,13 @@ def test_what_a_plan_cannot_repeat_takes_the_general_path(planned_runs):
     assert not planned_runs and not t.handles["planned"]._plans
 
 
-@pytest.mark.parametrize("path", ["native", "cuda"], ids=["native", "cuda kernels emulated"])
+@pytest.mark.parametrize("path", ["native", "gpu"], ids=["native", "gpu kernels emulated"])
 def test_random_scenarios_give_the_same_bits_with_and_without_plans(path, planned_runs, request):
     """test_step_plan's 24 random optimizers and event sequences (LR and weight decay changes, tensors
     without a gradient, NaN, state_dict round trips, channels_last conv weights), each trained released
     with plans, released without, and ordinarily: every weight, state and skip count must match. Also
     on the CUDA kernels' path (emulated: kernel="fused"), whose hooks have their own plans."""
-    if path == "cuda":
+    if path == "gpu":
         request.getfixturevalue("emulate")
     for seed in range(24):
         cls, groups, events = _scenario(seed)
@@ -232,7 +232,7 @@ def test_random_scenarios_give_the_same_bits_with_and_without_plans(path, planne
             for count, hyper in per_group:
                 out.append({"params": ps[k : k + count], **hyper})
                 k += count
-            return cls(out, kernel="fused" if path == "cuda" else "auto")
+            return cls(out, kernel="fused" if path == "gpu" else "auto")
 
         t = Triplet(make, dtype=dtypes, shapes=shapes, seed=seed, layouts=layouts)
         for ev in events:
@@ -284,7 +284,7 @@ def _fused(make):
 
 
 @pytest.mark.parametrize("mode", list(MODES))
-def test_cuda_path_hooks_repeat_their_updates_by_plan_with_the_general_paths_bits(mode, emulate, planned_runs):
+def test_gpu_path_hooks_repeat_their_updates_by_plan_with_the_general_paths_bits(mode, emulate, planned_runs):
     """The CUDA kernels' path (emulated): after a hook's update ran there, the next backward's hook
     repeats it by its plan (gpu.GpuParamPlan: the NaN/inf check's and the update's launches, the verdict
     read at step()); the same bits as released without plans and as stepped ordinarily. Stochastic
@@ -304,7 +304,7 @@ def test_cuda_path_hooks_repeat_their_updates_by_plan_with_the_general_paths_bit
 
 
 @pytest.mark.parametrize("where", [1, 6], ids=["small tensor", "large tensor"])
-def test_cuda_path_plan_leaves_a_non_finite_gradients_tensor_alone(where, emulate, planned_runs):
+def test_gpu_path_plan_leaves_a_non_finite_gradients_tensor_alone(where, emulate, planned_runs):
     """A NaN reaching a planned hook on the CUDA kernels' path: its check launch and update launch are
     queued (no wait), the update leaves the tensor alone, step() reads the verdict, puts the step count
     back and counts the skip; the next backward plans that parameter again. As without plans."""
@@ -324,7 +324,7 @@ def test_cuda_path_plan_leaves_a_non_finite_gradients_tensor_alone(where, emulat
 
 
 @pytest.mark.parametrize("how", ["new tensor", "new storage", "in place", "step count"])
-def test_cuda_path_states_changed_between_steps_are_followed(how, emulate):
+def test_gpu_path_states_changed_between_steps_are_followed(how, emulate):
     t = Triplet(_fused(MODES["adamw compact/int8"]))
     for i in range(4):
         if i == 2:
@@ -335,7 +335,7 @@ def test_cuda_path_states_changed_between_steps_are_followed(how, emulate):
         t.assert_same()
 
 
-def test_cuda_path_run_param_declines_what_its_plan_was_not_made_for(emulate):
+def test_gpu_path_run_param_declines_what_its_plan_was_not_made_for(emulate):
     """gpu.run_param itself: a gradient of another layout, shape, dtype or device, another group, a
     parameter given new storage, a step count changed: None, nothing changed; else True, updated."""
     p = torch.nn.Parameter(torch.randn(6, 40).bfloat16())
@@ -414,13 +414,13 @@ def test_run_param_declines_what_its_plan_was_not_made_for():
     assert not torch.equal(bits(p), before[0]) and opt.state[p]["step"].item() == 4
 
 
-def test_the_host_time_benchmarks_run_on_the_emulated_cuda_path(emulate, monkeypatch):
+def test_the_host_time_benchmarks_run_on_the_emulated_gpu_path(emulate, monkeypatch):
     """benchmarks/release_overhead.py --path cuda-emulated and benchmarks/gpu_host_overhead.py (their
     figures are in the docs): a tiny run of each gives every mode's row, the planned checks both ways."""
     from conftest import load_benchmark
 
     release = load_benchmark("release_overhead.py")
-    monkeypatch.setattr(release, "workload", lambda name: _tiny_mlp())
+    monkeypatch.setattr(release, "workload", lambda name, device="cpu": _tiny_mlp())
     row = release.run("mlp", iters=1, rounds=1, warmup=0, path="cuda-emulated")
     assert row["path"] == "cuda-emulated" and row["parameters"] == 8
     assert set(row["per_param_us"]) == {"no release", "release", "release, no plans"}
