@@ -133,9 +133,13 @@ def test_non_finite_gradient_under_raise_is_raised_by_the_general_path():
     assert not torch.equal(bits(t.params["planned"][1]), bits(t.params["ordinary"][1]))
 
 
+@pytest.mark.parametrize("path", ["native", "gpu"], ids=["native", "gpu kernels emulated"])
 @pytest.mark.parametrize("how", ["new tensor", "new storage", "in place", "step count"])
-def test_states_changed_between_steps_are_followed(how):
-    t = Triplet(MODES["adamw compact/int8"])
+def test_states_changed_between_steps_are_followed(how, path, request):
+    """(On the CUDA kernels' path too, emulated: its hooks' plans, gpu.GpuParamPlan.)"""
+    if path == "gpu":
+        request.getfixturevalue("emulate")
+    t = Triplet(_fused(MODES["adamw compact/int8"]) if path == "gpu" else MODES["adamw compact/int8"])
     for i in range(4):
         if i == 2:
             key = "step" if how == "step count" else "exp_avg.scales"
@@ -323,29 +327,22 @@ def test_gpu_path_plan_leaves_a_non_finite_gradients_tensor_alone(where, emulate
         t.assert_same()
 
 
-@pytest.mark.parametrize("how", ["new tensor", "new storage", "in place", "step count"])
-def test_gpu_path_states_changed_between_steps_are_followed(how, emulate):
-    t = Triplet(_fused(MODES["adamw compact/int8"]))
-    for i in range(4):
-        if i == 2:
-            key = "step" if how == "step count" else "exp_avg.scales"
-            for n in t.names:
-                _replace_state(t.opts[n], t.params[n][0], key, how)
-        t.step(t.targets())
-        t.assert_same()
-
-
-def test_gpu_path_run_param_declines_what_its_plan_was_not_made_for(emulate):
-    """gpu.run_param itself: a gradient of another layout, shape, dtype or device, another group, a
-    parameter given new storage, a step count changed: None, nothing changed; else True, updated."""
+@pytest.mark.parametrize("path", ["native", "gpu"], ids=["native", "gpu kernels emulated"])
+def test_run_param_declines_what_its_plan_was_not_made_for(path, request):
+    """run_param itself (the native plan, or gpu.GpuParamPlan on the CUDA kernels' path, emulated): a
+    gradient of another layout, shape, dtype or device, another group, a parameter given new storage, a
+    step count changed from outside (the GPU plan compares it; the native call, test_step_plan's): None,
+    nothing changed; the plan's own case: True, updated."""
+    gpu = request.getfixturevalue("emulate") if path == "gpu" else None
     p = torch.nn.Parameter(torch.randn(6, 40).bfloat16())
-    opt = leanopt.AdamW([p], lr=1e-2, states="int8", kernel="fused")
+    opt = leanopt.AdamW([p], lr=1e-2, kernel="fused" if gpu else "auto")
     handle = leanopt.release_gradients(opt)
     for _ in range(2):
         (p.float() * torch.randn(6, 40)).sum().backward()
         opt.step()
+    kind = gpu.GpuParamPlan if gpu else step_plan.ParamPlan
     plan = handle._plans[0]
-    assert type(plan) is emulate.GpuParamPlan
+    assert type(plan) is kind
     group = opt.param_groups[0]
 
     def snapshot():
@@ -362,56 +359,21 @@ def test_gpu_path_run_param_declines_what_its_plan_was_not_made_for(emulate):
     ):
         assert step_plan.run_param(plan, opt, p, grad, grp, {}) is None
         assert all(torch.equal(a, b) for a, b in zip(snapshot(), before, strict=True))
-    opt.state[p]["step"].fill_(7.0)  # changed from outside
-    assert step_plan.run_param(plan, opt, p, g, group, {}) is None
-    opt.state[p]["step"].fill_(2.0)
+    if gpu:
+        opt.state[p]["step"].fill_(7.0)  # changed from outside
+        assert step_plan.run_param(plan, opt, p, g, group, {}) is None
+        opt.state[p]["step"].fill_(2.0)
     p.data = p.data.clone()
     assert step_plan.run_param(plan, opt, p, g, group, {}) is None
     assert all(torch.equal(a, b) for a, b in zip(snapshot(), before, strict=True))
     assert step_plan.param_plan(opt, p, group, g) is None  # no update has run on the new storage yet
     assert opt.update_param(p, group, g)  # the general path
     plan = step_plan.param_plan(opt, p, group, g)
-    assert type(plan) is emulate.GpuParamPlan
+    assert type(plan) is kind
     assert step_plan.run_param(plan, opt, p, g, group, {}) is True
     opt._settle_verdicts()
     assert not torch.equal(bits(p), before[0]) and opt.state[p]["step"].item() == 4
     handle.remove()
-
-
-def test_run_param_declines_what_its_plan_was_not_made_for():
-    """run_param itself: a gradient of another layout, shape, dtype or device, another group, or a
-    parameter given new storage: None, nothing changed; the plan's own case: True, updated."""
-    p = torch.nn.Parameter(torch.randn(6, 40).bfloat16())
-    opt = leanopt.AdamW([p], lr=1e-2)
-    handle = leanopt.release_gradients(opt)
-    for _ in range(2):
-        (p.float() * torch.randn(6, 40)).sum().backward()
-        opt.step()
-    plan = handle._plans[0]
-    group = opt.param_groups[0]
-
-    def snapshot():
-        return [bits(p)] + [bits(v) for v in opt.state[p].values()]
-
-    g = torch.randn(6, 40).bfloat16()
-    before = snapshot()
-    for grad, grp in (
-        (torch.randn(40, 6).bfloat16().t(), group),  # not contiguous
-        (torch.randn(240).bfloat16(), group),  # another shape
-        (g.float(), group),  # another dtype
-        (g.to("meta"), group),  # another device
-        (g, {**group}),  # another group
-    ):
-        assert step_plan.run_param(plan, opt, p, grad, grp, {}) is None
-        assert all(torch.equal(a, b) for a, b in zip(snapshot(), before, strict=True))
-    p.data = p.data.clone()
-    assert step_plan.run_param(plan, opt, p, g, group, {}) is None
-    assert all(torch.equal(a, b) for a, b in zip(snapshot(), before, strict=True))
-    assert step_plan.param_plan(opt, p, group, g) is None  # no update has run on the new storage yet
-    assert opt.update_param(p, group, g)  # the general path
-    plan = step_plan.param_plan(opt, p, group, g)
-    assert step_plan.run_param(plan, opt, p, g, group, {}) is True
-    assert not torch.equal(bits(p), before[0]) and opt.state[p]["step"].item() == 4
 
 
 def test_the_host_time_benchmarks_run_on_the_emulated_gpu_path(emulate, monkeypatch):

@@ -1342,30 +1342,10 @@ def run_param(plan: GpuParamPlan, opt: Any, param: Tensor, grad: Tensor, group: 
     it were queued before, and its verdict has been read."""
     from . import step_plan
 
-    if (opt.kernel, opt.nonfinite) != plan.mode or id(group) != plan.group_id:
+    state = step_plan.applies(plan, opt, param, grad, group, cache, plan.device)
+    if state is None or plan.counter.value != plan.expect:  # (or a step count changed from outside)
         return None
     g = grad
-    if type(g) is not Tensor or g.layout is not torch.strided or g.dtype is not plan.grad_dtype:
-        return None
-    if g.shape != plan.shape or g.device != plan.device:
-        return None
-    layout = plan.layout
-    if not (g.is_contiguous() if layout is None else g.stride() == layout):
-        return None
-    if param.data_ptr() != plan.param_ptr or param.shape != plan.shape:
-        return None
-    if not (param.is_contiguous() if layout is None else param.stride() == layout):
-        return None
-    state = opt.state.get(param)
-    if id(state) != plan.state_id or not native.same_tensors(plan.refs, state):
-        return None
-    if plan.counter.value != plan.expect:  # a step count changed from outside
-        return None
-    key = cache.get(plan.group_id)
-    if key is None:
-        key = cache[plan.group_id] = step_plan._group_key(opt, plan.form, group)
-    if key != plan.group_key:
-        return None
     check = plan.check
     fn = None if check is None else _finite_kernel(plan.device, check[1])
     if check is not None and fn is None:

@@ -418,24 +418,18 @@ def param_plan(opt: Any, param: Tensor, group: dict, grad: Tensor) -> Any:
     return plan
 
 
-def run_param(plan: ParamPlan, opt: Any, param: Tensor, grad: Tensor, group: dict, cache: dict) -> bool | None:
-    """Update ``param`` from ``grad`` by its ``plan``: True when updated, False when skipped for a
-    non-finite gradient (``nonfinite="skip"``: nothing changed, as on the general path), None (nothing
-    changed) when the plan does not apply or the native call declined (a step counter changed from
-    outside, a non-finite gradient under "raise"): then the general path runs. ``cache`` holds what is
-    the same for every hook of one backward (the groups' formats and flags, hyper-parameter arrays);
-    the caller empties it when a backward begins, after checking every group's hyper-parameters. A plan
-    of the CUDA kernels' path (gpu.GpuParamPlan) runs there."""
-    if type(plan) is not ParamPlan:
-        from . import gpu as _gpu
-
-        return _gpu.run_param(plan, opt, param, grad, group, cache)
+def applies(plan: Any, opt: Any, param: Tensor, grad: Tensor, group: dict, cache: dict, device: Any = None) -> Any:
+    """The checks a per-parameter plan (ParamPlan, or gpu.GpuParamPlan with its ``device``; None: the
+    CPU) makes before it runs: the parameter's state if nothing the plan relies on has changed (the
+    gradient's type, layout, dtype, shape and device; the parameter's storage, shape and layout; its
+    state dict and state tensors; its group and the group's formats and flags, once per backward in
+    ``cache``), else None. Only reads."""
     if (opt.kernel, opt.nonfinite) != plan.mode or id(group) != plan.group_id:
         return None
     g = grad
     if type(g) is not Tensor or g.layout is not torch.strided or g.dtype is not plan.grad_dtype:
         return None
-    if g.shape != plan.shape or not g.is_cpu:
+    if g.shape != plan.shape or not (g.is_cpu if device is None else g.device == device):
         return None
     layout = plan.layout
     if not (g.is_contiguous() if layout is None else g.stride() == layout):
@@ -450,8 +444,24 @@ def run_param(plan: ParamPlan, opt: Any, param: Tensor, grad: Tensor, group: dic
     key = cache.get(plan.group_id)
     if key is None:
         key = cache[plan.group_id] = _group_key(opt, plan.form, group)
-    if key != plan.group_key:
+    return state if key == plan.group_key else None
+
+
+def run_param(plan: ParamPlan, opt: Any, param: Tensor, grad: Tensor, group: dict, cache: dict) -> bool | None:
+    """Update ``param`` from ``grad`` by its ``plan``: True when updated, False when skipped for a
+    non-finite gradient (``nonfinite="skip"``: nothing changed, as on the general path), None (nothing
+    changed) when the plan does not apply or the native call declined (a step counter changed from
+    outside, a non-finite gradient under "raise"): then the general path runs. ``cache`` holds what is
+    the same for every hook of one backward (the groups' formats and flags, hyper-parameter arrays);
+    the caller empties it when a backward begins, after checking every group's hyper-parameters. A plan
+    of the CUDA kernels' path (gpu.GpuParamPlan) runs there."""
+    if type(plan) is not ParamPlan:
+        from . import gpu as _gpu
+
+        return _gpu.run_param(plan, opt, param, grad, group, cache)
+    if applies(plan, opt, param, grad, group, cache) is None:
         return None
+    g = grad
     step = ctypes.c_float(plan.expect[0] + 1.0).value  # float32 + 1, as the counter advances
     values = cache.get((plan.group_id, step))
     if values is None:
