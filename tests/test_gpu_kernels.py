@@ -658,15 +658,16 @@ def _net(seed=0):
     return torch.nn.Sequential(torch.nn.Linear(40, 70), torch.nn.Tanh(), torch.nn.Linear(70, 33)).bfloat16()
 
 
-def _release_run(kernel, release, states, poison_at=1, steps=4):
-    """``steps`` steps; at ``poison_at`` the first layer's weight gradient holds a NaN."""
-    model = _net()
+def _release_run(kernel, release, states, poison_at=1, steps=4, device="cpu", plans=None):
+    """``steps`` steps; at ``poison_at`` the first layer's weight gradient holds a NaN. ``plans``: a list
+    that gets the types of the release hooks' plans at the end."""
+    model = _net().to(device)
     opt = leanopt.AdamW(model.parameters(), lr=1e-2, master="exact", states=states, kernel=kernel)
     handle = leanopt.release_gradients(opt) if release else None
     g = torch.Generator().manual_seed(9)
     skipped = []
     for i in range(steps):
-        x = torch.randn(8, 40, generator=g).bfloat16()
+        x = torch.randn(8, 40, generator=g).bfloat16().to(device)
         hook = model[0].weight.register_hook(lambda grad: grad * float("nan")) if i == poison_at else None
         model(x).float().pow(2).mean().backward()
         if hook is not None:
@@ -675,6 +676,8 @@ def _release_run(kernel, release, states, poison_at=1, steps=4):
         opt.zero_grad()
         skipped.append(list(opt.last_skipped))
     if handle is not None:
+        if plans is not None:
+            plans += [type(p) for p in handle._plans.values()]
         handle.remove()
     return model, opt, skipped
 
@@ -714,6 +717,23 @@ def test_release_nan_at_a_first_update_leaves_no_state(emulate):
     model, opt, _ = _release_run("fused", True, "int8", poison_at=0, steps=3)
     assert float(opt.state[model[0].weight]["step"]) == 2
     assert_same(snapshot(list(ref_model.parameters()), ref_opt), snapshot(list(model.parameters()), opt), "after")
+
+
+@CUDA
+@pytest.mark.parametrize("states", ["fp32", "int8"])
+def test_cuda_release_plans_give_the_bits_of_ordinary_steps(states):
+    """On a GPU, gradient release's hook plans (gpu.GpuParamPlan: a launch table kept on the device,
+    refilled through a pinned non-blocking copy per hook) give the bits, skips and counts of ordinary
+    steps: 5 steps, a NaN at the third (the emulated tests check the same on the CPU)."""
+    ref_model, ref_opt, ref_skipped = _release_run("auto", False, states, poison_at=2, steps=5, device="cuda")
+    plans: list = []
+    model, opt, skipped = _release_run("auto", True, states, poison_at=2, steps=5, device="cuda", plans=plans)
+    assert plans and all(p is gpu.GpuParamPlan for p in plans), plans
+    assert skipped == ref_skipped and skipped[2] == [0]
+    assert opt.nonfinite_skipped == ref_opt.nonfinite_skipped == 1
+    ref = snapshot(list(ref_model.parameters()), ref_opt)
+    ours = snapshot(list(model.parameters()), opt)
+    assert_same([(k, v.cpu()) for k, v in ref], [(k, v.cpu()) for k, v in ours], f"release plans {states}")
 
 
 @CUDA
