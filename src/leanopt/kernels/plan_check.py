@@ -126,14 +126,16 @@ static int param_ok(const lo_plan *c, int64_t i, PyObject *p, PyObject *state) {
   if (!laid_out(c, p, c->layouts[i])) return 0;
   PyObject *st = state_of(state, p);
   if (!st || (int64_t)(intptr_t)st != c->state_ids[i]) return 0;
-  for (int64_t r = c->ref_start[i]; r < c->ref_start[i + 1]; r++) {
+  Py_IncRef(st);  /* held while torch's code runs (another thread could drop it from opt.state) */
+  int ok = 1;
+  for (int64_t r = c->ref_start[i]; ok && r < c->ref_start[i + 1]; r++) {
     PyObject *t = PyObject_CallNoArgs(c->refs[r]);  /* the weakref's tensor, or None */
-    if (!t) return 0;
-    const int ok = PyDict_GetItemWithError(st, c->keys[r]) == t && address(c, t) == c->ref_ptrs[r];
+    if (!t) { ok = 0; break; }
+    ok = PyDict_GetItemWithError(st, c->keys[r]) == t && address(c, t) == c->ref_ptrs[r];
     Py_DecRef(t);
-    if (!ok) return 0;
   }
-  return 1; }
+  Py_DecRef(st);
+  return ok; }
 
 /* The live parameters (a new list) if nothing the plan relies on has changed, with their gradients'
    addresses in grad_ptrs; else None (any error cleared). */
