@@ -11,7 +11,8 @@ torch getters and methods (``grad``, ``dtype``, ``shape``, ``data_ptr()``, ...) 
 same order of decisions, without the interpreter between them. It also returns the live parameters and
 writes the gradients' addresses, which both planned paths need next.
 
-The C source declares the few stable C-API functions it calls itself (no Python headers needed) and is
+The C source declares the C-API functions it calls itself (no Python headers needed; all stable since
+3.9 but ``_PyDict_GetItem_KnownHash``, CPython-internal, linked weakly: the state lookup by id) and is
 built like the kernels (native.build, loaded with ``ctypes.PyDLL``, so the GIL is held). It is used on
 CPython with a GIL where it builds; elsewhere (or with ``LEANOPT_PLAN_CHECK=python``) the Python check
 runs. Both give the same answer: tests/test_step_plan.py runs every change a plan must refuse through
