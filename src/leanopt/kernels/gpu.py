@@ -819,22 +819,37 @@ def _emulated(source: str, name: str = "lo_emulate", arity: int = 4) -> Any:
     return run
 
 
+def _layout(parts: list[array]) -> tuple[list[int], int]:
+    """The offsets of ``parts`` laid out one after the other, each 8-byte aligned, and the total bytes."""
+    offsets, total = [], 0
+    for a in parts:
+        offsets.append(total)
+        total += -(-len(a) * a.itemsize // 8) * 8
+    return offsets, max(total, 8)
+
+
+def _views(table: Tensor, parts: list[array], offsets: list[int]) -> list[Tensor]:
+    """Each of ``parts`` in ``table`` (bytes laid out by :func:`_layout`), as a tensor of its type."""
+    kinds = {"q": torch.int64, "f": torch.float32, "i": torch.int32}
+    return [table[o : o + len(a) * a.itemsize].view(kinds[a.typecode]) for a, o in zip(parts, offsets, strict=True)]
+
+
 def _to_device(parts: list[array], device: torch.device) -> list[Tensor]:
     """``parts`` (int64 / fp32 / int32 arrays) on ``device`` in one copy: pinned and non-blocking on
     CUDA (queued on the current stream, no wait; torch keeps the pinned block until it has run)."""
-    sizes = [len(a) * a.itemsize for a in parts]
-    offsets, total = [], 0
-    for n in sizes:
-        offsets.append(total)
-        total += -(-n // 8) * 8  # each part 8-byte aligned
+    offsets, total = _layout(parts)
     cuda = device.type == "cuda"
-    host = torch.empty(max(total, 8), dtype=torch.uint8, pin_memory=cuda)
+    host = torch.empty(total, dtype=torch.uint8, pin_memory=cuda)
     base = host.data_ptr()
-    for a, off, n in zip(parts, offsets, sizes, strict=True):
-        ctypes.memmove(base + off, a.buffer_info()[0], n)
+    for a, off in zip(parts, offsets, strict=True):
+        ctypes.memmove(base + off, a.buffer_info()[0], len(a) * a.itemsize)
     table = host.to(device, non_blocking=True) if cuda else host
-    kinds = {"q": torch.int64, "f": torch.float32, "i": torch.int32}
-    return [table[o : o + n].view(kinds[a.typecode]) for a, o, n in zip(parts, offsets, sizes, strict=True)]
+    return _views(table, parts, offsets)
+
+
+def _padded(values: list[float], width: int) -> list[float]:
+    """A tensor's row of ``width`` hyper-parameters in a launch table: ``values`` cut or padded with 0."""
+    return (values[:width] + [0.0] * width)[:width]
 
 
 _FINITE: dict[tuple[torch.device, int], Any] = {}
@@ -1021,7 +1036,7 @@ def _batch(group: list[GpuLaunch]) -> tuple[array, array, int]:
         meta.append(first)
         meta.extend(job.row)
         first += job.units
-        scal.extend(job.scalars[:width] + [0.0] * (width - len(job.scalars)))
+        scal.extend(_padded(job.scalars, width))
     return meta, scal, first
 
 
@@ -1185,7 +1200,7 @@ def run_plan(plan: GpuStepPlan, opt: Any) -> list[int] | None:
         for pos, index, i in plan.noise[b]:  # stochastic rounding: this update's key (formats/noise.py)
             meta[pos] = _signed64(noise_key(opt.seed, index, int(steps[plan.seg_of[i]])))
         width = max(kernel.nscalars, 1)  # each segment's row of scalars once, then one join for all tensors
-        row_bytes = [array("f", (v[:width] + [0.0] * width)[:width]).tobytes() for v in values]
+        row_bytes = [array("f", _padded(v, width)).tobytes() for v in values]
         scal = array("f")
         scal.frombytes(b"".join(map(row_bytes.__getitem__, map(plan.seg_of.__getitem__, members))))
         parts += [meta, scal, array("i", [1]) * len(members)]
@@ -1303,7 +1318,7 @@ def param_plan(opt: Any, param: Tensor, group: dict[str, Any], grad: Tensor) -> 
     )  # fmt: skip
     scal = (c.c_float * len(parts[1])).from_buffer(image, offsets[1])
     on_device = torch.empty(len(image), dtype=torch.uint8, device=param.device)
-    views = _views(on_device, parts, offsets)
+    table, scal_view, ok, *finite = _views(on_device, parts, offsets)
     return GpuParamPlan(
         mode=(opt.kernel, opt.nonfinite), form=form, group_id=id(group),
         group_key=step_plan._group_key(opt, form, group), state_id=id(state),
@@ -1311,26 +1326,18 @@ def param_plan(opt: Any, param: Tensor, group: dict[str, Any], grad: Tensor) -> 
         shape=param.shape, layout=None if param.is_contiguous() else param.stride(), grad_dtype=grad.dtype,
         device=param.device, kernel=kernel, units=units, counter=counter[1], expect=counter[1].value,
         index=opt.param_index(param), check=check, image=image, grad_slots=grad_slots, scal=scal,
-        on_device=on_device, views=(*views, *([None] * (4 - len(views))), views[2][0]),
+        on_device=on_device, views=(table, scal_view, ok, finite[0] if finite else None, ok[0]),
         stream=torch.cuda.current_stream(param.device) if param.device.type == "cuda" else None,
     )  # fmt: skip
 
 
 def _image(parts: list[array]) -> tuple[Any, list[int]]:
     """``parts`` laid out as :func:`_to_device` lays them out, in a ctypes buffer, and their offsets."""
-    offsets, total = [], 0
-    for a in parts:
-        offsets.append(total)
-        total += -(-len(a) * a.itemsize // 8) * 8
-    image = (ctypes.c_char * max(total, 8))()
+    offsets, total = _layout(parts)
+    image = (ctypes.c_char * total)()
     for a, off in zip(parts, offsets, strict=True):
         ctypes.memmove(ctypes.addressof(image) + off, a.buffer_info()[0], len(a) * a.itemsize)
     return image, offsets
-
-
-def _views(table: Tensor, parts: list[array], offsets: list[int]) -> list[Tensor]:
-    kinds = {"q": torch.int64, "f": torch.float32, "i": torch.int32}
-    return [table[o : o + len(a) * a.itemsize].view(kinds[a.typecode]) for a, o in zip(parts, offsets, strict=True)]
 
 
 def run_param(plan: GpuParamPlan, opt: Any, param: Tensor, grad: Tensor, group: dict, cache: dict) -> bool | None:
@@ -1345,7 +1352,6 @@ def run_param(plan: GpuParamPlan, opt: Any, param: Tensor, grad: Tensor, group: 
     state = step_plan.applies(plan, opt, param, grad, group, cache, plan.device)
     if state is None or plan.counter.value != plan.expect:  # (or a step count changed from outside)
         return None
-    g = grad
     check = plan.check
     fn = None if check is None else _finite_kernel(plan.device, check[1])
     if check is not None and fn is None:
@@ -1356,11 +1362,9 @@ def run_param(plan: GpuParamPlan, opt: Any, param: Tensor, grad: Tensor, group: 
     width = len(plan.scal)
     values = cache.get(("gpu", plan.group_id, step, width))
     if values is None:  # this step's hyper-parameters, once per group and backward
-        values = cache["gpu", plan.group_id, step, width] = (plan.form.scalars(group, step)[:width] + [0.0] * width)[
-            :width
-        ]
+        values = cache["gpu", plan.group_id, step, width] = _padded(plan.form.scalars(group, step), width)
     plan.scal[:] = values
-    gptr = g.data_ptr()
+    gptr = grad.data_ptr()
     for slot in plan.grad_slots:
         slot.value = gptr
     image = plan.image

@@ -461,14 +461,13 @@ def run_param(plan: ParamPlan, opt: Any, param: Tensor, grad: Tensor, group: dic
         return _gpu.run_param(plan, opt, param, grad, group, cache)
     if applies(plan, opt, param, grad, group, cache) is None:
         return None
-    g = grad
     step = ctypes.c_float(plan.expect[0] + 1.0).value  # float32 + 1, as the counter advances
     values = cache.get((plan.group_id, step))
     if values is None:
         floats = plan.form.scalars(group, step)
         values = cache[plan.group_id, step] = (ctypes.c_float * len(floats))(*floats)
     plan.scalars[0] = ctypes.addressof(values)
-    plan.grads[0] = g.data_ptr()
+    plan.grads[0] = grad.data_ptr()
     if plan.noise is not None:  # stochastic rounding: this update's key (formats/noise.py)
         plan.keep[plan.noise[0]] = _noise.key(opt.seed, plan.noise[1], int(step))
     packed = plan.packed
