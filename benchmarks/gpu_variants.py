@@ -11,7 +11,10 @@ group's maximum (the kernels before 2026-11-29); ``default``: ``gpu.VARIANT`` as
 ``chunks16``: each block of a flat kernel, and of the NaN/inf check, updates (checks) 4 or 16 x 1024
 elements (torch's multi-tensor kernels: 64 x 1024 a block); ``vec``: each thread of a flat kernel updates 4
 consecutive elements, reading and writing each array in one access; ``groups4``: each warp updates 4
-consecutive int8/int4 groups; ``table``: signed codes decoded through a table; ``groups4+table``: both. On CUDA
+consecutive int8/int4 groups together (every load of the 4 first, then the arithmetic: 4x the bytes in
+flight per warp); ``table``: signed codes decoded through a table; ``groups2+table``, ``groups4+table``:
+both. Before it is timed, each variant's kernels are compared with the native CPU kernels bit for bit
+on the device (:func:`bits_differ`, ``bits`` in the output); a variant that differs is never chosen. On CUDA
 each case is also profiled once (torch.profiler): ``gpu_ms`` is the device time of its kernels and
 copies per step, so a step much longer than it waits on the host; ``host_ms`` is the time until
 ``step()`` returned (median of the timed steps).
@@ -42,11 +45,16 @@ VARIANTS = {
     "chunks16+vec": ({"chunks": 16, "vec": True}, FLAT),
     "groups4": ({"groups": 4}, GROUPED),
     "table": ({"table": True}, GROUPED),
+    "groups2+table": ({"groups": 2, "table": True}, GROUPED),
     "groups4+table": ({"groups": 4, "table": True}, GROUPED),
 }
-#: timed by default (``old`` was timed on 2026-11-29; ``groups4`` and ``table`` alone are the halves of
-#: ``groups4+table``, timed if it wins)
-DEFAULT_VARIANTS = ["default", "chunks4", "chunks16", "vec", "chunks16+vec", "groups4+table"]
+#: timed by default (``old`` was timed on 2026-11-29; ``chunks16`` alone, ``groups4`` and ``table`` alone
+#: are the halves of combinations timed, run if one wins)
+DEFAULT_VARIANTS = ["default", "chunks4", "vec", "chunks16+vec", "groups2+table", "groups4+table"]
+#: bit-checked combinations (weight format, state format) with shapes that give partial groups, rows a
+#: warp's groups continue into and a tensor smaller than one warp's groups
+BITS_COMBOS = [("exact", "fp32"), ("compact", "int8"), ("kahan", "int4"), ("stochastic", "int8")]
+BITS_SHAPES = [(3, 70), (33, 1000), (4, 33), (2, 3, 40), (130,), (64, 64)]
 
 
 def _reuse_parameter_values() -> None:
@@ -114,6 +122,40 @@ def profile_once(found: dict, key: tuple, case: bench.Case, shapes: list, device
             found[key] = {"gpu_ms": f"{type(err).__name__}: {err}"[:300]}
 
 
+def bits_differ(device: torch.device, steps: int = 3) -> str | None:
+    """Whether the kernels of ``gpu.VARIANT`` as it stands give the native CPU kernels' bits on
+    ``device`` (AdamW, :data:`BITS_COMBOS` on :data:`BITS_SHAPES`, ``steps`` steps): None if every
+    weight and state tensor is bit-identical, else what differs (or why it could not be checked)."""
+    import leanopt
+    from leanopt.kernels import native
+
+    if native.compiler() is None:
+        return "not checked: no C compiler for the native CPU kernels"
+    for master, states in BITS_COMBOS:
+        trained = []
+        for kernel, where in (("auto", torch.device("cpu")), ("fused", device)):
+            gen = torch.Generator().manual_seed(0)
+            params = [torch.nn.Parameter((torch.randn(s, generator=gen) * 0.5).bfloat16().to(where))
+                      for s in BITS_SHAPES]  # fmt: skip
+            opt = leanopt.AdamW(params, lr=1e-2, weight_decay=0.1, master=master, states=states, kernel=kernel)
+            for i in range(steps):
+                for p in params:
+                    p.grad = (torch.randn(p.shape, generator=gen) * 10.0**-i).bfloat16().to(where)
+                opt.step()
+            tensors = []
+            for p in params:
+                tensors.append(p.detach())
+                tensors += [v for _, v in sorted(opt.state[p].items()) if isinstance(v, torch.Tensor)]
+            trained.append([t.cpu().contiguous().reshape(-1).view(torch.uint8) for t in tensors])
+        ref, ours = trained
+        if len(ref) != len(ours):
+            return f"{master}/{states}: {len(ours)} tensors, the native kernels {len(ref)}"
+        for k, (a, b) in enumerate(zip(ref, ours, strict=True)):
+            if a.shape != b.shape or not torch.equal(a, b):
+                return f"{master}/{states}: tensor {k} differs from the native kernels'"
+    return None
+
+
 #: a variant is chosen over "default" only if it is this much faster (geometric mean of its ratios to
 #: default over the workloads and modes it changes) and no case is slower than WORST x default's
 MARGIN, WORST = 0.97, 1.10
@@ -125,7 +167,7 @@ def choose(rows: list[dict]) -> dict:
     on the kernels' device time (``gpu_ms``: the variants change only the kernels' code) where every
     compared case has it, else on the step time. ``env`` is the ``LEANOPT_GPU_VARIANT`` value of both
     winners (empty: keep the defaults): benchmarks/gpu_check.sh runs the kernel benchmark with it."""
-    ok = {(r["workload"], r["variant"], r["mode"]): r for r in rows if "step_ms" in r}
+    ok = {(r["workload"], r["variant"], r["mode"]): r for r in rows if "step_ms" in r and not r.get("bits_differ")}
     out: dict = {"margin": MARGIN, "worst": WORST, "families": {}}
     settings: dict = {}
     for family, modes in (("flat", FLAT), ("grouped", GROUPED)):
@@ -149,9 +191,11 @@ def choose(rows: list[dict]) -> dict:
     return out
 
 
-def report(runs: dict, gpu_ms: dict, out: Path, extra: dict, printing: bool) -> None:
+def report(runs: dict, gpu_ms: dict, out: Path, extra: dict, printing: bool, bits: dict | None = None) -> None:
     """Write what has been measured so far to ``out`` (after every round: a run cut short keeps its
-    finished rounds), and print it at the end."""
+    finished rounds), and print it at the end. ``bits``: variant -> :func:`bits_differ`'s answer; a
+    variant whose bits differ is marked in its rows (``bits_differ``) and never chosen."""
+    bits = bits or {}
     rows = []
     for (wname, vname, mode), results in runs.items():
         bad = [r for r in results if r.status != "ok"]
@@ -172,6 +216,9 @@ def report(runs: dict, gpu_ms: dict, out: Path, extra: dict, printing: bool) -> 
                      **profiled, "vs_torch_fused": round(ms / base, 3), "achieved_gbps": round(gbps, 1),
                      "touched_bytes_per_param": results[0].touched_bytes_per_param, "rounds": len(results),
                      "step_ms_all": [x for r in results for x in r.step_ms_all]})  # fmt: skip
+        differs = bits.get(vname)
+        if differs and not differs.startswith("not checked"):
+            rows[-1]["bits_differ"] = differs
         if printing:
             check = profiled.get("gpu_ms_by_name", {}).get("lo_cuda_finite")
             kernels = f"  kernels {dev:.3f} ms" if isinstance(dev, float) else ""
@@ -180,10 +227,13 @@ def report(runs: dict, gpu_ms: dict, out: Path, extra: dict, printing: bool) -> 
             print(f"  {gbps:7.1f} GB/s{kernels}")
     chosen = choose(rows)
     if printing:
+        for vname, differs in bits.items():
+            print(f"bits of {vname}: {differs or 'those of the native kernels, every tensor'}")
         for family, x in chosen["families"].items():
             print(f"{family} kernels: chosen {x['chosen'] or 'default'} (by {x['metric']}; scores {x['scores']})")
         print(f"LEANOPT_GPU_VARIANT={chosen['env']!r}")
-    write_rows(out, "python benchmarks/gpu_variants.py " + " ".join(sys.argv[1:]), rows, **extra, chosen=chosen)
+    write_rows(out, "python benchmarks/gpu_variants.py " + " ".join(sys.argv[1:]), rows, **extra, chosen=chosen,
+               bits={v: d or "same" for v, d in bits.items()})  # fmt: skip
 
 
 def main() -> int:
@@ -211,6 +261,7 @@ def main() -> int:
         ap.error(f"--variants: unknown {unknown or 'empty'}; accepted: {', '.join(VARIANTS)}")
     runs: dict[tuple, list[bench.Result]] = {}
     gpu_ms: dict[tuple, dict | None] = {}
+    bits: dict[str, str | None] = {}
     extra = {"device": bench._device_name(device), "default_variant": default,
              "variants": {v: VARIANTS[v][0] for v in chosen}}  # fmt: skip
     try:
@@ -226,13 +277,19 @@ def main() -> int:
                     gpu.VARIANT.update(default)
                     gpu.VARIANT.update(variant)
                     gpu.reset()
+                    if vname not in bits:  # once, before it is timed: are its bits the native kernels'?
+                        try:
+                            bits[vname] = bits_differ(device)
+                        except Exception as err:  # noqa: BLE001 - recorded: the variant is not chosen
+                            bits[vname] = f"{type(err).__name__}: {err}"[:300]
+                        gpu.reset()
                     for mode in modes:
                         case = cases[mode]
                         runs.setdefault((wname, vname, mode), []).append(
                             bench.run_case(wname, ws.shapes, case, device, args.steps, 3)
                         )
                         profile_once(gpu_ms, (wname, vname, mode), case, ws.shapes, device)
-            report(runs, gpu_ms, args.out, extra | {"rounds_done": done}, printing=done == args.rounds)
+            report(runs, gpu_ms, args.out, extra | {"rounds_done": done}, printing=done == args.rounds, bits=bits)
     finally:
         gpu.VARIANT.update(default)
         gpu.reset()

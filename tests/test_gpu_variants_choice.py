@@ -2,6 +2,7 @@
 benchmark with): a variant replaces the default only if it is clearly faster and nowhere much slower."""
 
 import pytest
+import torch
 
 from conftest import load_benchmark
 
@@ -58,3 +59,37 @@ def test_step_time_decides_where_the_kernel_time_is_missing_and_a_failed_case_di
     assert chosen["families"]["flat"]["metric"] == "step_ms"
     assert "vec" not in chosen["families"]["flat"]["scores"]  # not measured everywhere: not a candidate
     assert chosen["families"]["flat"]["chosen"] == "chunks16"
+
+
+def test_a_variant_whose_bits_differ_is_never_chosen(gv):
+    rows = rows_for(gv, {"default": 1.0, "chunks16": 0.9, "groups4+table": 0.5, "groups2+table": 0.8})
+    for r in rows:
+        if r["variant"] == "groups4+table":
+            r["bits_differ"] = "compact/int8: tensor 3 differs from the native kernels'"
+    chosen = gv.choose(rows)
+    assert "groups4+table" not in chosen["families"]["grouped"]["scores"]
+    assert chosen["families"]["grouped"]["chosen"] == "groups2+table"
+    assert chosen["families"]["flat"]["chosen"] == "chunks16"
+
+
+def test_the_bit_check_finds_kernels_that_differ_from_the_native_ones(gv, monkeypatch):
+    """bits_differ (run on the device for each variant before it is timed): None for the kernels as
+    they are (emulated here), the combination that differs when a kernel's code is changed."""
+    from leanopt.kernels import gpu, native
+
+    if native.compiler() is None:
+        pytest.skip("needs a C compiler")
+    monkeypatch.setattr(gpu, "EMULATE", True)
+    monkeypatch.setitem(gpu.VARIANT, "groups", 2)
+    gpu.reset()
+    try:
+        assert gv.bits_differ(torch.device("cpu")) is None
+        generate = gpu.generate
+        # the grouped kernels' int8/int4 codes taken against half the group's scale
+        monkeypatch.setattr(gpu, "generate", lambda spec, ns: generate(spec, ns).replace(
+            "const float inv = 1.0f /", "const float inv = 0.5f /"))  # fmt: skip
+        gpu.reset()
+        found = gv.bits_differ(torch.device("cpu"))
+        assert found is not None and found.startswith("compact/int8:"), found
+    finally:
+        gpu.reset()

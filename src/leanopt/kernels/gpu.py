@@ -68,7 +68,8 @@ NVRTC_OPTIONS = ["--fmad=false"]
 #: warp reduction (``__reduce_max_sync``) instead of each lane reading all 32 from shared memory.
 #: ``chunks``: blocks of FLAT_UNIT elements one flat kernel's block updates in turn (its setup - finding
 #: its tensor, reading the table row: dependent loads - paid once for them all);
-#: ``groups``: consecutive int8/int4 groups one warp updates (its setup paid once for them all);
+#: ``groups``: consecutive int8/int4 groups one warp updates together (its setup paid once for them all,
+#: every load of them issued before any arithmetic: more bytes in flight per warp);
 #: ``table``: signed int8/int4 codes decoded through a per-block table of ``y / (2 - |y|)`` (no
 #: divisions per element); ``vec``: a flat kernel's thread updates ITEMS consecutive elements, each
 #: array read and written in one 4-16 byte access where aligned (as torch's fused kernels do).
@@ -447,10 +448,11 @@ def _vector_loops(spec: KernelSpec, read: list[str], update: list[str], ptr_line
 
 
 def _grouped(spec: KernelSpec, common: list[str], body: str) -> list[str]:
-    """A warp per group of GROUP_SIZE elements of one row; lane e holds element j0 + e. Each state's
-    decoded value (signed) or its square root (unsigned: what is quantised) goes to the warp's shared
-    scratch, so after ``LO_SYNC`` each lane finds the group's largest magnitude there, as the CPU
-    kernel's encode loop does."""
+    """A warp per ``VARIANT["groups"]`` consecutive groups of GROUP_SIZE elements (each within one row);
+    lane e holds element j0 + e of each. The warp loads all its groups' values first, then updates
+    them; each state's decoded value (signed) or its square root (unsigned: what is quantised) goes to
+    the warp's shared scratch (one slot per group), so after ``LO_SYNC`` each lane finds its groups'
+    largest magnitudes there, as the CPU kernel's encode loop does (on CUDA: one warp reduction each)."""
     gs = GROUP_SIZE
     assert gs == 32, "one warp per group"
     states = spec.states
@@ -463,6 +465,10 @@ def _grouped(spec: KernelSpec, common: list[str], body: str) -> list[str]:
         )
     decode, keep, encode = [], [], []
     tables: set[str] = set()  # signed codec kinds decoded through a table
+    per_warp = VARIANT["groups"]  # consecutive groups a warp updates together
+    # each of the warp's groups in turn: its length (0: past the tensor's last group), row, index in the row
+    each_group = "\n".join([f"    LO_UNROLL for (int q = 0; q < {per_warp}; q++) {{", "      const int len = L_[q];",
+                            f"      const int64_t r = R_[q], gi = GI_[q], j0 = gi * {gs};"])  # fmt: skip
     for name, signed, codec in states:
         v = _ident(name)
         qs, levels = _quant_consts(codec.kind)
@@ -520,20 +526,21 @@ def _grouped(spec: KernelSpec, common: list[str], body: str) -> list[str]:
                 f"#else\n{loop_max}\n#endif"
             )
         encode.append(
-            f"""    LO_EACH(e, {gs}) {{  /* the group's largest magnitude: bits of values >= 0 order like them */
+            f"""      {{  /* {name}: the group's largest magnitude (bits of values >= 0 order like them), the codes */
+      float *LO_RESTRICT X_{v} = sh + {len(encode) * gs * per_warp} + q * {gs};
 {loop_max}
       const float top = lo_f(topb);
       const uint16_t sb = lo_bf16(top); const float s32 = lo_f((uint32_t)sb << 16);
       const float inv = 1.0f / (s32 > 0.0f ? s32 : 1.0f);
 {put}
-      if (e == 0) K_{v}[r * gpr + gi] = sb;
-    }}"""
+      if (e == 0 && len > 0) K_{v}[r * gpr + gi] = sb;
+      }}"""
         )
-    scratch = [f"  float *LO_RESTRICT X_{_ident(n)} = sh + {k * gs};" for k, (n, _, _) in enumerate(states)]
-    scales = [
-        f"  const float sc_{_ident(n)} = lo_f((uint32_t)K_{_ident(n)}[r * gpr + gi] << 16);" for n, _, _ in states
-    ]
-    per_warp = VARIANT["groups"]  # consecutive groups a warp updates one after the other
+    scratch = [f"      float *LO_RESTRICT X_{_ident(n)} = sh + {k * gs * per_warp} + q * {gs};"
+               for k, (n, _, _) in enumerate(states)]  # fmt: skip
+    scales = [f"      const float sc_{_ident(n)} = lo_f((uint32_t)K_{_ident(n)}[r * gpr + gi] << 16);"
+              for n, _, _ in states]  # fmt: skip
+    names = ["p", "g", *(f"st_{_ident(n)}" for n, _, _ in states)]
     table_args = "".join(f", const float *LO_RESTRICT T_{k}" for k in sorted(tables))
     unit_fn = "\n".join(
         [
@@ -544,35 +551,47 @@ def _grouped(spec: KernelSpec, common: list[str], body: str) -> list[str]:
             f"  const int64_t gpr = (n + {gs - 1}) / {gs}, groups = rows * gpr;",
             f"  const int64_t first = ((unit - m[0]) * {WARPS} + warp) * {per_warp};",
             "  if (first >= groups) return;  /* the whole warp: its lanes share its groups */",
-            "  int64_t r = first / gpr, gi = first % gpr;",
-            *scratch,
-            f"  for (int q = 0; q < {per_warp}; q++, gi++) {{",
-            "  if (q > 0) {",
-            "    if (first + q >= groups) break;",
-            "    if (gi == gpr) { gi = 0; r++; }",
-            "    LO_SYNC();  /* every lane is done with the last group's scratch */",
+            "  /* the warp's groups: row, index in the row, length (0: past the tensor's last group) */",
+            f"  int64_t R_[{per_warp}], GI_[{per_warp}]; int L_[{per_warp}];",
+            "  {",
+            "    int64_t r = first / gpr, gi = first % gpr;",
+            f"    LO_UNROLL for (int q = 0; q < {per_warp}; q++) {{",
+            f"      R_[q] = r; GI_[q] = gi;"
+            f" L_[q] = first + q >= groups ? 0 : (n - gi * {gs} < {gs} ? (int)(n - gi * {gs}) : {gs});",
+            "      if (++gi == gpr) { gi = 0; r++; }",
+            "    }",
             "  }",
-            f"  const int64_t j0 = gi * {gs};",
-            f"  const int len = n - j0 < {gs} ? (int)(n - j0) : {gs};",
-            *scales,
-            f"  LO_EACH(e, {gs}) {{",
-            "    if (e < len) {",
+            f"  LO_EACH(e, {gs}) {{  /* every load of the warp's groups first (more in flight), then the arithmetic */",
+            "    " + " ".join(f"float H_{v}[{per_warp}];" for v in names),
+            each_group,
+            "      if (e >= len) continue;",
             "      const int64_t i = r * n + j0 + e;",
+            *scales,
             *decode,
             f"      float p = {spec.weight.load};",
             f"      const float g = {spec.grad[1]};",
+            "      " + " ".join(f"H_{v}[q] = {v};" for v in names),
+            "    }",
+            each_group,
+            "      if (e >= len) continue;",
+            "      const int64_t i = r * n + j0 + e;",
+            *scratch,
+            "      " + " ".join(f"{'const ' if v == 'g' else ''}float {v} = H_{v}[q];" for v in names),
             body,
             *keep,
             f"      {spec.weight.store}",
             "    }",
             "  }",
             "  LO_SYNC();",
+            f"  LO_EACH(e, {gs}) {{",
+            each_group,
             *encode,
+            "    }",
             "  }",
             "}",
         ]
     )
-    nst = len(states) * gs
+    nst = len(states) * gs * per_warp
     # the tables: entry c + half of kind k's codes holds (c / Q) / (2 - |c / Q|), as the decode computed it
     tdecl, tfill, targs = [], [], ""
     for k in sorted(tables):
