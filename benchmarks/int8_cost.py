@@ -3,7 +3,10 @@ timed alternately in one process on the same tensors (wrong numbers, same shape 
 
 - "no division or sqrt": every float division a multiplication, every square root an abs;
 - "no state encode": the int8 states' group maximum, scale and codes not computed or written;
-- "portable C": the same kernel without its AVX-512 code (``LO_NO_VECTOR``), as on CPUs without it.
+- "portable C": the same kernel without its AVX-512 code (``LO_NO_VECTOR``), as on CPUs without it;
+- "gather decode", "register-permute decode": the first moment's codes decoded by a gather
+  (``LO_NO_VBMI``: CPUs with AVX-512 but not VBMI), or by register permutes (with ``LO_SLOW_GATHER``:
+  such CPUs whose gathers are slow), instead of byte permutes (AVX-512 VBMI, since 2026-11-30).
 
     python benchmarks/int8_cost.py                  # 50M elements, 3 rounds
     python benchmarks/int8_cost.py --elements 10000000 --rounds 5
@@ -69,6 +72,8 @@ def main() -> None:
         "no division or sqrt": cheap,
         "no state encode": no_encode,
         "portable C": "#define LO_NO_VECTOR 1\n" + source,
+        "gather decode": "#define LO_NO_VBMI 1\n" + source,
+        "register-permute decode": "#define LO_NO_VBMI 1\n#define LO_SLOW_GATHER 1\n" + source,
     }
     for name, text in variants.items():
         assert name == "generated" or text != source, f"the {name!r} variant did not change the source"

@@ -668,6 +668,9 @@ _VECTOR_PRELUDE = r"""
 #include <immintrin.h>
 #define lv_none(m) ((m) == 0)
 #define lv_mask_all(c) ((c) ? 0xFFFF : 0)
+#if defined(__AVX512VBMI__) && !defined(LO_NO_VBMI)
+#define LO_VBMI 1  /* byte permutes: signed codes decoded by byte-wide table lookups (lv_decode_signed) */
+#endif
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__) && !defined(LO_NO_VECTOR)
 #define LO_VECTOR 1
 #define LO_AVX2 1
@@ -779,6 +782,51 @@ static inline __m512 lv_lookup256(const float *t, const __m512 *tv, __m512i idx)
   return _mm512_i32gather_ps(idx, t, 4);
 #endif
 }
+#ifdef LO_VBMI
+/* ``count`` (at most 128) signed codes at p -> out[0, count rounded up to 64): the table's entry for
+   each code, as lv_lookup256 gives it, 64 codes at a time without a gather. The four bytes of the
+   entries for |code| (tb: per byte plane, the entries of codes 0-63 and 64-127) are looked up by four
+   byte permutes, a negative code flips the sign bit in the top byte (the table is odd: entry -c is
+   -(entry c), bit for bit, as (-c) / Q = -(c / Q) exactly; +0 at 0), and code -128, which has no
+   opposite, takes its own entry's bytes (m128). Two unpacks (bytes -> 16-bit -> 32-bit) turn the byte planes into
+   floats in the order the codes were first permuted into (``order``: each 4-code run to where the
+   unpacks take it from), which is the codes' own order. */
+static inline void lv_decode_signed(const int8_t *p, int64_t count, const __m512i *tb, const uint8_t *m128,
+                                    float *out) {
+  const __m512i order = _mm512_set_epi8(63, 62, 61, 60, 47, 46, 45, 44, 31, 30, 29, 28, 15, 14, 13, 12,
+                                        59, 58, 57, 56, 43, 42, 41, 40, 27, 26, 25, 24, 11, 10, 9, 8,
+                                        55, 54, 53, 52, 39, 38, 37, 36, 23, 22, 21, 20, 7, 6, 5, 4,
+                                        51, 50, 49, 48, 35, 34, 33, 32, 19, 18, 17, 16, 3, 2, 1, 0);
+  for (int64_t k = 0; k < count; k += 64) {
+    const __mmask64 live = count - k >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << (count - k)) - 1);
+    const __m512i c = _mm512_permutexvar_epi8(order, _mm512_maskz_loadu_epi8(live, p + k));
+    const __m512i a = _mm512_abs_epi8(c);  /* -128 stays 0x80: entry 0 here, replaced below */
+    const __mmask64 low = _mm512_cmpeq_epi8_mask(c, _mm512_set1_epi8(-128));
+    __m512i b[4];
+    for (int j = 0; j < 4; j++) b[j] = _mm512_permutex2var_epi8(tb[2 * j], a, tb[2 * j + 1]);
+    b[3] = _mm512_ternarylogic_epi32(b[3], c, _mm512_set1_epi8((char)0x80), 0x78);  /* b3 ^ (c & 0x80) */
+    for (int j = 0; j < 4; j++) b[j] = _mm512_mask_mov_epi8(b[j], low, _mm512_set1_epi8((char)m128[j]));
+    const __m512i w0 = _mm512_unpacklo_epi8(b[0], b[1]), w1 = _mm512_unpackhi_epi8(b[0], b[1]);
+    const __m512i w2 = _mm512_unpacklo_epi8(b[2], b[3]), w3 = _mm512_unpackhi_epi8(b[2], b[3]);
+    _mm512_storeu_si512(out + k, _mm512_unpacklo_epi16(w0, w2));
+    _mm512_storeu_si512(out + k + 16, _mm512_unpackhi_epi16(w0, w2));
+    _mm512_storeu_si512(out + k + 32, _mm512_unpacklo_epi16(w1, w3));
+    _mm512_storeu_si512(out + k + 48, _mm512_unpackhi_epi16(w1, w3));
+  }
+}
+/* tb and m128 of lv_decode_signed from the table of all 256 codes (t[c + 128]) */
+static inline void lv_byte_table(const float *t, __m512i *tb, uint8_t *m128) {
+  uint8_t planes[4][128];
+  for (int e = 0; e < 128; e++) {
+    const uint32_t u = lo_u(t[128 + e]);
+    for (int j = 0; j < 4; j++) planes[j][e] = (uint8_t)(u >> (8 * j));
+  }
+  for (int j = 0; j < 4; j++) {
+    tb[2 * j] = _mm512_loadu_si512(planes[j]); tb[2 * j + 1] = _mm512_loadu_si512(planes[j] + 64);
+    m128[j] = (uint8_t)(lo_u(t[0]) >> (8 * j));
+  }
+}
+#endif
 /* One group of 32 (two vectors) of a quantised state, as the scalar code does it element by element.
    The group's largest |x| (bits: NaN above inf), its bf16 scale and the scale's reciprocal. */
 static inline uint16_t lv_scale(const __m512 *a, __m512 *inv, __m512 *top, __mmask16 *live) {
@@ -935,6 +983,10 @@ def generate(spec: KernelSpec) -> str:
             lines.append(
                 f"  for (int k = 0; k < 16; k++) lv_signed_{qs}[k] = _mm512_loadu_ps(lo_signed_{qs} + 16 * k);"
             )
+            lines.append("#ifdef LO_VBMI")
+            lines.append(f"  __m512i lb_signed_{qs}[8]; uint8_t lm_signed_{qs}[4];")
+            lines.append(f"  lv_byte_table(lo_signed_{qs}, lb_signed_{qs}, lm_signed_{qs});")
+            lines.append("#endif")
         lines += [f"  const __m512 vs_{k} = _mm512_set1_ps(s_{k});" for k in used]
         lines.append("#endif")
     bs = gs * BLOCK_GROUPS
@@ -1145,16 +1197,18 @@ def _vector_body(body: str) -> str:
 
 def _vector_blocks(vector: str | None, body: str) -> str:
     """C run at the start of each block where AVX-512 is compiled in: the block's full groups, 16
-    elements per register; a row's last, partial group is left to the scalar code after it."""
+    elements per register; a row's last, partial group is left to the scalar code after it. The part of
+    ``vector`` before ``@GROUPS@`` runs once per block (``full`` groups), the rest once per group."""
     if not vector:
         return ""
     vbody = _vector_body(body)
     gs = GROUP_SIZE
+    before, _, vector = vector.rpartition("@GROUPS@\n")
     return f"""
 #ifdef LO_VECTOR
     {{
       const int64_t full = (n - j0) / {gs} < {BLOCK_GROUPS} ? (n - j0) / {gs} : {BLOCK_GROUPS};
-      for (int64_t gv = 0; gv < full; gv++) {{
+{before}      for (int64_t gv = 0; gv < full; gv++) {{
         const int64_t q = q0 + gv, jg = j0 + gv * {gs}, base = r * n + jg;
 {vector.replace("@BODY@", vbody)}
       }}
@@ -1171,7 +1225,7 @@ def _vector_group(spec: KernelSpec) -> str | None:
     form (then the scalar code does every group)."""
     if not (spec.weight.vload and spec.weight.vstore) or any(c.kind == "flat" for _, _, c in spec.states):
         return None
-    decode, encode, loads, stores = [], [], [], []
+    decode, encode, loads, stores, block = [], [], [], [], []
     for name, signed, codec in spec.states:
         v = _ident(name)
         qs, levels = _quant_consts(codec.kind)
@@ -1187,9 +1241,15 @@ def _vector_group(spec: KernelSpec) -> str | None:
         for h in range(2):
             if signed and packed:  # nibble 0..15 is code -8..7: 16 table entries
                 value = f"_mm512_mul_ps(_mm512_permutexvar_ps(code[{h}], _mm512_loadu_ps(lo_signed_{qs} + 120)), sc)"
-            elif signed:  # from the table of every storable code
+            elif signed:  # from the table of every storable code (LO_VBMI: decoded for the block before)
                 idx = f"_mm512_add_epi32(code[{h}], lv_i(128))"
-                value = f"_mm512_mul_ps(lv_lookup256(lo_signed_{qs}, lv_signed_{qs}, {idx}), sc)"
+                value = (f"_mm512_mul_ps(\n#ifdef LO_VBMI\n            _mm512_loadu_ps(D_{v} + gv * {GROUP_SIZE} + {16 * h})"
+                         f"\n#else\n            lv_lookup256(lo_signed_{qs}, lv_signed_{qs}, {idx})\n#endif\n"
+                         "            , sc)")  # fmt: skip
+                if h == 0:
+                    block.append(f"      float D_{v}[{GROUP_SIZE * BLOCK_GROUPS}] __attribute__((aligned(64)));"
+                                 f" lv_decode_signed(C_{v} + r * n + j0, full * {GROUP_SIZE}, lb_signed_{qs},"
+                                 f" lm_signed_{qs}, D_{v});")  # fmt: skip
             else:
                 c = f"code[{h}]" if packed else f"_mm512_add_epi32(code[{h}], lv_i({levels // 2}))"
                 value = f"lv_decode_unsigned({c}, {_lit(1 / levels)}, sc)"
@@ -1211,7 +1271,9 @@ def _vector_group(spec: KernelSpec) -> str | None:
         else:
             put = " ".join(f"lv_st8({at} + {16 * h}, _mm512_sub_epi32(code[{h}], lv_i({offset})));" for h in range(2))
         encode.append(f"        {{ __m512i code[2]; K_{v}[r * groups + q] = {enc};\n          {put} }}")
+    before = ["#ifdef LO_VBMI", *block, "#endif", "@GROUPS@"] if block else []
     return "\n".join([
+        *before,
         *decode,
         "        for (int h = 0; h < 2; h++) {",
         "          const int64_t i = base + 16 * h;",
