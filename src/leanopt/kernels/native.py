@@ -1243,8 +1243,9 @@ def _vector_group(spec: KernelSpec) -> str | None:
                 value = f"_mm512_mul_ps(_mm512_permutexvar_ps(code[{h}], _mm512_loadu_ps(lo_signed_{qs} + 120)), sc)"
             elif signed:  # from the table of every storable code (LO_VBMI: decoded for the block before)
                 idx = f"_mm512_add_epi32(code[{h}], lv_i(128))"
-                value = (f"_mm512_mul_ps(\n#ifdef LO_VBMI\n            _mm512_loadu_ps(D_{v} + gv * {GROUP_SIZE} + {16 * h})"
-                         f"\n#else\n            lv_lookup256(lo_signed_{qs}, lv_signed_{qs}, {idx})\n#endif\n"
+                value = (f"_mm512_mul_ps(\n#ifdef LO_VBMI\n"
+                         f"            _mm512_loadu_ps(D_{v} + gv * {GROUP_SIZE} + {16 * h})\n#else\n"
+                         f"            lv_lookup256(lo_signed_{qs}, lv_signed_{qs}, {idx})\n#endif\n"
                          "            , sc)")  # fmt: skip
                 if h == 0:
                     block.append(f"      float D_{v}[{GROUP_SIZE * BLOCK_GROUPS}] __attribute__((aligned(64)));"
