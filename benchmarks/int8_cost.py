@@ -6,7 +6,10 @@ timed alternately in one process on the same tensors (wrong numbers, same shape 
 - "portable C": the same kernel without its AVX-512 code (``LO_NO_VECTOR``), as on CPUs without it;
 - "gather decode", "register-permute decode": the first moment's codes decoded by a gather
   (``LO_NO_VBMI``: CPUs with AVX-512 but not VBMI), or by register permutes (with ``LO_SLOW_GATHER``:
-  such CPUs whose gathers are slow), instead of byte permutes (AVX-512 VBMI, since 2026-11-30).
+  such CPUs whose gathers are slow), instead of byte permutes (AVX-512 VBMI, since 2026-11-30);
+- "scales one group at a time": each group's largest magnitude reduced to a scalar, its bf16 scale and
+  reciprocal computed there (``LO_SCALE_EACH``), instead of a block's 4 groups' at once in registers
+  (since 2026-11-30); "both as before": this and the gather decode, the kernel before 2026-11-30.
 
     python benchmarks/int8_cost.py                  # 50M elements, 3 rounds
     python benchmarks/int8_cost.py --elements 10000000 --rounds 5
@@ -65,8 +68,9 @@ def main() -> None:
     cheap = source.replace("_mm512_div_ps(", "_mm512_mul_ps(").replace("_mm512_sqrt_ps(", "_mm512_abs_ps(")
     cheap = cheap.replace("#define LO_DIV(a, b) ((a) / (b))", "#define LO_DIV(a, b) ((a) * (b))")
     cheap = cheap.replace("#define LO_SQRT(a) sqrtf(a)", "#define LO_SQRT(a) fabsf(a)")
-    encode = r"        \{ __m512i code\[2\]; K_\w+\[r \* groups \+ q\] = lv_encode_\w+\([^\n]*\n[^\n]*\}\n"
-    no_encode = re.sub(encode, "", source)
+    # the block's scales and codes (after its groups' updates) and what is kept for them
+    encode = r"#ifndef LO_SCALE_EACH\n      \{\n.*?\n#endif\n"
+    no_encode = re.sub(r"        KA_\w+\[2 \* gv\] = [^\n]*\n", "", re.sub(encode, "", source, flags=re.S))
     variants = {
         "generated": source,
         "no division or sqrt": cheap,
@@ -74,6 +78,8 @@ def main() -> None:
         "portable C": "#define LO_NO_VECTOR 1\n" + source,
         "gather decode": "#define LO_NO_VBMI 1\n" + source,
         "register-permute decode": "#define LO_NO_VBMI 1\n#define LO_SLOW_GATHER 1\n" + source,
+        "scales one group at a time": "#define LO_SCALE_EACH 1\n" + source,
+        "both as before": "#define LO_SCALE_EACH 1\n#define LO_NO_VBMI 1\n" + source,
     }
     for name, text in variants.items():
         assert name == "generated" or text != source, f"the {name!r} variant did not change the source"

@@ -514,9 +514,10 @@ def test_avx512_avx2_and_portable_grouped_code_give_the_same_bits(tmp_path, monk
     results = {}
     widths = {}
     # The first moment's table lookup: by byte permutes where the CPU has AVX-512 VBMI (""), else by a
-    # gather ("-DLO_NO_VBMI") or, on CPUs whose gathers are slow, by register permutes (LO_SLOW_GATHER)
+    # gather ("-DLO_NO_VBMI") or, on CPUs whose gathers are slow, by register permutes (LO_SLOW_GATHER);
+    # LO_SCALE_EACH: each group's scale by itself instead of a block's 4 at once (benchmarks/int8_cost.py)
     avx2 = (AVX2,) if _cpu_has("avx2", "fma", "f16c") and _compiler_takes(AVX2, monkeypatch) else ()
-    lookups = ("-DLO_NO_VBMI", "-DLO_NO_VBMI -DLO_SLOW_GATHER")
+    lookups = ("-DLO_NO_VBMI", "-DLO_NO_VBMI -DLO_SLOW_GATHER", "-DLO_SCALE_EACH")
     for flags in ("", "-DLO_NO_VECTOR", *lookups, *avx2):
         monkeypatch.setenv("LEANOPT_CFLAGS", flags)
         native.reset()

@@ -836,9 +836,45 @@ static inline uint16_t lv_scale(const __m512 *a, __m512 *inv, __m512 *top, __mma
   const uint16_t sb = lo_bf16(t); const float s32 = lo_f((uint32_t)sb << 16);
   *inv = _mm512_set1_ps(1.0f / (s32 > 0.0f ? s32 : 1.0f)); *top = _mm512_set1_ps(t); *live = lv_mask_all(t > 0.0f);
   return sb; }
+/* The scales of 4 groups at once (no reduction to a scalar): pm[g] holds group g's 16 partial maxima
+   (bits of magnitudes: values >= 0 order like their bits, NaN above inf). Lanes 4g..4g+3 of *top get
+   group g's largest magnitude, of *inv the reciprocal of its bf16 scale (1 where the scale is not > 0),
+   sb[g] its bf16 scale: what lv_scale gives for each group, bit for bit. */
+static inline void lv_scales4(const __m512i *pm, __m512 *top, __m512 *inv, uint16_t *sb) {
+  const __m512i lo8 = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23);
+  const __m512i hi8 = _mm512_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  const __m512i lo4 = _mm512_setr_epi32(0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27);
+  const __m512i hi4 = _mm512_setr_epi32(4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+  /* 8 partial maxima of groups 0 and 1 side by side, of 2 and 3; then 4 of each group; then each
+     group's 4 lanes by two swaps within them */
+  const __m512i ab = _mm512_max_epu32(_mm512_permutex2var_epi32(pm[0], lo8, pm[1]),
+                                      _mm512_permutex2var_epi32(pm[0], hi8, pm[1]));
+  const __m512i cd = _mm512_max_epu32(_mm512_permutex2var_epi32(pm[2], lo8, pm[3]),
+                                      _mm512_permutex2var_epi32(pm[2], hi8, pm[3]));
+  __m512i m = _mm512_max_epu32(_mm512_permutex2var_epi32(ab, lo4, cd), _mm512_permutex2var_epi32(ab, hi4, cd));
+  m = _mm512_max_epu32(m, lv_u(_mm512_permutexvar_ps(_mm512_setr_epi32(1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10,
+                                                                       13, 12, 15, 14), lv_f(m))));
+  m = _mm512_max_epu32(m, lv_u(_mm512_permutexvar_ps(_mm512_setr_epi32(2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9,
+                                                                       14, 15, 12, 13), lv_f(m))));
+  const __m512 t = lv_f(m), one = _mm512_set1_ps(1.0f);
+  const __m512i b = lv_bf16(t);
+  const __m512 s32 = lv_widen_bf16(b);
+  *top = t;
+  *inv = _mm512_div_ps(one, _mm512_mask_blend_ps(_mm512_cmp_ps_mask(s32, _mm512_setzero_ps(), _CMP_GT_OQ), one, s32));
+  float lanes[16];
+  _mm512_storeu_ps(lanes, lv_f(b));
+  for (int g = 0; g < 4; g++) sb[g] = (uint16_t)lo_u(lanes[4 * g]); }
+/* group g's (top, inv) of lv_scales4 in every lane, and whether its largest magnitude is > 0 */
+static inline __mmask16 lv_group(__m512 top4, __m512 inv4, int g, __m512 *top, __m512 *inv) {
+  const __m512i at = _mm512_set1_epi32(4 * g);
+  *top = _mm512_permutexvar_ps(at, top4); *inv = _mm512_permutexvar_ps(at, inv4);
+  return _mm512_cmp_ps_mask(*top, _mm512_setzero_ps(), _CMP_GT_OQ); }
+/* one group's 16 partial maxima of lv_scales4 */
+static inline __m512i lv_partial_max(const __m512 *a) {
+  const __m512i m = lv_i(0x7FFFFFFF);
+  return _mm512_max_epu32(_mm512_and_si512(lv_u(a[0]), m), _mm512_and_si512(lv_u(a[1]), m)); }
 /* signed (momentum): code = rint(q * y), y = 2x / (1 + |x|), x = clamp(a / scale, -1, 1) (+-1 at the top) */
-static inline uint16_t lv_encode_signed(const __m512 *a, float q, __m512i *code) {
-  __m512 inv, top; __mmask16 live; const uint16_t sb = lv_scale(a, &inv, &top, &live);
+static inline void lv_codes_signed(const __m512 *a, __m512 inv, __m512 top, __mmask16 live, float q, __m512i *code) {
   const __m512 one = _mm512_set1_ps(1.0f);
   for (int h = 0; h < 2; h++) {
     const __m512 xr = _mm512_min_ps(one, _mm512_max_ps(_mm512_set1_ps(-1.0f), _mm512_mul_ps(a[h], inv)));
@@ -848,11 +884,14 @@ static inline uint16_t lv_encode_signed(const __m512 *a, float q, __m512i *code)
                                                                                 lv_u(one), 0xEA)));
     x = _mm512_div_ps(_mm512_mul_ps(_mm512_set1_ps(2.0f), x), _mm512_add_ps(one, _mm512_abs_ps(x)));
     code[h] = _mm512_cvtps_epi32(_mm512_mul_ps(x, _mm512_set1_ps(q)));
-  }
+  } }
+static inline uint16_t lv_encode_signed(const __m512 *a, float q, __m512i *code) {
+  __m512 inv, top; __mmask16 live; const uint16_t sb = lv_scale(a, &inv, &top, &live);
+  lv_codes_signed(a, inv, top, live, q, code);
   return sb; }
 /* unsigned (second moment, by its square root r): code = max(rint(levels * min(r / scale, 1)) - 1, 0) */
-static inline uint16_t lv_encode_unsigned(const __m512 *r, float levels, __m512i *code) {
-  __m512 inv, top; __mmask16 live; const uint16_t sb = lv_scale(r, &inv, &top, &live);
+static inline void lv_codes_unsigned(const __m512 *r, __m512 inv, __m512 top, __mmask16 live, float levels,
+                                     __m512i *code) {
   const __m512 one = _mm512_set1_ps(1.0f);
   for (int h = 0; h < 2; h++) {
     const __m512 xr = _mm512_min_ps(one, _mm512_mul_ps(r[h], inv));
@@ -860,7 +899,10 @@ static inline uint16_t lv_encode_unsigned(const __m512 *r, float levels, __m512i
     const __m512 c = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(levels)),
                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     code[h] = _mm512_cvttps_epi32(_mm512_max_ps(_mm512_setzero_ps(), _mm512_sub_ps(c, one)));
-  }
+  } }
+static inline uint16_t lv_encode_unsigned(const __m512 *r, float levels, __m512i *code) {
+  __m512 inv, top; __mmask16 live; const uint16_t sb = lv_scale(r, &inv, &top, &live);
+  lv_codes_unsigned(r, inv, top, live, levels, code);
   return sb; }
 /* unsigned decode: ((code + 1) / levels * scale)^2 (dividing by a power of two = multiplying) */
 static inline __m512 lv_decode_unsigned(__m512i code, float inv_levels, __m512 scale) {
@@ -1198,12 +1240,14 @@ def _vector_body(body: str) -> str:
 def _vector_blocks(vector: str | None, body: str) -> str:
     """C run at the start of each block where AVX-512 is compiled in: the block's full groups, 16
     elements per register; a row's last, partial group is left to the scalar code after it. The part of
-    ``vector`` before ``@GROUPS@`` runs once per block (``full`` groups), the rest once per group."""
+    ``vector`` before ``@GROUPS@`` runs once per block (``full`` groups), then the part up to ``@AFTER@``
+    once per group, then the rest once per block."""
     if not vector:
         return ""
     vbody = _vector_body(body)
     gs = GROUP_SIZE
-    before, _, vector = vector.rpartition("@GROUPS@\n")
+    before, _, vector = vector.partition("@GROUPS@\n")
+    vector, _, after = vector.partition("@AFTER@\n")
     return f"""
 #ifdef LO_VECTOR
     {{
@@ -1212,6 +1256,7 @@ def _vector_blocks(vector: str | None, body: str) -> str:
         const int64_t q = q0 + gv, jg = j0 + gv * {gs}, base = r * n + jg;
 {vector.replace("@BODY@", vbody)}
       }}
+{after}
       if (full == {BLOCK_GROUPS} || j0 + full * {gs} >= n) continue;
       q0 += full; j0 += full * {gs};
     }}
@@ -1226,6 +1271,7 @@ def _vector_group(spec: KernelSpec) -> str | None:
     if not (spec.weight.vload and spec.weight.vstore) or any(c.kind == "flat" for _, _, c in spec.states):
         return None
     decode, encode, loads, stores, block = [], [], [], [], []
+    declare, keep, after_head, after = [], [], [], []
     for name, signed, codec in spec.states:
         v = _ident(name)
         qs, levels = _quant_consts(codec.kind)
@@ -1261,20 +1307,39 @@ def _vector_group(spec: KernelSpec) -> str | None:
         if not signed:  # sqrt(max(v, 0)), next to the rule's own sqrt of the same value
             stores.append(f"          VR_{v}[h] = _mm512_mask_blend_ps(LV_LT(st_{v}, _mm512_setzero_ps()),"
                           f" _mm512_sqrt_ps(st_{v}), _mm512_setzero_ps());")  # fmt: skip
-        if signed:
-            enc, offset = f"lv_encode_signed(VA_{v}, {_lit(qs)}, code)", 0
-        else:
-            enc, offset = f"lv_encode_unsigned(VR_{v}, {_lit(levels)}, code)", levels // 2
+        kind, arg, kept = ("signed", _lit(qs), f"VA_{v}") if signed else ("unsigned", _lit(levels), f"VR_{v}")
+        offset = 0 if signed else levels // 2
         if packed:
             nibble = 8 if signed else 0
             n0, n1 = (f"_mm512_add_epi32(code[{h}], lv_i({nibble}))" for h in range(2))
             put = f"lv_pack_nibbles({at}, {n0}, {n1});"
         else:
             put = " ".join(f"lv_st8({at} + {16 * h}, _mm512_sub_epi32(code[{h}], lv_i({offset})));" for h in range(2))
-        encode.append(f"        {{ __m512i code[2]; K_{v}[r * groups + q] = {enc};\n          {put} }}")
-    before = ["#ifdef LO_VBMI", *block, "#endif", "@GROUPS@"] if block else []
+        encode.append(f"        {{ __m512i code[2]; K_{v}[r * groups + q] = lv_encode_{kind}({kept}, {arg}, code);\n"
+                      f"          {put} }}")  # fmt: skip
+        # the block's groups' scales at once (lv_scales4): per group, its values and partial maxima kept
+        declare.append(f"      __m512 KA_{v}[{2 * BLOCK_GROUPS}]; __m512i PM_{v}[{BLOCK_GROUPS}];")
+        keep.append(f"        KA_{v}[2 * gv] = {kept}[0]; KA_{v}[2 * gv + 1] = {kept}[1];"
+                    f" PM_{v}[gv] = lv_partial_max({kept});")  # fmt: skip
+        after_head.append(f"        for (int64_t gv = full; gv < {BLOCK_GROUPS}; gv++) PM_{v}[gv] = lv_i(0);")
+        after_head.append(f"        __m512 T_{v}, I_{v}; uint16_t B_{v}[4]; lv_scales4(PM_{v}, &T_{v}, &I_{v}, B_{v});")
+        after.append(f"          {{ __m512 top, inv; const __mmask16 live = lv_group(T_{v}, I_{v}, (int)gv, &top,"
+                     f" &inv); __m512i code[2];\n"
+                     f"            lv_codes_{kind}(KA_{v} + 2 * gv, inv, top, live, {arg}, code);"
+                     f" {put} K_{v}[r * groups + q] = B_{v}[gv]; }}")  # fmt: skip
+    before = ["#ifdef LO_VBMI", *block, "#endif"] if block else []
+    if BLOCK_GROUPS == 4:  # lv_scales4's block; LO_SCALE_EACH: each group's scale by itself (as before)
+        before += ["#ifndef LO_SCALE_EACH", *declare, "#endif"]
+        encode = ["#ifdef LO_SCALE_EACH", *encode, "#else", *keep, "#endif"]
+        tail = ["@AFTER@", "#ifndef LO_SCALE_EACH", "      {", *after_head,
+                "        for (int64_t gv = 0; gv < full; gv++) {",
+                f"          const int64_t q = q0 + gv, jg = j0 + gv * {GROUP_SIZE}, base = r * n + jg;"
+                " (void)jg; (void)base;", *after, "        }", "      }", "#endif"]  # fmt: skip
+    else:
+        tail = []
     return "\n".join([
         *before,
+        "@GROUPS@",
         *decode,
         "        for (int h = 0; h < 2; h++) {",
         "          const int64_t i = base + 16 * h;",
@@ -1286,6 +1351,7 @@ def _vector_group(spec: KernelSpec) -> str | None:
         f"          {spec.weight.vstore}",
         "        }",
         *encode,
+        *tail,
     ])  # fmt: skip
 
 
