@@ -403,7 +403,7 @@ def test_a_kernel_that_fails_to_compile_falls_back_alone(tmp_path, monkeypatch):
         assert torch.equal(bits(want[key]), bits(got[key])), key
 
 
-@pytest.mark.parametrize("states,shape", [("int8", (6, 64)), ("int4", (6, 64)), ("int4", (5, 33))])
+@pytest.mark.parametrize("states,shape", [("int8", (6, 64)), ("int8", (3, 300)), ("int4", (6, 64)), ("int4", (5, 33))])
 def test_every_storable_code_decodes_like_the_reference(states, shape):
     """Codes encode never writes (a zero nibble is code -8; any byte of an int8 state) still decode
     exactly as the format's formula says: the kernels' tables cover every storable value."""
@@ -496,7 +496,7 @@ def test_avx512_avx2_and_portable_grouped_code_give_the_same_bits(tmp_path, monk
         "lion": (leanopt.Lion, dict(lr=1e-3, weight_decay=0.1, nonfinite="ignore")),
         "sgd": (leanopt.SGD, dict(lr=1e-2, momentum=0.9, nesterov=True, nonfinite="ignore")),
     }
-    shapes = [(6, 96), (3, 70), (4, 33), (2, 3, 64)]
+    shapes = [(6, 96), (3, 70), (4, 33), (2, 3, 64), (3, 300)]  # 300: blocks of 4 full groups, 1 and a part
 
     def train(cls, hyper, master, shape):
         g = torch.Generator().manual_seed(5)

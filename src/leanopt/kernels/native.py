@@ -1321,17 +1321,20 @@ def _vector_group(spec: KernelSpec) -> str | None:
         declare.append(f"      __m512 KA_{v}[{2 * BLOCK_GROUPS}]; __m512i PM_{v}[{BLOCK_GROUPS}];")
         keep.append(f"        KA_{v}[2 * gv] = {kept}[0]; KA_{v}[2 * gv + 1] = {kept}[1];"
                     f" PM_{v}[gv] = lv_partial_max({kept});")  # fmt: skip
-        after_head.append(f"        for (int64_t gv = full; gv < {BLOCK_GROUPS}; gv++) PM_{v}[gv] = lv_i(0);")
         after_head.append(f"        __m512 T_{v}, I_{v}; uint16_t B_{v}[4]; lv_scales4(PM_{v}, &T_{v}, &I_{v}, B_{v});")
         after.append(f"          {{ __m512 top, inv; const __mmask16 live = lv_group(T_{v}, I_{v}, (int)gv, &top,"
                      f" &inv); __m512i code[2];\n"
                      f"            lv_codes_{kind}(KA_{v} + 2 * gv, inv, top, live, {arg}, code);"
                      f" {put} K_{v}[r * groups + q] = B_{v}[gv]; }}")  # fmt: skip
     before = ["#ifdef LO_VBMI", *block, "#endif"] if block else []
-    if BLOCK_GROUPS == 4:  # lv_scales4's block; LO_SCALE_EACH: each group's scale by itself (as before)
-        before += ["#ifndef LO_SCALE_EACH", *declare, "#endif"]
-        encode = ["#ifdef LO_SCALE_EACH", *encode, "#else", *keep, "#endif"]
-        tail = ["@AFTER@", "#ifndef LO_SCALE_EACH", "      {", *after_head,
+    if BLOCK_GROUPS == 4:
+        # A block of 4 full groups: their scales at once (lv_scales4), after the 4 updates; a block of
+        # fewer (short rows, a row's end): each group's scale by itself, as LO_SCALE_EACH does always
+        before += ["#ifdef LO_SCALE_EACH", "      const int each = 1;", "#else", "      const int each = full < 4;",
+                   *declare, "#endif"]  # fmt: skip
+        encode = ["        if (each) {", *encode, "        }", "#ifndef LO_SCALE_EACH", "        else {", *keep,
+                  "        }", "#endif"]  # fmt: skip
+        tail = ["@AFTER@", "#ifndef LO_SCALE_EACH", "      if (!each) {", *after_head,
                 "        for (int64_t gv = 0; gv < full; gv++) {",
                 f"          const int64_t q = q0 + gv, jg = j0 + gv * {GROUP_SIZE}, base = r * n + jg;"
                 " (void)jg; (void)base;", *after, "        }", "      }", "#endif"]  # fmt: skip
