@@ -68,9 +68,12 @@ def main() -> None:
     cheap = source.replace("_mm512_div_ps(", "_mm512_mul_ps(").replace("_mm512_sqrt_ps(", "_mm512_abs_ps(")
     cheap = cheap.replace("#define LO_DIV(a, b) ((a) / (b))", "#define LO_DIV(a, b) ((a) * (b))")
     cheap = cheap.replace("#define LO_SQRT(a) sqrtf(a)", "#define LO_SQRT(a) fabsf(a)")
-    # the block's scales and codes (after its groups' updates) and what is kept for them
-    encode = r"#ifndef LO_SCALE_EACH\n      \{\n.*?\n#endif\n"
-    no_encode = re.sub(r"        KA_\w+\[2 \* gv\] = [^\n]*\n", "", re.sub(encode, "", source, flags=re.S))
+    # the scales and codes: of a block of 4 groups at once (after their updates; and what is kept for
+    # them), of each group of a shorter block by itself
+    block = r"#ifndef LO_SCALE_EACH\n      if \(!each\) \{\n.*?\n#endif\n"
+    each = r"        \{ __m512i code\[2\]; K_\w+\[r \* groups \+ q\] = lv_encode_\w+\([^\n]*\n[^\n]*\}\n"
+    no_encode = re.sub(r"        KA_\w+\[2 \* gv\] = [^\n]*\n", "", re.sub(block, "", source, flags=re.S))
+    no_encode = re.sub(each, "", no_encode)
     variants = {
         "generated": source,
         "no division or sqrt": cheap,
