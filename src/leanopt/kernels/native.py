@@ -783,7 +783,7 @@ static inline __m512 lv_lookup256(const float *t, const __m512 *tv, __m512i idx)
 #endif
 }
 #ifdef LO_VBMI
-/* ``count`` (at most 128) signed codes at p -> out[0, count rounded up to 64): the table's entry for
+/* ``count`` signed codes at p -> out[0, count rounded up to 64): the table's entry for
    each code, as lv_lookup256 gives it, 64 codes at a time without a gather. The four bytes of the
    entries for |code| (tb: per byte plane, the entries of codes 0-63 and 64-127) are looked up by four
    byte permutes, a negative code flips the sign bit in the top byte (the table is odd: entry -c is
@@ -1294,7 +1294,8 @@ def _vector_group(spec: KernelSpec) -> str | None:
                          f"            lv_lookup256(lo_signed_{qs}, lv_signed_{qs}, {idx})\n#endif\n"
                          "            , sc)")  # fmt: skip
                 if h == 0:
-                    block.append(f"      float D_{v}[{GROUP_SIZE * BLOCK_GROUPS}] __attribute__((aligned(64)));"
+                    room = -(-GROUP_SIZE * BLOCK_GROUPS // 64) * 64  # lv_decode_signed writes 64 at a time
+                    block.append(f"      float D_{v}[{room}] __attribute__((aligned(64)));"
                                  f" lv_decode_signed(C_{v} + r * n + j0, full * {GROUP_SIZE}, lb_signed_{qs},"
                                  f" lm_signed_{qs}, D_{v});")  # fmt: skip
             else:
