@@ -77,7 +77,10 @@ NVRTC_OPTIONS = ["--fmad=false"]
 #: variable ``LEANOPT_GPU_VARIANT`` (e.g. ``"chunks=4,vec=1"``) sets any of them (:func:`parse_variant`).
 VARIANT: dict[str, Any] = {"hoist": True, "warp_max": True, "chunks": 1, "groups": 1, "table": False,
                            "vec": False}  # fmt: skip
-_VARIANT_RANGE = {"chunks": range(1, 65), "groups": range(1, 65)}  # counts; the other keys are 0 or 1
+#: counts (the other keys are 0 or 1). A warp's groups take its block's static shared memory (at most
+#: 48 KiB: 8 warps x up to 3 states x 32 x groups floats, AMSGrad's 3 states at 16 groups overflow it;
+#: NVRTC, sm_90), so at most 8
+_VARIANT_RANGE = {"chunks": range(1, 65), "groups": range(1, 9)}
 
 
 def parse_variant(text: str) -> dict[str, Any]:
