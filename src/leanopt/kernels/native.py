@@ -791,12 +791,13 @@ static inline __m512 lv_lookup256(const float *t, const __m512 *tv, __m512i idx)
    opposite, takes its own entry's bytes (m128). Two unpacks (bytes -> 16-bit -> 32-bit) turn the byte planes into
    floats in the order the codes were first permuted into (``order``: each 4-code run to where the
    unpacks take it from), which is the codes' own order. */
+static const uint8_t lv_unpack_order[64] = {  /* byte 16k + 4a + j takes code 16a + 4k + j */
+  0, 1, 2, 3, 16, 17, 18, 19, 32, 33, 34, 35, 48, 49, 50, 51, 4, 5, 6, 7, 20, 21, 22, 23, 36, 37, 38, 39,
+  52, 53, 54, 55, 8, 9, 10, 11, 24, 25, 26, 27, 40, 41, 42, 43, 56, 57, 58, 59, 12, 13, 14, 15, 28, 29, 30, 31,
+  44, 45, 46, 47, 60, 61, 62, 63};
 static inline void lv_decode_signed(const int8_t *p, int64_t count, const __m512i *tb, const uint8_t *m128,
                                     float *out) {
-  const __m512i order = _mm512_set_epi8(63, 62, 61, 60, 47, 46, 45, 44, 31, 30, 29, 28, 15, 14, 13, 12,
-                                        59, 58, 57, 56, 43, 42, 41, 40, 27, 26, 25, 24, 11, 10, 9, 8,
-                                        55, 54, 53, 52, 39, 38, 37, 36, 23, 22, 21, 20, 7, 6, 5, 4,
-                                        51, 50, 49, 48, 35, 34, 33, 32, 19, 18, 17, 16, 3, 2, 1, 0);
+  const __m512i order = _mm512_loadu_si512(lv_unpack_order);  /* (no _mm512_set_epi8 before gcc 9) */
   for (int64_t k = 0; k < count; k += 64) {
     const __mmask64 live = count - k >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << (count - k)) - 1);
     const __m512i c = _mm512_permutexvar_epi8(order, _mm512_maskz_loadu_epi8(live, p + k));
