@@ -125,6 +125,35 @@ def test_every_code_shape_variant_gives_the_same_bits(emulate, monkeypatch, vari
             assert k.groups_per_warp == gpu.VARIANT["groups"] and k.chunks == gpu.VARIANT["chunks"]
 
 
+@pytest.mark.parametrize("groups", [1, 4])
+def test_grouped_kernels_write_nothing_past_a_tensors_states(emulate, monkeypatch, groups):
+    """A warp's groups past its tensor's last one (3 x 70: 9 groups, warps of 4 take 12) store no code
+    or scale: the states are views into larger buffers here, and the bytes after them stay as they were."""
+    monkeypatch.setitem(gpu.VARIANT, "groups", groups)
+    g = torch.Generator().manual_seed(0)
+    p = torch.nn.Parameter(torch.randn((3, 70), generator=g).bfloat16())
+    opt = leanopt.AdamW([p], lr=1e-2, master="compact", states="int8", kernel="fused")
+    p.grad = torch.randn(p.shape, generator=g).bfloat16()
+    opt.step()
+    tails = {}
+    for key, t in list(opt.state[p].items()):
+        if not (isinstance(t, torch.Tensor) and t.dim() > 0):
+            continue
+        big = torch.full((t.numel() + 64,), 0x5A, dtype=torch.uint8).view(t.dtype) if t.element_size() == 1 else \
+            torch.full((t.numel() + 64,), 0x5A5A, dtype=torch.int16).view(t.dtype)  # fmt: skip
+        big[: t.numel()] = t.reshape(-1)
+        opt.state[p][key] = big[: t.numel()].view(t.shape)
+        tails[key] = (big, big[t.numel() :].clone())
+    assert {k.split(".")[-1] for k in tails} >= {"codes", "scales"}
+    for _ in range(2):
+        p.grad = torch.randn(p.shape, generator=g).bfloat16()
+        opt.step()
+    assert any(k.launches for k in gpu.compile_stats()), "the CUDA kernels' path did not run"
+    for key, (big, before) in tails.items():
+        after = big[opt.state[p][key].numel() :]
+        assert torch.equal(bits(after), bits(before)), f"{key}: bytes after the tensor were written"
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_emulated_kernels_match_the_native_kernels_bit_for_bit(emulate, case):
     """Every weight and state format, partial groups (n = 33, 70, 1000), packed and unpacked int4,
