@@ -9,10 +9,15 @@ timed alternately in one process on the same tensors (wrong numbers, same shape 
   such CPUs whose gathers are slow), instead of byte permutes (AVX-512 VBMI, since 2026-11-30);
 - "scales one group at a time": each group's largest magnitude reduced to a scalar, its bf16 scale and
   reciprocal computed there (``LO_SCALE_EACH``), instead of a block's 4 groups' at once in registers
-  (since 2026-11-30); "both as before": this and the gather decode, the kernel before 2026-11-30.
+  (since 2026-11-30); "both as before": this and the gather decode, the kernel before 2026-11-30;
+- "weights register by register": a group's weights and bf16 gradients widened and narrowed 16 at a
+  time (``LO_NO_PAIRS``) instead of by two-register permutes for the group's 32 (since 2026-12-01);
+- with ``--against REV``: the kernel that native.py at git revision REV generates for the same step
+  (e.g. ``--against 84cf6b8``, the kernels before 2026-12-01's changes).
 
     python benchmarks/int8_cost.py                  # 50M elements, 3 rounds
     python benchmarks/int8_cost.py --elements 10000000 --rounds 5
+    python benchmarks/int8_cost.py --rounds 9 --against 84cf6b8
 
 Writes benchmarks/results/int8_cost.json.
 """
@@ -24,7 +29,10 @@ import ctypes
 import json
 import re
 import statistics
+import subprocess
+import sys
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -46,11 +54,25 @@ def median_ms(fn, repeats: int = 7) -> float:
     return statistics.median(times) * 1e3
 
 
+def native_at(rev: str) -> types.ModuleType:
+    """leanopt.kernels.native as it was at git revision ``rev`` (the rest of the package as it is now)."""
+    root = Path(__file__).resolve().parent.parent
+    path = "src/leanopt/kernels/native.py"
+    text = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=root, check=True, capture_output=True, text=True)
+    module = types.ModuleType(f"leanopt.kernels.native_at_{rev}")
+    module.__package__ = "leanopt.kernels"
+    module.__file__ = str(root / path)
+    sys.modules[module.__name__] = module  # dataclasses look their module up
+    exec(compile(text.stdout, f"{rev}:{path}", "exec"), module.__dict__)
+    return module
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--elements", type=int, default=50_000_000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--against", metavar="REV", help="also time the kernel native.py at git revision REV generates")
     args = parser.parse_args()
     cols = 1000
     rows = max(1, args.elements // cols)
@@ -83,7 +105,12 @@ def main() -> None:
         "register-permute decode": "#define LO_NO_VBMI 1\n#define LO_SLOW_GATHER 1\n" + source,
         "scales one group at a time": "#define LO_SCALE_EACH 1\n" + source,
         "both as before": "#define LO_SCALE_EACH 1\n#define LO_NO_VBMI 1\n" + source,
+        "weights register by register": "#define LO_NO_PAIRS 1\n" + source,
     }
+    if args.against:
+        old = native_at(args.against)
+        old_spec, _ = old.plan(opt.rule, *opt.formats(p, group), p, p.grad.dtype, opt.state[p], group)
+        variants[f"at {args.against}"] = old.generate(old_spec)
     for name, text in variants.items():
         assert name == "generated" or text != source, f"the {name!r} variant did not change the source"
     kernels = {name: native.build(text) for name, text in variants.items()}
@@ -98,6 +125,7 @@ def main() -> None:
         "elements": rows * cols,
         "threads": torch.get_num_threads(),
         "compiler": native.compiler(),
+        "against": args.against,
         "rounds_ms": rounds,
         "median_ms": {k: statistics.median(r[k] for r in rounds) for k in kernels},
     }

@@ -214,6 +214,10 @@ class WeightCodec:
     # the same for elements i .. i + 15 in an AVX-512 register ``p`` ("": no vector form)
     vload: str = ""
     vstore: str = ""
+    # the same for a full group of 32 at ``base`` in ``PW[2]`` (where one call for both registers is
+    # cheaper: lv_load_compact2 & co); "": vload / vstore per register
+    vload2: str = ""
+    vstore2: str = ""
 
 
 #: 16-bit float storage: dtype -> (C type, widen ``{x}`` to fp32, round fp32 ``{x}`` to nearest even)
@@ -259,6 +263,8 @@ WEIGHT_CODECS: dict[tuple[str, torch.dtype], WeightCodec] = {
         vstore="{ const __m512i b = lv_canon(p), hi = _mm512_and_si512(_mm512_add_epi32(b, lv_i(0x8000)),"
         " lv_i((int32_t)0xFFFF0000u)); lv_st16(W0 + i, _mm512_srli_epi32(hi, 16));"
         " lv_st16(W1 + i, _mm512_sub_epi32(b, hi)); }",
+        vload2="lv_load_exact2(W0 + base, W1 + base, PW);",
+        vstore2="lv_store_exact2(W0 + base, W1 + base, PW);",
     ),
     ("compact", torch.bfloat16): WeightCodec(
         ("uint16_t", "int8_t"),
@@ -270,6 +276,8 @@ WEIGHT_CODECS: dict[tuple[str, torch.dtype], WeightCodec] = {
         " lv_i((int32_t)0xFFFFFF00u)),"
         " hi = _mm512_and_si512(_mm512_add_epi32(b, lv_i(0x8000)), lv_i((int32_t)0xFFFF0000u));"
         " lv_st16(W0 + i, _mm512_srli_epi32(hi, 16)); lv_st8(W1 + i, _mm512_srai_epi32(_mm512_sub_epi32(b, hi), 8)); }",
+        vload2="lv_load_compact2(W0 + base, W1 + base, PW);",
+        vstore2="lv_store_compact2(W0 + base, W1 + base, PW);",
     ),
     ("stochastic", torch.bfloat16): WeightCodec(
         ("uint16_t",),
@@ -469,6 +477,7 @@ LO2_IBIN(lo2_sub_epi32, _mm256_sub_epi32)
 LO2_IBIN(lo2_and_si512, _mm256_and_si256)
 LO2_IBIN(lo2_or_si512, _mm256_or_si256)
 LO2_IBIN(lo2_max_epu32, _mm256_max_epu32)
+LO2_IBIN(lo2_max_epi32, _mm256_max_epi32)
 static inline lo2_f lo2_sqrt_ps(lo2_f a) { return (lo2_f){_mm256_sqrt_ps(a.lo), _mm256_sqrt_ps(a.hi)}; }
 static inline lo2_f lo2_abs_ps(lo2_f a) {
   const __m256 s = _mm256_set1_ps(-0.0f); return (lo2_f){_mm256_andnot_ps(s, a.lo), _mm256_andnot_ps(s, a.hi)}; }
@@ -618,6 +627,8 @@ static inline lo2_f lo2_cvtph_ps(__m256i h) {
 #define _mm512_or_si512 lo2_or_si512
 #undef _mm512_max_epu32
 #define _mm512_max_epu32 lo2_max_epu32
+#undef _mm512_max_epi32
+#define _mm512_max_epi32 lo2_max_epi32
 #undef _mm512_slli_epi32
 #define _mm512_slli_epi32 lo2_slli_epi32
 #undef _mm512_srli_epi32
@@ -764,6 +775,86 @@ static inline __m512i lv_bf16(__m512 f) {
 static inline __m512 lv_load_bf16(const void *p) { return lv_widen_bf16(lv_u16(p)); }
 static inline void lv_store_bf16(void *p, __m512 x) { lv_st16(p, lv_bf16(x)); }
 static inline __m512 lv_round_bf16(__m512 x) { return lv_widen_bf16(lv_bf16(x)); }
+/* A full group (two registers of 16 at p, p + 16) of weights and bf16 gradients as vload/vstore and
+   lv_load_bf16 give them register by register, the same bits: with AVX-512 both registers' bytes go
+   between the stored planes and the fp32 words by two-register permutes (16-bit; the compact format's
+   bytes need VBMI's byte permutes; the orders: _pair_orders in native.py). LO_NO_PAIRS: register by
+   register always. */
+#if !defined(LO_AVX2) && !defined(LO_NO_PAIRS)
+#define LO_PAIRS 1
+@TABLES@
+#endif
+#if defined(LO_PAIRS) && defined(LO_VBMI)
+/* compact: bits = (W0 << 16) + W1 * 256 = ((W0 << 16) | (W1 ^ 0x80) << 8) - 0x8000 */
+static inline void lv_load_compact2(const uint16_t *w0, const int8_t *w1, __m512 *p) {
+  const __m512i hi = _mm512_loadu_si512(w0);
+  const __m512i lo = _mm512_castsi256_si512(_mm256_xor_si256(_mm256_loadu_si256((const __m256i *)w1),
+                                                             _mm256_set1_epi8((char)0x80)));
+  for (int h = 0; h < 2; h++)
+    p[h] = lv_f(_mm512_sub_epi32(_mm512_maskz_permutex2var_epi8(0xEEEEEEEEEEEEEEEEull, hi,
+                                     _mm512_loadu_si512(lv_compact2_order[h]), lo), lv_i(0x8000))); }
+/* t = canon(p) + 0x80: W0 = word 1 of t + 0x8000, W1 = byte 1 of t (the bits vstore keeps) */
+static inline void lv_store_compact2(uint16_t *w0, int8_t *w1, const __m512 *p) {
+  const __m512i t0 = _mm512_add_epi32(lv_canon(p[0]), lv_i(0x80));
+  const __m512i t1 = _mm512_add_epi32(lv_canon(p[1]), lv_i(0x80));
+  const __m512i u0 = _mm512_add_epi32(t0, lv_i(0x8000)), u1 = _mm512_add_epi32(t1, lv_i(0x8000));
+  _mm512_storeu_si512(w0, _mm512_permutex2var_epi16(u0, _mm512_loadu_si512(lv_word1_order), u1));
+  _mm256_storeu_si256((__m256i *)w1,
+                      _mm512_castsi512_si256(_mm512_permutex2var_epi8(t0, _mm512_loadu_si512(lv_byte1_order), t1))); }
+#else
+static inline void lv_load_compact2(const uint16_t *w0, const int8_t *w1, __m512 *p) {
+  for (int h = 0; h < 2; h++)
+    p[h] = lv_f(_mm512_add_epi32(_mm512_slli_epi32(lv_u16(w0 + 16 * h), 16),
+                                 _mm512_slli_epi32(lv_i8(w1 + 16 * h), 8))); }
+static inline void lv_store_compact2(uint16_t *w0, int8_t *w1, const __m512 *p) {
+  for (int h = 0; h < 2; h++) {
+    const __m512i b = _mm512_and_si512(_mm512_add_epi32(lv_canon(p[h]), lv_i(0x80)), lv_i((int32_t)0xFFFFFF00u)),
+                  hi = _mm512_and_si512(_mm512_add_epi32(b, lv_i(0x8000)), lv_i((int32_t)0xFFFF0000u));
+    lv_st16(w0 + 16 * h, _mm512_srli_epi32(hi, 16));
+    lv_st8(w1 + 16 * h, _mm512_srai_epi32(_mm512_sub_epi32(b, hi), 8)); } }
+#endif
+#ifdef LO_PAIRS
+/* exact: bits = (W0 << 16) + W1 = ((W0 << 16) | (W1 ^ 0x8000)) - 0x8000 */
+static inline void lv_load_exact2(const uint16_t *w0, const int16_t *w1, __m512 *p) {
+  const __m512i hi = _mm512_loadu_si512(w0);
+  const __m512i lo = _mm512_xor_si512(_mm512_loadu_si512(w1), _mm512_set1_epi16((short)0x8000));
+  for (int h = 0; h < 2; h++)
+    p[h] = lv_f(_mm512_sub_epi32(_mm512_permutex2var_epi16(lo, _mm512_loadu_si512(lv_exact2_order[h]), hi),
+                                 lv_i(0x8000))); }
+/* b = canon(p): W0 = word 1 of b + 0x8000, W1 = word 0 of b */
+static inline void lv_store_exact2(uint16_t *w0, int16_t *w1, const __m512 *p) {
+  const __m512i b0 = lv_canon(p[0]), b1 = lv_canon(p[1]);
+  const __m512i u0 = _mm512_add_epi32(b0, lv_i(0x8000)), u1 = _mm512_add_epi32(b1, lv_i(0x8000));
+  _mm512_storeu_si512(w0, _mm512_permutex2var_epi16(u0, _mm512_loadu_si512(lv_word1_order), u1));
+  _mm512_storeu_si512(w1, _mm512_permutex2var_epi16(b0, _mm512_loadu_si512(lv_word0_order), b1)); }
+/* 32 codes (two registers of int32) less ``offset`` as bytes at p, truncated as lv_st8 stores them */
+static inline void lv_st8x2(void *p, __m512i c0, __m512i c1, int offset) {
+#ifdef LO_VBMI
+  const __m512i b = _mm512_permutex2var_epi8(c0, _mm512_loadu_si512(lv_byte0_order), c1);
+  _mm256_storeu_si256((__m256i *)p, _mm256_sub_epi8(_mm512_castsi512_si256(b), _mm256_set1_epi8((char)offset)));
+#else
+  lv_st8(p, _mm512_sub_epi32(c0, lv_i(offset))); lv_st8((int8_t *)p + 16, _mm512_sub_epi32(c1, lv_i(offset)));
+#endif
+}
+/* bf16: each word to the top of its element's dword */
+static inline void lv_load_bf16x2(const uint16_t *p, __m512 *g) {
+  const __m512i x = _mm512_loadu_si512(p);
+  for (int h = 0; h < 2; h++)
+    g[h] = lv_f(_mm512_maskz_permutexvar_epi16(0xAAAAAAAAu, _mm512_loadu_si512(lv_top_order[h]), x)); }
+#else
+static inline void lv_load_exact2(const uint16_t *w0, const int16_t *w1, __m512 *p) {
+  for (int h = 0; h < 2; h++)
+    p[h] = lv_f(_mm512_add_epi32(_mm512_slli_epi32(lv_u16(w0 + 16 * h), 16), lv_i16(w1 + 16 * h))); }
+static inline void lv_store_exact2(uint16_t *w0, int16_t *w1, const __m512 *p) {
+  for (int h = 0; h < 2; h++) {
+    const __m512i b = lv_canon(p[h]);
+    const __m512i hi = _mm512_and_si512(_mm512_add_epi32(b, lv_i(0x8000)), lv_i((int32_t)0xFFFF0000u));
+    lv_st16(w0 + 16 * h, _mm512_srli_epi32(hi, 16)); lv_st16(w1 + 16 * h, _mm512_sub_epi32(b, hi)); } }
+static inline void lv_load_bf16x2(const uint16_t *p, __m512 *g) {
+  for (int h = 0; h < 2; h++) g[h] = lv_load_bf16(p + 16 * h); }
+static inline void lv_st8x2(void *p, __m512i c0, __m512i c1, int offset) {
+  lv_st8(p, _mm512_sub_epi32(c0, lv_i(offset))); lv_st8((int8_t *)p + 16, _mm512_sub_epi32(c1, lv_i(offset))); }
+#endif
 /* table[idx] (idx in 0..255) for 16 elements: a gather, or, where gathers are slow (CPUs with the
    microcode mitigation of Gather Data Sampling: LO_SLOW_GATHER), 8 two-register permutes of the table
    held in registers (tv) and a blend tree on the index bits. */
@@ -874,40 +965,44 @@ static inline __mmask16 lv_group(__m512 top4, __m512 inv4, int g, __m512 *top, _
 static inline __m512i lv_partial_max(const __m512 *a) {
   const __m512i m = lv_i(0x7FFFFFFF);
   return _mm512_max_epu32(_mm512_and_si512(lv_u(a[0]), m), _mm512_and_si512(lv_u(a[1]), m)); }
-/* signed (momentum): code = rint(q * y), y = 2x / (1 + |x|), x = clamp(a / scale, -1, 1) (+-1 at the top) */
+/* signed (momentum): code = rint(q * y), y = 2x / (1 + |x|), x = clamp(a / scale, -1, 1) (+-1 at the top).
+   Computed on |a| with a's sign put back before the rounding: every step is odd (rint too, halves going
+   to even), so the codes are the same bit for bit (a NaN gives INT_MIN either way); and 2x / d * q as
+   x / d * 2q (scaling by 2 is exact). */
 static inline void lv_codes_signed(const __m512 *a, __m512 inv, __m512 top, __mmask16 live, float q, __m512i *code) {
   const __m512 one = _mm512_set1_ps(1.0f);
   for (int h = 0; h < 2; h++) {
-    const __m512 xr = _mm512_min_ps(one, _mm512_max_ps(_mm512_set1_ps(-1.0f), _mm512_mul_ps(a[h], inv)));
-    const __mmask16 is_top = _mm512_mask_cmp_ps_mask(live, _mm512_abs_ps(a[h]), top, _CMP_EQ_OQ);
-    /* copysign(1, a): (a & sign) | 1.0 */
-    __m512 x = _mm512_mask_blend_ps(is_top, xr, lv_f(_mm512_ternarylogic_epi32(lv_u(a[h]), lv_i((int32_t)0x80000000u),
-                                                                                lv_u(one), 0xEA)));
-    x = _mm512_div_ps(_mm512_mul_ps(_mm512_set1_ps(2.0f), x), _mm512_add_ps(one, _mm512_abs_ps(x)));
-    code[h] = _mm512_cvtps_epi32(_mm512_mul_ps(x, _mm512_set1_ps(q)));
+    const __m512 m = _mm512_abs_ps(a[h]);
+    const __m512 xr = _mm512_min_ps(one, _mm512_mul_ps(m, inv));  /* NaN stays NaN */
+    const __m512 x = _mm512_mask_blend_ps(_mm512_mask_cmp_ps_mask(live, m, top, _CMP_EQ_OQ), xr, one);
+    const __m512 y = _mm512_mul_ps(_mm512_div_ps(x, _mm512_add_ps(one, x)), _mm512_set1_ps(2.0f * q));
+    const __m512i sign = lv_i((int32_t)0x80000000u);  /* (a & sign) | y: */
+    code[h] = _mm512_cvtps_epi32(lv_f(_mm512_ternarylogic_epi32(lv_u(a[h]), sign, lv_u(y), 0xEA)));
   } }
 static inline uint16_t lv_encode_signed(const __m512 *a, float q, __m512i *code) {
   __m512 inv, top; __mmask16 live; const uint16_t sb = lv_scale(a, &inv, &top, &live);
   lv_codes_signed(a, inv, top, live, q, code);
   return sb; }
-/* unsigned (second moment, by its square root r): code = max(rint(levels * min(r / scale, 1)) - 1, 0) */
+/* unsigned (second moment, by its square root r): code = max(rint(levels * min(r / scale, 1)) - 1, 0);
+   the rounding to an integer in one conversion, max(c, 1) - 1 on integers (a NaN: INT_MIN -> 0, as
+   max(NaN - 1, 0) truncated gave) */
 static inline void lv_codes_unsigned(const __m512 *r, __m512 inv, __m512 top, __mmask16 live, float levels,
                                      __m512i *code) {
   const __m512 one = _mm512_set1_ps(1.0f);
   for (int h = 0; h < 2; h++) {
     const __m512 xr = _mm512_min_ps(one, _mm512_mul_ps(r[h], inv));
     const __m512 x = _mm512_mask_blend_ps(_mm512_mask_cmp_ps_mask(live, r[h], top, _CMP_EQ_OQ), xr, one);
-    const __m512 c = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(levels)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    code[h] = _mm512_cvttps_epi32(_mm512_max_ps(_mm512_setzero_ps(), _mm512_sub_ps(c, one)));
+    code[h] = _mm512_sub_epi32(_mm512_max_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(x, _mm512_set1_ps(levels))), lv_i(1)),
+                               lv_i(1));
   } }
 static inline uint16_t lv_encode_unsigned(const __m512 *r, float levels, __m512i *code) {
   __m512 inv, top; __mmask16 live; const uint16_t sb = lv_scale(r, &inv, &top, &live);
   lv_codes_unsigned(r, inv, top, live, levels, code);
   return sb; }
-/* unsigned decode: ((code + 1) / levels * scale)^2 (dividing by a power of two = multiplying) */
-static inline __m512 lv_decode_unsigned(__m512i code, float inv_levels, __m512 scale) {
-  const __m512 u = _mm512_mul_ps(_mm512_mul_ps(_mm512_add_ps(_mm512_cvtepi32_ps(code), _mm512_set1_ps(1.0f)),
+/* unsigned decode: ((code + 1) / levels * scale)^2 (dividing by a power of two = multiplying) of the
+   stored code + ``add`` - 1 (the float sum is exact) */
+static inline __m512 lv_decode_unsigned(__m512i stored, float add, float inv_levels, __m512 scale) {
+  const __m512 u = _mm512_mul_ps(_mm512_mul_ps(_mm512_add_ps(_mm512_cvtepi32_ps(stored), _mm512_set1_ps(add)),
                                                _mm512_set1_ps(inv_levels)), scale);
   return _mm512_mul_ps(u, u); }
 /* 16 bytes of two 4-bit codes each (low nibble first) <-> 32 codes in two vectors */
@@ -944,7 +1039,39 @@ static inline void lv_pack_nibbles(uint8_t *p, __m512i n0, __m512i n1) {
 """
 
 
-_VECTOR_PRELUDE = _VECTOR_PRELUDE.replace("@AVX2_SHIM@", _AVX2_SHIM)
+def _pair_orders() -> str:
+    """C tables of the permutes of lv_load_compact2 & co: for the byte permute of two registers (a, b)
+    index 64 + k is b's byte k; for the 16-bit one, 32 + k is b's word k."""
+
+    def table(name: str, ctype: str, rows: list[list[int]]) -> str:
+        body = ", ".join("{" + ", ".join(map(str, r)) + "}" for r in rows)
+        dims = f"[{len(rows)}][{len(rows[0])}]" if len(rows) > 1 else f"[{len(rows[0])}]"
+        init = body if len(rows) == 1 else "{" + body + "}"
+        return f"static const {ctype} {name}{dims} __attribute__((aligned(64))) = {init};"
+
+    # register h's dword k is element e = 16h + k of the group
+    # compact: [0 (masked), W1 byte e, W0 bytes 2e, 2e + 1] from (a = W0, b = W1 ^ 0x80)
+    compact = [[v for k in range(16) for v in (0, 64 + 16 * h + k, 2 * (16 * h + k), 2 * (16 * h + k) + 1)]
+               for h in range(2)]  # fmt: skip
+    # exact: [W1 ^ 0x8000 word e, W0 word e] from (a = W1 ^ 0x8000, b = W0)
+    exact = [[v for k in range(16) for v in (16 * h + k, 32 + 16 * h + k)] for h in range(2)]
+    # word / byte j of the stored planes from element j's dword in (a, b) = elements (0-15, 16-31)
+    word1 = [2 * j + 1 if j < 16 else 32 + 2 * (j - 16) + 1 for j in range(32)]
+    word0 = [2 * j if j < 16 else 32 + 2 * (j - 16) for j in range(32)]
+    byte1 = [4 * j + 1 if j < 16 else 64 + 4 * (j - 16) + 1 for j in range(32)] + [0] * 32
+    byte0 = [4 * j if j < 16 else 64 + 4 * (j - 16) for j in range(32)] + [0] * 32
+    # bf16 gradients: word 2k + 1 of register h is word 16h + k (word 2k zeroed by the mask)
+    top = [[v for k in range(16) for v in (0, 16 * h + k)] for h in range(2)]
+    return "\n".join([
+        table("lv_compact2_order", "uint8_t", compact), table("lv_exact2_order", "uint16_t", exact),
+        table("lv_word1_order", "uint16_t", [word1]), table("lv_word0_order", "uint16_t", [word0]),
+        table("lv_byte1_order", "uint8_t", [byte1]),
+        table("lv_byte0_order", "uint8_t", [byte0]),
+        table("lv_top_order", "uint16_t", top),
+    ])  # fmt: skip
+
+
+_VECTOR_PRELUDE = _VECTOR_PRELUDE.replace("@AVX2_SHIM@", _AVX2_SHIM).replace("@TABLES@", _pair_orders())
 
 
 @dataclass(frozen=True)
@@ -1269,7 +1396,9 @@ def _vector_group(spec: KernelSpec) -> str | None:
     code's operations in the same order, so the same bits (the ``lv_*`` helpers of
     :data:`_VECTOR_PRELUDE`); ``@BODY@`` stands for the traced rule. None when a part has no vector
     form (then the scalar code does every group)."""
-    if not (spec.weight.vload and spec.weight.vstore) or any(c.kind == "flat" for _, _, c in spec.states):
+    w = spec.weight
+    pair_g = spec.grad[2] == GRAD_CODECS[torch.bfloat16][2]
+    if not (w.vload and w.vstore) or any(c.kind == "flat" for _, _, c in spec.states):
         return None
     decode, encode, loads, stores, block = [], [], [], [], []
     declare, keep, after_head, after = [], [], [], []
@@ -1300,8 +1429,8 @@ def _vector_group(spec: KernelSpec) -> str | None:
                                  f" lv_decode_signed(C_{v} + r * n + j0, full * {GROUP_SIZE}, lb_signed_{qs},"
                                  f" lm_signed_{qs}, D_{v});")  # fmt: skip
             else:
-                c = f"code[{h}]" if packed else f"_mm512_add_epi32(code[{h}], lv_i({levels // 2}))"
-                value = f"lv_decode_unsigned({c}, {_lit(1 / levels)}, sc)"
+                add = 1 if packed else levels // 2 + 1  # int8: stored code - 128
+                value = f"lv_decode_unsigned(code[{h}], {_lit(add)}, {_lit(1 / levels)}, sc)"
             decode.append(f"          VA_{v}[{h}] = {value};")
         decode.append("        }")
         loads.append(f"          LV_F st_{v} = VA_{v}[h];")
@@ -1316,7 +1445,7 @@ def _vector_group(spec: KernelSpec) -> str | None:
             n0, n1 = (f"_mm512_add_epi32(code[{h}], lv_i({nibble}))" for h in range(2))
             put = f"lv_pack_nibbles({at}, {n0}, {n1});"
         else:
-            put = " ".join(f"lv_st8({at} + {16 * h}, _mm512_sub_epi32(code[{h}], lv_i({offset})));" for h in range(2))
+            put = f"lv_st8x2({at}, code[0], code[1], {offset});"
         encode.append(f"        {{ __m512i code[2]; K_{v}[r * groups + q] = lv_encode_{kind}({kept}, {arg}, code);\n"
                       f"          {put} }}")  # fmt: skip
         # the block's groups' scales at once (lv_scales4): per group, its values and partial maxima kept
@@ -1346,15 +1475,18 @@ def _vector_group(spec: KernelSpec) -> str | None:
         *before,
         "@GROUPS@",
         *decode,
+        *([f"        __m512 PW[2]; {w.vload2}"] if w.vload2 else []),
+        *(["        __m512 GV[2]; lv_load_bf16x2(G + base, GV);"] if pair_g else []),
         "        for (int h = 0; h < 2; h++) {",
         "          const int64_t i = base + 16 * h;",
-        f"          LV_F p = {spec.weight.vload};",
-        f"          const LV_F g = {spec.grad[2]};",
+        f"          LV_F p = {'PW[h]' if w.vload2 else w.vload};",
+        f"          const LV_F g = {'GV[h]' if pair_g else spec.grad[2]};",
         *loads,
         "@BODY@",
         *stores,
-        f"          {spec.weight.vstore}",
+        f"          {'PW[h] = p;' if w.vload2 else w.vstore}",
         "        }",
+        *([f"        {w.vstore2}"] if w.vload2 else []),
         *encode,
         *tail,
     ])  # fmt: skip
