@@ -11,13 +11,16 @@ timed alternately in one process on the same tensors (wrong numbers, same shape 
   reciprocal computed there (``LO_SCALE_EACH``), instead of a block's 4 groups' at once in registers
   (since 2026-11-30); "both as before": this and the gather decode, the kernel before 2026-11-30;
 - "weights register by register": a group's weights and bf16 gradients widened and narrowed 16 at a
-  time (``LO_NO_PAIRS``) instead of by two-register permutes for the group's 32 (since 2026-12-01);
+  time (``LO_NO_PAIRS``) instead of by two-register permutes for the group's 32 (since commit eead853);
 - with ``--against REV``: the kernel that native.py at git revision REV generates for the same step
-  (e.g. ``--against 84cf6b8``, the kernels before 2026-12-01's changes).
+  (e.g. ``--against 84cf6b8``, the kernels before commit eead853's changes).
 
     python benchmarks/int8_cost.py                  # 50M elements, 3 rounds
     python benchmarks/int8_cost.py --elements 10000000 --rounds 5
     python benchmarks/int8_cost.py --rounds 9 --against 84cf6b8
+    python benchmarks/int8_cost.py --rounds 9 --against 84cf6b8 --states int4 --out benchmarks/results/int4_cost.json
+
+``--states int4`` / ``--master exact`` time that kernel instead (the variants' names say int8 for short).
 
 Writes benchmarks/results/int8_cost.json.
 """
@@ -72,13 +75,15 @@ def main() -> None:
     parser.add_argument("--elements", type=int, default=50_000_000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--states", choices=["int8", "int4"], default="int8")
+    parser.add_argument("--master", choices=["compact", "exact"], default="compact")
     parser.add_argument("--against", metavar="REV", help="also time the kernel native.py at git revision REV generates")
     args = parser.parse_args()
     cols = 1000
     rows = max(1, args.elements // cols)
     p = torch.nn.Parameter(torch.randn(rows, cols).bfloat16())
     p.grad = (torch.randn(rows, cols) * 1e-3).bfloat16()
-    opt = leanopt.AdamW([p], lr=1e-3, master="compact", states="int8")
+    opt = leanopt.AdamW([p], lr=1e-3, master=args.master, states=args.states)
     opt.step()  # states exist
     group = opt.param_groups[0]
     spec, tensors = native.plan(opt.rule, *opt.formats(p, group), p, p.grad.dtype, opt.state[p], group)
@@ -125,6 +130,8 @@ def main() -> None:
         "elements": rows * cols,
         "threads": torch.get_num_threads(),
         "compiler": native.compiler(),
+        "states": args.states,
+        "master": args.master,
         "against": args.against,
         "rounds_ms": rounds,
         "median_ms": {k: statistics.median(r[k] for r in rounds) for k in kernels},
