@@ -258,3 +258,20 @@ def test_a_mode_can_turn_the_finiteness_check_off_and_a_bad_choice_is_one_line()
 
     with pytest.raises(CLIError, match=r"nonfinite must be one of \['skip', 'raise', 'ignore'\]"):
         select_cases("adamw", "exact/fp32:never")
+
+
+def test_the_bound_follows_the_copy_speed_measured_next_to_each_round():
+    """A copy that runs twice as fast in round 2 halves that round's bound: the ratio to the bound is
+    the median of the rounds' own ratios, not the pooled step time over one copy speed."""
+    copies = [10.0, 20.0, 20.0]  # GB/s next to the case in each round
+    times = [2.6, 2.6, 5.2]  # 1e6 params x 26 B = 26 MB: bounds 2.6, 1.3, 1.3 ms
+    rounds = []
+    for t, c in zip(times, copies, strict=True):
+        r = _result("w", "exact/fp32", "leanopt", t, touched=26.0)
+        r.step_ms_all, r.min_ms, r.copy_gbps = [t], t, c
+        rounds.append([r])
+    (merged,) = merge_rounds(rounds)
+    relate([merged], gbps=1.0)  # the start's copy speed is not used when each round has its own
+    assert merged.round_copy_gbps == [10.0, 20.0, 20.0] and merged.copy_gbps == 20.0
+    assert merged.bound_ms == pytest.approx(1.3)  # at the median copy speed
+    assert merged.ratio_to_bound == pytest.approx(2.0)  # rounds: 1.0, 2.0, 4.0

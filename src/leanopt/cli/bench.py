@@ -236,7 +236,7 @@ def time_steps(
 def copy_gbps(device: torch.device, n: int = 50_000_000, reps: int = 7) -> float:
     """Plain fp32 copy bandwidth (read + write bytes per second, GB/s): the best of ``reps`` copies, i.e.
     the attainable bandwidth (on a shared machine the median moves with the load)."""
-    src = torch.randn(n, device=device)
+    src = torch.full((n,), 1.5, device=device)  # a copy does not care about the values; drawing them is slow
     dst = torch.empty_like(src)
     dst.copy_(src)
     times = []
@@ -311,6 +311,9 @@ class Result:
     kernels_used: list[str] = field(default_factory=list)
     round_ms: list[float | None] = field(default_factory=list)  # --rounds: each round's median (None: failed)
     round_ratios: list[float] = field(default_factory=list)  # each round's step_ms / torch fused's
+    #: the plain copy's GB/s measured just before this case ran (0: not measured), and per round
+    copy_gbps: float = 0.0
+    round_copy_gbps: list[float | None] = field(default_factory=list)
 
 
 def _kernel_records() -> dict[tuple[str, Any], Any]:
@@ -380,15 +383,23 @@ def run_case(
 
 
 def relate(results: list[Result], gbps: float) -> None:
-    """Fill in the bandwidth bound (from the copy GB/s) and the ratio to torch's fused step per workload:
-    with several rounds, the median of the per-round ratios (each case against torch's fused step of
-    the same round, so a machine that speeds up or slows down between rounds cancels out)."""
+    """Fill in the bandwidth bound and the ratio to torch's fused step per workload: with several rounds,
+    the median of the per-round ratios (each case against torch's fused step of the same round, so a
+    machine that speeds up or slows down between rounds cancels out). The bound: the touched bytes at
+    the copy GB/s measured next to the case in each round (``round_copy_gbps``; the median of the
+    rounds' ratios), else at ``gbps``."""
     fused = {r.workload: r for r in results if r.key == TORCH_FUSED and r.status == "ok"}
     for r in results:
         if r.status != "ok":
             continue
-        r.bound_ms = r.touched_bytes_per_param * r.params / (gbps * 1e9) * 1e3
-        r.ratio_to_bound = r.step_ms / r.bound_ms
+        nbytes = r.touched_bytes_per_param * r.params
+        pairs = [(t, c) for t, c in zip(r.round_ms, r.round_copy_gbps, strict=False) if t is not None and c]
+        if pairs:
+            r.bound_ms = nbytes / (statistics.median(c for _, c in pairs) * 1e9) * 1e3
+            r.ratio_to_bound = statistics.median(t / (nbytes / (c * 1e9) * 1e3) for t, c in pairs)
+        else:
+            r.bound_ms = nbytes / (gbps * 1e9) * 1e3
+            r.ratio_to_bound = r.step_ms / r.bound_ms
         base = fused.get(r.workload)
         if base is None:
             r.ratio_to_torch_fused, r.round_ratios = 0.0, []
@@ -414,6 +425,8 @@ def merge_rounds(rounds: list[list[Result]]) -> list[Result]:
             continue
         m = replace(ok[0])
         m.round_ms = [r.step_ms if r is not None and r.status == "ok" else None for r in runs]
+        m.round_copy_gbps = [r.copy_gbps if r is not None and r.status == "ok" else None for r in runs]
+        m.copy_gbps = statistics.median(c for c in m.round_copy_gbps if c is not None)
         m.step_ms = statistics.median(r.step_ms for r in ok)
         m.min_ms = min(r.min_ms for r in ok)
         m.step_ms_all = [t for r in ok for t in r.step_ms_all]
@@ -642,7 +655,10 @@ def run(args: argparse.Namespace) -> int:
             print(f"round {index + 1} of {rounds}", flush=True)
         for name, model in workloads.items():
             for case in cases:
+                # the copy's speed next to each case: on a shared machine it changes by the minute
+                near = copy_gbps(device, copy_n, reps=3)
                 r = run_case(name, model.shapes, case, device, steps, args.warmup)
+                r.copy_gbps = near
                 per_round[-1].append(r)
                 ok = r.status == "ok"
                 note = f"{r.step_ms:.1f} ms/step, first step {r.first_step_s:.1f} s" if ok else r.status
@@ -650,10 +666,13 @@ def run(args: argparse.Namespace) -> int:
                 write(False)
     doc["copy_gbps_end"], doc["loadavg_end"] = copy_gbps(device, copy_n), loadavg()
     write(True)
-    print(f"plain fp32 copy at the end: {doc['copy_gbps_end']:.1f} GB/s (the bound uses the start's {gbps:.1f})\n")
+    near = [r.copy_gbps for r in results if r.status == "ok" and r.copy_gbps]
+    spread = f"; before the cases {min(near):.1f}-{max(near):.1f}, each case's bound uses its own" if near else ""
+    print(f"plain fp32 copy at the end: {doc['copy_gbps_end']:.1f} GB/s (at the start {gbps:.1f}{spread})\n")
     print(results_table(results))
     print("\nstep ms: median of the timed steps; first s: the first step (includes kernel compilation); touched:")
-    print("bytes read + written per parameter per step; bound: touched bytes at the plain-copy GB/s; memory:")
+    print("bytes read + written per parameter per step; bound: touched bytes at the plain-copy GB/s measured")
+    print("just before the case (vs bound: the median over rounds of each round's ratio); memory:")
     print("weights + gradient + optimizer state per parameter, from the tensors held.")
     checks = targets(results, args.optimizer)
     if checks:
