@@ -22,6 +22,7 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -107,7 +108,7 @@ def main() -> None:
         "torch": torch.__version__,
         "vector_width": native.vector_width(),
         "date": time.strftime("%Y-%m-%d"),
-        "command": "python benchmarks/compute_floor.py",
+        "command": " ".join(["python", "benchmarks/compute_floor.py", *sys.argv[1:]]),
         "results": results,
         "verdict": verdict,
     }
