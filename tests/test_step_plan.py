@@ -142,6 +142,49 @@ def test_non_finite_gradient_is_skipped_as_without_a_plan(where, monkeypatch):
     twin.assert_same()
 
 
+@pytest.mark.parametrize("mode", ["adamw exact/fp32", "adamw compact/int8", "adamw compact/int4"])
+def test_the_next_tensors_check_during_an_update_skips_what_a_check_of_its_own_would(mode, monkeypatch):
+    """Large tensors' gradients are checked for NaN/inf during the update before theirs (lo_step_side,
+    int8/int4 kernels):
+    a bad value at either end of a gradient, or in two large tensors in a row (the second then checked
+    by itself), skips exactly the tensors the general path skips, with the same bits everywhere."""
+    shapes = [(300, 256), (64, 64), (260, 256), (70,), (4, 256, 30, 3), (257, 300)]
+    big = [0, 2, 4, 5]  # above native.SMALL_TENSOR; 4 is stored channels_last (int8/int4: a kernel by rows)
+    twin = Twin(MODES[mode], shapes=shapes)
+    last = (twin.a[4], twin.b[4])
+    for p in last:
+        p.data = p.data.contiguous(memory_format=torch.channels_last)
+
+    def grads():
+        twin.grads()
+        for p in last:
+            p.grad = p.grad.contiguous(memory_format=torch.channels_last)
+
+    general = count_general(monkeypatch)
+    cases = [{2: 0}, {2: -1}, {4: -1}, {2: -1, 4: 0}, {5: -1}, {5: 0}, {4: 0, 5: 0}, {0: 0}, {0: -1}, {5: 0, 0: -1}]
+    for bad in [*cases, {}]:
+        for _ in range(2):  # after a skip the step counts differ: one general step builds the plan again
+            grads()
+            twin.step()
+            twin.assert_same()
+        plan = twin.planned._step_plan
+        assert plan is not None
+        sides = [plan.fns[plan.count + t] for t in range(plan.count)]
+        # int8/int4 (compute-bound kernels): each large tensor's kernel checks the next one's gradient;
+        # exact/fp32 (flat, memory-bound): every check a pass of its own
+        assert all(bool(sides[t]) == ("int" in mode) for t in big)
+        grads()
+        for where, at in bad.items():
+            for p in (twin.a[where], twin.b[where]):
+                flat = p.grad.as_strided((p.grad.numel(),), (1,))  # memory order: either end of the data
+                flat[at] = float("nan") if at == 0 else float("-inf")
+        before = len(general)
+        twin.step()
+        assert len(general) == before + 1  # the general twin only: the planned one ran its plan
+        twin.assert_same()
+        assert twin.planned.last_skipped == sorted(bad), bad
+
+
 def test_non_finite_gradient_raises_with_nothing_changed():
     twin = Twin(lambda ps: leanopt.AdamW(ps, lr=1e-2, nonfinite="raise"))
     for _ in range(2):

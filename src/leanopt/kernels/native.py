@@ -351,8 +351,35 @@ def state_codec(fmt: StateFormat, name: str, stored: dict[str, Tensor], like: Te
     return None
 
 
+#: A gradient checked for NaN/inf while another tensor's update runs (lo_step_side; step_plan's
+#: lo_step_all): ``mask`` as lo_all_finite's masks (bit 0: 32-bit values, the rest: the exponent mask)
+LO_SIDE_C = r"""
+typedef struct { const void *data; int64_t n; uint32_t mask; int bad; int64_t chunk; } lo_side;
+/* whether elements [u * chunk, (u + 1) * chunk) of the side tensor (chunk: its elements over the work
+   units, rounded up) hold a NaN or inf: their magnitude bits reach the exponent mask; and the elements
+   of unit u + 8 prefetched, so that these loads find them in cache */
+static int lo_side_range(const lo_side *sd, int64_t u) {
+  const int64_t a = u * sd->chunk < sd->n ? u * sd->chunk : sd->n;
+  const int64_t b = a + sd->chunk < sd->n ? a + sd->chunk : sd->n;
+  const int wide = (int)(sd->mask & 1u);
+  const uint32_t mask = sd->mask & ~1u;
+  const int64_t ahead = (u + 8) * sd->chunk;
+  for (int64_t i = ahead; i < ahead + sd->chunk && i < sd->n; i += 32)
+    __builtin_prefetch((const char *)sd->data + (i << (wide ? 2 : 1)), 0, 0);
+  if (wide) {
+    const uint32_t *x = (const uint32_t *)sd->data; uint32_t m = 0;
+    for (int64_t i = a; i < b; i++) { const uint32_t v = x[i] & 0x7FFFFFFFu; m = v > m ? v : m; }
+    return m >= mask;
+  }
+  const uint16_t *x = (const uint16_t *)sd->data; uint16_t m = 0;
+  for (int64_t i = a; i < b; i++) { const uint16_t v = (uint16_t)(x[i] & 0x7FFFu); m = v > m ? v : m; }
+  return m >= (uint16_t)mask;
+}
+"""
+
 #: C headers and the fp32 bit casts of the CPU kernels
-_C_HEADERS = r"""
+_C_HEADERS = (
+    r"""
 #include <stdint.h>
 #include <string.h>
 #include <math.h>
@@ -366,6 +393,8 @@ _C_HEADERS = r"""
 static inline float lo_f(uint32_t b) { float f; memcpy(&f, &b, 4); return f; }
 static inline uint32_t lo_u(float f) { uint32_t b; memcpy(&b, &f, 4); return b; }
 """
+    + LO_SIDE_C
+)
 
 #: Helpers of the traced rules and weight codecs, shared with the CUDA kernels (kernels/gpu.py), where
 #: ``LO_FN`` makes them device functions.
@@ -1107,7 +1136,10 @@ def generate(spec: KernelSpec) -> str:
     ``ptrs`` holds, in order: the weight tensors, the gradient, then per state its tensors (flat: one;
     quantised: codes, scales). Tensors are contiguous and shaped (rows, n) (flat kernels use rows=1).
     """
-    head = "static void lo_body(int64_t rows, int64_t n, void **ptrs, const float *s, int64_t t0, int64_t t1) {"
+    head = (
+        "static void lo_body(int64_t rows, int64_t n, void **ptrs, const float *s, int64_t t0, int64_t t1,"
+        " lo_side *side) {"
+    )
     vector = _vector_group(spec) if spec.grouped else None
     lines = [_PRELUDE + (_VECTOR_PRELUDE if vector else ""), head]
     lines += pointer_decls(spec)[0]
@@ -1120,7 +1152,9 @@ def generate(spec: KernelSpec) -> str:
         loads, stores = flat_state_io(spec)
         lines.append(
             f"""  const int64_t total = rows * n, chunk = {FLAT_CHUNK};
+  int bad = 0;
   for (int64_t c = t0; c < t1; c++) {{
+    if (side) bad |= lo_side_range(side, c);
     const int64_t end = (c + 1) * chunk < total ? (c + 1) * chunk : total;
     #pragma GCC ivdep
     for (int64_t i = c * chunk; i < end; i++) {{
@@ -1132,9 +1166,10 @@ def generate(spec: KernelSpec) -> str:
       {wstore}
     }}
   }}
+  if (bad) __atomic_store_n(&side->bad, 1, __ATOMIC_RELAXED);
 }}"""
         )
-        lines.append(_launcher(f"(rows * n + {FLAT_CHUNK} - 1) / {FLAT_CHUNK}"))
+        lines.append(_launcher(f"(rows * n + {FLAT_CHUNK} - 1) / {FLAT_CHUNK}", side=False))
         return "\n".join(lines)
     # Grouped: one group of GROUP_SIZE elements of one row at a time, decoded into local arrays.
     gs = GROUP_SIZE
@@ -1195,7 +1230,9 @@ def generate(spec: KernelSpec) -> str:
         f"""  const int64_t groups = (n + {gs} - 1) / {gs}, blocks = (groups + {BLOCK_GROUPS - 1}) / {BLOCK_GROUPS};
   /* blocks [t0, t1) of the rows * blocks; (row, block) advanced without dividing */
   int64_t r = blocks ? t0 / blocks : 0, b = blocks ? t0 % blocks : 0;
+  int bad = 0;
   for (int64_t t = t0; t < t1; t++, b = (b + 1 == blocks) ? (r++, 0) : b + 1) {{
+    if (side) bad |= lo_side_range(side, t);
     int64_t q0 = b * {BLOCK_GROUPS}, j0 = q0 * {gs};{_vector_blocks(vector, body)}
     if (n - j0 >= {bs}) {{
     const int64_t len = {bs}, ng = {BLOCK_GROUPS};
@@ -1205,6 +1242,7 @@ def generate(spec: KernelSpec) -> str:
 {block}
     }}
   }}
+  if (bad) __atomic_store_n(&side->bad, 1, __ATOMIC_RELAXED);
 }}"""
     )
     if spec.permuted:
@@ -1245,7 +1283,9 @@ def _permuted_rows(spec: KernelSpec) -> str:
     state_rows = [r for _, _, c in spec.states for r in ("(n / 2)" if c.kind == "q4p" else "n", "(groups * 2)")]
     count = nw + 1 + len(state_rows) + 2 * int(spec.weight.random)
     lines = [
-        "static void lo_body_rows(int64_t rows, int64_t n, void **ptrs, const float *s, int64_t t0, int64_t t1) {",
+        "static void lo_body_rows(int64_t rows, int64_t n, void **ptrs, const float *s, int64_t t0, int64_t t1,"
+        " lo_side *side) {",
+        "  int bad = 0;",
         f"  const int64_t S = {spec.permuted}, L = n / S, groups = (n + {GROUP_SIZE - 1}) / {GROUP_SIZE};",
         f"  const int64_t blocks = (groups + {BLOCK_GROUPS - 1}) / {BLOCK_GROUPS};",
         "  (void)rows;",
@@ -1268,6 +1308,7 @@ def _permuted_rows(spec: KernelSpec) -> str:
         "#endif",
         f"  void *p[{count}];",
         "  for (int64_t r = t0; r < t1; r++) {",
+        "    if (side) bad |= lo_side_range(side, r);",
     ]
     for k, es in enumerate(side):
         w = "16" if es == 4 else "32"
@@ -1279,12 +1320,13 @@ def _permuted_rows(spec: KernelSpec) -> str:
     if spec.weight.random:  # stochastic rounding: the key, and the index of the row's first element
         lines.append(f"    p[{count - 2}] = ptrs[{count - 2}];")
         lines.append(f"    p[{count - 1}] = (void *)((uint64_t)ptrs[{count - 1}] + (uint64_t)(r * n));")
-    lines.append("    lo_body(1, n, p, s, 0, blocks);")
+    lines.append("    lo_body(1, n, p, s, 0, blocks, 0);")
     for k, es in enumerate(side[:nw]):
         w = "16" if es == 4 else "32"
         lines.append(f"    lo_tr_row((const uint8_t *)p[{k}], (uint8_t *)ptrs[{k}] + r * n * {es}, S, L, {es}, 0,"
                      f" out16, out32, out_m{w}, v{w});")  # fmt: skip
-    lines += ["  }", "  free(scratch); free(in16); free(out16); free(in32); free(out32);", "}"]
+    lines += ["  }", "  free(scratch); free(in16); free(out16); free(in32); free(out32);",
+              "  if (bad) __atomic_store_n(&side->bad, 1, __ATOMIC_RELAXED);", "}"]  # fmt: skip
     return "#include <stdio.h>\n#include <stdlib.h>\n" + _TRANSPOSE_CORE + _TRANSPOSE_ROW + "\n".join(lines)
 
 
@@ -1498,19 +1540,26 @@ FLAT_CHUNK = 16384
 PARALLEL_MIN = {"openmp": 1 << 15, "pthreads": 1 << 20}
 
 
-def _launcher(units: str, body: str = "lo_body") -> str:
+def _launcher(units: str, body: str = "lo_body", side: bool = True) -> str:
     """``lo_step``: splits ``units`` work units (chunks, blocks or rows) into contiguous ranges, one per
     thread, each run by ``body``: an OpenMP team where the compiler has OpenMP (the process's libgomp,
-    shared with torch), else POSIX threads."""
+    shared with torch), else POSIX threads. ``side``: also export ``lo_step_side`` (the next tensor's
+    NaN/inf check during this update: for compute-bound kernels, whose arithmetic hides its loads; a
+    memory-bound one is better off with the check's own pass, lo_all_finite's interleaved streams)."""
     text = _LAUNCHER.format(units=units, omp_min=PARALLEL_MIN["openmp"], pt_min=PARALLEL_MIN["pthreads"])
+    if not side:
+        text = text.replace("void lo_step_side(", "static void lo_step_with(")
+        text = text.replace("  lo_step_side(", "  lo_step_with(")
     return text.replace("lo_body(", f"{body}(")
 
 
 _LAUNCHER = """
-typedef struct {{ int64_t rows, n, t0, t1; void **ptrs; const float *s; }} lo_job;
+typedef struct {{ int64_t rows, n, t0, t1; void **ptrs; const float *s; lo_side *side; }} lo_job;
 static void *lo_run(void *a) {{
-  lo_job *j = (lo_job *)a; lo_body(j->rows, j->n, j->ptrs, j->s, j->t0, j->t1); return 0; }}
-void lo_step(int64_t rows, int64_t n, void **ptrs, const float *s, int threads) {{
+  lo_job *j = (lo_job *)a; lo_body(j->rows, j->n, j->ptrs, j->s, j->t0, j->t1, j->side); return 0; }}
+/* lo_step, and with ``side`` (not NULL) the side check: side->bad set if an element of side->data is
+   not finite, its loads spread over the work units (they overlap the update's arithmetic) */
+void lo_step_side(int64_t rows, int64_t n, void **ptrs, const float *s, int threads, lo_side *side) {{
   const int64_t total = {units};
 #ifdef _OPENMP
   int64_t nt = rows * n >= {omp_min} ? threads : 1;
@@ -1519,25 +1568,32 @@ void lo_step(int64_t rows, int64_t n, void **ptrs, const float *s, int threads) 
   if (nt > 64) nt = 64;
 #endif
   if (nt > total) nt = total;
-  if (nt <= 1) {{ lo_body(rows, n, ptrs, s, 0, total); return; }}
+  if (side) {{
+    side->chunk = total ? (side->n + total - 1) / total : side->n;
+    if (total == 0) side->bad |= lo_side_range(side, 0);
+  }}
+  if (nt <= 1) {{ lo_body(rows, n, ptrs, s, 0, total, side); return; }}
   const int64_t per = (total + nt - 1) / nt;
 #ifdef _OPENMP
   #pragma omp parallel num_threads((int)nt)
   {{
     const int64_t t0 = omp_get_thread_num() * per, t1 = t0 + per < total ? t0 + per : total;
-    if (t0 < total) lo_body(rows, n, ptrs, s, t0, t1);
+    if (t0 < total) lo_body(rows, n, ptrs, s, t0, t1, side);
   }}
 #else
   pthread_t th[64]; lo_job jobs[64]; int started[64];
   for (int64_t k = 0; k < nt; k++) {{
     const int64_t t0 = k * per < total ? k * per : total, t1 = t0 + per < total ? t0 + per : total;
-    jobs[k] = (lo_job){{rows, n, t0, t1, ptrs, s}};
+    jobs[k] = (lo_job){{rows, n, t0, t1, ptrs, s, side}};
     started[k] = k > 0 && pthread_create(&th[k], 0, lo_run, &jobs[k]) == 0;
     if (k > 0 && !started[k]) lo_run(&jobs[k]);  /* no thread: do it here */
   }}
   lo_run(&jobs[0]);
   for (int64_t k = 1; k < nt; k++) if (started[k]) pthread_join(th[k], 0);
 #endif
+}}
+void lo_step(int64_t rows, int64_t n, void **ptrs, const float *s, int threads) {{
+  lo_step_side(rows, n, ptrs, s, threads, 0);
 }}
 """
 
@@ -1687,6 +1743,8 @@ class Kernel:
     compile_seconds: float  # 0.0 when loaded from the disk cache
     calls: int = 0
     symbol: str = "lo_step"
+    #: address of the library's ``lo_step_side`` (0: none): lo_step with a side check (LO_SIDE_C)
+    side: int = 0
 
 
 _LOCK = threading.Lock()
@@ -1788,7 +1846,9 @@ def build(
         fn = getattr(handle, symbol)
         fn.argtypes = _STEP_ARGS if argtypes is None else argtypes
         fn.restype = restype
-        kernel = _LOADED[f"{key}:{symbol}"] = Kernel(fn, key, seconds, symbol=symbol)
+        side = getattr(handle, "lo_step_side", None) if symbol == "lo_step" else None
+        side_addr = (ctypes.cast(side, ctypes.c_void_p).value or 0) if side is not None else 0
+        kernel = _LOADED[f"{key}:{symbol}"] = Kernel(fn, key, seconds, symbol=symbol, side=side_addr)
         return kernel
 
 

@@ -31,15 +31,20 @@ from ..formats import noise as _noise
 from . import native as _native
 from . import plan_check as _plan_check
 
-_STEP_ALL_SOURCE = r"""
+_STEP_ALL_SOURCE = (
+    _native.LO_SIDE_C
+    + r"""
 typedef void (*lo_step_fn)(int64_t, int64_t, void **, const float *, int);
+typedef void (*lo_side_fn)(int64_t, int64_t, void **, const float *, int, lo_side *);
 /* One optimizer step from a whole-step plan. First every step counter is compared with the value the
    plan expects (expect[seg[t]], seg[t]: tensor t's param group and step count): -1 if one differs. With
    check == 2 ("raise") every gradient is checked for NaN/inf first: -2 if one is not finite. Nothing has
-   changed in either case. Then each tensor, with check == 1 ("skip"), is checked just before its update:
-   ok[t] = 0 and no change for a non-finite one. Returns
-   the number of tensors skipped. Large tensors one after the other, each split over the threads; small
-   ones one per thread. */
+   changed in either case. Then each tensor, with check == 1 ("skip"), is checked before its update:
+   ok[t] = 0 and no change for a non-finite one. Returns the number of tensors skipped. Large tensors
+   one after the other, each split over the threads, the next large one's gradient checked during the
+   update before it where the kernel can (fns[count + t]: its lo_step_side, else 0): the check's loads
+   then overlap that update's arithmetic instead of taking a pass of their own; small ones one per
+   thread. */
 int lo_step_all(int64_t count, void **grads, const int64_t *sizes, const uint32_t *masks, int check,
                 float **counters, const int32_t *seg, const float *expect, const int64_t *slot,
                 void **fns, const int64_t *rows, const int64_t *ns, void ***ptrs, const float **scalars,
@@ -49,14 +54,26 @@ int lo_step_all(int64_t count, void **grads, const int64_t *sizes, const uint32_
     lo_all_finite_many(count, grads, sizes, masks, ok, threads);
     for (int64_t t = 0; t < count; t++) if (!ok[t]) return -2;
   }
-  int64_t skipped = 0;
+  int64_t skipped = 0, known = -1;  /* known: the tensor whose check ran during the previous update */
+  int known_ok = 0;
   for (int64_t t = 0; t < count; t++) {
     if (rows[t] * ns[t] < small) continue;
-    ok[t] = check != 1 || lo_all_finite(grads[t], sizes[t], (masks[t] & 1u) ? 32 : 16, masks[t] & ~1u, threads);
+    if (check != 1) ok[t] = 1;
+    else if (known == t) ok[t] = (int8_t)known_ok;
+    else ok[t] = (int8_t)lo_all_finite(grads[t], sizes[t], (masks[t] & 1u) ? 32 : 16, masks[t] & ~1u, threads);
     if (!ok[t]) { skipped++; continue; }
     ptrs[t][slot[t]] = grads[t];
     *counters[t] += 1.0f;
-    ((lo_step_fn)fns[t])(rows[t], ns[t], ptrs[t], scalars[t], threads);
+    int64_t u = t + 1;
+    while (u < count && rows[u] * ns[u] < small) u++;
+    if (check == 1 && u < count && fns[count + t]) {
+      lo_side side = {grads[u], sizes[u], masks[u], 0, 0};
+      ((lo_side_fn)fns[count + t])(rows[t], ns[t], ptrs[t], scalars[t], threads, &side);
+      known = u;
+      known_ok = !side.bad;
+    } else {
+      ((lo_step_fn)fns[t])(rows[t], ns[t], ptrs[t], scalars[t], threads);
+    }
   }
   #pragma omp parallel for schedule(dynamic, 4) num_threads(threads) if(count > 8) reduction(+:skipped)
   for (int64_t t = 0; t < count; t++) {
@@ -78,6 +95,7 @@ int lo_step_one(const int64_t *a) {
                      (const float **)a[13], (int8_t *)a[14], (int)a[15], a[16]);
 }
 """
+)
 
 _CHECKS = {"ignore": 0, "skip": 1, "raise": 2}  # lo_step_all's check, per nonfinite mode
 _FN: list[Any] = []
@@ -218,7 +236,10 @@ def build(opt: Any, work: list[tuple[Tensor, dict]], jobs: list) -> StepPlan | N
         seg=(c.c_int32 * count)(*seg_of),
         expect=(c.c_float * len(segments))(*[s.expect for s in segments]),
         slot=(c.c_int64 * count)(*[j.slot for j in jobs]),
-        fns=(c.c_void_p * count)(*[c.cast(j.kernel.fn, c.c_void_p).value for j in jobs]),
+        # lo_step, then lo_step_side (0: none) of each tensor's kernel
+        fns=(c.c_void_p * (2 * count))(
+            *[c.cast(j.kernel.fn, c.c_void_p).value for j in jobs], *[j.kernel.side or None for j in jobs]
+        ),  # fmt: skip
         rows=(c.c_int64 * count)(*[j.rows for j in jobs]),
         ns=(c.c_int64 * count)(*[j.n for j in jobs]),
         ptrs=(c.c_void_p * count)(*[c.addressof(j.ptrs) for j in jobs]),
@@ -403,7 +424,7 @@ def param_plan(opt: Any, param: Tensor, group: dict, grad: Tensor) -> Any:
         seg=(c.c_int32 * 1)(0),
         expect=(c.c_float * 1)(counter[1].value),
         slot=(c.c_int64 * 1)(len(kspec.weight.ctypes_)),
-        fns=(c.c_void_p * 1)(c.cast(kernel.fn, c.c_void_p).value),
+        fns=(c.c_void_p * 2)(c.cast(kernel.fn, c.c_void_p).value, None),  # no next tensor: no side check
         rows=(c.c_int64 * 1)(rows),
         ns=(c.c_int64 * 1)(n),
         ptrs=(c.c_void_p * 1)(c.addressof(ptrs)),
