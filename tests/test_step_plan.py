@@ -149,7 +149,9 @@ def test_the_next_tensors_check_during_an_update_skips_what_a_check_of_its_own_w
     a bad value at either end of a gradient, or in two large tensors in a row (the second then checked
     by itself), skips exactly the tensors the general path skips, with the same bits everywhere."""
     shapes = [(300, 256), (64, 64), (260, 256), (70,), (4, 256, 30, 3), (257, 300)]
-    big = [0, 2, 4, 5]  # above native.SMALL_TENSOR; 4 is stored channels_last (int8/int4: a kernel by rows)
+    # above native.SMALL_TENSOR, updated largest first: 4, 5, 0, 2; 4 is stored channels_last (int8/int4: a
+    # kernel by rows, which checks 5)
+    big = [0, 2, 4, 5]
     twin = Twin(MODES[mode], shapes=shapes)
     last = (twin.a[4], twin.b[4])
     for p in last:

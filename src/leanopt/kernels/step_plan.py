@@ -34,17 +34,25 @@ from . import plan_check as _plan_check
 _STEP_ALL_SOURCE = (
     _native.LO_SIDE_C
     + r"""
+#include <stdlib.h>
 typedef void (*lo_step_fn)(int64_t, int64_t, void **, const float *, int);
 typedef void (*lo_side_fn)(int64_t, int64_t, void **, const float *, int, lo_side *);
+typedef struct { int64_t size, t; } lo_big;
+static int lo_larger_first(const void *a, const void *b) {
+  const lo_big *x = (const lo_big *)a, *y = (const lo_big *)b;
+  if (x->size != y->size) return x->size < y->size ? 1 : -1;
+  return (x->t > y->t) - (x->t < y->t);
+}
 /* One optimizer step from a whole-step plan. First every step counter is compared with the value the
    plan expects (expect[seg[t]], seg[t]: tensor t's param group and step count): -1 if one differs. With
    check == 2 ("raise") every gradient is checked for NaN/inf first: -2 if one is not finite. Nothing has
    changed in either case. Then each tensor, with check == 1 ("skip"), is checked before its update:
    ok[t] = 0 and no change for a non-finite one. Returns the number of tensors skipped. Large tensors
-   one after the other, each split over the threads, the next large one's gradient checked during the
-   update before it where the kernel can (fns[count + t]: its lo_step_side, else 0): the check's loads
-   then overlap that update's arithmetic instead of taking a pass of their own; small ones one per
-   thread. */
+   one after the other, largest first, each split over the threads, the next one's gradient checked
+   during the update before it where the kernel can (fns[count + t]: its lo_step_side, else 0): the
+   check's loads then overlap that update's arithmetic instead of taking a pass of their own, and the
+   one check that takes its own pass is the largest tensor's, so no update carries the check of a
+   larger one; small ones one per thread. */
 int lo_step_all(int64_t count, void **grads, const int64_t *sizes, const uint32_t *masks, int check,
                 float **counters, const int32_t *seg, const float *expect, const int64_t *slot,
                 void **fns, const int64_t *rows, const int64_t *ns, void ***ptrs, const float **scalars,
@@ -56,17 +64,23 @@ int lo_step_all(int64_t count, void **grads, const int64_t *sizes, const uint32_
   }
   int64_t skipped = 0, known = -1;  /* known: the tensor whose check ran during the previous update */
   int known_ok = 0;
-  for (int64_t t = 0; t < count; t++) {
-    if (rows[t] * ns[t] < small) continue;
+  int64_t nl = 0;
+  for (int64_t t = 0; t < count; t++) nl += rows[t] * ns[t] >= small;
+  lo_big few[64], *order = nl <= 64 ? few : (lo_big *)malloc((size_t)nl * sizeof(lo_big));
+  if (!order) return -1;  /* nothing changed: the general path takes this step */
+  for (int64_t t = 0, k = 0; t < count; t++)
+    if (rows[t] * ns[t] >= small) order[k++] = (lo_big){sizes[t], t};
+  qsort(order, (size_t)nl, sizeof(lo_big), lo_larger_first);
+  for (int64_t k = 0; k < nl; k++) {
+    const int64_t t = order[k].t;
     if (check != 1) ok[t] = 1;
     else if (known == t) ok[t] = (int8_t)known_ok;
     else ok[t] = (int8_t)lo_all_finite(grads[t], sizes[t], (masks[t] & 1u) ? 32 : 16, masks[t] & ~1u, threads);
     if (!ok[t]) { skipped++; continue; }
     ptrs[t][slot[t]] = grads[t];
     *counters[t] += 1.0f;
-    int64_t u = t + 1;
-    while (u < count && rows[u] * ns[u] < small) u++;
-    if (check == 1 && u < count && fns[count + t]) {
+    const int64_t u = k + 1 < nl ? order[k + 1].t : -1;
+    if (check == 1 && u >= 0 && fns[count + t]) {
       lo_side side = {grads[u], sizes[u], masks[u], 0, 0};
       ((lo_side_fn)fns[count + t])(rows[t], ns[t], ptrs[t], scalars[t], threads, &side);
       known = u;
@@ -75,6 +89,7 @@ int lo_step_all(int64_t count, void **grads, const int64_t *sizes, const uint32_
       ((lo_step_fn)fns[t])(rows[t], ns[t], ptrs[t], scalars[t], threads);
     }
   }
+  if (order != few) free(order);
   #pragma omp parallel for schedule(dynamic, 4) num_threads(threads) if(count > 8) reduction(+:skipped)
   for (int64_t t = 0; t < count; t++) {
     if (rows[t] * ns[t] >= small) continue;
