@@ -61,7 +61,10 @@ def native_at(rev: str) -> types.ModuleType:
     """leanopt.kernels.native as it was at git revision ``rev`` (the rest of the package as it is now)."""
     root = Path(__file__).resolve().parent.parent
     path = "src/leanopt/kernels/native.py"
-    text = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=root, check=True, capture_output=True, text=True)
+    text = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=root, capture_output=True, text=True)
+    if text.returncode != 0:
+        raise SystemExit(f"--against {rev!r}: git cannot show {path} there ({text.stderr.strip()}); "
+                         "give a commit of this repository that has it, e.g. 84cf6b8")  # fmt: skip
     module = types.ModuleType(f"leanopt.kernels.native_at_{rev}")
     module.__package__ = "leanopt.kernels"
     module.__file__ = str(root / path)

@@ -214,8 +214,8 @@ class WeightCodec:
     # the same for elements i .. i + 15 in an AVX-512 register ``p`` ("": no vector form)
     vload: str = ""
     vstore: str = ""
-    # the same for a full group of 32 at ``base`` in ``PW[2]`` (where one call for both registers is
-    # cheaper: lv_load_compact2 & co); "": vload / vstore per register
+    # instead, a full group of 32 at ``base`` in ``PW[2]`` (lv_load_compact2 & co: two-register permutes
+    # where the CPU has them, else register by register; "": vload / vstore)
     vload2: str = ""
     vstore2: str = ""
 
@@ -259,10 +259,6 @@ WEIGHT_CODECS: dict[tuple[str, torch.dtype], WeightCodec] = {
         "lo_f(((uint32_t)W0[i] << 16) + (uint32_t)(int32_t)W1[i])",
         "{ uint32_t b = lo_canon(p); uint32_t hi = (b + 0x8000u) & 0xFFFF0000u;"
         " W0[i] = (uint16_t)(hi >> 16); W1[i] = (int16_t)(uint16_t)(b - hi); }",
-        vload="lv_f(_mm512_add_epi32(_mm512_slli_epi32(lv_u16(W0 + i), 16), lv_i16(W1 + i)))",
-        vstore="{ const __m512i b = lv_canon(p), hi = _mm512_and_si512(_mm512_add_epi32(b, lv_i(0x8000)),"
-        " lv_i((int32_t)0xFFFF0000u)); lv_st16(W0 + i, _mm512_srli_epi32(hi, 16));"
-        " lv_st16(W1 + i, _mm512_sub_epi32(b, hi)); }",
         vload2="lv_load_exact2(W0 + base, W1 + base, PW);",
         vstore2="lv_store_exact2(W0 + base, W1 + base, PW);",
     ),
@@ -271,11 +267,6 @@ WEIGHT_CODECS: dict[tuple[str, torch.dtype], WeightCodec] = {
         "lo_f(((uint32_t)W0[i] << 16) + (uint32_t)((int32_t)W1[i] * 256))",
         "{ uint32_t b = (lo_canon(p) + 0x80u) & 0xFFFFFF00u; uint32_t hi = (b + 0x8000u) & 0xFFFF0000u;"
         " W0[i] = (uint16_t)(hi >> 16); W1[i] = (int8_t)((int32_t)(b - hi) >> 8); }",
-        vload="lv_f(_mm512_add_epi32(_mm512_slli_epi32(lv_u16(W0 + i), 16), _mm512_slli_epi32(lv_i8(W1 + i), 8)))",
-        vstore="{ const __m512i b = _mm512_and_si512(_mm512_add_epi32(lv_canon(p), lv_i(0x80)),"
-        " lv_i((int32_t)0xFFFFFF00u)),"
-        " hi = _mm512_and_si512(_mm512_add_epi32(b, lv_i(0x8000)), lv_i((int32_t)0xFFFF0000u));"
-        " lv_st16(W0 + i, _mm512_srli_epi32(hi, 16)); lv_st8(W1 + i, _mm512_srai_epi32(_mm512_sub_epi32(b, hi), 8)); }",
         vload2="lv_load_compact2(W0 + base, W1 + base, PW);",
         vstore2="lv_store_compact2(W0 + base, W1 + base, PW);",
     ),
@@ -357,7 +348,8 @@ LO_SIDE_C = r"""
 typedef struct { const void *data; int64_t n; uint32_t mask; int bad; int64_t chunk; } lo_side;
 /* whether elements [u * chunk, (u + 1) * chunk) of the side tensor (chunk: its elements over the work
    units, rounded up) hold a NaN or inf: their magnitude bits reach the exponent mask; and the elements
-   of unit u + 8 prefetched, so that these loads find them in cache */
+   of unit u + 8 prefetched, so that these loads find them in cache. One stream, not lo_finite16/32's
+   eight: a unit's range is short (about 128 elements), eighths of it would be 16 */
 static int lo_side_range(const lo_side *sd, int64_t u) {
   const int64_t a = u * sd->chunk < sd->n ? u * sd->chunk : sd->n;
   const int64_t b = a + sd->chunk < sd->n ? a + sd->chunk : sd->n;
@@ -1440,7 +1432,7 @@ def _vector_group(spec: KernelSpec) -> str | None:
     form (then the scalar code does every group)."""
     w = spec.weight
     pair_g = spec.grad[2] == GRAD_CODECS[torch.bfloat16][2]
-    if not (w.vload and w.vstore) or any(c.kind == "flat" for _, _, c in spec.states):
+    if not ((w.vload and w.vstore) or w.vload2) or any(c.kind == "flat" for _, _, c in spec.states):
         return None
     decode, encode, loads, stores, block = [], [], [], [], []
     declare, keep, after_head, after = [], [], [], []
