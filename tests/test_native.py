@@ -488,7 +488,8 @@ def test_avx512_avx2_and_portable_grouped_code_give_the_same_bits(tmp_path, monk
     targets AVX-512, as pairs of AVX2 registers where it targets AVX2 + FMA + F16C only (built here with
     ``-march=x86-64-v3``), and portable C elsewhere (and for a row's partial last group everywhere). All
     give the same bits: every rule, every weight format with a vector form, full and partial groups,
-    odd rows (one 4-bit code per byte), and NaN/inf gradients let through (nonfinite="ignore")."""
+    odd rows (one 4-bit code per byte), groups of zeros, a group with a huge and a tiny element, and
+    NaN/inf gradients (one a NaN with a payload) let through (nonfinite="ignore")."""
     monkeypatch.setenv("LEANOPT_CACHE_DIR", str(tmp_path))
     cases = {
         "adamw": (leanopt.AdamW, dict(lr=1e-2, weight_decay=0.1, nonfinite="ignore")),
@@ -505,9 +506,18 @@ def test_avx512_avx2_and_portable_grouped_code_give_the_same_bits(tmp_path, monk
         opt = cls([p], master=master, states=states, kernel="auto", **hyper)
         for i in range(4):
             grad = torch.randn(shape, generator=g) * 10.0 ** (-(i % 3))
+            # at every step: groups of zeros (states of scale 0: no element is the group's top); a huge and
+            # a tiny gradient in one group (the tiny one's sqrt(v) / scale below 2^-126: code 0)
+            grad.view(-1)[64:128] = 0.0
+            if grad.numel() > 260:
+                grad.view(-1)[256], grad.view(-1)[257] = 1e18, 1e-20
             if i == 2:  # one group meets a NaN and an inf: its scale and codes go non-finite alike
                 grad.view(-1)[5], grad.view(-1)[40] = float("nan"), float("inf")
             p.grad = grad.to(dtype)
+            if i == 3 and p.numel() > 190:  # last step: a NaN with a payload, alone in a group's second register
+                p.grad.view(-1).view(torch.int16 if dtype == torch.bfloat16 else torch.int32)[180] = (
+                    0x7F81 if dtype == torch.bfloat16 else 0x7F800001
+                )
             opt.step()
         return tensors(p, opt)
 

@@ -509,6 +509,8 @@ static inline lo2_f lo2_mask_blend_ps(lo2_m k, lo2_f a, lo2_f b) {  /* b where k
 static inline lo2_i lo2_mask_blend_epi32(lo2_m k, lo2_i a, lo2_i b) {
   return (lo2_i){_mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(a.lo), _mm256_castsi256_ps(b.lo), k.lo)),
                  _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(a.hi), _mm256_castsi256_ps(b.hi), k.hi))}; }
+static inline lo2_f lo2_mask_mul_ps(lo2_f src, lo2_m k, lo2_f a, lo2_f b) {  /* a * b where k, else src */
+  return lo2_mask_blend_ps(k, src, lo2_mul_ps(a, b)); }
 static inline lo2_f lo2_maskz_mov_ps(lo2_m k, lo2_f a) {
   return (lo2_f){_mm256_and_ps(k.lo, a.lo), _mm256_and_ps(k.hi, a.hi)}; }
 static inline lo2_m lo2_mask_and(lo2_m k, lo2_m m) {
@@ -616,6 +618,8 @@ static inline lo2_f lo2_cvtph_ps(__m256i h) {
 #define _mm512_mask_blend_ps lo2_mask_blend_ps
 #undef _mm512_mask_blend_epi32
 #define _mm512_mask_blend_epi32 lo2_mask_blend_epi32
+#undef _mm512_mask_mul_ps
+#define _mm512_mask_mul_ps lo2_mask_mul_ps
 #undef _mm512_maskz_mov_ps
 #define _mm512_maskz_mov_ps lo2_maskz_mov_ps
 #undef _mm512_cmp_ps_mask
@@ -788,6 +792,11 @@ static inline __m512i lv_canon(__m512 f) {
   if (__builtin_expect(lv_none(nan), 1)) return b;
   return _mm512_mask_blend_epi32(nan, b,
                                  _mm512_or_si512(_mm512_and_si512(b, lv_i((int32_t)0x80000000u)), lv_i(0x7FC00000))); }
+/* lv_canon of a group's two registers: one test for a NaN in either */
+static inline void lv_canon2(const __m512 *p, __m512i *b) {
+  if (__builtin_expect(lv_none(_mm512_cmp_ps_mask(p[0], p[1], _CMP_UNORD_Q)), 1)) {
+    b[0] = lv_u(p[0]); b[1] = lv_u(p[1]); return; }
+  b[0] = lv_canon(p[0]); b[1] = lv_canon(p[1]); }
 static inline __m512i lv_bf16(__m512 f) {
   const __m512i b = lv_u(f);
   const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(b, lv_i(0x7FFF)),
@@ -816,8 +825,8 @@ static inline void lv_load_compact2(const uint16_t *w0, const int8_t *w1, __m512
                                      _mm512_loadu_si512(lv_compact2_order[h]), lo), lv_i(0x8000))); }
 /* t = canon(p) + 0x80: W0 = word 1 of t + 0x8000, W1 = byte 1 of t (the bits vstore keeps) */
 static inline void lv_store_compact2(uint16_t *w0, int8_t *w1, const __m512 *p) {
-  const __m512i t0 = _mm512_add_epi32(lv_canon(p[0]), lv_i(0x80));
-  const __m512i t1 = _mm512_add_epi32(lv_canon(p[1]), lv_i(0x80));
+  __m512i b[2]; lv_canon2(p, b);
+  const __m512i t0 = _mm512_add_epi32(b[0], lv_i(0x80)), t1 = _mm512_add_epi32(b[1], lv_i(0x80));
   const __m512i u0 = _mm512_add_epi32(t0, lv_i(0x8000)), u1 = _mm512_add_epi32(t1, lv_i(0x8000));
   _mm512_storeu_si512(w0, _mm512_permutex2var_epi16(u0, _mm512_loadu_si512(lv_word1_order), u1));
   _mm256_storeu_si256((__m256i *)w1,
@@ -844,7 +853,8 @@ static inline void lv_load_exact2(const uint16_t *w0, const int16_t *w1, __m512 
                                  lv_i(0x8000))); }
 /* b = canon(p): W0 = word 1 of b + 0x8000, W1 = word 0 of b */
 static inline void lv_store_exact2(uint16_t *w0, int16_t *w1, const __m512 *p) {
-  const __m512i b0 = lv_canon(p[0]), b1 = lv_canon(p[1]);
+  __m512i b[2]; lv_canon2(p, b);
+  const __m512i b0 = b[0], b1 = b[1];
   const __m512i u0 = _mm512_add_epi32(b0, lv_i(0x8000)), u1 = _mm512_add_epi32(b1, lv_i(0x8000));
   _mm512_storeu_si512(w0, _mm512_permutex2var_epi16(u0, _mm512_loadu_si512(lv_word1_order), u1));
   _mm512_storeu_si512(w1, _mm512_permutex2var_epi16(b0, _mm512_loadu_si512(lv_word0_order), b1)); }
@@ -941,18 +951,19 @@ static inline void lv_byte_table(const float *t, __m512i *tb, uint8_t *m128) {
 }
 #endif
 /* One group of 32 (two vectors) of a quantised state, as the scalar code does it element by element.
-   The group's largest |x| (bits: NaN above inf), its bf16 scale and the scale's reciprocal. */
-static inline uint16_t lv_scale(const __m512 *a, __m512 *inv, __m512 *top, __mmask16 *live) {
+   The group's largest |x| (bits: NaN above inf; NaN where it is not > 0: no element is the top then),
+   its bf16 scale and the scale's reciprocal. */
+static inline uint16_t lv_scale(const __m512 *a, __m512 *inv, __m512 *top) {
   const __m512i m = lv_i(0x7FFFFFFF);
   const float t = lo_f(_mm512_reduce_max_epu32(_mm512_max_epu32(_mm512_and_si512(lv_u(a[0]), m),
                                                                  _mm512_and_si512(lv_u(a[1]), m))));
   const uint16_t sb = lo_bf16(t); const float s32 = lo_f((uint32_t)sb << 16);
-  *inv = _mm512_set1_ps(1.0f / (s32 > 0.0f ? s32 : 1.0f)); *top = _mm512_set1_ps(t); *live = lv_mask_all(t > 0.0f);
+  *inv = _mm512_set1_ps(1.0f / (s32 > 0.0f ? s32 : 1.0f)); *top = _mm512_set1_ps(t > 0.0f ? t : NAN);
   return sb; }
 /* The scales of 4 groups at once (no reduction to a scalar): pm[g] holds group g's 16 partial maxima
    (bits of magnitudes: values >= 0 order like their bits, NaN above inf). Lanes 4g..4g+3 of *top get
-   group g's largest magnitude, of *inv the reciprocal of its bf16 scale (1 where the scale is not > 0),
-   sb[g] its bf16 scale: what lv_scale gives for each group, bit for bit. */
+   group g's largest magnitude (NaN where it is not > 0), of *inv the reciprocal of its bf16 scale (1
+   where the scale is not > 0), sb[g] its bf16 scale: what lv_scale gives for each group, bit for bit. */
 static inline void lv_scales4(const __m512i *pm, __m512 *top, __m512 *inv, uint16_t *sb) {
   const __m512i lo8 = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23);
   const __m512i hi8 = _mm512_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
@@ -972,16 +983,15 @@ static inline void lv_scales4(const __m512i *pm, __m512 *top, __m512 *inv, uint1
   const __m512 t = lv_f(m), one = _mm512_set1_ps(1.0f);
   const __m512i b = lv_bf16(t);
   const __m512 s32 = lv_widen_bf16(b);
-  *top = t;
+  *top = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(t, _mm512_setzero_ps(), _CMP_GT_OQ), _mm512_set1_ps(NAN), t);
   *inv = _mm512_div_ps(one, _mm512_mask_blend_ps(_mm512_cmp_ps_mask(s32, _mm512_setzero_ps(), _CMP_GT_OQ), one, s32));
   float lanes[16];
   _mm512_storeu_ps(lanes, lv_f(b));
   for (int g = 0; g < 4; g++) sb[g] = (uint16_t)lo_u(lanes[4 * g]); }
-/* group g's (top, inv) of lv_scales4 in every lane, and whether its largest magnitude is > 0 */
-static inline __mmask16 lv_group(__m512 top4, __m512 inv4, int g, __m512 *top, __m512 *inv) {
+/* group g's (top, inv) of lv_scales4 in every lane */
+static inline void lv_group(__m512 top4, __m512 inv4, int g, __m512 *top, __m512 *inv) {
   const __m512i at = _mm512_set1_epi32(4 * g);
-  *top = _mm512_permutexvar_ps(at, top4); *inv = _mm512_permutexvar_ps(at, inv4);
-  return _mm512_cmp_ps_mask(*top, _mm512_setzero_ps(), _CMP_GT_OQ); }
+  *top = _mm512_permutexvar_ps(at, top4); *inv = _mm512_permutexvar_ps(at, inv4); }
 /* one group's 16 partial maxima of lv_scales4 */
 static inline __m512i lv_partial_max(const __m512 *a) {
   const __m512i m = lv_i(0x7FFFFFFF);
@@ -990,41 +1000,42 @@ static inline __m512i lv_partial_max(const __m512 *a) {
    Computed on |a| with a's sign put back before the rounding: every step is odd (rint too, halves going
    to even), so the codes are the same bit for bit (a NaN gives INT_MIN either way); and 2x / d * q as
    x / d * 2q (scaling by 2 is exact). */
-static inline void lv_codes_signed(const __m512 *a, __m512 inv, __m512 top, __mmask16 live, float q, __m512i *code) {
+static inline void lv_codes_signed(const __m512 *a, __m512 inv, __m512 top, float q, __m512i *code) {
   const __m512 one = _mm512_set1_ps(1.0f);
   for (int h = 0; h < 2; h++) {
+    /* x = 1 in lanes equal to the group's top (NaN where the group has none), else min(1, |a| * inv): NaN
+       stays NaN (!= is true for it, min returns its second operand then) */
     const __m512 m = _mm512_abs_ps(a[h]);
-    const __m512 xr = _mm512_min_ps(one, _mm512_mul_ps(m, inv));  /* NaN stays NaN */
-    const __m512 x = _mm512_mask_blend_ps(_mm512_mask_cmp_ps_mask(live, m, top, _CMP_EQ_OQ), xr, one);
+    const __m512 x = _mm512_min_ps(one, _mm512_mask_mul_ps(one, _mm512_cmp_ps_mask(m, top, _CMP_NEQ_UQ), m, inv));
     const __m512 y = _mm512_mul_ps(_mm512_div_ps(x, _mm512_add_ps(one, x)), _mm512_set1_ps(2.0f * q));
     const __m512i sign = lv_i((int32_t)0x80000000u);  /* (a & sign) | y: */
     code[h] = _mm512_cvtps_epi32(lv_f(_mm512_ternarylogic_epi32(lv_u(a[h]), sign, lv_u(y), 0xEA)));
   } }
 static inline uint16_t lv_encode_signed(const __m512 *a, float q, __m512i *code) {
-  __m512 inv, top; __mmask16 live; const uint16_t sb = lv_scale(a, &inv, &top, &live);
-  lv_codes_signed(a, inv, top, live, q, code);
+  __m512 inv, top; const uint16_t sb = lv_scale(a, &inv, &top);
+  lv_codes_signed(a, inv, top, q, code);
   return sb; }
 /* unsigned (second moment, by its square root r): code = max(rint(levels * min(r / scale, 1)) - 1, 0);
    the rounding to an integer in one conversion, max(c, 1) - 1 on integers (a NaN: INT_MIN -> 0, as
-   max(NaN - 1, 0) truncated gave) */
-static inline void lv_codes_unsigned(const __m512 *r, __m512 inv, __m512 top, __mmask16 live, float levels,
-                                     __m512i *code) {
-  const __m512 one = _mm512_set1_ps(1.0f);
-  for (int h = 0; h < 2; h++) {
-    const __m512 xr = _mm512_min_ps(one, _mm512_mul_ps(r[h], inv));
-    const __m512 x = _mm512_mask_blend_ps(_mm512_mask_cmp_ps_mask(live, r[h], top, _CMP_EQ_OQ), xr, one);
-    code[h] = _mm512_sub_epi32(_mm512_max_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(x, _mm512_set1_ps(levels))), lv_i(1)),
-                               lv_i(1));
+   max(NaN - 1, 0) truncated gave). ``invl`` is levels / scale (1 / scale times levels, a power of two:
+   exact, as 1 / scale <= 2^75: r, a square root of a float, is 0 or >= 2^-74.5), and levels * min(r *
+   (1 / scale), 1) = min(r * invl, levels) bit for bit: scaling by a power of two commutes with the
+   rounding of r * (1 / scale) unless that is below 2^-126, where both give code 0. */
+static inline void lv_codes_unsigned(const __m512 *r, __m512 invl, __m512 top, float levels, __m512i *code) {
+  const __m512 l = _mm512_set1_ps(levels);
+  for (int h = 0; h < 2; h++) {  /* the top's lanes: levels (as in lv_codes_signed) */
+    const __m512 x = _mm512_min_ps(l, _mm512_mask_mul_ps(l, _mm512_cmp_ps_mask(r[h], top, _CMP_NEQ_UQ), r[h], invl));
+    code[h] = _mm512_sub_epi32(_mm512_max_epi32(_mm512_cvtps_epi32(x), lv_i(1)), lv_i(1));
   } }
 static inline uint16_t lv_encode_unsigned(const __m512 *r, float levels, __m512i *code) {
-  __m512 inv, top; __mmask16 live; const uint16_t sb = lv_scale(r, &inv, &top, &live);
-  lv_codes_unsigned(r, inv, top, live, levels, code);
+  __m512 inv, top; const uint16_t sb = lv_scale(r, &inv, &top);
+  lv_codes_unsigned(r, _mm512_mul_ps(inv, _mm512_set1_ps(levels)), top, levels, code);
   return sb; }
-/* unsigned decode: ((code + 1) / levels * scale)^2 (dividing by a power of two = multiplying) of the
-   stored code + ``add`` - 1 (the float sum is exact) */
+/* unsigned decode: ((code + 1) / levels * scale)^2 of code + 1 = the stored code + ``add``: (code + 1) /
+   levels is exact (an integer <= levels over a power of two), so one fma of the stored code gives it */
 static inline __m512 lv_decode_unsigned(__m512i stored, float add, float inv_levels, __m512 scale) {
-  const __m512 u = _mm512_mul_ps(_mm512_mul_ps(_mm512_add_ps(_mm512_cvtepi32_ps(stored), _mm512_set1_ps(add)),
-                                               _mm512_set1_ps(inv_levels)), scale);
+  const __m512 u = _mm512_mul_ps(_mm512_fmadd_ps(_mm512_cvtepi32_ps(stored), _mm512_set1_ps(inv_levels),
+                                                 _mm512_set1_ps(add * inv_levels)), scale);
   return _mm512_mul_ps(u, u); }
 /* 16 bytes of two 4-bit codes each (low nibble first) <-> 32 codes in two vectors */
 #ifdef LO_AVX2
@@ -1486,10 +1497,12 @@ def _vector_group(spec: KernelSpec) -> str | None:
         declare.append(f"      __m512 KA_{v}[{2 * BLOCK_GROUPS}]; __m512i PM_{v}[{BLOCK_GROUPS}];")
         keep.append(f"        KA_{v}[2 * gv] = {kept}[0]; KA_{v}[2 * gv + 1] = {kept}[1];"
                     f" PM_{v}[gv] = lv_partial_max({kept});")  # fmt: skip
-        after_head.append(f"        __m512 T_{v}, I_{v}; uint16_t B_{v}[4]; lv_scales4(PM_{v}, &T_{v}, &I_{v}, B_{v});")
-        after.append(f"          {{ __m512 top, inv; const __mmask16 live = lv_group(T_{v}, I_{v}, (int)gv, &top,"
-                     f" &inv); __m512i code[2];\n"
-                     f"            lv_codes_{kind}(KA_{v} + 2 * gv, inv, top, live, {arg}, code);"
+        # unsigned codes take levels / scale (lv_codes_unsigned): the block's reciprocals times levels at once
+        levels_over = "" if signed else f" I_{v} = _mm512_mul_ps(I_{v}, _mm512_set1_ps({arg}));"
+        after_head.append(f"        __m512 T_{v}, I_{v}; uint16_t B_{v}[4]; lv_scales4(PM_{v}, &T_{v}, &I_{v}, B_{v});"
+                          f"{levels_over}")  # fmt: skip
+        after.append(f"          {{ __m512 top, inv; lv_group(T_{v}, I_{v}, (int)gv, &top, &inv); __m512i code[2];\n"
+                     f"            lv_codes_{kind}(KA_{v} + 2 * gv, inv, top, {arg}, code);"
                      f" {put} K_{v}[r * groups + q] = B_{v}[gv]; }}")  # fmt: skip
     before = ["#ifdef LO_VBMI", *block, "#endif"] if block else []
     if BLOCK_GROUPS == 4:
