@@ -526,7 +526,9 @@ def test_avx512_avx2_and_portable_grouped_code_give_the_same_bits(tmp_path, monk
     # The first moment's table lookup: by byte permutes where the CPU has AVX-512 VBMI (""), else by a
     # gather ("-DLO_NO_VBMI") or, on CPUs whose gathers are slow, by register permutes (LO_SLOW_GATHER);
     # LO_SCALE_EACH: each group's scale by itself instead of a block's 4 at once (benchmarks/int8_cost.py)
-    avx2 = (AVX2,) if _cpu_has("avx2", "fma", "f16c") and _compiler_takes(AVX2, monkeypatch) else ()
+    # AVX2: the first moment's table entries computed (two divisions), or gathered (-DLO_AVX2_GATHER)
+    avx2_ok = _cpu_has("avx2", "fma", "f16c") and _compiler_takes(AVX2, monkeypatch)
+    avx2 = (AVX2, AVX2 + " -DLO_AVX2_GATHER") if avx2_ok else ()
     lookups = ("-DLO_NO_VBMI", "-DLO_NO_VBMI -DLO_SLOW_GATHER", "-DLO_SCALE_EACH")
     # LO_NO_PAIRS: a group's weights and gradients register by register instead of by two-register
     # permutes (lv_load_compact2 & co), for every weight format
