@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import json
-import platform
+import sys
 import time
 from pathlib import Path
+
+from _results import write_rows
 
 from leanopt.kernels import native
 
@@ -116,8 +117,7 @@ def main() -> None:
     seconds = _timed(clock.fn, args.iterations * 8, args.repeats)
     ghz = args.iterations * 8 / seconds / 1e9
     print(f"clock: {ghz:.2f} GHz (a chain of dependent integer additions)")
-    result = {"cpu": platform.processor() or platform.machine(), "compiler": native.compiler(),
-              "vector_width": width, "ghz": ghz, "iterations": args.iterations, "ops": {}}  # fmt: skip
+    rows = []
     for i, name in enumerate(names):
         try:
             k = native.build(source, f"lo_op_{i}", argtypes=[ctypes.c_int64], restype=ctypes.c_double)
@@ -125,11 +125,10 @@ def main() -> None:
             print(f"{name}: not built ({str(err).splitlines()[0][:80]})")
             continue
         per = _timed(k.fn, args.iterations, args.repeats) / (args.iterations * 8)
-        result["ops"][name] = {"ns_per_step": per * 1e9, "cycles_per_step": per * ghz * 1e9}
+        rows.append({"op": name, "cycles_per_step": per * ghz * 1e9, "ns_per_step": per * 1e9})
         print(f"{name:38s} {per * ghz * 1e9:6.2f} cycles  {per * 1e9:6.3f} ns per step")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {args.out}")
+    write_rows(args.out, " ".join(["python", *sys.argv]), rows, ghz=ghz, vector_width=width,
+               compiler=native.compiler(), iterations=args.iterations)  # fmt: skip
 
 
 if __name__ == "__main__":
