@@ -19,6 +19,7 @@ timed alternately in one process on the same tensors (wrong numbers, same shape 
     python benchmarks/int8_cost.py --elements 10000000 --rounds 5
     python benchmarks/int8_cost.py --rounds 9 --against 84cf6b8
     python benchmarks/int8_cost.py --rounds 9 --against 84cf6b8 --states int4 --out benchmarks/results/int4_cost.json
+    python benchmarks/int8_cost.py --elements 102400 --cols 1024 --threads 1 --rounds 9   # one core, in cache
 
 ``--states int4`` / ``--master exact`` time that kernel instead (the variants' names say int8 for short).
 
@@ -81,8 +82,10 @@ def main() -> None:
     parser.add_argument("--states", choices=["int8", "int4"], default="int8")
     parser.add_argument("--master", choices=["compact", "exact"], default="compact")
     parser.add_argument("--against", metavar="REV", help="also time the kernel native.py at git revision REV generates")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="the kernels' threads")
+    parser.add_argument("--cols", type=int, default=1000, help="row length (1000: each row ends in a partial group)")
     args = parser.parse_args()
-    cols = 1000
+    cols = args.cols
     rows = max(1, args.elements // cols)
     p = torch.nn.Parameter(torch.randn(rows, cols).bfloat16())
     p.grad = (torch.randn(rows, cols) * 1e-3).bfloat16()
@@ -125,13 +128,14 @@ def main() -> None:
     rounds = []
     for _ in range(args.rounds):
         rounds.append({
-            name: median_ms(lambda k=k: k.fn(rows, cols, ptrs, ctypes.addressof(scalars), torch.get_num_threads()))
+            name: median_ms(lambda k=k: k.fn(rows, cols, ptrs, ctypes.addressof(scalars), args.threads))
             for name, k in kernels.items()
         })  # fmt: skip
         print({k: round(v, 1) for k, v in rounds[-1].items()})
     result = {
         "elements": rows * cols,
-        "threads": torch.get_num_threads(),
+        "cols": cols,
+        "threads": args.threads,
         "compiler": native.compiler(),
         "states": args.states,
         "master": args.master,

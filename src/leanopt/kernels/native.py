@@ -832,16 +832,50 @@ static inline void lv_store_compact2(uint16_t *w0, int8_t *w1, const __m512 *p) 
   _mm256_storeu_si256((__m256i *)w1,
                       _mm512_castsi512_si256(_mm512_permutex2var_epi8(t0, _mm512_loadu_si512(lv_byte1_order), t1))); }
 #else
+#ifdef LO_AVX2
+/* AVX2: bits = ((W0 << 16) | (W1 ^ 0x80) << 8) - 0x8000 as the pairs version, by unpacks: words (W1 ^ 0x80)
+   << 8 from byte unpacks with zero, dwords from word unpacks with W0; each unpack's inputs first
+   64-bit-permuted (0xD8) so that its in-lane halves come out in the elements' order */
+static inline void lv_load_compact2(const uint16_t *w0, const int8_t *w1, __m512 *p) {
+  const __m256i z = _mm256_setzero_si256(), bias = _mm256_set1_epi32(0x8000);
+  const __m256i c = _mm256_permute4x64_epi64(_mm256_xor_si256(_mm256_loadu_si256((const __m256i *)w1),
+                                                              _mm256_set1_epi8((char)0x80)), 0xD8);
+  const __m256i lo[2] = {_mm256_unpacklo_epi8(z, c), _mm256_unpackhi_epi8(z, c)};  /* elements 0-15, 16-31 */
+  for (int h = 0; h < 2; h++) {
+    const __m256i v = _mm256_permute4x64_epi64(lo[h], 0xD8);
+    const __m256i w = _mm256_permute4x64_epi64(_mm256_loadu_si256((const __m256i *)(w0 + 16 * h)), 0xD8);
+    p[h] = lv_f((lo2_i){_mm256_sub_epi32(_mm256_unpacklo_epi16(v, w), bias),
+                        _mm256_sub_epi32(_mm256_unpackhi_epi16(v, w), bias)}); } }
+#else
 static inline void lv_load_compact2(const uint16_t *w0, const int8_t *w1, __m512 *p) {
   for (int h = 0; h < 2; h++)
     p[h] = lv_f(_mm512_add_epi32(_mm512_slli_epi32(lv_u16(w0 + 16 * h), 16),
                                  _mm512_slli_epi32(lv_i8(w1 + 16 * h), 8))); }
+#endif
+#ifdef LO_AVX2
+/* AVX2: as the pairs version, t = canon(p) + 0x80, W0 = word 1 of t + 0x8000, W1 = byte 1 of t, for the
+   group's 32 elements at once: (t + 0x8000) >> 16 and (t >> 8) & 0xFF packed without saturation
+   (values fit), then 64-bit (words) or 32-bit (bytes) permutes back into order across the halves */
+static inline void lv_store_compact2(uint16_t *w0, int8_t *w1, const __m512 *p) {
+  __m512i b[2]; lv_canon2(p, b);
+  const __m256i half[4] = {b[0].lo, b[0].hi, b[1].lo, b[1].hi};  /* elements 0-7, 8-15, 16-23, 24-31 */
+  __m256i t[4], u[4], d[4];
+  for (int k = 0; k < 4; k++) {
+    t[k] = _mm256_add_epi32(half[k], _mm256_set1_epi32(0x80));
+    u[k] = _mm256_srli_epi32(_mm256_add_epi32(t[k], _mm256_set1_epi32(0x8000)), 16);
+    d[k] = _mm256_and_si256(_mm256_srli_epi32(t[k], 8), _mm256_set1_epi32(0xFF)); }
+  _mm256_storeu_si256((__m256i *)w0, _mm256_permute4x64_epi64(_mm256_packus_epi32(u[0], u[1]), 0xD8));
+  _mm256_storeu_si256((__m256i *)(w0 + 16), _mm256_permute4x64_epi64(_mm256_packus_epi32(u[2], u[3]), 0xD8));
+  const __m256i bytes = _mm256_packus_epi16(_mm256_packus_epi32(d[0], d[1]), _mm256_packus_epi32(d[2], d[3]));
+  _mm256_storeu_si256((__m256i *)w1, _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7))); }
+#else
 static inline void lv_store_compact2(uint16_t *w0, int8_t *w1, const __m512 *p) {
   for (int h = 0; h < 2; h++) {
     const __m512i b = _mm512_and_si512(_mm512_add_epi32(lv_canon(p[h]), lv_i(0x80)), lv_i((int32_t)0xFFFFFF00u)),
                   hi = _mm512_and_si512(_mm512_add_epi32(b, lv_i(0x8000)), lv_i((int32_t)0xFFFF0000u));
     lv_st16(w0 + 16 * h, _mm512_srli_epi32(hi, 16));
     lv_st8(w1 + 16 * h, _mm512_srai_epi32(_mm512_sub_epi32(b, hi), 8)); } }
+#endif
 #endif
 #ifdef LO_PAIRS
 /* exact: bits = (W0 << 16) + W1 = ((W0 << 16) | (W1 ^ 0x8000)) - 0x8000 */
