@@ -85,6 +85,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="the kernels' threads")
     parser.add_argument("--cols", type=int, default=1000, help="row length (1000: each row ends in a partial group)")
     args = parser.parse_args()
+    for name in ("elements", "cols", "threads", "rounds"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be a positive integer, got {getattr(args, name)}")
     cols = args.cols
     rows = max(1, args.elements // cols)
     p = torch.nn.Parameter(torch.randn(rows, cols).bfloat16())

@@ -476,8 +476,6 @@ typedef struct { __m256 lo, hi; } lo2_m;
 #define __m512i lo2_i
 #define __mmask16 lo2_m
 static inline int lv_none(lo2_m m) { return _mm256_testz_ps(m.lo, m.lo) & _mm256_testz_ps(m.hi, m.hi); }
-static inline lo2_m lv_mask_all(int c) {
-  const __m256 v = _mm256_castsi256_ps(_mm256_set1_epi32(c ? -1 : 0)); return (lo2_m){v, v}; }
 static inline lo2_f lo2_set1_ps(float x) { const __m256 v = _mm256_set1_ps(x); return (lo2_f){v, v}; }
 static inline lo2_f lo2_setzero_ps(void) { const __m256 v = _mm256_setzero_ps(); return (lo2_f){v, v}; }
 static inline lo2_f lo2_loadu_ps(const float *p) { return (lo2_f){_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
@@ -703,7 +701,6 @@ _VECTOR_PRELUDE = r"""
 #define LO_VECTOR 1
 #include <immintrin.h>
 #define lv_none(m) ((m) == 0)
-#define lv_mask_all(c) ((c) ? 0xFFFF : 0)
 #if defined(__AVX512VBMI__) && !defined(LO_NO_VBMI)
 #define LO_VBMI 1  /* byte permutes: signed codes decoded by byte-wide table lookups (lv_decode_signed) */
 #endif
@@ -888,10 +885,9 @@ static inline void lv_load_exact2(const uint16_t *w0, const int16_t *w1, __m512 
 /* b = canon(p): W0 = word 1 of b + 0x8000, W1 = word 0 of b */
 static inline void lv_store_exact2(uint16_t *w0, int16_t *w1, const __m512 *p) {
   __m512i b[2]; lv_canon2(p, b);
-  const __m512i b0 = b[0], b1 = b[1];
-  const __m512i u0 = _mm512_add_epi32(b0, lv_i(0x8000)), u1 = _mm512_add_epi32(b1, lv_i(0x8000));
+  const __m512i u0 = _mm512_add_epi32(b[0], lv_i(0x8000)), u1 = _mm512_add_epi32(b[1], lv_i(0x8000));
   _mm512_storeu_si512(w0, _mm512_permutex2var_epi16(u0, _mm512_loadu_si512(lv_word1_order), u1));
-  _mm512_storeu_si512(w1, _mm512_permutex2var_epi16(b0, _mm512_loadu_si512(lv_word0_order), b1)); }
+  _mm512_storeu_si512(w1, _mm512_permutex2var_epi16(b[0], _mm512_loadu_si512(lv_word0_order), b[1])); }
 /* 32 codes (two registers of int32) less ``offset`` as bytes at p, truncated as lv_st8 stores them */
 static inline void lv_st8x2(void *p, __m512i c0, __m512i c1, int offset) {
 #ifdef LO_VBMI
@@ -920,12 +916,14 @@ static inline void lv_load_bf16x2(const uint16_t *p, __m512 *g) {
 static inline void lv_st8x2(void *p, __m512i c0, __m512i c1, int offset) {
   lv_st8(p, _mm512_sub_epi32(c0, lv_i(offset))); lv_st8((int8_t *)p + 16, _mm512_sub_epi32(c1, lv_i(offset))); }
 #endif
+#ifdef LO_AVX2
 /* the signed table's entry of code c, computed as the table is (y = c / q, y / (2 - |y|)): the same
    bits. AVX2 builds use it instead of a gather (two divisions per 8 lanes; faster on AMD Zen 4 with an
    AVX2 build; -DLO_AVX2_GATHER gathers instead) */
 static inline __m512 lv_signed_value(__m512i c, float q) {
   const __m512 y = _mm512_div_ps(_mm512_cvtepi32_ps(c), _mm512_set1_ps(q));
   return _mm512_div_ps(y, _mm512_sub_ps(_mm512_set1_ps(2.0f), _mm512_abs_ps(y))); }
+#endif
 /* table[idx] (idx in 0..255) for 16 elements: a gather, or, where gathers are slow (CPUs with the
    microcode mitigation of Gather Data Sampling: LO_SLOW_GATHER), 8 two-register permutes of the table
    held in registers (tv) and a blend tree on the index bits. */
