@@ -998,11 +998,21 @@ static inline uint16_t lv_scale(const __m512 *a, __m512 *inv, __m512 *top) {
   const uint16_t sb = lo_bf16(t); const float s32 = lo_f((uint32_t)sb << 16);
   *inv = _mm512_set1_ps(1.0f / (s32 > 0.0f ? s32 : 1.0f)); *top = _mm512_set1_ps(t > 0.0f ? t : NAN);
   return sb; }
-/* The scales of 4 groups at once (no reduction to a scalar): pm[g] holds group g's 16 partial maxima
-   (bits of magnitudes: values >= 0 order like their bits, NaN above inf). Lanes 4g..4g+3 of *top get
-   group g's largest magnitude (NaN where it is not > 0), of *inv the reciprocal of its bf16 scale (1
-   where the scale is not > 0), sb[g] its bf16 scale: what lv_scale gives for each group, bit for bit. */
-static inline void lv_scales4(const __m512i *pm, __m512 *top, __m512 *inv, uint16_t *sb) {
+#ifdef LO_AVX2
+/* lv_scales4's reduction: each group's largest partial maximum (pm[g]) in lanes 4g..4g+3. AVX2: by 128-bit
+   lane swaps and in-lane shuffles, not the shim's emulated cross-register permutes (the same maxima) */
+static inline __m512i lv_max4(const __m512i *pm) {
+  __m256i h[2];
+  for (int k = 0; k < 2; k++) {  /* groups 2k (lanes 0-3 of h[k]) and 2k + 1 (lanes 4-7) */
+    const __m256i a = _mm256_max_epu32(pm[2 * k].lo, pm[2 * k].hi), b = _mm256_max_epu32(pm[2 * k + 1].lo,
+                                                                                          pm[2 * k + 1].hi);
+    __m256i x = _mm256_max_epu32(_mm256_permute2x128_si256(a, b, 0x20), _mm256_permute2x128_si256(a, b, 0x31));
+    x = _mm256_max_epu32(x, _mm256_shuffle_epi32(x, 0x4E));
+    h[k] = _mm256_max_epu32(x, _mm256_shuffle_epi32(x, 0xB1));
+  }
+  return (lo2_i){h[0], h[1]}; }
+#else
+static inline __m512i lv_max4(const __m512i *pm) {
   const __m512i lo8 = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23);
   const __m512i hi8 = _mm512_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
   const __m512i lo4 = _mm512_setr_epi32(0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27);
@@ -1016,9 +1026,15 @@ static inline void lv_scales4(const __m512i *pm, __m512 *top, __m512 *inv, uint1
   __m512i m = _mm512_max_epu32(_mm512_permutex2var_epi32(ab, lo4, cd), _mm512_permutex2var_epi32(ab, hi4, cd));
   m = _mm512_max_epu32(m, lv_u(_mm512_permutexvar_ps(_mm512_setr_epi32(1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10,
                                                                        13, 12, 15, 14), lv_f(m))));
-  m = _mm512_max_epu32(m, lv_u(_mm512_permutexvar_ps(_mm512_setr_epi32(2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9,
-                                                                       14, 15, 12, 13), lv_f(m))));
-  const __m512 t = lv_f(m), one = _mm512_set1_ps(1.0f);
+  return _mm512_max_epu32(m, lv_u(_mm512_permutexvar_ps(_mm512_setr_epi32(2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9,
+                                                                            14, 15, 12, 13), lv_f(m)))); }
+#endif
+/* The scales of 4 groups at once (no reduction to a scalar): pm[g] holds group g's 16 partial maxima
+   (bits of magnitudes: values >= 0 order like their bits, NaN above inf). Lanes 4g..4g+3 of *top get
+   group g's largest magnitude (NaN where it is not > 0), of *inv the reciprocal of its bf16 scale (1
+   where the scale is not > 0), sb[g] its bf16 scale: what lv_scale gives for each group, bit for bit. */
+static inline void lv_scales4(const __m512i *pm, __m512 *top, __m512 *inv, uint16_t *sb) {
+  const __m512 t = lv_f(lv_max4(pm)), one = _mm512_set1_ps(1.0f);
   const __m512i b = lv_bf16(t);
   const __m512 s32 = lv_widen_bf16(b);
   *top = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(t, _mm512_setzero_ps(), _CMP_GT_OQ), _mm512_set1_ps(NAN), t);
@@ -1028,8 +1044,16 @@ static inline void lv_scales4(const __m512i *pm, __m512 *top, __m512 *inv, uint1
   for (int g = 0; g < 4; g++) sb[g] = (uint16_t)lo_u(lanes[4 * g]); }
 /* group g's (top, inv) of lv_scales4 in every lane */
 static inline void lv_group(__m512 top4, __m512 inv4, int g, __m512 *top, __m512 *inv) {
+#ifdef LO_AVX2  /* one 8-lane permute each, for both halves */
+  const __m256i at = _mm256_set1_epi32(4 * (g & 1));
+  const __m256 t = _mm256_permutevar8x32_ps(g < 2 ? top4.lo : top4.hi, at);
+  const __m256 i = _mm256_permutevar8x32_ps(g < 2 ? inv4.lo : inv4.hi, at);
+  *top = (lo2_f){t, t}; *inv = (lo2_f){i, i};
+#else
   const __m512i at = _mm512_set1_epi32(4 * g);
-  *top = _mm512_permutexvar_ps(at, top4); *inv = _mm512_permutexvar_ps(at, inv4); }
+  *top = _mm512_permutexvar_ps(at, top4); *inv = _mm512_permutexvar_ps(at, inv4);
+#endif
+}
 /* one group's 16 partial maxima of lv_scales4 */
 static inline __m512i lv_partial_max(const __m512 *a) {
   const __m512i m = lv_i(0x7FFFFFFF);
