@@ -1013,21 +1013,17 @@ static inline __m512i lv_max4(const __m512i *pm) {
   return (lo2_i){h[0], h[1]}; }
 #else
 static inline __m512i lv_max4(const __m512i *pm) {
-  const __m512i lo8 = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23);
-  const __m512i hi8 = _mm512_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
-  const __m512i lo4 = _mm512_setr_epi32(0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27);
-  const __m512i hi4 = _mm512_setr_epi32(4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
-  /* 8 partial maxima of groups 0 and 1 side by side, of 2 and 3; then 4 of each group; then each
-     group's 4 lanes by two swaps within them */
-  const __m512i ab = _mm512_max_epu32(_mm512_permutex2var_epi32(pm[0], lo8, pm[1]),
-                                      _mm512_permutex2var_epi32(pm[0], hi8, pm[1]));
-  const __m512i cd = _mm512_max_epu32(_mm512_permutex2var_epi32(pm[2], lo8, pm[3]),
-                                      _mm512_permutex2var_epi32(pm[2], hi8, pm[3]));
-  __m512i m = _mm512_max_epu32(_mm512_permutex2var_epi32(ab, lo4, cd), _mm512_permutex2var_epi32(ab, hi4, cd));
-  m = _mm512_max_epu32(m, lv_u(_mm512_permutexvar_ps(_mm512_setr_epi32(1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10,
-                                                                       13, 12, 15, 14), lv_f(m))));
-  return _mm512_max_epu32(m, lv_u(_mm512_permutexvar_ps(_mm512_setr_epi32(2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9,
-                                                                            14, 15, 12, 13), lv_f(m)))); }
+  /* by 128-bit lanes: ab = max([pm0.0, pm0.1, pm1.0, pm1.1], [pm0.2, pm0.3, pm1.2, pm1.3]) holds 8 partial
+     maxima of group 0 (lanes 0-1), 8 of group 1 (lanes 2-3); cd those of groups 2 and 3; then lane k group
+     k's 4, and its maximum in each of them by two in-lane swaps (shuffles with immediates: no index
+     registers, shorter latency than cross-lane permutes) */
+  const __m512i ab = _mm512_max_epu32(_mm512_shuffle_i32x4(pm[0], pm[1], 0x44),
+                                      _mm512_shuffle_i32x4(pm[0], pm[1], 0xEE));
+  const __m512i cd = _mm512_max_epu32(_mm512_shuffle_i32x4(pm[2], pm[3], 0x44),
+                                      _mm512_shuffle_i32x4(pm[2], pm[3], 0xEE));
+  const __m512i m = _mm512_max_epu32(_mm512_shuffle_i32x4(ab, cd, 0x88), _mm512_shuffle_i32x4(ab, cd, 0xDD));
+  const __m512i m2 = _mm512_max_epu32(m, _mm512_shuffle_epi32(m, 0xB1));
+  return _mm512_max_epu32(m2, _mm512_shuffle_epi32(m2, 0x4E)); }
 #endif
 /* The scales of 4 groups at once (no reduction to a scalar): pm[g] holds group g's 16 partial maxima
    (bits of magnitudes: values >= 0 order like their bits, NaN above inf). Lanes 4g..4g+3 of *top get
