@@ -14,12 +14,18 @@ timed alternately in one process on the same tensors (wrong numbers, same shape 
   time (``LO_NO_PAIRS``) instead of by two-register permutes for the group's 32 (since commit eead853);
 - with ``--against REV``: the kernel that native.py at git revision REV generates for the same step
   (e.g. ``--against 84cf6b8``, the kernels before commit eead853's changes).
+- with ``--probes``: the kernel with 16 extra independent vector instructions of one kind (integer
+  add, fp multiply, fp add, cross-lane permute; or 16 nops) at the start of every group of 32: what
+  one more instruction of that kind costs there (x 16 / the group's time). Where one kind costs a whole
+  cycle, that pipe is full; well under one for every kind, the kernel waits on its dependency chains
+  rather than on a pipe. AVX-512 or AVX2 builds only.
 
     python benchmarks/int8_cost.py                  # 50M elements, 3 rounds
     python benchmarks/int8_cost.py --elements 10000000 --rounds 5
     python benchmarks/int8_cost.py --rounds 9 --against 84cf6b8
     python benchmarks/int8_cost.py --rounds 9 --against 84cf6b8 --states int4 --out benchmarks/results/int4_cost.json
     python benchmarks/int8_cost.py --elements 102400 --cols 1024 --threads 1 --rounds 9   # one core, in cache
+    python benchmarks/int8_cost.py --elements 102400 --cols 1024 --threads 1 --rounds 9 --probes
 
 ``--states int4`` / ``--master exact`` time that kernel instead (the variants' names say int8 for short).
 
@@ -74,6 +80,31 @@ def native_at(rev: str) -> types.ModuleType:
     return module
 
 
+#: where the probes go: the start of a full group's update in the vector code
+GROUP_START = "        const int64_t q = q0 + gv, jg = j0 + gv * 32, base = r * n + jg;\n        __m512 VA"
+PROBE_COUNT = 16
+
+
+def probes(source: str) -> dict[str, str]:
+    """Variants of ``source`` with PROBE_COUNT extra instructions of one kind per group (inline assembly
+    that reads one vector register, AVX-512 zmm27 or AVX2 ymm14, and writes another, zmm28 or ymm15,
+    declared clobbered: independent of each other and of the kernel's values, kept by the compiler)."""
+    width = native.vector_width()
+    if width not in (8, 16):
+        raise SystemExit(f"--probes needs an AVX-512 or AVX2 build (this one runs {width} elements per register)")
+    if source.count(GROUP_START) != 1:
+        raise SystemExit("--probes: the generated kernel has no (single) full-group update to put probes in")
+    src, dst = ("zmm27", "zmm28") if width == 16 else ("ymm14", "ymm15")
+    kinds = {"int add": "vpaddd", "fp multiply": "vmulps", "fp add": "vaddps", "permute": "vpermd", "nop": "nop"}
+    out = {}
+    for name, op in kinds.items():
+        text = "nop" if op == "nop" else f"{op} %%{src}, %%{src}, %%{dst}"
+        extra = " ".join([f'__asm__ volatile("{text}" ::: "xmm{dst[3:]}");'] * PROBE_COUNT)
+        start = GROUP_START.replace("        __m512 VA", f"        {extra}\n        __m512 VA")
+        out[f"+{PROBE_COUNT} {name} per group"] = source.replace(GROUP_START, start)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--elements", type=int, default=50_000_000)
@@ -84,6 +115,9 @@ def main() -> None:
     parser.add_argument("--against", metavar="REV", help="also time the kernel native.py at git revision REV generates")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="the kernels' threads")
     parser.add_argument("--cols", type=int, default=1000, help="row length (1000: each row ends in a partial group)")
+    parser.add_argument(
+        "--probes", action="store_true", help="also time the kernel with 16 extra instructions per group"
+    )
     args = parser.parse_args()
     for name in ("elements", "cols", "threads", "rounds"):
         if getattr(args, name) < 1:
@@ -121,6 +155,8 @@ def main() -> None:
         "both as before": "#define LO_SCALE_EACH 1\n#define LO_NO_VBMI 1\n" + source,
         "weights register by register": "#define LO_NO_PAIRS 1\n" + source,
     }
+    if args.probes:
+        variants.update(probes(source))
     if args.against:
         old = native_at(args.against)
         old_spec, _ = old.plan(opt.rule, *opt.formats(p, group), p, p.grad.dtype, opt.state[p], group)
@@ -150,6 +186,16 @@ def main() -> None:
     result["over_generated"] = {k: v / result["median_ms"]["generated"] for k, v in result["median_ms"].items()}
     for name, ratio in result["over_generated"].items():
         print(f"{name} / generated: {ratio:.2f}")
+    if args.probes:  # per core: the threads split the groups
+        groups = rows * (cols // 32)
+        group_ns = result["median_ms"]["generated"] * 1e6 * args.threads / groups
+        result["group_ns_per_core"] = group_ns
+        result["probe_ns_per_instruction"] = {}
+        for name, ms in result["median_ms"].items():
+            if name.startswith(f"+{PROBE_COUNT} "):
+                extra = (ms - result["median_ms"]["generated"]) * 1e6 * args.threads / groups / PROBE_COUNT
+                result["probe_ns_per_instruction"][name] = extra
+                print(f"{name}: {extra:+.3f} ns per added instruction (a group of 32 takes {group_ns:.1f} ns per core)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}")
