@@ -193,12 +193,15 @@ def test_bench_quick_prints_table_and_targets_and_writes_json(tmp_path, capsys):
     out = tmp_path / "b.json"
     assert main(["bench", "--quick", "--modes", "exact/fp32,compact/int8", "--out", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "vs torch fused" in text and "vs bound" in text and "targets" in text and "wrote" in text
+    assert "vs torch fused" in text and "vs bound" in text and "vs in-place" in text and "targets" in text
+    assert "in-place fp32 stream" in text and "wrote" in text
     doc = json.loads(out.read_text())
     assert doc["complete"] and doc["steps"] == 2 and doc["copy_gbps"] > 0 and doc["copy_gbps_end"] > 0
+    assert doc["inplace_gbps"] > 0 and doc["inplace_gbps_end"] > 0
     assert list(doc["workloads"]) == ["tiny"]
     assert [r["key"] for r in doc["results"]] == ["torch-fused", "exact/fp32", "compact/int8"]
     assert all(r["status"] == "ok" and r["ratio_to_bound"] > 0 for r in doc["results"])
+    assert all(r["ratio_to_inplace_bound"] > 0 and r["inplace_gbps"] > 0 for r in doc["results"])
     assert {t["check"] for t in doc["targets"]} >= {
         "exact/fp32 <= 1.0x torch fused",
         "compact/int8 <= 0.8x torch fused",
@@ -275,3 +278,27 @@ def test_the_bound_follows_the_copy_speed_measured_next_to_each_round():
     assert merged.round_copy_gbps == [10.0, 20.0, 20.0] and merged.copy_gbps == 20.0
     assert merged.bound_ms == pytest.approx(1.3)  # at the median copy speed
     assert merged.ratio_to_bound == pytest.approx(2.0)  # rounds: 1.0, 2.0, 4.0
+
+
+def test_the_in_place_bound_follows_the_in_place_stream_measured_next_to_each_round():
+    """The tighter bound (an in-place stream's GB/s, as a step reads and writes) is related round by round
+    like the copy's; with no measurement at all it stays 0 ("-" in the table), never a made-up figure."""
+    streams = [40.0, 20.0, 26.0]  # GB/s next to the case in each round
+    times = [1.3, 1.3, 1.3]  # 26 MB: in-place bounds 0.65, 1.3, 1.0 ms
+    rounds = []
+    for t, c in zip(times, streams, strict=True):
+        r = _result("w", "exact/fp32", "leanopt", t, touched=26.0)
+        r.step_ms_all, r.min_ms, r.copy_gbps, r.inplace_gbps = [t], t, 10.0, c
+        rounds.append([r])
+    (merged,) = merge_rounds(rounds)
+    relate([merged], gbps=1.0, in_place=1.0)
+    assert merged.round_inplace_gbps == streams and merged.inplace_gbps == 26.0
+    assert merged.inplace_bound_ms == pytest.approx(1.0)  # at the median stream speed
+    assert merged.ratio_to_inplace_bound == pytest.approx(1.3)  # rounds: 2.0, 1.0, 1.3
+    assert merged.ratio_to_bound == pytest.approx(0.5)  # the copy's 10 GB/s: 2.6 ms
+    single = _result("w", "exact/fp32", "leanopt", 2.6, touched=26.0)
+    relate([single], gbps=10.0)
+    assert single.ratio_to_bound == pytest.approx(1.0) and single.ratio_to_inplace_bound == 0.0
+    assert results_table([single]).splitlines()[2].split()[8] == "-"
+    relate([single], gbps=10.0, in_place=20.0)
+    assert single.inplace_bound_ms == pytest.approx(1.3) and single.ratio_to_inplace_bound == pytest.approx(2.0)

@@ -10,7 +10,10 @@ timed steps; the first step, which includes any kernel compilation, is reported 
 - bytes touched per parameter per step: every persistent byte but the gradient's is read and written
   once, the gradient is read once,
 - achieved GB/s = touched bytes / step time, the bandwidth bound = touched bytes / the GB/s of a plain
-  fp32 copy measured in the same run, and the step's ratio to that bound and to torch's fused AdamW.
+  fp32 copy measured in the same run, and the step's ratio to that bound and to torch's fused AdamW;
+- the ratio to a tighter bound: the touched bytes at the GB/s of an in-place fp32 stream (``x.mul_(-1.0)``:
+  read and written in place, as an optimizer step does; a copy's writes to fresh lines also read them
+  first on most CPUs, so a copy's GB/s can sit well below what a step reaches).
 
 It prints a table and the targets of the kernel work (CPU, AdamW: leanopt exact/fp32 at most 1.0x torch's
 fused fp32 AdamW, compact/int8 at most 0.8x, every leanopt mode within 1.5x of its bandwidth bound), each
@@ -233,21 +236,32 @@ def time_steps(
     return times
 
 
-def copy_gbps(device: torch.device, n: int = 50_000_000, reps: int = 7) -> float:
-    """Plain fp32 copy bandwidth (read + write bytes per second, GB/s): the best of ``reps`` copies, i.e.
-    the attainable bandwidth (on a shared machine the median moves with the load)."""
-    src = torch.full((n,), 1.5, device=device)  # a copy does not care about the values; drawing them is slow
-    dst = torch.empty_like(src)
-    dst.copy_(src)
+def _best_gbps(device: torch.device, fn: Callable[[], Any], nbytes: int, reps: int) -> float:
+    """GB/s of ``fn`` moving ``nbytes``: the best of ``reps`` runs after one untimed, i.e. the attainable
+    bandwidth (on a shared machine the median moves with the load)."""
+    fn()
     times = []
     for _ in range(reps):
         _sync(device)
         t = time.perf_counter()
-        dst.copy_(src)
+        fn()
         _sync(device)
         times.append(time.perf_counter() - t)
-    del src, dst
-    return 8 * n / min(times) / 1e9
+    return nbytes / min(times) / 1e9
+
+
+def copy_gbps(device: torch.device, n: int = 50_000_000, reps: int = 7) -> float:
+    """Plain fp32 copy bandwidth (read + write bytes per second, GB/s), best of ``reps``."""
+    src = torch.full((n,), 1.5, device=device)  # a copy does not care about the values; drawing them is slow
+    dst = torch.empty_like(src)
+    return _best_gbps(device, lambda: dst.copy_(src), 8 * n, reps)
+
+
+def inplace_gbps(device: torch.device, n: int = 50_000_000, reps: int = 7) -> float:
+    """In-place fp32 stream bandwidth (``x.mul_(-1.0)``: read + write bytes per second, GB/s), best of
+    ``reps``: the access pattern of an optimizer step, whose writes go to lines it has just read."""
+    x = torch.full((n,), 1.5, device=device)
+    return _best_gbps(device, lambda: x.mul_(-1.0), 8 * n, reps)
 
 
 def _plain_tensors(t: torch.Tensor) -> list[torch.Tensor]:
@@ -314,6 +328,11 @@ class Result:
     #: the plain copy's GB/s measured just before this case ran (0: not measured), and per round
     copy_gbps: float = 0.0
     round_copy_gbps: list[float | None] = field(default_factory=list)
+    #: the same for the in-place stream (``inplace_gbps``), and the step against that tighter bound
+    inplace_gbps: float = 0.0
+    round_inplace_gbps: list[float | None] = field(default_factory=list)
+    inplace_bound_ms: float = 0.0
+    ratio_to_inplace_bound: float = 0.0
 
 
 def _kernel_records() -> dict[tuple[str, Any], Any]:
@@ -382,24 +401,32 @@ def run_case(
     return res
 
 
-def relate(results: list[Result], gbps: float) -> None:
-    """Fill in the bandwidth bound and the ratio to torch's fused step per workload: with several rounds,
-    the median of the per-round ratios (each case against torch's fused step of the same round, so a
-    machine that speeds up or slows down between rounds cancels out). The bound: the touched bytes at
-    the copy GB/s measured next to the case in each round (``round_copy_gbps``; the median of the
-    rounds' ratios), else at ``gbps``."""
+def _bound(r: Result, nbytes: float, round_gbps: list[float | None], gbps: float) -> tuple[float, float]:
+    """(bound ms, step / bound) for ``nbytes`` at the GB/s measured next to the case in each round (the
+    median of the rounds' ratios), else at ``gbps`` (0: not measured, (0, 0))."""
+    pairs = [(t, c) for t, c in zip(r.round_ms, round_gbps, strict=False) if t is not None and c]
+    if pairs:
+        bound = nbytes / (statistics.median(c for _, c in pairs) * 1e9) * 1e3
+        return bound, statistics.median(t / (nbytes / (c * 1e9) * 1e3) for t, c in pairs)
+    if not gbps:
+        return 0.0, 0.0
+    bound = nbytes / (gbps * 1e9) * 1e3
+    return bound, r.step_ms / bound
+
+
+def relate(results: list[Result], gbps: float, in_place: float = 0.0) -> None:
+    """Fill in the bandwidth bounds and the ratio to torch's fused step per workload: with several
+    rounds, the median of the per-round ratios (each case against torch's fused step of the same round,
+    so a machine that speeds up or slows down between rounds cancels out). The bound: the touched bytes
+    at the copy GB/s measured next to the case in each round (``round_copy_gbps``; the median of the
+    rounds' ratios), else at ``gbps``; the in-place bound alike (``round_inplace_gbps``, ``in_place``)."""
     fused = {r.workload: r for r in results if r.key == TORCH_FUSED and r.status == "ok"}
     for r in results:
         if r.status != "ok":
             continue
         nbytes = r.touched_bytes_per_param * r.params
-        pairs = [(t, c) for t, c in zip(r.round_ms, r.round_copy_gbps, strict=False) if t is not None and c]
-        if pairs:
-            r.bound_ms = nbytes / (statistics.median(c for _, c in pairs) * 1e9) * 1e3
-            r.ratio_to_bound = statistics.median(t / (nbytes / (c * 1e9) * 1e3) for t, c in pairs)
-        else:
-            r.bound_ms = nbytes / (gbps * 1e9) * 1e3
-            r.ratio_to_bound = r.step_ms / r.bound_ms
+        r.bound_ms, r.ratio_to_bound = _bound(r, nbytes, r.round_copy_gbps, gbps)
+        r.inplace_bound_ms, r.ratio_to_inplace_bound = _bound(r, nbytes, r.round_inplace_gbps, in_place)
         base = fused.get(r.workload)
         if base is None:
             r.ratio_to_torch_fused, r.round_ratios = 0.0, []
@@ -427,6 +454,8 @@ def merge_rounds(rounds: list[list[Result]]) -> list[Result]:
         m.round_ms = [r.step_ms if r is not None and r.status == "ok" else None for r in runs]
         m.round_copy_gbps = [r.copy_gbps if r is not None and r.status == "ok" else None for r in runs]
         m.copy_gbps = statistics.median(c for c in m.round_copy_gbps if c is not None)
+        m.round_inplace_gbps = [r.inplace_gbps if r is not None and r.status == "ok" else None for r in runs]
+        m.inplace_gbps = statistics.median(c for c in m.round_inplace_gbps if c is not None)
         m.step_ms = statistics.median(r.step_ms for r in ok)
         m.min_ms = min(r.min_ms for r in ok)
         m.step_ms_all = [t for r in ok for t in r.step_ms_all]
@@ -464,14 +493,15 @@ def results_table(results: list[Result]) -> str:
         [
             r.workload, r.mode, f"{r.step_ms:.1f}", f"{r.first_step_s:.1f}",
             f"{r.ratio_to_torch_fused:.2f}x" if r.ratio_to_torch_fused else "-", f"{r.achieved_gbps:.1f}",
-            f"{r.bound_ms:.1f}", f"{r.ratio_to_bound:.2f}x", f"{r.touched_bytes_per_param:.2f}",
+            f"{r.bound_ms:.1f}", f"{r.ratio_to_bound:.2f}x",
+            f"{r.ratio_to_inplace_bound:.2f}x" if r.ratio_to_inplace_bound else "-", f"{r.touched_bytes_per_param:.2f}",
             f"{r.bytes_per_param:.2f}",
         ]
         for r in results
         if r.status == "ok"
     ]  # fmt: skip
     header = ["workload", "mode", "step ms", "first s", "vs torch fused", "GB/s", "bound ms", "vs bound",
-              "touched B/p", "memory B/p"]  # fmt: skip
+              "vs in-place", "touched B/p", "memory B/p"]  # fmt: skip
     measured = [r for r in results if r.status == "ok"]
     if any(len(r.round_ratios) > 1 for r in measured):  # --rounds: the spread of the per-round ratios
         header.append("rounds (vs fused)")
@@ -612,12 +642,13 @@ def run(args: argparse.Namespace) -> int:
     started = time.time()
     copy_n = 4_000_000 if args.quick else 50_000_000
     gbps = copy_gbps(device, copy_n)
+    in_place = inplace_gbps(device, copy_n)
     threads = torch.get_num_threads()
     where = f"{device} ({_device_name(device)}), torch {torch.__version__}, {threads} threads"
     print(f"bench: {args.optimizer} on {where}, {steps} timed steps after {args.warmup} warm-up", flush=True)
     for name, model in workloads.items():
         print(f"  workload {name}: {model.source}, {model.num_params:,} parameters in {len(model.shapes)} tensors")
-    print(f"plain fp32 copy: {gbps:.1f} GB/s (read + write)", flush=True)
+    print(f"plain fp32 copy: {gbps:.1f} GB/s (read + write); in-place fp32 stream: {in_place:.1f} GB/s", flush=True)
     native_vector = _native_vector_width() if device.type == "cpu" else None
     if native_vector is not None:
         kind = {16: "AVX-512, 16 per register", 8: "AVX2, 16 per register pair"}.get(native_vector, "portable C")
@@ -635,7 +666,8 @@ def run(args: argparse.Namespace) -> int:
                       for n, m in workloads.items()},
         "native_vector_width": native_vector,
         "gpu_variant": _gpu_variant() if device.type == "cuda" else None,
-        "copy_gbps": gbps, "copy_gbps_end": None, "loadavg_start": loadavg(), "loadavg_end": None,
+        "copy_gbps": gbps, "copy_gbps_end": None, "inplace_gbps": in_place, "inplace_gbps_end": None,
+        "loadavg_start": loadavg(), "loadavg_end": None,
         "touched_bytes_rule": "2 x (weights + optimizer state) + gradients, per parameter",
     }  # fmt: skip
     per_round: list[list[Result]] = []
@@ -644,7 +676,7 @@ def run(args: argparse.Namespace) -> int:
     def write(complete: bool) -> None:  # after every case: an interrupted run keeps what it measured
         nonlocal results
         results = merge_rounds(per_round)
-        relate(results, gbps)
+        relate(results, gbps, in_place)
         doc.update(wall_s=time.time() - started, results=[asdict(r) for r in results],
                    targets=targets(results, args.optimizer), complete=complete)  # fmt: skip
         out.write_text(json.dumps(jsonable(doc), indent=1))
@@ -656,24 +688,32 @@ def run(args: argparse.Namespace) -> int:
         for name, model in workloads.items():
             for case in cases:
                 # the copy's speed next to each case: on a shared machine it changes by the minute
-                near = copy_gbps(device, copy_n, reps=3)
+                near, near_in_place = copy_gbps(device, copy_n, reps=3), inplace_gbps(device, copy_n, reps=3)
                 r = run_case(name, model.shapes, case, device, steps, args.warmup)
-                r.copy_gbps = near
+                r.copy_gbps, r.inplace_gbps = near, near_in_place
                 per_round[-1].append(r)
                 ok = r.status == "ok"
                 note = f"{r.step_ms:.1f} ms/step, first step {r.first_step_s:.1f} s" if ok else r.status
                 print(f"  {name:<12} {case.name:<28} {note}", flush=True)
                 write(False)
     doc["copy_gbps_end"], doc["loadavg_end"] = copy_gbps(device, copy_n), loadavg()
+    doc["inplace_gbps_end"] = inplace_gbps(device, copy_n)
     write(True)
     near = [r.copy_gbps for r in results if r.status == "ok" and r.copy_gbps]
     spread = f"; before the cases {min(near):.1f}-{max(near):.1f}, each case's bound uses its own" if near else ""
-    print(f"plain fp32 copy at the end: {doc['copy_gbps_end']:.1f} GB/s (at the start {gbps:.1f}{spread})\n")
+    print(f"plain fp32 copy at the end: {doc['copy_gbps_end']:.1f} GB/s (at the start {gbps:.1f}{spread})")
+    near = [r.inplace_gbps for r in results if r.status == "ok" and r.inplace_gbps]
+    spread = f"; before the cases {min(near):.1f}-{max(near):.1f}" if near else ""
+    print(
+        f"in-place fp32 stream at the end: {doc['inplace_gbps_end']:.1f} GB/s (at the start {in_place:.1f}{spread})\n"
+    )
     print(results_table(results))
     print("\nstep ms: median of the timed steps; first s: the first step (includes kernel compilation); touched:")
     print("bytes read + written per parameter per step; bound: touched bytes at the plain-copy GB/s measured")
-    print("just before the case (vs bound: the median over rounds of each round's ratio); memory:")
-    print("weights + gradient + optimizer state per parameter, from the tensors held.")
+    print("just before the case (vs bound: the median over rounds of each round's ratio); vs in-place: the same")
+    print("at the in-place stream's GB/s (x *= -1: read and written in place, as a step does; a tighter bound than")
+    print("the copy's where the copy's writes also read their lines); memory: weights + gradient + optimizer")
+    print("state per parameter, from the tensors held.")
     checks = targets(results, args.optimizer)
     if checks:
         where = "" if device.type == "cpu" else f" (set for CPU; this run is on {device})"
