@@ -1202,6 +1202,10 @@ def generate(spec: KernelSpec) -> str:
         " lo_side *side) {"
     )
     vector = _vector_group(spec) if spec.grouped else None
+    # the vector code's declarations at the top of lo_body and its last pending block's codes at the end
+    vector, _, kept = (vector or "").partition("@DECLARE@\n")
+    declare, _, flush = kept.partition("@FLUSH@\n")
+    vector = vector or None
     lines = [_PRELUDE + (_VECTOR_PRELUDE if vector else ""), head]
     lines += pointer_decls(spec)[0]
     used, body = scalar_uses(spec)
@@ -1292,6 +1296,7 @@ def generate(spec: KernelSpec) -> str:
   /* blocks [t0, t1) of the rows * blocks; (row, block) advanced without dividing */
   int64_t r = blocks ? t0 / blocks : 0, b = blocks ? t0 % blocks : 0;
   int bad = 0;
+{declare}
   for (int64_t t = t0; t < t1; t++, b = (b + 1 == blocks) ? (r++, 0) : b + 1) {{
     if (side) bad |= lo_side_range(side, t);
     int64_t q0 = b * {BLOCK_GROUPS}, j0 = q0 * {gs};{_vector_blocks(vector, body)}
@@ -1303,6 +1308,7 @@ def generate(spec: KernelSpec) -> str:
 {block}
     }}
   }}
+{flush}
   if (bad) __atomic_store_n(&side->bad, 1, __ATOMIC_RELAXED);
 }}"""
     )
@@ -1504,7 +1510,7 @@ def _vector_group(spec: KernelSpec) -> str | None:
     if not ((w.vload and w.vstore) or w.vload2) or any(c.kind == "flat" for _, _, c in spec.states):
         return None
     decode, encode, loads, stores, block = [], [], [], [], []
-    declare, keep, after_head, after = [], [], [], []
+    declare, keep, after_head, after, kept_decl, pending_head = [], [], [], [], [], []
     for name, signed, codec in spec.states:
         v = _ident(name)
         qs, levels = _quant_consts(codec.kind)
@@ -1554,13 +1560,16 @@ def _vector_group(spec: KernelSpec) -> str | None:
         encode.append(f"        {{ __m512i code[2]; K_{v}[r * groups + q] = lv_encode_{kind}({kept}, {arg}, code);\n"
                       f"          {put} }}")  # fmt: skip
         # the block's groups' scales at once (lv_scales4): per group, its values and partial maxima kept
-        declare.append(f"      __m512 KA_{v}[{2 * BLOCK_GROUPS}]; __m512i PM_{v}[{BLOCK_GROUPS}];")
+        declare.append(f"      __m512 *KA_{v} = KB_{v}[par]; __m512i PM_{v}[{BLOCK_GROUPS}];")
+        kept_decl.append(f"  __m512 KB_{v}[2][{2 * BLOCK_GROUPS}], PT_{v}, PI_{v}; uint16_t PB_{v}[{BLOCK_GROUPS}];")
+        pending_head.append(f"          const __m512 T_{v} = PT_{v}, I_{v} = PI_{v}; const uint16_t *B_{v} = PB_{v};"
+                            f" const __m512 *KA_{v} = KB_{v}[par ^ 1];")  # fmt: skip
         keep.append(f"        KA_{v}[2 * gv] = {kept}[0]; KA_{v}[2 * gv + 1] = {kept}[1];"
                     f" PM_{v}[gv] = lv_partial_max({kept});")  # fmt: skip
         # unsigned codes take levels / scale (lv_codes_unsigned): the block's reciprocals times levels at once
         levels_over = "" if signed else f" I_{v} = _mm512_mul_ps(I_{v}, _mm512_set1_ps({arg}));"
-        after_head.append(f"        __m512 T_{v}, I_{v}; uint16_t B_{v}[4]; lv_scales4(PM_{v}, &T_{v}, &I_{v}, B_{v});"
-                          f"{levels_over}")  # fmt: skip
+        after_head.append(f"        {{ __m512 T_{v}, I_{v}; lv_scales4(PM_{v}, &T_{v}, &I_{v}, PB_{v});{levels_over}"
+                          f" PT_{v} = T_{v}; PI_{v} = I_{v}; }}")  # fmt: skip
         after.append(f"          {{ __m512 top, inv; lv_group(T_{v}, I_{v}, (int)gv, &top, &inv); __m512i code[2];\n"
                      f"            lv_codes_{kind}(KA_{v} + 2 * gv, inv, top, {arg}, code);"
                      f" {put} K_{v}[r * groups + q] = B_{v}[gv]; }}")  # fmt: skip
@@ -1572,10 +1581,20 @@ def _vector_group(spec: KernelSpec) -> str | None:
                    *declare, "#endif"]  # fmt: skip
         encode = ["        if (each) {", *encode, "        }", "#ifndef LO_SCALE_EACH", "        else {", *keep,
                   "        }", "#endif"]  # fmt: skip
-        tail = ["@AFTER@", "#ifndef LO_SCALE_EACH", "      if (!each) {", *after_head,
-                "        for (int64_t gv = 0; gv < full; gv++) {",
-                f"          const int64_t q = q0 + gv, jg = j0 + gv * {GROUP_SIZE}, base = r * n + jg;"
-                " (void)jg; (void)base;", *after, "        }", "      }", "#endif"]  # fmt: skip
+        # ... and the block's codes one block later: after the next full block's updates (or at the end of
+        # the thread's blocks), so that their wait for the scales overlaps other work (software
+        # pipelining); the block's kept values in one half of a double buffer (KB), its scales kept
+        pending = ["        { const int64_t r = pend_r; (void)r;", *pending_head,
+                   f"          for (int64_t gv = 0; gv < {BLOCK_GROUPS}; gv++) {{",
+                   f"          const int64_t q = pend_q0 + gv, jg = pend_j0 + gv * {GROUP_SIZE}, base = r * n + jg;"
+                   " (void)jg; (void)base;", *after, "          }", "        }"]  # fmt: skip
+        tail = ["@AFTER@", "#ifndef LO_SCALE_EACH", "      if (!each) {", "        if (pend) {", *pending,
+                "        }", *after_head, "        pend = 1; pend_r = r; pend_q0 = q0; pend_j0 = j0; par ^= 1;",
+                "      }", "#endif",
+                "@DECLARE@", "#if defined(LO_VECTOR) && !defined(LO_SCALE_EACH)",
+                "  int pend = 0, par = 0; int64_t pend_r = 0, pend_q0 = 0, pend_j0 = 0;", *kept_decl, "#endif",
+                "@FLUSH@", "#if defined(LO_VECTOR) && !defined(LO_SCALE_EACH)", "  if (pend) {", *pending, "  }",
+                "#endif"]  # fmt: skip
     else:
         tail = []
     return "\n".join([
