@@ -1503,8 +1503,10 @@ def _vector_blocks(vector: str | None, body: str) -> str:
 def _vector_group(spec: KernelSpec) -> str | None:
     """C for one full group of a grouped kernel in AVX-512 registers (two halves of 16): the scalar
     code's operations in the same order, so the same bits (the ``lv_*`` helpers of
-    :data:`_VECTOR_PRELUDE`); ``@BODY@`` stands for the traced rule. None when a part has no vector
-    form (then the scalar code does every group)."""
+    :data:`_VECTOR_PRELUDE`); ``@BODY@`` stands for the traced rule. After ``@DECLARE@``: what lo_body
+    declares before its blocks (the kept block of the software pipelining), after ``@FLUSH@``: what it
+    runs after them (that block's codes); :func:`generate` puts both there. None when a part has no
+    vector form (then the scalar code does every group)."""
     w = spec.weight
     pair_g = spec.grad[2] == GRAD_CODECS[torch.bfloat16][2]
     if not ((w.vload and w.vstore) or w.vload2) or any(c.kind == "flat" for _, _, c in spec.states):
