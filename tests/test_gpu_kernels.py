@@ -305,6 +305,7 @@ _CUDA_STUB = r"""
 #define __global__
 #define __device__
 #define __forceinline__ inline
+#define __noinline__
 #define __shared__ static
 #define __launch_bounds__(x)
 #define __restrict__ __restrict
@@ -316,6 +317,9 @@ unsigned __reduce_max_sync(unsigned, unsigned);
 float __uint_as_float(unsigned); unsigned __float_as_uint(float); float __int_as_float(int);
 float fabsf(float); float sqrtf(float); float fmaf(float, float, float); float rintf(float);
 float copysignf(float, float);
+struct uint2 { unsigned x, y; }; struct uint4 { unsigned x, y, z, w; };  /* NVRTC's built-in vector types */
+uint2 make_uint2(unsigned, unsigned); uint4 make_uint4(unsigned, unsigned, unsigned, unsigned);
+uint4 __ldg(const uint4 *);
 """
 
 
@@ -347,6 +351,7 @@ _CLANG_CUDA_STUB = r"""
 #define __device__ __attribute__((device))
 #define __shared__ __attribute__((shared))
 #define __forceinline__ __inline__ __attribute__((always_inline))
+#define __noinline__ __attribute__((noinline))
 #define __launch_bounds__(...) __attribute__((launch_bounds(__VA_ARGS__)))
 struct lo_dim3 { unsigned x, y, z; };
 extern __device__ const lo_dim3 threadIdx, blockIdx;
@@ -359,6 +364,9 @@ __device__ unsigned __shfl_xor_sync(unsigned, unsigned, int);
 __device__ unsigned __reduce_max_sync(unsigned, unsigned);
 __device__ float __uint_as_float(unsigned); __device__ unsigned __float_as_uint(float);
 __device__ float __int_as_float(int);
+struct uint2 { unsigned x, y; }; struct uint4 { unsigned x, y, z, w; };  /* NVRTC's built-in vector types */
+__device__ uint2 make_uint2(unsigned, unsigned); __device__ uint4 make_uint4(unsigned, unsigned, unsigned, unsigned);
+__device__ uint4 __ldg(const uint4 *);
 """
 
 
@@ -503,10 +511,13 @@ def test_cuda_next_step_waits_for_the_nan_check_not_for_the_updates(monkeypatch)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_the_multi_tensor_nan_check_finds_each_bad_value_where_it_is(emulate, monkeypatch, dtype, chunks):
     """One launch over many gradients: NaN, +inf and -inf at the first, a middle and the last element
-    of tensors around the block size (1024 elements, or 3 x 1024 for ``chunks=3``: then a value in a
-    block's second or third chunk), next to clean and empty tensors."""
+    of tensors around the block size (gpu.CHECK_BYTES = 8192 bytes: 4096 bf16/fp16 or 2048 fp32
+    values, or 3 x that for ``chunks=3``: then a value in a block's second or third chunk) and a
+    thread's 16-byte loads (sizes that end inside one), next to clean and empty tensors; tensors whose
+    address is not a multiple of 16 (views from the second element) are read element by element."""
     monkeypatch.setitem(gpu.VARIANT, "chunks", chunks)
-    sizes = [1, 5, 1023, 1024, 1025, 3072 + 1, 4096 + 7, 0]
+    assert gpu.CHECK_BYTES == 8192
+    sizes = [1, 5, 1023, 2047, 2049, 4095, 4096, 4097, 6144 + 1, 8192 + 3, 12288 + 9, 3 * 12288 + 2, 0]
     for value, where in itertools.product([float("nan"), float("inf"), float("-inf")], ["first", "mid", "last"]):
         for target in range(len(sizes) - 1):
             grads = [torch.randn(n).to(dtype) for n in sizes]
@@ -522,6 +533,13 @@ def test_the_multi_tensor_nan_check_finds_each_bad_value_where_it_is(emulate, mo
     dense[5, 3] = value
     assert gpu.all_finite_many([dense]) == [False]
     assert gpu.all_finite_many([torch.randn(4, 8)[:, ::2]]) is None  # gaps in memory: checked per tensor
+    for n, where in itertools.product([7, 4100], [0, 3, -1]):  # misaligned: from the second element on
+        grads = [torch.randn(n + 1).to(dtype)[1:], torch.randn(n).to(dtype)]
+        assert grads[0].data_ptr() % 16 != 0
+        assert gpu.all_finite_many(grads) == [True, True]
+        grads[0][where] = float("nan")
+        grads[1][where] = float("inf")
+        assert gpu.all_finite_many(grads) == [False, False], (n, where)
 
 
 class Spy:
@@ -591,18 +609,18 @@ def test_a_nan_in_a_planned_step_is_handled_by_the_general_path(emulate, monkeyp
 
 def test_a_planned_step_checks_with_the_kernel_its_table_was_made_for(emulate, monkeypatch):
     """The NaN/inf check's table maps blocks to gradients for one block size (``VARIANT["chunks"]``
-    x 1024 elements); a plan made under ``chunks=4`` keeps checking 4096 elements a block after the
-    setting changes (else only the first 1024 of each block would be read)."""
+    x gpu.CHECK_BYTES bytes); a plan made under ``chunks=4`` keeps checking 4 x 4096 bf16 values a block
+    after the setting changes (else only the first 4096 of each block would be read)."""
     monkeypatch.setitem(gpu.VARIANT, "chunks", 4)
     g = torch.Generator().manual_seed(3)
-    params = [torch.nn.Parameter(torch.randn(s, generator=g).bfloat16()) for s in [(3000,), (5, 64)]]
+    params = [torch.nn.Parameter(torch.randn(s, generator=g).bfloat16()) for s in [(6000,), (5, 64)]]
     opt = leanopt.AdamW(params, lr=1e-2, master="exact", states="fp32", kernel="fused")
     for step in range(3):
         for p in params:
             p.grad = torch.randn(p.shape, generator=g).bfloat16()
         if step == 2:
             monkeypatch.setitem(gpu.VARIANT, "chunks", 1)
-            params[0].grad[2000] = float("nan")  # in the first block of 4096, not in its first 1024
+            params[0].grad[5000] = float("nan")  # in the first block of 4 x 4096, not in its first 4096
             before = params[0].detach().clone()
         opt.step()
     assert isinstance(opt._step_plan, gpu.GpuStepPlan) and opt._step_plan.finite[4] == 4

@@ -115,6 +115,7 @@ _CUDA_PRELUDE = r"""
 #define int64_t long long
 #define uint64_t unsigned long long
 #define LO_FN static __device__ __forceinline__
+#define LO_COLD static __device__ __noinline__
 #define LO_RESTRICT __restrict__
 #define LO_SYNC() __syncwarp()
 #define LO_UNROLL _Pragma("unroll")
@@ -125,6 +126,9 @@ _CUDA_PRELUDE = r"""
 #define LO_WSTORE(p, w, n) do { if ((n) == 1) *(uint32_t *)(p) = (w)[0]; \
   else if ((n) == 2) *(uint2 *)(p) = make_uint2((w)[0], (w)[1]); \
   else *(uint4 *)(p) = make_uint4((w)[0], (w)[1], (w)[2], (w)[3]); } while (0)
+/* 16 read-only bytes at p (aligned to 16) in one load through the read-only data cache */
+#define LO_RLOAD4(w, p) do { const uint4 v_ = __ldg((const uint4 *)(p)); \
+  (w)[0] = v_.x; (w)[1] = v_.y; (w)[2] = v_.z; (w)[3] = v_.w; } while (0)
 #ifndef FLT_MAX
 #define FLT_MAX 3.402823466e+38f
 #endif
@@ -142,6 +146,7 @@ LO_FN uint32_t lo_u(float f) { return __float_as_uint(f); }
 #include <math.h>
 #include <float.h>
 #define LO_FN static inline
+#define LO_COLD static
 #define LO_RESTRICT restrict
 #define LO_SYNC()
 #define LO_UNROLL
@@ -151,12 +156,18 @@ static inline void lo_words(void *dst, const void *src, const void *global, int 
   if ((uintptr_t)global & (uintptr_t)(bytes - 1)) memset(dst, 0xA5, bytes); else memcpy(dst, src, bytes); }
 #define LO_WLOAD(w, p, n) lo_words((w), (p), (p), 4 * (n))
 #define LO_WSTORE(p, w, n) lo_words((p), (w), (p), 4 * (n))
+#define LO_RLOAD4(w, p) lo_words((w), (p), (p), 16)
 static inline float lo_f(uint32_t b) { float f; memcpy(&f, &b, 4); return f; }
 static inline uint32_t lo_u(float f) { uint32_t b; memcpy(&b, &f, 4); return b; }
 #endif
 #define LO_ADDR(p) ((unsigned long long)(p))
-/* x in [0, count): on CUDA the calling thread's own x (me >= 0), on the CPU (me < 0) each in turn */
+/* x in [0, count): on CUDA the calling thread's own x (me >= 0: one pass, no loop left after
+   compiling), on the CPU (me < 0) each in turn */
+#ifdef __CUDACC__
+#define LO_EACH(x, count) for (int x = me, x##_end = me + 1; x < x##_end; x++)
+#else
 #define LO_EACH(x, count) for (int x = me < 0 ? 0 : me, x##_end = me < 0 ? (count) : me + 1; x < x##_end; x++)
+#endif
 """
 
 
@@ -170,34 +181,65 @@ _FIND = """LO_FN int lo_find(const int64_t *LO_RESTRICT meta, int count, int64_t
   return lo; }"""
 
 
+#: bytes of gradient a block of the NaN/inf check reads per chunk: two 16-byte loads per thread (4096
+#: bf16/fp16 values, 2048 fp32)
+CHECK_BYTES = THREADS * 32
+
+
 def _finite_source(chunks: int = 1) -> str:
     """NaN/inf check of many gradients in one launch: table rows (first block, numel, pointer, kind: 0
     fp32, 1 bf16, 2 fp16); ``flags[t]`` (1 on entry) becomes 0 where tensor t holds a NaN or inf
-    (exponent bits all ones, as the native check). A block checks ``chunks`` x FLAT_UNIT elements
-    (``VARIANT["chunks"]``, as the flat update kernels), its table row found once for them all."""
+    (exponent bits all ones, as the native check). A block checks ``chunks`` x CHECK_BYTES bytes
+    (``VARIANT["chunks"]``, as the flat update kernels), its table row found once for them all. Each
+    thread reads 16 bytes at a time (8 bf16/fp16 or 4 fp32 values; a warp's loads side by side) and
+    tests a whole word at once: with the exponent bits masked, adding their lowest bit carries into
+    the bit above the exponent (the sign bit's place) exactly when they were all ones, in each 16-bit
+    half separately (0x7F80 + 0x80 = 0x8000: no carry into the next half). A tensor's last partial
+    16 bytes, or all of a tensor whose address is not a multiple of 16, go element by element after
+    the loads (the block's threads in turn), so the loads' loop has no other path."""
     return (
         _CUDA_PRELUDE
         + _FIND
         + f"""
+/* values [from, end) of a block, element by element (the block's threads in turn): a call on CUDA, not
+   inlined into the loads' straight code (rarely taken: the end of a tensor, or a misaligned one) */
+LO_COLD uint32_t lo_check_rest(const char *LO_RESTRICT data, int size, int64_t from, int64_t end,
+                               uint32_t mask, uint32_t low, int me) {{
+  uint32_t acc = 0;
+  LO_EACH(x, {THREADS}) {{
+    for (int64_t e = from + x; e < end; e += {THREADS}) {{
+      const uint32_t b = size == 4 ? ((const uint32_t *)data)[e] : (uint32_t)((const uint16_t *)data)[e];
+      acc |= (b & mask) + low;
+    }}
+  }}
+  return acc; }}
 LO_FN void lo_check(const int64_t *LO_RESTRICT meta, int count, int32_t *flags, int64_t unit, int me) {{
   const int t = lo_find(meta, count, unit, 4);
   const int64_t *LO_RESTRICT m = meta + (int64_t)t * 4;
-  const int64_t total = m[1], first = (unit - m[0]) * {FLAT_UNIT * chunks};
-  const int kind = (int)m[3];
-  const uint32_t mask = kind == 0 ? 0x7F800000u : (kind == 1 ? 0x7F80u : 0x7C00u);
-  int bad = 0;
-  for (int c = 0; c < {chunks}; c++) {{  /* a block's chunks of FLAT_UNIT, in turn */
-  LO_UNROLL
-  for (int k = 0; k < {ITEMS}; k++) {{
+  const int kind = (int)m[3], size = kind == 0 ? 4 : 2, per = 16 / size;  /* bytes, values per load */
+  const int64_t total = m[1], first = (unit - m[0]) * ({CHECK_BYTES * chunks} / size);
+  const uint32_t mask = kind == 0 ? 0x7F800000u : (kind == 1 ? 0x7F807F80u : 0x7C007C00u);
+  const uint32_t low = kind == 0 ? 0x00800000u : (kind == 1 ? 0x00800080u : 0x04000400u);
+  const uint32_t high = kind == 0 ? 0x80000000u : 0x80008000u;  /* the bits above the exponents */
+  const char *LO_RESTRICT data = (const char *)m[2];
+  /* the values read by whole 16-byte loads: all but the last partial load's, none if misaligned */
+  const int64_t full = (LO_ADDR(data) & 15u) == 0 ? total / per * per : 0;
+  uint32_t acc = 0;  /* a bit of high set: a NaN or inf */
+  for (int c = 0; c < {2 * chunks}; c++) {{  /* a block's loads of {THREADS} x 16 bytes, in turn */
     LO_EACH(x, {THREADS}) {{
-      const int64_t i = first + (int64_t)c * {FLAT_UNIT} + k * {THREADS} + x;
-      if (i >= total) continue;
-      const uint32_t b = kind == 0 ? ((const uint32_t *)m[2])[i] : (uint32_t)((const uint16_t *)m[2])[i];
-      bad |= (b & mask) == mask;
+      const int64_t i = first + ((int64_t)c * {THREADS} + x) * per;
+      if (i + per <= full) {{
+        uint32_t w[4];
+        LO_RLOAD4(w, data + i * size);
+        acc |= ((w[0] & mask) + low) | ((w[1] & mask) + low) | ((w[2] & mask) + low) | ((w[3] & mask) + low);
+      }}
     }}
   }}
-  }}
-  if (bad) flags[t] = 0;  /* every writer writes 0 */
+  /* the rest of the block's values, one at a time (a tensor's last few, or all where misaligned) */
+  const int64_t end = first + {2 * chunks * THREADS} * per < total ? first + {2 * chunks * THREADS} * per : total;
+  const int64_t from = first > full ? first : full;
+  if (from < end) acc |= lo_check_rest(data, size, from, end, mask, low, me);
+  if (acc & high) flags[t] = 0;  /* every writer writes 0 */
 }}
 #ifdef __CUDACC__
 extern "C" __global__ void __launch_bounds__({THREADS})
@@ -878,7 +920,7 @@ _FINITE: dict[tuple[torch.device, int], Any] = {}
 
 
 def _finite_kernel(device: torch.device, chunks: int | None = None) -> Any:
-    """The NaN/inf check kernel on ``device`` whose blocks check ``chunks`` x FLAT_UNIT elements
+    """The NaN/inf check kernel on ``device`` whose blocks check ``chunks`` x CHECK_BYTES bytes
     (default ``VARIANT["chunks"]``; its table must be made for the same: :func:`finite_table`)."""
     chunks = VARIANT["chunks"] if chunks is None else chunks
     fn = _FINITE.get((device, chunks))
@@ -899,14 +941,14 @@ def finite_table(grads: list[Tensor], chunks: int | None = None) -> tuple[array,
     """The NaN/inf check's table for ``grads`` (contiguous, one device, fp32/bf16/fp16) and its block
     count, for the check kernel of ``chunks`` (default ``VARIANT["chunks"]``); None if one of them
     cannot be checked this way."""
-    unit = FLAT_UNIT * (VARIANT["chunks"] if chunks is None else chunks)
+    unit = CHECK_BYTES * (VARIANT["chunks"] if chunks is None else chunks)  # bytes a block checks
     meta, first = array("q"), 0
     for g in grads:
         kind = _FINITE_KINDS.get(g.dtype)
         if kind is None or not native.dense(g):
             return None
         meta.extend((first, g.numel(), g.data_ptr(), kind))
-        first += -(-g.numel() // unit)
+        first += -(-g.numel() // (unit // g.element_size()))
     return meta, first
 
 
