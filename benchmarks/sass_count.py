@@ -3,9 +3,11 @@ NVRTC for one architecture (as a step compiles it, ``gpu.nvrtc_compile``), disas
 ``nvdisasm``, and its main function walked along the common path: every division's and square root's
 fast path (the calls to CUDA's slow-path routines, for operands near the ends of the range, skipped),
 the tensor table's binary search taken ``--search-steps`` times (8: GPT-2's 148 tensors), a flat kernel's
-chunk loop ``chunks`` times, an element that exists (no early exit). Printed per element: the walked
+chunk loop ``chunks`` times, an element that exists (no early exit), 16-byte loads where there are
+(an aligned tensor), and for int8/int4 states rows of whole groups of 32 (the test for it set to 1 in
+the source before compiling; ``per_element_ragged_rows``: set to 0). Printed per element: the walked
 instructions over the elements one warp updates (32 x groups per warp for int8/int4 states, 32 x 4 x
-chunks for the flat ones).
+chunks for the flat ones, 32 x 16 bf16 values x chunks for the NaN/inf check).
 
 Why count: on an H200 the int8/int4 kernels ran at 0.4-0.5 TB/s where a copy moves 3.6, and an estimate
 from the code put them at the GPU's instruction issue rate (docs/kernels.md, "On an H200"). Where that
@@ -47,6 +49,11 @@ VARIANTS = ["", "table=1", "groups=2", "groups=4", "groups=4,table=1", "chunks=4
 SLOW_CALLS = ("slowpath", "div_s64", "div_u64", "rem_s64", "rem_u64", "lo_check_rest")
 #: the most instructions a branch around such a call skips (its arguments, the call, the result's moves)
 SLOW_BLOCK = 16
+
+
+#: the grouped kernels' test for rows of whole groups (since 2026-11-30): set to 1 (0) to count that path
+#: alone (the compiler lays it out as a branch target, which the walk would not follow)
+WHOLE_ROWS = "(n & 31) == 0"
 
 
 def find_nvdisasm() -> str | None:
@@ -211,9 +218,14 @@ def measure(module, label: str, args: argparse.Namespace, nvrtc, nvdisasm: str) 
                 if mode == "nan check" and hasattr(module, "CHECK_BYTES"):  # (since 2026-11-30)
                     loads = module.CHECK_BYTES // module.THREADS // 16  # 16-byte loads a thread, per chunk
                     chunks, per_warp = loads * chunks, 32 * loads * 8 * chunks  # bf16: 8 values a load
+                loops = [args.search_steps, chunks]
+                whole = source.replace(WHOLE_ROWS, "1")  # the path of rows of whole groups, known
                 row = {"variant": (variant or "default") + label, "mode": mode, "elements_per_warp": per_warp,
-                       **count(nvrtc, nvdisasm, source, name, args.arch, [args.search_steps, chunks])}  # fmt: skip
+                       **count(nvrtc, nvdisasm, whole, name, args.arch, loops)}  # fmt: skip
                 row["per_element"] = round(row["walked"] / per_warp, 2)
+                if WHOLE_ROWS in source:  # rows ending in a partial group (the warp's row by a division)
+                    ragged = count(nvrtc, nvdisasm, source.replace(WHOLE_ROWS, "0"), name, args.arch, loops)
+                    row["per_element_ragged_rows"] = round(ragged["walked"] / per_warp, 2)
                 rows.append(row)
                 print(
                     f"{row['variant']:>24} {mode:>16}: {row['walked']:5d} instructions per warp,"

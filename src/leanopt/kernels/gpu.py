@@ -494,7 +494,7 @@ def _vector_loops(spec: KernelSpec, read: list[str], update: list[str], ptr_line
 
 def _grouped(spec: KernelSpec, common: list[str], body: str) -> list[str]:
     """A warp per ``VARIANT["groups"]`` consecutive groups of GROUP_SIZE elements (each within one row);
-    lane e holds element j0 + e of each. The warp loads all its groups' values first, then updates
+    lane e holds element e of each. The warp loads all its groups' values first, then updates
     them; each state's decoded value (signed) or its square root (unsigned: what is quantised) goes to
     the warp's shared scratch (one slot per group), so after ``LO_SYNC`` each lane finds its groups'
     largest magnitudes there, as the CPU kernel's encode loop does (on CUDA: one warp reduction each)."""
@@ -511,17 +511,18 @@ def _grouped(spec: KernelSpec, common: list[str], body: str) -> list[str]:
     decode, keep, encode = [], [], []
     tables: set[str] = set()  # signed codec kinds decoded through a table
     per_warp = VARIANT["groups"]  # consecutive groups a warp updates together
-    # each of the warp's groups in turn: its length (0: past the tensor's last group), row, index in the row
+    # each of the warp's groups in turn: its length (0: past the tensor's last group), the index of its
+    # first element and of its scale
     each_group = "\n".join([f"    LO_UNROLL for (int q = 0; q < {per_warp}; q++) {{", "      const int len = L_[q];",
-                            f"      const int64_t r = R_[q], gi = GI_[q], j0 = gi * {gs};"])  # fmt: skip
+                            "      const int64_t b0 = B_[q], k0 = KI_[q]; (void)k0;"])  # fmt: skip
     for name, signed, codec in states:
         v = _ident(name)
         qs, levels = _quant_consts(codec.kind)
-        if codec.kind == "q4p":  # two codes per byte, low nibble first (j0 is even)
-            raw = f"(((int)C_{v}[r * (n / 2) + (j0 + e) / 2] >> (((j0 + e) & 1) * 4)) & 15)"
+        if codec.kind == "q4p":  # two codes per byte, low nibble first (n, so b0, is even)
+            raw = f"(((int)C_{v}[(b0 + e) / 2] >> ((e & 1) * 4)) & 15)"
             code = f"({raw} - {8 if signed else 0})"
         else:
-            code = f"((int)C_{v}[r * n + j0 + e] + {0 if signed else levels // 2})"
+            code = f"((int)C_{v}[b0 + e] + {0 if signed else levels // 2})"
         if signed:  # as the CPU kernels' table: y = c / Q; x = y / (2 - |y|)
             if VARIANT["table"]:  # y / (2 - |y|) of each code from the block's table (the same bits)
                 decode.append(f"      float st_{v} = T_{codec.kind}[{code} + {levels // 2}] * sc_{v};")
@@ -547,13 +548,11 @@ def _grouped(spec: KernelSpec, common: list[str], body: str) -> list[str]:
                 f"        const int lo = lo_code_{v}({gv_e}, {mag_e}, top, inv) + {off};\n"
                 f"        const int hi = e + 1 < len ? lo_code_{v}(X_{v}[e + 1], {mag_e.replace('[e]', '[e + 1]')},"
                 f" top, inv) + {off} : 0;\n"
-                f"        C_{v}[r * (n / 2) + (j0 + e) / 2] = (uint8_t)(lo | (hi << 4));\n      }}"
+                f"        C_{v}[(b0 + e) / 2] = (uint8_t)(lo | (hi << 4));\n      }}"
             )
         else:
             off = 0 if signed else levels // 2
-            put = (
-                f"      if (e < len) C_{v}[r * n + j0 + e] = (int8_t)(lo_code_{v}({gv_e}, {mag_e}, top, inv) - {off});"
-            )
+            put = f"      if (e < len) C_{v}[b0 + e] = (int8_t)(lo_code_{v}({gv_e}, {mag_e}, top, inv) - {off});"
         loop_max = (
             f"      uint32_t topb = 0;\n"
             f"      for (int k = 0; k < len; k++) {{ const uint32_t mb = lo_u({mag_k}) & 0x7FFFFFFFu;"
@@ -578,12 +577,12 @@ def _grouped(spec: KernelSpec, common: list[str], body: str) -> list[str]:
       const uint16_t sb = lo_bf16(top); const float s32 = lo_f((uint32_t)sb << 16);
       const float inv = 1.0f / (s32 > 0.0f ? s32 : 1.0f);
 {put}
-      if (e == 0 && len > 0) K_{v}[r * gpr + gi] = sb;
+      if (e == 0 && len > 0) K_{v}[k0] = sb;
       }}"""
         )
     scratch = [f"      float *LO_RESTRICT X_{_ident(n)} = sh + {k * gs * per_warp} + q * {gs};"
                for k, (n, _, _) in enumerate(states)]  # fmt: skip
-    scales = [f"      const float sc_{_ident(n)} = lo_f((uint32_t)K_{_ident(n)}[r * gpr + gi] << 16);"
+    scales = [f"      const float sc_{_ident(n)} = lo_f((uint32_t)K_{_ident(n)}[k0] << 16);"
               for n, _, _ in states]  # fmt: skip
     names = ["p", "g", *(f"st_{_ident(n)}" for n, _, _ in states)]
     table_args = "".join(f", const float *LO_RESTRICT T_{k}" for k in sorted(tables))
@@ -596,12 +595,16 @@ def _grouped(spec: KernelSpec, common: list[str], body: str) -> list[str]:
             f"  const int64_t gpr = (n + {gs - 1}) / {gs}, groups = rows * gpr;",
             f"  const int64_t first = ((unit - m[0]) * {WARPS} + warp) * {per_warp};",
             "  if (first >= groups) return;  /* the whole warp: its lanes share its groups */",
-            "  /* the warp's groups: row, index in the row, length (0: past the tensor's last group) */",
-            f"  int64_t R_[{per_warp}], GI_[{per_warp}]; int L_[{per_warp}];",
-            "  {",
+            "  /* the warp's groups: first element, scale, length (0: past the tensor's last group) */",
+            f"  int64_t B_[{per_warp}], KI_[{per_warp}]; int L_[{per_warp}];",
+            f"  if ((n & {gs - 1}) == 0) {{  /* rows of whole groups: group k starts at element {gs} k */",
+            f"    LO_UNROLL for (int q = 0; q < {per_warp}; q++) {{",
+            f"      B_[q] = (first + q) * {gs}; KI_[q] = first + q; L_[q] = first + q >= groups ? 0 : {gs};",
+            "    }",
+            "  } else {  /* a row ends in a partial group: the warp's row and index in it */",
             "    int64_t r = first / gpr, gi = first % gpr;",
             f"    LO_UNROLL for (int q = 0; q < {per_warp}; q++) {{",
-            f"      R_[q] = r; GI_[q] = gi;"
+            f"      B_[q] = r * n + gi * {gs}; KI_[q] = r * gpr + gi;"
             f" L_[q] = first + q >= groups ? 0 : (n - gi * {gs} < {gs} ? (int)(n - gi * {gs}) : {gs});",
             "      if (++gi == gpr) { gi = 0; r++; }",
             "    }",
@@ -610,7 +613,7 @@ def _grouped(spec: KernelSpec, common: list[str], body: str) -> list[str]:
             "    " + " ".join(f"float H_{v}[{per_warp}];" for v in names),
             each_group,
             "      if (e >= len) continue;",
-            "      const int64_t i = r * n + j0 + e;",
+            "      const int64_t i = b0 + e;",
             *scales,
             *decode,
             f"      float p = {spec.weight.load};",
@@ -619,7 +622,7 @@ def _grouped(spec: KernelSpec, common: list[str], body: str) -> list[str]:
             "    }",
             each_group,
             "      if (e >= len) continue;",
-            "      const int64_t i = r * n + j0 + e;",
+            "      const int64_t i = b0 + e;",
             *scratch,
             "      " + " ".join(f"{'const ' if v == 'g' else ''}float {v} = H_{v}[q];" for v in names),
             body,
