@@ -2,7 +2,7 @@
 NVRTC for one architecture (as a step compiles it, ``gpu.nvrtc_compile``), disassembled by NVIDIA's
 ``nvdisasm``, and its main function walked along the common path: every division's and square root's
 fast path (the calls to CUDA's slow-path routines, for operands near the ends of the range, skipped),
-the tensor table's binary search taken ``--search-steps`` times (8: GPT-2's 148 tensors), a flat kernel's
+the search for a block's tensor run its rounds for ``--tensors`` (148: GPT-2's), a flat kernel's
 chunk loop ``chunks`` times, an element that exists (no early exit), 16-byte loads where there are
 (an aligned tensor), and for int8/int4 states rows of whole groups of 32 (the test for it set to 1 in
 the source before compiling; ``per_element_ragged_rows``: set to 0). Printed per element: the walked
@@ -170,6 +170,16 @@ def gpu_at(rev: str) -> types.ModuleType:
     return module
 
 
+def search_rounds(module, tensors: int) -> int:  # noqa: ANN001 - a gpu module
+    """Rounds of ``module``'s search for a block's tensor among ``tensors``: a warp's 32-way search
+    (since 2026-11-30) or a binary search (before)."""
+    rounds, span = 0, tensors
+    while span > 1:
+        span = -(-span // 32) if "__ballot_sync" in module._FIND else span - span // 2
+        rounds += 1
+    return max(rounds, 1)
+
+
 def kernel_source(mode: str, gpu=gpu) -> tuple[str, bool]:  # noqa: ANN001 - a gpu module (gpu_at)
     """The CUDA source of AdamW's kernel in ``mode`` ("master/states", bf16 weights and gradients, the
     benchmark's settings) under ``gpu.VARIANT``, and whether it is a grouped kernel."""
@@ -218,7 +228,7 @@ def measure(module, label: str, args: argparse.Namespace, nvrtc, nvdisasm: str) 
                 if mode == "nan check" and hasattr(module, "CHECK_BYTES"):  # (since 2026-11-30)
                     loads = module.CHECK_BYTES // module.THREADS // 16  # 16-byte loads a thread, per chunk
                     chunks, per_warp = loads * chunks, 32 * loads * 8 * chunks  # bf16: 8 values a load
-                loops = [args.search_steps, chunks]
+                loops = [search_rounds(module, args.tensors), chunks]
                 whole = source.replace(WHOLE_ROWS, "1")  # the path of rows of whole groups, known
                 row = {"variant": (variant or "default") + label, "mode": mode, "elements_per_warp": per_warp,
                        **count(nvrtc, nvdisasm, whole, name, args.arch, loops)}  # fmt: skip
@@ -243,7 +253,12 @@ def main() -> int:
     parser.add_argument("--modes", nargs="+", default=MODES, help="master/states of AdamW, e.g. compact/int8")
     parser.add_argument("--variants", nargs="+", default=VARIANTS,
                         help='LEANOPT_GPU_VARIANT strings ("" = gpu.VARIANT as it stands)')  # fmt: skip
-    parser.add_argument("--search-steps", type=int, default=8, help="steps of the tensor table's binary search")
+    parser.add_argument(
+        "--tensors",
+        type=int,
+        default=148,
+        help="tensors in the launch, for the rounds of the search for a block's tensor (GPT-2: 148)",
+    )
     parser.add_argument("--against", metavar="REV", help="also count the kernels gpu.py at git revision REV makes")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
@@ -256,7 +271,7 @@ def main() -> int:
     for label, module in [("", gpu), *([(f" at {args.against}", gpu_at(args.against))] if args.against else [])]:
         rows += measure(module, label, args, nvrtc, nvdisasm)
     write_rows(args.out, "python benchmarks/sass_count.py " + " ".join(sys.argv[1:]), rows, arch=args.arch,
-               search_steps=args.search_steps, nvrtc_options=list(gpu.NVRTC_OPTIONS))  # fmt: skip
+               tensors=args.tensors, nvrtc_options=list(gpu.NVRTC_OPTIONS))  # fmt: skip
     return 0
 
 

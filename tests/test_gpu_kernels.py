@@ -314,6 +314,7 @@ extern lo_dim3 blockIdx, threadIdx;
 void __syncwarp();
 unsigned __shfl_xor_sync(unsigned, unsigned, int);
 unsigned __reduce_max_sync(unsigned, unsigned);
+unsigned __ballot_sync(unsigned, int); int __clz(int);
 float __uint_as_float(unsigned); unsigned __float_as_uint(float); float __int_as_float(int);
 float fabsf(float); float sqrtf(float); float fmaf(float, float, float); float rintf(float);
 float copysignf(float, float);
@@ -362,6 +363,7 @@ __device__ float rintf(float); __device__ float copysignf(float, float);
 __device__ void __syncwarp(unsigned mask = 0xffffffffu);
 __device__ unsigned __shfl_xor_sync(unsigned, unsigned, int);
 __device__ unsigned __reduce_max_sync(unsigned, unsigned);
+__device__ unsigned __ballot_sync(unsigned, int); __device__ int __clz(int);
 __device__ float __uint_as_float(unsigned); __device__ unsigned __float_as_uint(float);
 __device__ float __int_as_float(int);
 struct uint2 { unsigned x, y; }; struct uint4 { unsigned x, y, z, w; };  /* NVRTC's built-in vector types */
@@ -533,6 +535,12 @@ def test_the_multi_tensor_nan_check_finds_each_bad_value_where_it_is(emulate, mo
     dense[5, 3] = value
     assert gpu.all_finite_many([dense]) == [False]
     assert gpu.all_finite_many([torch.randn(4, 8)[:, ::2]]) is None  # gaps in memory: checked per tensor
+    sizes = torch.randint(1, 3000, (300,), generator=torch.Generator().manual_seed(1)).tolist()
+    grads = [torch.randn(n).to(dtype) for n in sizes]
+    for target in (0, 31, 32, 33, 150, 299):  # many tensors: the search for a block's tensor takes rounds
+        grads[target][-1] = float("nan")
+        assert gpu.all_finite_many(grads) == [i != target for i in range(300)], target
+        grads[target][-1] = 0.0
     for n, where in itertools.product([7, 4100], [0, 3, -1]):  # misaligned: from the second element on
         grads = [torch.randn(n + 1).to(dtype)[1:], torch.randn(n).to(dtype)]
         assert grads[0].data_ptr() % 16 != 0
@@ -540,6 +548,40 @@ def test_the_multi_tensor_nan_check_finds_each_bad_value_where_it_is(emulate, mo
         grads[0][where] = float("nan")
         grads[1][where] = float("inf")
         assert gpu.all_finite_many(grads) == [False, False], (n, where)
+
+
+def test_the_tensor_search_finds_the_last_row_at_or_before_a_block():
+    """lo_find (every kernel's first step: which tensor a block belongs to), as the CPU runs it: the 32-way
+    search's rounds against Python's bisect, on tables of 1 to 3000 rows with repeated first blocks (empty
+    tensors) and rows spaced far apart, for blocks at, between and after the rows' first blocks."""
+    import bisect
+    import ctypes
+
+    source = (
+        gpu._CUDA_PRELUDE
+        + gpu._FIND
+        + """
+void lo_find_each(const int64_t *meta, int count, int stride, const int64_t *units, int n, int32_t *out) {
+  for (int i = 0; i < n; i++) out[i] = lo_find(meta, count, units[i], stride);
+}"""
+    )
+    c = ctypes
+    fn = native.build(source, "lo_find_each", [c.c_void_p, c.c_int, c.c_int, c.c_void_p, c.c_int, c.c_void_p]).fn
+    g = torch.Generator().manual_seed(0)
+    for count in [1, 2, 31, 32, 33, 64, 100, 1023, 1024, 1025, 3000]:
+        for stride in (4, 7):
+            sizes = torch.randint(0, 5, (count,), generator=g)
+            sizes[torch.rand(count, generator=g) < 0.1] = 0  # empty tensors: the next row starts there too
+            sizes[torch.rand(count, generator=g) < 0.05] = 100_000
+            first = torch.cat([torch.zeros(1, dtype=torch.int64), sizes.cumsum(0)[:-1]])
+            meta = torch.zeros(count, stride, dtype=torch.int64)
+            meta[:, 0] = first
+            total = int(sizes.sum()) + 3
+            units = torch.unique(torch.cat([first, first + 1, torch.randint(0, total, (500,), generator=g)]))
+            out = torch.empty(len(units), dtype=torch.int32)
+            fn(meta.data_ptr(), count, stride, units.data_ptr(), len(units), out.data_ptr())
+            want = [bisect.bisect_right(first.tolist(), u) - 1 for u in units.tolist()]
+            assert out.tolist() == want, (count, stride)
 
 
 class Spy:

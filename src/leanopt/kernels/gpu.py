@@ -171,12 +171,27 @@ static inline uint32_t lo_u(float f) { uint32_t b; memcpy(&b, &f, 4); return b; 
 """
 
 
-#: the tensor of a block: table rows of ``stride`` int64, each starting with the tensor's first block
+#: the tensor of a block: table rows of ``stride`` int64, each starting with the tensor's first block;
+#: the last row whose first block is <= ``unit``. A warp searches together: its 32 lanes each test one
+#: row of the range left, spaced evenly, and the range shrinks to the gap after the last row that
+#: passes (a 32-way search: 2 rounds of dependent loads for up to 1024 tensors, where a binary search
+#: takes 10). On CUDA the lanes' answers meet in one ``__ballot_sync`` (every lane of the warp calls
+#: this, at the kernel's start); on the CPU one caller tests the 32 rows itself, the same rounds.
 _FIND = """LO_FN int lo_find(const int64_t *LO_RESTRICT meta, int count, int64_t unit, int stride) {
-  int lo = 0, hi = count - 1;  /* the last tensor whose first unit is <= unit */
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) / 2;
-    if (meta[(int64_t)mid * stride] <= unit) lo = mid; else hi = mid - 1;
+  int lo = 0, span = count;  /* the answer is in [lo, lo + span); row lo passes */
+  while (span > 1) {
+    const int step = (span + 31) >> 5;  /* lane k tests row lo + k step, if k step < span */
+#ifdef __CUDACC__
+    const int k = (int)(threadIdx.x & 31u);
+    const int pass = k * step < span && meta[(int64_t)(lo + k * step) * stride] <= unit;
+    const int last = 31 - __clz((int)__ballot_sync(0xFFFFFFFFu, pass));  /* lane 0 passes */
+#else
+    int last = 0;
+    for (int k = 1; k < 32 && k * step < span; k++)
+      if (meta[(int64_t)(lo + k * step) * stride] <= unit) last = k;
+#endif
+    lo += last * step;
+    span = span - last * step < step ? span - last * step : step;
   }
   return lo; }"""
 
