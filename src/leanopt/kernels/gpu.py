@@ -70,9 +70,11 @@ NVRTC_OPTIONS = ["--fmad=false"]
 #: its tensor, reading the table row: dependent loads - paid once for them all);
 #: ``groups``: consecutive int8/int4 groups one warp updates together (its setup paid once for them all,
 #: every load of them issued before any arithmetic: more bytes in flight per warp);
-#: ``table``: signed int8/int4 codes decoded through a per-block table of ``y / (2 - |y|)`` (no
-#: divisions per element); ``vec``: a flat kernel's thread updates ITEMS consecutive elements, each
-#: array read and written in one 4-16 byte access where aligned (as torch's fused kernels do).
+#: ``table``: signed int8/int4 codes decoded through a per-block table of ``y / (2 - |y|)`` in shared
+#: memory, built by the block's threads (since 2026-11-30 the default reads a constant table made in
+#: Python, :func:`_decode_table`, through the L1 cache: no divisions per element either); ``vec``: a flat
+#: kernel's thread updates ITEMS consecutive elements, each array read and written in one 4-16 byte
+#: access where aligned (as torch's fused kernels do).
 #: ``chunks``, ``groups``, ``table`` and ``vec`` are off until a GPU run has timed them; the environment
 #: variable ``LEANOPT_GPU_VARIANT`` (e.g. ``"chunks=4,vec=1"``) sets any of them (:func:`parse_variant`).
 VARIANT: dict[str, Any] = {"hoist": True, "warp_max": True, "chunks": 1, "groups": 1, "table": False,
@@ -507,6 +509,20 @@ def _vector_loops(spec: KernelSpec, read: list[str], update: list[str], ptr_line
             *each, take, *(local(u) for u in update), "    }", *writes, "  }"]  # fmt: skip
 
 
+def _decode_table(kind: str) -> str:
+    """``lo_dec_<kind>[c + levels / 2]``: the decoded signed code c before its scale, y / (2 - |y|) with
+    y = c / Q, every fp32 operation of the division form done here (torch's fp32 division and
+    subtraction, correctly rounded like CUDA's and the CPU kernels'), written as exact literals: one
+    load where the division form takes two IEEE divisions (~20 instructions on a GPU)."""
+    qs, levels = _quant_consts(kind)
+    c = torch.arange(-(levels // 2), levels // 2, dtype=torch.float32)
+    y = c / torch.tensor(float(qs), dtype=torch.float32)
+    x = y / (torch.tensor(2.0, dtype=torch.float32) - y.abs())
+    values = ", ".join(_lit(v) for v in x.tolist())
+    return (f"#ifdef __CUDACC__\n__device__\n#else\nstatic\n#endif\n"
+            f"const float lo_dec_{kind}[{levels}] = {{{values}}};")  # fmt: skip
+
+
 def _grouped(spec: KernelSpec, common: list[str], body: str) -> list[str]:
     """A warp per ``VARIANT["groups"]`` consecutive groups of GROUP_SIZE elements (each within one row);
     lane e holds element e of each. The warp loads all its groups' values first, then updates
@@ -524,7 +540,8 @@ def _grouped(spec: KernelSpec, common: list[str], body: str) -> list[str]:
             f"  {native.quant_code(signed, codec.kind)}\n  return code; }}"
         )
     decode, keep, encode = [], [], []
-    tables: set[str] = set()  # signed codec kinds decoded through a table
+    tables: set[str] = set()  # signed codec kinds decoded through a table in shared memory (``table``)
+    consts: set[str] = set()  # ... through a constant table (global memory, read through the L1 cache)
     per_warp = VARIANT["groups"]  # consecutive groups a warp updates together
     # each of the warp's groups in turn: its length (0: past the tensor's last group), the index of its
     # first element and of its scale
@@ -542,11 +559,9 @@ def _grouped(spec: KernelSpec, common: list[str], body: str) -> list[str]:
             if VARIANT["table"]:  # y / (2 - |y|) of each code from the block's table (the same bits)
                 decode.append(f"      float st_{v} = T_{codec.kind}[{code} + {levels // 2}] * sc_{v};")
                 tables.add(codec.kind)
-            else:
-                decode.append(
-                    f"      const float y_{v} = (float){code} / {_lit(qs)};"
-                    f" float st_{v} = y_{v} / ({_lit(2)} - fabsf(y_{v})) * sc_{v};"
-                )
+            else:  # from the constant table of every code's value, made here with the same operations
+                decode.append(f"      float st_{v} = lo_dec_{codec.kind}[{code} + {levels // 2}] * sc_{v};")
+                consts.add(codec.kind)
             keep.append(f"      X_{v}[e] = st_{v};")
             mag_k, gv_e, mag_e = f"fabsf(X_{v}[k])", f"X_{v}[e]", f"fabsf(X_{v}[e])"
         else:
@@ -684,7 +699,7 @@ void lo_emulate(const int64_t *meta, int count, const float *scal, const int32_t
     for (int w = 0; w < {WARPS}; w++) lo_unit(meta, scal, ok, count, u, w, -1, sh{targs});
 }}
 #endif"""
-    return [*fns, unit_fn, entry]
+    return [*(_decode_table(k) for k in sorted(consts)), *fns, unit_fn, entry]
 
 
 # ---------------------------------------------------------------------------------------------------
