@@ -39,13 +39,12 @@ import ctypes
 import json
 import re
 import statistics
-import subprocess
-import sys
 import time
 import types
 from pathlib import Path
 
 import torch
+from _revision import kernels_module_at  # benchmarks/_revision.py
 
 import leanopt
 from leanopt.kernels import native
@@ -66,18 +65,7 @@ def median_ms(fn, repeats: int = 7) -> float:
 
 def native_at(rev: str) -> types.ModuleType:
     """leanopt.kernels.native as it was at git revision ``rev`` (the rest of the package as it is now)."""
-    root = Path(__file__).resolve().parent.parent
-    path = "src/leanopt/kernels/native.py"
-    text = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=root, capture_output=True, text=True)
-    if text.returncode != 0:
-        raise SystemExit(f"--against {rev!r}: git cannot show {path} there ({text.stderr.strip()}); "
-                         "give a commit of this repository that has it, e.g. 84cf6b8")  # fmt: skip
-    module = types.ModuleType(f"leanopt.kernels.native_at_{rev}")
-    module.__package__ = "leanopt.kernels"
-    module.__file__ = str(root / path)
-    sys.modules[module.__name__] = module  # dataclasses look their module up
-    exec(compile(text.stdout, f"{rev}:{path}", "exec"), module.__dict__)
-    return module
+    return kernels_module_at(rev, "native")
 
 
 #: where the probes go: the start of a full group's update in the vector code

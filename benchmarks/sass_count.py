@@ -37,6 +37,7 @@ from pathlib import Path
 
 import torch
 from _results import write_rows  # benchmarks/_results.py
+from _revision import kernels_module_at  # benchmarks/_revision.py
 
 import leanopt
 from leanopt.kernels import gpu, native
@@ -157,17 +158,7 @@ def walk(
 
 def gpu_at(rev: str) -> types.ModuleType:
     """leanopt.kernels.gpu as it was at git revision ``rev`` (the rest of the package as it is now)."""
-    root = Path(__file__).resolve().parent.parent
-    path = "src/leanopt/kernels/gpu.py"
-    text = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=root, capture_output=True, text=True)
-    if text.returncode != 0:
-        raise SystemExit(f"--against {rev!r}: git cannot show {path} there ({text.stderr.strip()})")
-    module = types.ModuleType(f"leanopt.kernels.gpu_at_{rev}")
-    module.__package__ = "leanopt.kernels"
-    module.__file__ = str(root / path)
-    sys.modules[module.__name__] = module  # dataclasses look their module up
-    exec(compile(text.stdout, f"{rev}:{path}", "exec"), module.__dict__)
-    return module
+    return kernels_module_at(rev, "gpu")
 
 
 def search_rounds(module, tensors: int) -> int:  # noqa: ANN001 - a gpu module

@@ -184,8 +184,8 @@ _FIND = """LO_FN int lo_find(const int64_t *LO_RESTRICT meta, int count, int64_t
   while (span > 1) {
     const int step = (span + 31) >> 5;  /* lane k tests row lo + k step, if k step < span */
 #ifdef __CUDACC__
-    const int k = (int)(threadIdx.x & 31u);
-    const int pass = k * step < span && meta[(int64_t)(lo + k * step) * stride] <= unit;
+    const int k = (int)(threadIdx.x & 31u), row = lo + k * step;  /* past the range: the last row, ignored */
+    const int pass = (meta[(int64_t)(row < count ? row : count - 1) * stride] <= unit) & (k * step < span);
     const int last = 31 - __clz((int)__ballot_sync(0xFFFFFFFFu, pass));  /* lane 0 passes */
 #else
     int last = 0;
