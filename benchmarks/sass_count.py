@@ -6,8 +6,9 @@ the search for a block's tensor run its rounds for ``--tensors`` (148: GPT-2's),
 chunk loop ``chunks`` times, an element that exists (no early exit), 16-byte loads where there are
 (an aligned tensor), and for int8/int4 states rows of whole groups of 32 (the test for it set to 1 in
 the source before compiling; ``per_element_ragged_rows``: set to 0). Printed per element: the walked
-instructions over the elements one warp updates (32 x groups per warp for int8/int4 states, 32 x 4 x
-chunks for the flat ones, 32 x 16 bf16 values x chunks for the NaN/inf check).
+instructions of a block's warps (the first, which may search for the block's tensor, and 7 others) over
+the elements they update (a warp: 32 x groups per warp for int8/int4 states, 32 x 4 x chunks for the
+flat ones, 32 x 16 bf16 values x chunks for the NaN/inf check).
 
 Why count: on an H200 the int8/int4 kernels ran at 0.4-0.5 TB/s where a copy moves 3.6, and an estimate
 from the code put them at the GPU's instruction issue rate (docs/kernels.md, "On an H200"). Where that
@@ -106,11 +107,18 @@ def _wide(ins: list[str], start: int, span: int = 48) -> bool:
 
 
 def walk(
-    ins: list[str], labels: dict[str, int], loops: list[int], limit: int = 1_000_000, trace: list[str] | None = None
+    ins: list[str],
+    labels: dict[str, int],
+    loops: list[int],
+    limit: int = 1_000_000,
+    trace: list[str] | None = None,
+    searcher: bool = True,
 ) -> int:
     """Instructions issued along the common path from the first instruction to an unpredicated EXIT:
     a conditional branch over a short block (SLOW_BLOCK) that calls a slow-path routine is taken, one
-    to 16-byte loads from code without them is taken (aligned tensors, whole loads), other conditional
+    to 16-byte loads from code without them is taken (aligned tensors, whole loads), one around the
+    search for the block's tensor (a ballot) taken unless ``searcher`` (the warp that searches for the
+    block since 2026-11-30; before, every warp did), other conditional
     branches and exits fall through, and the k-th loop met (a backward branch) runs ``loops[k]`` times
     (1 past the list's end)."""
     pc = count = 0
@@ -149,6 +157,8 @@ def walk(
                 pc += 1
         elif to - pc <= SLOW_BLOCK and any("CALL" in x and any(s in x for s in SLOW_CALLS) for x in ins[pc + 1 : to]):
             pc = to  # around a slow path
+        elif not searcher and any(x.startswith("VOTE") for x in ins[pc + 1 : to]):
+            pc = to  # around the search for the block's tensor: another warp than the block's first
         elif _wide(ins, to) and not _wide(ins, pc + 1):
             pc = to  # to the 16-byte loads (an aligned tensor), not the element-by-element code
         else:
@@ -196,7 +206,9 @@ def count(nvrtc, nvdisasm: str, source: str, name: str, arch: str, loops: list[i
     ins, labels = parse(out.stdout, name)
     regs = re.search(r"Used (\d+) registers", log)
     spills = re.search(r"(\d+) bytes spill stores", log)
-    return {"static": len(ins), "walked": walk(ins, labels, loops), "registers": int(regs.group(1)) if regs else None,
+    first, other = walk(ins, labels, loops), walk(ins, labels, loops, searcher=False)
+    return {"static": len(ins), "walked": first, "walked_other_warps": other,
+            "registers": int(regs.group(1)) if regs else None,
             "spill_store_bytes": int(spills.group(1)) if spills else None}  # fmt: skip
 
 
@@ -223,13 +235,16 @@ def measure(module, label: str, args: argparse.Namespace, nvrtc, nvdisasm: str) 
                 whole = source.replace(WHOLE_ROWS, "1")  # the path of rows of whole groups, known
                 row = {"variant": (variant or "default") + label, "mode": mode, "elements_per_warp": per_warp,
                        **count(nvrtc, nvdisasm, whole, name, args.arch, loops)}  # fmt: skip
-                row["per_element"] = round(row["walked"] / per_warp, 2)
+                warps = module.WARPS  # a block's: the first may search for the block's tensor, the others not
+                row["walked_block"] = row["walked"] + (warps - 1) * row["walked_other_warps"]
+                row["per_element"] = round(row["walked_block"] / (warps * per_warp), 2)
                 if WHOLE_ROWS in source:  # rows ending in a partial group (the warp's row by a division)
                     ragged = count(nvrtc, nvdisasm, source.replace(WHOLE_ROWS, "0"), name, args.arch, loops)
-                    row["per_element_ragged_rows"] = round(ragged["walked"] / per_warp, 2)
+                    block = ragged["walked"] + (warps - 1) * ragged["walked_other_warps"]
+                    row["per_element_ragged_rows"] = round(block / (warps * per_warp), 2)
                 rows.append(row)
                 print(
-                    f"{row['variant']:>24} {mode:>16}: {row['walked']:5d} instructions per warp,"
+                    f"{row['variant']:>24} {mode:>16}: {row['walked_block']:5d} instructions per block,"
                     f" {row['per_element']:6.2f} per element ({row['static']} static, {row['registers']} registers)"
                 )
     finally:

@@ -314,7 +314,7 @@ extern lo_dim3 blockIdx, threadIdx;
 void __syncwarp();
 unsigned __shfl_xor_sync(unsigned, unsigned, int);
 unsigned __reduce_max_sync(unsigned, unsigned);
-unsigned __ballot_sync(unsigned, int); int __clz(int);
+unsigned __ballot_sync(unsigned, int); int __clz(int); void __syncthreads();
 float __uint_as_float(unsigned); unsigned __float_as_uint(float); float __int_as_float(int);
 float fabsf(float); float sqrtf(float); float fmaf(float, float, float); float rintf(float);
 float copysignf(float, float);
@@ -363,7 +363,7 @@ __device__ float rintf(float); __device__ float copysignf(float, float);
 __device__ void __syncwarp(unsigned mask = 0xffffffffu);
 __device__ unsigned __shfl_xor_sync(unsigned, unsigned, int);
 __device__ unsigned __reduce_max_sync(unsigned, unsigned);
-__device__ unsigned __ballot_sync(unsigned, int); __device__ int __clz(int);
+__device__ unsigned __ballot_sync(unsigned, int); __device__ int __clz(int); __device__ void __syncthreads();
 __device__ float __uint_as_float(unsigned); __device__ unsigned __float_as_uint(float);
 __device__ float __int_as_float(int);
 struct uint2 { unsigned x, y; }; struct uint4 { unsigned x, y, z, w; };  /* NVRTC's built-in vector types */

@@ -75,6 +75,25 @@ def test_the_walk_prefers_16_byte_loads_and_follows_plain_branches(sc):
         sc.parse(text, "lo_cuda_finite")
 
 
+def test_only_the_searching_warp_walks_the_search_for_the_blocks_tensor(sc):
+    text = sass([
+        "S2R R0, SR_TID.X",
+        "ISETP.GT.U32.AND P0, PT, R0, 0x1f, PT",
+        "@P0 BRA `(.L_x_1)",  # threads past the first warp skip the search
+        "LDG.E.64 R2, desc[UR4][R4.64]",
+        "VOTE.ANY R6, PT, P1",
+        "FLO.U32 R6, R6",
+        ".L_x_1:",
+        "BAR.SYNC.DEFER_BLOCKING 0x0",
+        "EXIT",
+    ])  # fmt: skip
+    ins, labels = sc.parse(text)
+    assert sc.walk(ins, labels, []) == 8
+    trace = []
+    assert sc.walk(ins, labels, [], trace=trace, searcher=False) == 5
+    assert not any(t.startswith("VOTE") for t in trace)
+
+
 def test_a_walk_that_never_ends_is_an_error(sc):
     ins, labels = sc.parse(sass([".L_x_0:", "NOP", "BRA `(.L_x_0)"]))
     with pytest.raises(RuntimeError, match="does not end"):
@@ -94,7 +113,7 @@ def test_the_nan_checks_walk_reads_16_bytes_at_a_time(sc, tmp_path):
     text = subprocess.run([nvdisasm, "-c", str(tmp_path / "k.cubin")], capture_output=True, text=True, check=True)
     ins, labels = sc.parse(text.stdout, "lo_cuda_finite")
     trace = []
-    count = sc.walk(ins, labels, [sc.search_rounds(gpu, 148), 2], trace=trace)
+    count = sc.walk(ins, labels, [sc.search_rounds(gpu, 148), 2], trace=trace)  # the block's first warp
     loads = [t for t in trace if " LD" in f" {t}" and "LDC" not in t]
     wide = [t for t in loads if ".128" in t]
     assert len(wide) == 2, loads

@@ -195,7 +195,19 @@ _FIND = """LO_FN int lo_find(const int64_t *LO_RESTRICT meta, int count, int64_t
     lo += last * step;
     span = span - last * step < step ? span - last * step : step;
   }
-  return lo; }"""
+  return lo; }
+#ifdef __CUDACC__
+/* the tensor of this block (all its threads work on one: a tensor's blocks are its own), found by the
+   block's first warp alone and shared: the other warps wait at the barrier instead of searching too */
+LO_FN int lo_block_tensor(const int64_t *LO_RESTRICT meta, int count, int stride) {
+  __shared__ int found;
+  if (threadIdx.x < 32) {
+    const int t = lo_find(meta, count, blockIdx.x, stride);
+    if (threadIdx.x == 0) found = t;
+  }
+  __syncthreads();
+  return found; }
+#endif"""
 
 
 #: bytes of gradient a block of the NaN/inf check reads per chunk: two 16-byte loads per thread (4096
@@ -230,8 +242,7 @@ LO_COLD uint32_t lo_check_rest(const char *LO_RESTRICT data, int size, int64_t f
     }}
   }}
   return acc; }}
-LO_FN void lo_check(const int64_t *LO_RESTRICT meta, int count, int32_t *flags, int64_t unit, int me) {{
-  const int t = lo_find(meta, count, unit, 4);
+LO_FN void lo_check(const int64_t *LO_RESTRICT meta, int32_t *flags, int t, int64_t unit, int me) {{
   const int64_t *LO_RESTRICT m = meta + (int64_t)t * 4;
   const int kind = (int)m[3], size = kind == 0 ? 4 : 2, per = 16 / size;  /* bytes, values per load */
   const int64_t total = m[1], first = (unit - m[0]) * ({CHECK_BYTES * chunks} / size);
@@ -261,11 +272,11 @@ LO_FN void lo_check(const int64_t *LO_RESTRICT meta, int count, int32_t *flags, 
 #ifdef __CUDACC__
 extern "C" __global__ void __launch_bounds__({THREADS})
 lo_cuda_finite(const int64_t *meta, int count, int32_t *flags) {{
-  lo_check(meta, count, flags, blockIdx.x, threadIdx.x);
+  lo_check(meta, flags, lo_block_tensor(meta, count, 4), blockIdx.x, threadIdx.x);
 }}
 #else
 void lo_finite_emulate(const int64_t *meta, int count, int32_t *flags, int64_t units) {{
-  for (int64_t u = 0; u < units; u++) lo_check(meta, count, flags, u, -1);
+  for (int64_t u = 0; u < units; u++) lo_check(meta, flags, lo_find(meta, count, u, 4), u, -1);
 }}
 #endif
 """
@@ -393,7 +404,6 @@ def generate(spec: KernelSpec, nscalars: int) -> str:
         _FIND,
     ]
     common = [
-        "  const int t = lo_find(meta, count, unit, LO_STRIDE);",
         "  if (!ok[t]) return;  /* its gradient holds a NaN or inf (the check kernel ran first) */",
         "  const int64_t *LO_RESTRICT m = meta + (int64_t)t * LO_STRIDE;",
         "  const int64_t rows = m[1], n = m[2];",
@@ -406,7 +416,7 @@ def generate(spec: KernelSpec, nscalars: int) -> str:
         loads, stores = native.flat_state_io(spec)
         head_fn = [
             "LO_FN void lo_unit(const int64_t *LO_RESTRICT meta, const float *LO_RESTRICT scal,"
-            " const int32_t *LO_RESTRICT ok, int count,"
+            " const int32_t *LO_RESTRICT ok, int t,"
             " int64_t unit, int me) {",
             *common,
             f"  const int64_t total = rows * n, first = (unit - m[0]) * {FLAT_UNIT * VARIANT['chunks']};",
@@ -433,11 +443,11 @@ def generate(spec: KernelSpec, nscalars: int) -> str:
         entry = f"""#ifdef __CUDACC__
 extern "C" __global__ void __launch_bounds__({THREADS})
 lo_cuda(const int64_t *meta, int count, const float *scal, const int32_t *ok) {{
-  lo_unit(meta, scal, ok, count, blockIdx.x, threadIdx.x);
+  lo_unit(meta, scal, ok, lo_block_tensor(meta, count, LO_STRIDE), blockIdx.x, threadIdx.x);
 }}
 #else
 void lo_emulate(const int64_t *meta, int count, const float *scal, const int32_t *ok, int64_t units) {{
-  for (int64_t u = 0; u < units; u++) lo_unit(meta, scal, ok, count, u, -1);
+  for (int64_t u = 0; u < units; u++) lo_unit(meta, scal, ok, lo_find(meta, count, u, LO_STRIDE), u, -1);
 }}
 #endif"""
         return "\n".join([_CUDA_PRELUDE, *head, unit_fn, entry])
@@ -619,7 +629,7 @@ def _grouped(spec: KernelSpec, common: list[str], body: str) -> list[str]:
     unit_fn = "\n".join(
         [
             "LO_FN void lo_unit(const int64_t *LO_RESTRICT meta, const float *LO_RESTRICT scal,"
-            " const int32_t *LO_RESTRICT ok, int count,"
+            " const int32_t *LO_RESTRICT ok, int t,"
             f" int64_t unit, int warp, int me, float *LO_RESTRICT sh{table_args}) {{",
             *common,
             f"  const int64_t gpr = (n + {gs - 1}) / {gs}, groups = rows * gpr;",
@@ -688,15 +698,18 @@ lo_cuda(const int64_t *meta, int count, const float *scal, const int32_t *ok) {{
   __shared__ float sh[{WARPS}][{nst}];
   {" ".join("__shared__ " + d for d in tdecl)}
 {fill_cuda}
-  lo_unit(meta, scal, ok, count, blockIdx.x, threadIdx.x >> 5, threadIdx.x & 31, sh[threadIdx.x >> 5]{targs});
+  const int t = lo_block_tensor(meta, count, LO_STRIDE);
+  lo_unit(meta, scal, ok, t, blockIdx.x, threadIdx.x >> 5, threadIdx.x & 31, sh[threadIdx.x >> 5]{targs});
 }}
 #else
 void lo_emulate(const int64_t *meta, int count, const float *scal, const int32_t *ok, int64_t units) {{
   float sh[{nst}];
   {" ".join(tdecl)}
 {fill_cpu}
-  for (int64_t u = 0; u < units; u++)
-    for (int w = 0; w < {WARPS}; w++) lo_unit(meta, scal, ok, count, u, w, -1, sh{targs});
+  for (int64_t u = 0; u < units; u++) {{
+    const int t = lo_find(meta, count, u, LO_STRIDE);
+    for (int w = 0; w < {WARPS}; w++) lo_unit(meta, scal, ok, t, u, w, -1, sh{targs});
+  }}
 }}
 #endif"""
     return [*(_decode_table(k) for k in sorted(consts)), *fns, unit_fn, entry]
