@@ -173,10 +173,12 @@ def gpu_at(rev: str) -> types.ModuleType:
 
 def search_rounds(module, tensors: int) -> int:  # noqa: ANN001 - a gpu module
     """Rounds of ``module``'s search for a block's tensor among ``tensors``: a warp's 32-way search
-    (since 2026-11-30) or a binary search (before)."""
+    (since 2026-11-30) or a binary search (before, and ``search=0``)."""
+    source = getattr(module, "_FIND_BODY", getattr(module, "_FIND", ""))
+    ballot = "__ballot_sync" in source and module.VARIANT.get("search", 1) > 0
     rounds, span = 0, tensors
     while span > 1:
-        span = -(-span // 32) if "__ballot_sync" in module._FIND else span - span // 2
+        span = -(-span // 32) if ballot else span - span // 2
         rounds += 1
     return max(rounds, 1)
 

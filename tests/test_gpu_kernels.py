@@ -422,6 +422,21 @@ def test_every_cuda_source_compiles_with_nvrtc_without_spills(arch):
         gpu.nvrtc_compile(nvrtc, bad, "lo_cuda", arch)
 
 
+@pytest.mark.parametrize("search", [0, 2])
+def test_each_way_of_finding_a_blocks_tensor_compiles_with_nvrtc(monkeypatch, search):
+    """``VARIANT["search"]`` 0 (the binary search of before, the fallback) and 2 (the block's first warp,
+    shared): the CUDA lines they alone use compile for sm_90 (the default, 1, in the test above); on the
+    CPU all three run the same search."""
+    nvrtc = gpu.find_nvrtc()
+    if nvrtc is None:
+        pytest.skip("no NVRTC library (pip install 'leanopt[nvrtc]', or set LEANOPT_NVRTC)")
+    monkeypatch.setitem(gpu.VARIANT, "search", search)
+    assert f"#define LO_SEARCH {search}" in gpu._find()
+    for label, name, source in [s for s in gpu.every_source() if s[0] in ("nan check", "AdamW/compact/int8")]:
+        cubin, mangled, _ = gpu.nvrtc_compile(nvrtc, source, name, "sm_90")
+        assert cubin[:4] == b"\x7fELF" and name in mangled, label
+
+
 # ----------------------------------------------------------------------------------------- on a GPU
 
 
@@ -559,7 +574,7 @@ def test_the_tensor_search_finds_the_last_row_at_or_before_a_block():
 
     source = (
         gpu._CUDA_PRELUDE
-        + gpu._FIND
+        + gpu._find()
         + """
 void lo_find_each(const int64_t *meta, int count, int stride, const int64_t *units, int n, int32_t *out) {
   for (int i = 0; i < n; i++) out[i] = lo_find(meta, count, units[i], stride);

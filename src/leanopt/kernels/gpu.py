@@ -75,14 +75,18 @@ NVRTC_OPTIONS = ["--fmad=false"]
 #: Python, :func:`_decode_table`, through the L1 cache: no divisions per element either); ``vec``: a flat
 #: kernel's thread updates ITEMS consecutive elements, each array read and written in one 4-16 byte
 #: access where aligned (as torch's fused kernels do).
+#: ``search``: how a block finds its tensor (:func:`_find`): 1, each warp by a 32-way search (default
+#: since 2026-11-30, not yet run on a GPU: ``search=0``, the binary search of before, is the fallback);
+#: 2, the block's first warp so, shared after a barrier (more instructions than 1 by sass_count.py);
+#: 0, each thread by a binary search.
 #: ``chunks``, ``groups``, ``table`` and ``vec`` are off until a GPU run has timed them; the environment
 #: variable ``LEANOPT_GPU_VARIANT`` (e.g. ``"chunks=4,vec=1"``) sets any of them (:func:`parse_variant`).
 VARIANT: dict[str, Any] = {"hoist": True, "warp_max": True, "chunks": 1, "groups": 1, "table": False,
-                           "vec": False}  # fmt: skip
+                           "vec": False, "search": 1}  # fmt: skip
 #: counts (the other keys are 0 or 1). A warp's groups take its block's static shared memory (at most
 #: 48 KiB: 8 warps x up to 3 states x 32 x groups floats, AMSGrad's 3 states at 16 groups overflow it;
 #: NVRTC, sm_90), so at most 8
-_VARIANT_RANGE = {"chunks": range(1, 65), "groups": range(1, 9)}
+_VARIANT_RANGE = {"chunks": range(1, 65), "groups": range(1, 9), "search": range(0, 3)}
 
 
 def parse_variant(text: str) -> dict[str, Any]:
@@ -179,8 +183,16 @@ static inline uint32_t lo_u(float f) { uint32_t b; memcpy(&b, &f, 4); return b; 
 #: passes (a 32-way search: 2 rounds of dependent loads for up to 1024 tensors, where a binary search
 #: takes 10). On CUDA the lanes' answers meet in one ``__ballot_sync`` (every lane of the warp calls
 #: this, at the kernel's start); on the CPU one caller tests the 32 rows itself, the same rounds.
-_FIND = """LO_FN int lo_find(const int64_t *LO_RESTRICT meta, int count, int64_t unit, int stride) {
-  int lo = 0, span = count;  /* the answer is in [lo, lo + span); row lo passes */
+_FIND_BODY = """LO_FN int lo_find(const int64_t *LO_RESTRICT meta, int count, int64_t unit, int stride) {
+  int lo = 0;
+#if defined(__CUDACC__) && LO_SEARCH == 0  /* each thread by itself: a binary search (before 2026-11-30) */
+  int hi = count - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (meta[(int64_t)mid * stride] <= unit) lo = mid; else hi = mid - 1;
+  }
+#else
+  int span = count;  /* the answer is in [lo, lo + span); row lo passes */
   while (span > 1) {
     const int step = (span + 31) >> 5;  /* lane k tests row lo + k step, if k step < span */
 #ifdef __CUDACC__
@@ -195,11 +207,15 @@ _FIND = """LO_FN int lo_find(const int64_t *LO_RESTRICT meta, int count, int64_t
     lo += last * step;
     span = span - last * step < step ? span - last * step : step;
   }
+#endif
   return lo; }
 #ifdef __CUDACC__
 /* the tensor of this block (all its threads work on one: a tensor's blocks are its own), found by the
    block's first warp alone and shared: the other warps wait at the barrier instead of searching too */
 LO_FN int lo_block_tensor(const int64_t *LO_RESTRICT meta, int count, int stride) {
+#if LO_SEARCH < 2  /* every warp searches by itself */
+  return lo_find(meta, count, blockIdx.x, stride);
+#endif
   __shared__ int found;
   if (threadIdx.x < 32) {
     const int t = lo_find(meta, count, blockIdx.x, stride);
@@ -208,6 +224,13 @@ LO_FN int lo_block_tensor(const int64_t *LO_RESTRICT meta, int count, int stride
   __syncthreads();
   return found; }
 #endif"""
+
+
+def _find() -> str:
+    """lo_find and lo_block_tensor for ``VARIANT["search"]``: 2, the block's first warp searches (a
+    32-way search) and shares the tensor; 1, every warp searches so; 0, every thread by a binary search
+    (the kernels before 2026-11-30). The CPU's (emulated) search is the same for all three."""
+    return f"#define LO_SEARCH {VARIANT['search']}\n" + _FIND_BODY
 
 
 #: bytes of gradient a block of the NaN/inf check reads per chunk: two 16-byte loads per thread (4096
@@ -228,7 +251,7 @@ def _finite_source(chunks: int = 1) -> str:
     the loads (the block's threads in turn), so the loads' loop has no other path."""
     return (
         _CUDA_PRELUDE
-        + _FIND
+        + _find()
         + f"""
 /* values [from, end) of a block, element by element (the block's threads in turn): a call on CUDA, not
    inlined into the loads' straight code (rarely taken: the end of a tensor, or a misaligned one) */
@@ -401,7 +424,7 @@ def generate(spec: KernelSpec, nscalars: int) -> str:
         _F16_BITS,
         native.RULE_MACROS,
         f"#define LO_STRIDE {stride}",
-        _FIND,
+        _find(),
     ]
     common = [
         "  if (!ok[t]) return;  /* its gradient holds a NaN or inf (the check kernel ran first) */",
