@@ -7,15 +7,15 @@
 # defaults), runs the benchmark in the chosen shapes, and then measures the host time per tensor of a
 # planned step and per gradient release hook. Everything goes under $OUT: summary.json (machine, date,
 # exit codes, test counts, the shapes benchmarked), log.txt (everything printed), tests.txt, tests.xml,
-# kernels.json, and with FULL=1 variants.json, gpu_host.json and release_host.json; tests_search0.txt
-# when the tests failed (1b below). Nine files at most, no subfolders: what a device call brings back.
+# kernels.json, and with FULL=1 variants.json, gpu_host.json and release_host.json. Eight files at
+# most, no subfolders: what a device call brings back.
 #
 #   bash benchmarks/gpu_check.sh                 # results in $OUT, else benchmarks/results/gpu-<date>/
 #   FULL=1 bash benchmarks/gpu_check.sh          # with the variants and the host time
 #   DRY_RUN=1 FULL=1 OUT=/tmp/g bash benchmarks/gpu_check.sh   # the script itself, on a CPU (~1.5 min)
 #
 # With a lent device machine (the `run` tool): command `FULL=1 bash benchmarks/gpu_check.sh`, timeout_s
-# 590; the eight (nine) files come back from its $OUT; commit them as benchmarks/results/gpu-<date>/.
+# 590; the eight files come back from its $OUT; commit them as benchmarks/results/gpu-<date>/.
 #
 # It needs no network and no install: it runs leanopt from src/ (PYTHONPATH) with the machine's own
 # python3 and torch, and installs FlashOptim and optimi from benchmarks/wheels/ (pure Python, in the
@@ -87,24 +87,6 @@ timeout "${TEST_TIMEOUT:-240}" "$PYTHON" -m pytest -q -p no:cacheprovider --cont
   --junitxml "$OUT/tests.xml" tests > "$OUT/tests.txt" 2>&1
 TEST_RC=$?
 tail -n 3 "$OUT/tests.txt" | tee -a "$OUT/log.txt"
-# 1b. If they failed: the kernels' own CUDA tests again with the search for a block's tensor of before
-#     2026-11-30 (a binary search per thread; the warp's 32-way search by ballot, the default since, had not
-#     run on a GPU). If they pass, the rest of the run uses it (BASE_VARIANT), and tests_search0.txt next to
-#     tests.txt tells the next session whether the search was what failed.
-SEARCH0_RC=-1
-BASE_VARIANT=""
-if [[ $TEST_RC -ne 0 || -n "${PRETEND_TESTS_FAILED:-}" ]]; then  # PRETEND_TESTS_FAILED: to try this on a CPU
-  log "tests failed: again with LEANOPT_GPU_VARIANT=search=0"
-  LEANOPT_GPU_VARIANT=search=0 timeout "${TEST_TIMEOUT:-240}" "$PYTHON" -m pytest -q -p no:cacheprovider \
-    --continue-on-collection-errors -k "cuda and not clangs_cuda_checks and not compiles_with_nvrtc" \
-    tests/test_gpu_kernels.py > "$OUT/tests_search0.txt" 2>&1
-  SEARCH0_RC=$?
-  tail -n 3 "$OUT/tests_search0.txt" | tee -a "$OUT/log.txt"
-  if [[ $SEARCH0_RC -eq 0 ]]; then
-    BASE_VARIANT="search=0"
-    export LEANOPT_GPU_VARIANT="search=0${LEANOPT_GPU_VARIANT:+,$LEANOPT_GPU_VARIANT}"
-  fi
-fi
 
 VARIANTS_RC=-1 HOST_RC=-1 RELEASE_RC=-1  # -1: not run (FULL=1 runs them)
 
@@ -120,11 +102,7 @@ if [[ "${FULL:-0}" == 1 ]]; then
   VARIANTS_RC=${PIPESTATUS[0]}
   CHOSEN=$("$PYTHON" -c "import json, sys; print(json.load(open(sys.argv[1])).get('chosen', {}).get('env', ''))" \
     "$OUT/variants.json" 2>/dev/null)
-  if [[ -n "$BASE_VARIANT" && "$LEANOPT_GPU_VARIANT" == "$BASE_VARIANT" ]]; then
-    export LEANOPT_GPU_VARIANT="$BASE_VARIANT${CHOSEN:+,$CHOSEN}"
-  else
-    export LEANOPT_GPU_VARIANT="${LEANOPT_GPU_VARIANT:-$CHOSEN}"
-  fi
+  export LEANOPT_GPU_VARIANT="${LEANOPT_GPU_VARIANT:-$CHOSEN}"
 fi
 
 # 3. Kernel benchmark on CUDA, FlashOptim included, leanopt's kernels in the chosen shapes (kernels.json
@@ -149,15 +127,13 @@ if [[ "${FULL:-0}" == 1 ]]; then
   RELEASE_RC=${PIPESTATUS[0]}
 fi
 
-"$PYTHON" - "$OUT" "$TEST_RC" "$BENCH_RC" "$VARIANTS_RC" "$HOST_RC" "$RELEASE_RC" "${LEANOPT_GPU_VARIANT:-}" \
-  "$SEARCH0_RC" <<'EOF'
+"$PYTHON" - "$OUT" "$TEST_RC" "$BENCH_RC" "$VARIANTS_RC" "$HOST_RC" "$RELEASE_RC" "${LEANOPT_GPU_VARIANT:-}" <<'EOF'
 import json, sys, pathlib, xml.etree.ElementTree as ET
 out, test_rc, bench_rc = pathlib.Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-variants_rc, host_rc, release_rc, search0_rc = (None if int(sys.argv[i]) == -1 else int(sys.argv[i])
-                                                for i in (4, 5, 6, 8))  # None: not run
+variants_rc, host_rc, release_rc = (None if int(x) == -1 else int(x) for x in sys.argv[4:7])  # None: not run
 summary = {"machine": json.loads((out / "machine.json").read_text()), "tests_rc": test_rc, "benchmark_rc": bench_rc,
            "variants_rc": variants_rc, "host_overhead_rc": host_rc, "release_rc": release_rc,
-           "tests_search0_rc": search0_rc, "benchmark_gpu_variant": sys.argv[7]}
+           "benchmark_gpu_variant": sys.argv[7]}
 try:
     suite = ET.parse(out / "tests.xml").getroot()
     suite = suite if suite.tag == "testsuite" else suite.find("testsuite")

@@ -12,7 +12,9 @@ group's maximum (the kernels before 2026-11-29); ``default``: ``gpu.VARIANT`` as
 elements (torch's multi-tensor kernels: 64 x 1024 a block); ``vec``: each thread of a flat kernel updates 4
 consecutive elements, reading and writing each array in one access; ``groups4``: each warp updates 4
 consecutive int8/int4 groups together (every load of the 4 first, then the arithmetic: 4x the bytes in
-flight per warp); ``groups2``: 2 groups; ``table``: signed codes decoded through a table in shared memory (the
+flight per warp); ``search1``: every kernel finds its block's tensor by a warp's 32-way search (ballots), not a
+binary search per thread (its bits are checked like every variant's; chosen with the flat family, it applies
+to all kernels); ``groups2``: 2 groups; ``table``: signed codes decoded through a table in shared memory (the
 default: a constant one); ``groups2+table``, ``groups4+table``:
 both. Before it is timed, each variant's kernels are compared with the native CPU kernels bit for bit
 on the device (:func:`bits_differ`, ``bits`` in the output); a variant that differs is never chosen. On CUDA
@@ -44,6 +46,7 @@ VARIANTS = {
     "chunks16": ({"chunks": 16}, FLAT),
     "vec": ({"vec": True}, FLAT),
     "chunks16+vec": ({"chunks": 16, "vec": True}, FLAT),
+    "search1": ({"search": 1}, FLAT),  # every kernel's search for its tensor; timed with the flat ones
     "groups2": ({"groups": 2}, GROUPED),
     "groups4": ({"groups": 4}, GROUPED),
     "table": ({"table": True}, GROUPED),
@@ -53,7 +56,7 @@ VARIANTS = {
 #: timed by default (``old`` was timed on 2026-11-29; ``chunks16`` alone is half of a combination timed, run
 #: if it wins; since the default decodes signed codes through a constant table (2026-11-30), ``table``'s
 #: shared-memory table counts more instructions than it, benchmarks/sass_count.py, so it is not timed)
-DEFAULT_VARIANTS = ["default", "chunks4", "vec", "chunks16+vec", "groups2", "groups4"]
+DEFAULT_VARIANTS = ["default", "chunks4", "vec", "chunks16+vec", "search1", "groups2", "groups4"]
 #: bit-checked combinations (weight format, state format) with shapes that give partial groups, rows a
 #: warp's groups continue into and a tensor smaller than one warp's groups
 BITS_COMBOS = [("exact", "fp32"), ("compact", "int8"), ("kahan", "int4"), ("stochastic", "int8")]

@@ -45,7 +45,7 @@ from leanopt.kernels import gpu, native
 
 OUT = Path(__file__).resolve().parent / "results" / "sass_count.json"
 MODES = ["exact/fp32", "compact/int8", "compact/int4", "stochastic/int8"]
-VARIANTS = ["", "table=1", "groups=2", "groups=4", "groups=4,table=1", "chunks=4"]
+VARIANTS = ["", "search=1", "table=1", "groups=2", "groups=4", "groups=4,search=1", "chunks=4", "chunks=4,search=1"]
 #: calls on a division's or square root's slow path, a 64-bit division's (taken when operands need it), or
 #: the NaN/inf check's element-by-element code (a tensor's last values, or a misaligned tensor)
 SLOW_CALLS = ("slowpath", "div_s64", "div_u64", "rem_s64", "rem_u64", "lo_check_rest")
@@ -220,7 +220,11 @@ def measure(module, label: str, args: argparse.Namespace, nvrtc, nvdisasm: str) 
     rows = []
     try:
         for variant in args.variants:
-            chosen = module.parse_variant(variant)
+            try:
+                chosen = module.parse_variant(variant)
+            except ValueError:  # a key this revision's gpu.py does not have
+                print(f"{variant}{label}: not in that revision's variants, skipped")
+                continue
             module.VARIANT.clear()
             module.VARIANT.update(base, **chosen)
             for mode in [*args.modes, "nan check"]:

@@ -463,6 +463,28 @@ def test_cuda_kernels_match_the_native_cpu_kernels_bit_for_bit(case):
 
 
 @CUDA
+@pytest.mark.parametrize("search", [0, 1, 2])
+def test_cuda_many_tensors_give_the_native_bits_with_each_search(monkeypatch, search):
+    """70 tensors in one launch (the 32-way search takes two rounds for them, ballots on the GPU) with
+    each ``VARIANT["search"]``: grouped and flat kernels and the NaN/inf check against the native CPU
+    kernels, bit for bit, a NaN in one tensor skipping that tensor only."""
+    if native.compiler() is None:
+        pytest.skip("needs a C compiler for the native CPU kernels it is compared with")
+    monkeypatch.setitem(gpu.VARIANT, "search", search)
+    gpu.reset()
+    shapes = [(k % 7 + 1, 32 * (k % 3 + 1)) if k % 2 else (k * 13 % 300 + 1,) for k in range(70)]
+    for states in ("int8", "fp32"):
+        ref = snapshot(*train("auto", leanopt.AdamW, "compact", states, dict(lr=1e-2), shapes=shapes))
+        ours = snapshot(*train("fused", leanopt.AdamW, "compact", states, dict(lr=1e-2), device="cuda",
+                               shapes=shapes))  # fmt: skip
+        assert_same(ref, ours, f"search={search} {states}")
+    grads = [torch.randn(int(n), device="cuda").bfloat16() for n in torch.randint(1, 5000, (90,)).tolist()]
+    grads[77][-1] = float("nan")
+    assert gpu.all_finite_many(grads) == [i != 77 for i in range(90)]
+    gpu.reset()
+
+
+@CUDA
 @pytest.mark.parametrize("nonfinite,most", [("ignore", 0), ("skip", 0), ("raise", 1)])
 def test_cuda_step_is_one_launch_per_combination_and_waits_at_most_once(nonfinite, most, cuda_waits):
     """A planned CUDA step: one launch for 50 tensors; no wait for the GPU with nonfinite="ignore" or

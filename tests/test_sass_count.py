@@ -100,11 +100,14 @@ def test_a_walk_that_never_ends_is_an_error(sc):
         sc.walk(ins, labels, [], limit=100)
 
 
-def test_the_nan_checks_walk_reads_16_bytes_at_a_time(sc, tmp_path):
-    """On the real check kernel (sm_90): the walk's path holds its two 16-byte loads and no narrower
-    load of the gradient, and costs well under one instruction per bf16 value."""
+@pytest.mark.parametrize("search", [0, 1])
+def test_the_nan_checks_walk_reads_16_bytes_at_a_time(sc, tmp_path, monkeypatch, search):
+    """On the real check kernel (sm_90), with either search for a block's tensor: the walk's path holds
+    its two 16-byte loads and no narrower load of the gradient, and costs well under one instruction per
+    bf16 value; the search's rounds for 148 tensors: 8 binary steps, or 2 rounds of the 32-way search."""
     from leanopt.kernels import gpu
 
+    monkeypatch.setitem(gpu.VARIANT, "search", search)
     nvrtc, nvdisasm = gpu.find_nvrtc(), sc.find_nvdisasm()
     if nvrtc is None or nvdisasm is None:
         pytest.skip("needs NVRTC and nvdisasm")
@@ -119,4 +122,5 @@ def test_the_nan_checks_walk_reads_16_bytes_at_a_time(sc, tmp_path):
     assert len(wide) == 2, loads
     assert not any(".U16" in t or ".S16" in t for t in loads), loads
     assert count / (32 * 16) < 0.5  # a warp: 32 threads x 16 values
-    assert sc.search_rounds(gpu, 148) == 2 and sc.search_rounds(gpu, 32) == 1 and sc.search_rounds(gpu, 1025) == 3
+    rounds = [sc.search_rounds(gpu, n) for n in (148, 32, 1025)]
+    assert rounds == ([2, 1, 3] if search else [8, 5, 11])

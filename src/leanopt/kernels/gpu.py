@@ -75,14 +75,16 @@ NVRTC_OPTIONS = ["--fmad=false"]
 #: Python, :func:`_decode_table`, through the L1 cache: no divisions per element either); ``vec``: a flat
 #: kernel's thread updates ITEMS consecutive elements, each array read and written in one 4-16 byte
 #: access where aligned (as torch's fused kernels do).
-#: ``search``: how a block finds its tensor (:func:`_find`): 1, each warp by a 32-way search (default
-#: since 2026-11-30, not yet run on a GPU: ``search=0``, the binary search of before, is the fallback);
-#: 2, the block's first warp so, shared after a barrier (more instructions than 1 by sass_count.py);
-#: 0, each thread by a binary search.
+#: ``search``: how a block finds its tensor (:func:`_find`): 0, each thread by a binary search (the
+#: default: the code the H200 runs checked); 1, each warp by a 32-way search, one ``__ballot_sync`` a
+#: round (since 2026-11-30; fewer instructions by benchmarks/sass_count.py, its CPU form tested, but no
+#: GPU has run its ballot yet: ``test_cuda_many_tensors_give_the_native_bits_with_each_search`` and
+#: gpu_variants.py's ``search1`` do, then it can become the default); 2, the block's first warp so,
+#: shared after a barrier (more instructions than 1).
 #: ``chunks``, ``groups``, ``table`` and ``vec`` are off until a GPU run has timed them; the environment
 #: variable ``LEANOPT_GPU_VARIANT`` (e.g. ``"chunks=4,vec=1"``) sets any of them (:func:`parse_variant`).
 VARIANT: dict[str, Any] = {"hoist": True, "warp_max": True, "chunks": 1, "groups": 1, "table": False,
-                           "vec": False, "search": 1}  # fmt: skip
+                           "vec": False, "search": 0}  # fmt: skip
 #: counts (the other keys are 0 or 1). A warp's groups take its block's static shared memory (at most
 #: 48 KiB: 8 warps x up to 3 states x 32 x groups floats, AMSGrad's 3 states at 16 groups overflow it;
 #: NVRTC, sm_90), so at most 8
@@ -227,9 +229,9 @@ LO_FN int lo_block_tensor(const int64_t *LO_RESTRICT meta, int count, int stride
 
 
 def _find() -> str:
-    """lo_find and lo_block_tensor for ``VARIANT["search"]``: 2, the block's first warp searches (a
-    32-way search) and shares the tensor; 1, every warp searches so; 0, every thread by a binary search
-    (the kernels before 2026-11-30). The CPU's (emulated) search is the same for all three."""
+    """lo_find and lo_block_tensor for ``VARIANT["search"]``: 0 (default), every thread by a binary
+    search; 1, every warp by a 32-way search; 2, the block's first warp so, shared with the block. The
+    CPU's (emulated) search is the 32-way search's rounds for all three (the same answer)."""
     return f"#define LO_SEARCH {VARIANT['search']}\n" + _FIND_BODY
 
 
