@@ -180,11 +180,12 @@ static inline uint32_t lo_u(float f) { uint32_t b; memcpy(&b, &f, 4); return b; 
 
 
 #: the tensor of a block: table rows of ``stride`` int64, each starting with the tensor's first block;
-#: the last row whose first block is <= ``unit``. A warp searches together: its 32 lanes each test one
-#: row of the range left, spaced evenly, and the range shrinks to the gap after the last row that
-#: passes (a 32-way search: 2 rounds of dependent loads for up to 1024 tensors, where a binary search
-#: takes 10). On CUDA the lanes' answers meet in one ``__ballot_sync`` (every lane of the warp calls
-#: this, at the kernel's start); on the CPU one caller tests the 32 rows itself, the same rounds.
+#: the last row whose first block is <= ``unit``. ``search=0`` (default): each thread by a binary search.
+#: ``search`` 1 and 2: a warp searches together: its 32 lanes each test one row of the range left,
+#: spaced evenly, and the range shrinks to the gap after the last row that passes (a 32-way search: 2
+#: rounds of dependent loads for up to 1024 tensors, where a binary search takes 10). On CUDA the lanes'
+#: answers meet in one ``__ballot_sync`` (every lane of the warp calls this, at the kernel's start); on
+#: the CPU one caller tests the 32 rows itself, the same rounds, whatever ``search`` is.
 _FIND_BODY = """LO_FN int lo_find(const int64_t *LO_RESTRICT meta, int count, int64_t unit, int stride) {
   int lo = 0;
 #if defined(__CUDACC__) && LO_SEARCH == 0  /* each thread by itself: a binary search (before 2026-11-30) */
@@ -215,9 +216,9 @@ _FIND_BODY = """LO_FN int lo_find(const int64_t *LO_RESTRICT meta, int count, in
 /* the tensor of this block (all its threads work on one: a tensor's blocks are its own), found by the
    block's first warp alone and shared: the other warps wait at the barrier instead of searching too */
 LO_FN int lo_block_tensor(const int64_t *LO_RESTRICT meta, int count, int stride) {
-#if LO_SEARCH < 2  /* every warp searches by itself */
-  return lo_find(meta, count, blockIdx.x, stride);
-#endif
+#if LO_SEARCH < 2  /* every warp (thread) searches by itself */
+  return lo_find(meta, count, blockIdx.x, stride); }
+#else
   __shared__ int found;
   if (threadIdx.x < 32) {
     const int t = lo_find(meta, count, blockIdx.x, stride);
@@ -225,6 +226,7 @@ LO_FN int lo_block_tensor(const int64_t *LO_RESTRICT meta, int count, int stride
   }
   __syncthreads();
   return found; }
+#endif
 #endif"""
 
 
