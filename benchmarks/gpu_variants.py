@@ -14,9 +14,10 @@ consecutive elements, reading and writing each array in one access; ``groups4``:
 consecutive int8/int4 groups together (every load of the 4 first, then the arithmetic: 4x the bytes in
 flight per warp); ``search1``: every kernel finds its block's tensor by a warp's 32-way search (ballots), not a
 binary search per thread (its bits are checked like every variant's; chosen with the flat family, it applies
-to all kernels); ``groups2``: 2 groups; ``table``: signed codes decoded through a table in shared memory (the
-default: a constant one); ``groups2+table``, ``groups4+table``:
-both. Before it is timed, each variant's kernels are compared with the native CPU kernels bit for bit
+to all kernels); ``search2``: only a block's first warp searches so, the others wait at a barrier (timed by
+default: the fewest instructions by benchmarks/sass_count.py); ``groups2``: 2 groups; ``table``: signed
+codes decoded through a table in shared memory (the default: a constant one); ``groups2+table``,
+``groups4+table``: both. Before it is timed, each variant's kernels are compared with the native CPU kernels bit for bit
 on the device (:func:`bits_differ`, ``bits`` in the output); a variant that differs is never chosen. On CUDA
 each case is also profiled once (torch.profiler): ``gpu_ms`` is the device time of its kernels and
 copies per step, so a step much longer than it waits on the host; ``host_ms`` is the time until
@@ -47,6 +48,7 @@ VARIANTS = {
     "vec": ({"vec": True}, FLAT),
     "chunks16+vec": ({"chunks": 16, "vec": True}, FLAT),
     "search1": ({"search": 1}, FLAT),  # every kernel's search for its tensor; timed with the flat ones
+    "search2": ({"search": 2}, FLAT),
     "groups2": ({"groups": 2}, GROUPED),
     "groups4": ({"groups": 4}, GROUPED),
     "table": ({"table": True}, GROUPED),
@@ -56,7 +58,7 @@ VARIANTS = {
 #: timed by default (``old`` was timed on 2026-11-29; ``chunks16`` alone is half of a combination timed, run
 #: if it wins; since the default decodes signed codes through a constant table (2026-11-30), ``table``'s
 #: shared-memory table counts more instructions than it, benchmarks/sass_count.py, so it is not timed)
-DEFAULT_VARIANTS = ["default", "chunks4", "vec", "chunks16+vec", "search1", "groups2", "groups4"]
+DEFAULT_VARIANTS = ["default", "chunks4", "vec", "chunks16+vec", "search2", "groups2", "groups4"]
 #: bit-checked combinations (weight format, state format) with shapes that give partial groups, rows a
 #: warp's groups continue into and a tensor smaller than one warp's groups
 BITS_COMBOS = [("exact", "fp32"), ("compact", "int8"), ("kahan", "int4"), ("stochastic", "int8")]

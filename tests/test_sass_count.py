@@ -100,11 +100,13 @@ def test_a_walk_that_never_ends_is_an_error(sc):
         sc.walk(ins, labels, [], limit=100)
 
 
-@pytest.mark.parametrize("search", [0, 1])
+@pytest.mark.parametrize("search", [0, 1, 2])
 def test_the_nan_checks_walk_reads_16_bytes_at_a_time(sc, tmp_path, monkeypatch, search):
-    """On the real check kernel (sm_90), with either search for a block's tensor: the walk's path holds
+    """On the real check kernel (sm_90), with each search for a block's tensor: the walk's path holds
     its two 16-byte loads and no narrower load of the gradient, and costs well under one instruction per
-    bf16 value; the search's rounds for 148 tensors: 8 binary steps, or 2 rounds of the 32-way search."""
+    bf16 value; the search's rounds for 148 tensors: 8 binary steps, or 2 rounds of the 32-way search.
+    The block's other warps skip the search only where its first warp searches for them (search=2): with
+    search=1 every warp walks its own ballots (the rule must not take the branch over its loop)."""
     from leanopt.kernels import gpu
 
     monkeypatch.setitem(gpu.VARIANT, "search", search)
@@ -124,3 +126,9 @@ def test_the_nan_checks_walk_reads_16_bytes_at_a_time(sc, tmp_path, monkeypatch,
     assert count / (32 * 16) < 0.5  # a warp: 32 threads x 16 values
     rounds = [sc.search_rounds(gpu, n) for n in (148, 32, 1025)]
     assert rounds == ([2, 1, 3] if search else [8, 5, 11])
+    counted = sc.count(nvrtc, nvdisasm, gpu._finite_source(1), "lo_cuda_finite", "sm_90", [rounds[0], 2])
+    assert counted["walked"] == count
+    if search == 2:
+        assert counted["walked_other_warps"] < count - 20  # the ballots and loads of two rounds left out
+    else:
+        assert counted["walked_other_warps"] == count

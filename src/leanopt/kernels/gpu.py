@@ -79,8 +79,8 @@ NVRTC_OPTIONS = ["--fmad=false"]
 #: default: the code the H200 runs checked); 1, each warp by a 32-way search, one ``__ballot_sync`` a
 #: round (since 2026-11-30; fewer instructions by benchmarks/sass_count.py, its CPU form tested, but no
 #: GPU has run its ballot yet: ``test_cuda_many_tensors_give_the_native_bits_with_each_search`` and
-#: gpu_variants.py's ``search1`` do, then it can become the default); 2, the block's first warp so,
-#: shared after a barrier (more instructions than 1).
+#: gpu_variants.py's ``search2`` do, then it can become the default); 2, the block's first warp so,
+#: shared after a barrier (the fewest instructions of the three by sass_count.py: the other warps skip it).
 #: ``chunks``, ``groups``, ``table`` and ``vec`` are off until a GPU run has timed them; the environment
 #: variable ``LEANOPT_GPU_VARIANT`` (e.g. ``"chunks=4,vec=1"``) sets any of them (:func:`parse_variant`).
 VARIANT: dict[str, Any] = {"hoist": True, "warp_max": True, "chunks": 1, "groups": 1, "table": False,
