@@ -201,7 +201,7 @@ def kernel_source(mode: str, gpu=gpu) -> tuple[str, bool]:  # noqa: ANN001 - a g
     opt = leanopt.AdamW([p], lr=1e-3, master=master, states=states)
     group = opt.param_groups[0]
     spec, _ = native.plan(opt.rule, *opt.formats(p, group), p, torch.bfloat16, opt._init_state(p, group), group)
-    spec = gpu.for_gpu(spec)
+    spec = getattr(gpu, "for_gpu", lambda s: s)(spec)  # (revisions before 2026-11-30 evening: fp16 twins)
     if spec is None:
         raise SystemExit(f"{mode}: no CUDA kernel for it")
     return gpu.generate(spec, gpu.scalar_count(spec)), spec.grouped

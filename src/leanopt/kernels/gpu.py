@@ -25,8 +25,8 @@ warp synchronisation and the bits on the device (benchmarks/gpu_check.sh runs th
 H200 they pass: benchmarks/results/gpu-2026-11-29-run2).
 
 Used for ``kernel="auto"`` and ``"fused"`` on CUDA (:func:`wanted`). Every combination the native
-kernels have is covered: fp16 weights and gradients as their bits (NVRTC has no ``_Float16``;
-:data:`_F16_BITS`); stochastic rounding with the reference's bits, computed in the kernel from the
+kernels have is covered: fp16 weights and gradients as their bits, as the native kernels hold them
+(:data:`native.F16_BITS`); stochastic rounding with the reference's bits, computed in the kernel from the
 update's key and each element's index (formats/noise.py).
 A step whose tensors are all covered is kept as a plan (:class:`GpuStepPlan`), so the next one costs
 the host a few microseconds per tensor.
@@ -313,97 +313,6 @@ void lo_finite_emulate(const int64_t *meta, int count, int32_t *flags, int64_t u
 _FINITE_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
-#: fp16 as its bits (NVRTC has no ``_Float16``): IEEE conversions written out, and the native kernels'
-#: fp16 helpers (native._F16_HELPERS: compact's residual, stochastic rounding) over those bits. The
-#: emulated tests compare them with the native kernels' hardware conversions, bit for bit.
-_F16_BITS = r"""
-LO_FN int lo_fin(float x) { return (lo_u(x) & 0x7F800000u) != 0x7F800000u; }
-/* fp16 bits -> fp32 (exact; a NaN keeps its payload) */
-LO_FN float lo_h2f(uint16_t h) {
-  const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1Fu, m = h & 0x3FFu;
-  if (e == 0x1Fu) return lo_f(sign | 0x7F800000u | (m << 13));
-  if (e == 0u) { const float v = (float)m * 5.9604644775390625e-8f; return sign ? -v : v; }  /* m * 2^-24 */
-  return lo_f(sign | ((e + 112u) << 23) | (m << 13)); }
-/* fp32 -> fp16 bits, rounded to nearest even (overflow to inf; a NaN quiet, its payload's top bits) */
-LO_FN uint16_t lo_f2h(float f) {
-  const uint32_t x = lo_u(f), sign = (x >> 16) & 0x8000u, ax = x & 0x7FFFFFFFu;
-  if (ax > 0x7F800000u) return (uint16_t)(sign | 0x7E00u | ((ax >> 13) & 0x3FFu));
-  if (ax >= 0x477FF000u) return (uint16_t)(sign | 0x7C00u);  /* >= 65520: inf */
-  if (ax >= 0x38800000u) {  /* a normal fp16 (>= 2^-14): rebias, round the 13 dropped bits */
-    const uint32_t r = ax - 0x38000000u;
-    return (uint16_t)(sign | ((r + 0xFFFu + ((r >> 13) & 1u)) >> 13)); }
-  return (uint16_t)(sign | (uint32_t)rintf(lo_f(ax) * 16777216.0f)); }  /* subnormal: x * 2^24, exact */
-LO_FN float lo_c16_unit(float w) {
-  int e = w == 0.0f ? -14 : (int)((lo_u(w) >> 23) & 0xFFu) - 127; e = e < -14 ? -14 : e;
-  return lo_f((uint32_t)(e - 18 + 127) << 23); }
-LO_FN float lo_c16_join_b(uint16_t h, int8_t r) {
-  const float w = lo_h2f(h); return lo_fin(w) ? w + (float)r * lo_c16_unit(w) : w; }
-LO_FN void lo_c16_split_b(float p, uint16_t *h, int8_t *r) {
-  const uint16_t w16 = lo_f2h(p); const float w = lo_h2f(w16); const int fin = lo_fin(w) && lo_fin(p);
-  float q = rintf((p - w) / lo_c16_unit(fin ? w : 0.0f));
-  q = q < -128.0f ? -128.0f : (q > 127.0f ? 127.0f : q);
-  *h = w16; *r = (int8_t)(fin ? (int)q : 0); }
-LO_FN uint16_t lo_next16_b(uint16_t b, float y) {  /* nextafter(x, y), y one of 0, +-inf */
-  const float xf = lo_h2f(b);
-  if (xf == y) return lo_f2h(y);
-  if (xf == 0.0f) return (uint16_t)(y > 0.0f ? 0x0001u : 0x8001u);
-  return (uint16_t)((xf < y) == (xf > 0.0f) ? b + 1u : b - 1u); }
-LO_FN uint16_t lo_sr16_b(float v, int32_t rb) {
-  if (!lo_fin(v)) return lo_f2h(v);
-  const uint16_t down = lo_f2h(v);
-  const uint16_t tz = fabsf(lo_h2f(down)) > fabsf(v) ? lo_next16_b(down, 0.0f) : down;
-  const uint16_t away = lo_next16_b(tz, v < 0.0f ? -INFINITY : INFINITY);
-  const float lo = lo_h2f(tz), hi = lo_h2f(away);
-  const float span = !lo_fin(hi) ? fabsf(lo - lo_h2f(lo_next16_b(tz, 0.0f))) : fabsf(hi - lo);
-  return (float)rb / 65536.0f < fabsf(v - lo) / span ? away : tz; }
-"""
-
-
-def _f16_codecs() -> dict[int, Any]:
-    """id(native fp16 weight codec) -> the same format over fp16 bits."""
-    from .native import WEIGHT_CODECS, WeightCodec
-
-    h = torch.float16
-    kahan_store = (
-        "{ const uint16_t h = lo_f2h(p); const float err = p - lo_h2f(h);"
-        " W0[i] = h; W1[i] = lo_f2h(fabsf(err) <= FLT_MAX ? err : 0.0f); }"
-    )
-    return {
-        id(WEIGHT_CODECS["none", h]): WeightCodec(("uint16_t",), "lo_h2f(W0[i])", "W0[i] = lo_f2h(p);"),
-        id(WEIGHT_CODECS["kahan", h]): WeightCodec(
-            ("uint16_t", "uint16_t"), "lo_h2f(W0[i]) + lo_h2f(W1[i])", kahan_store
-        ),  # fmt: skip
-        id(WEIGHT_CODECS["compact", h]): WeightCodec(
-            ("uint16_t", "int8_t"), "lo_c16_join_b(W0[i], W1[i])", "lo_c16_split_b(p, W0 + i, W1 + i);"
-        ),
-        id(WEIGHT_CODECS["stochastic", h]): WeightCodec(
-            ("uint16_t",), "lo_h2f(W0[i])", "W0[i] = lo_sr16_b(p, LO_NOISE);", random=True
-        ),
-    }
-
-
-_F16: dict[int, Any] = {}
-
-
-def for_gpu(spec: KernelSpec) -> KernelSpec | None:
-    """``spec`` as the CUDA kernels run it: fp16 weights and gradients as their bits (NVRTC has no
-    ``_Float16``); None for a weight codec with no fp16-bits twin."""
-    import dataclasses
-
-    weight, grad = spec.weight, spec.grad
-    if "_Float16" in weight.ctypes_:
-        if not _F16:
-            _F16.update(_f16_codecs())
-        weight = _F16.get(id(weight))
-        if weight is None:
-            return None
-    if grad[0] == "_Float16":
-        grad = ("uint16_t", "lo_h2f(G[i])")
-    if weight is spec.weight and grad is spec.grad:
-        return spec
-    return dataclasses.replace(spec, weight=weight, grad=grad)
-
-
 def _scalars(spec: KernelSpec) -> tuple[list[str], str, int]:
     """(declarations of the scalars the body reads, the body with ``s[k]`` -> ``s_k``, scalars per row)."""
     used, body = native.scalar_uses(spec)
@@ -425,7 +334,7 @@ def generate(spec: KernelSpec, nscalars: int) -> str:
     stride = META + nptr
     head = [
         native.SHARED_HELPERS,
-        _F16_BITS,
+        native.F16_BITS,
         native.RULE_MACROS,
         f"#define LO_STRIDE {stride}",
         _find(),
@@ -904,7 +813,7 @@ def every_source() -> list[tuple[str, str, str]]:
         p = torch.nn.Parameter(torch.randn(4, 33).to(dtype))
         opt = cls([p], lr=1e-2, master=master, states=states, **kw)
         group = opt.param_groups[0]
-        spec = for_gpu(native.plan(opt.rule, *opt.formats(p, group), p, dtype, opt._init_state(p, group), group)[0])
+        spec = native.plan(opt.rule, *opt.formats(p, group), p, dtype, opt._init_state(p, group), group)[0]
         label = f"{cls.__name__}/{master}/{states}" if dtype == torch.bfloat16 else f"fp16/{master}"
         out.append((label, "lo_cuda", generate(spec, scalar_count(spec))))
     return out
@@ -1125,7 +1034,7 @@ def launch(
     prepared = _PREPARED.get(id(state))
     if prepared is None or prepared[0] != check or not native.same_tensors(prepared[2], state):
         planned = native._plan(rule, weight_format, state_format, param, grad.dtype, state, group, param.device.type)
-        spec = None if planned is None else for_gpu(planned[0])
+        spec = None if planned is None else planned[0]
         if spec is None:
             return None
         _, tensors, keys = planned
@@ -1599,7 +1508,7 @@ def prepare_param(rule: Rule, weight_format: WeightFormat, state_format: StateFo
     """Build the kernels this parameter's updates will use (and the NaN/inf check), changing nothing
     (``leanopt.kernels.prepare``). True if they are ready."""
     planned = native._plan(rule, weight_format, state_format, param, grad_dtype, state, group, param.device.type)
-    spec = None if planned is None else for_gpu(planned[0])
+    spec = None if planned is None else planned[0]
     if spec is None:
         return False
     return kernel_for(spec, param.device) is not None and _finite_kernel(param.device) is not None
@@ -1618,4 +1527,4 @@ def gpu_step(
 
 
 __all__ = ["EMULATE", "GpuKernel", "GpuLaunch", "GpuStepPlan", "all_finite_many", "build_plan", "compile_stats",
-           "for_gpu", "generate", "gpu_step", "launch", "prepare_param", "run_many", "run_plan", "wanted"]  # fmt: skip
+           "generate", "gpu_step", "launch", "prepare_param", "run_many", "run_plan", "wanted"]  # fmt: skip

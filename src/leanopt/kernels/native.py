@@ -223,7 +223,7 @@ class WeightCodec:
 #: 16-bit float storage: dtype -> (C type, widen ``{x}`` to fp32, round fp32 ``{x}`` to nearest even)
 HALF_TYPES: dict[torch.dtype, tuple[str, str, str]] = {
     torch.bfloat16: ("uint16_t", "lo_f((uint32_t){x} << 16)", "lo_bf16({x})"),
-    torch.float16: ("_Float16", "(float){x}", "(_Float16)({x})"),
+    torch.float16: ("uint16_t", "lo_h2f({x})", "lo_f2h({x})"),
 }
 #: the same 16 at a time (AVX-512 helpers): the C suffix of ``lv_load_*`` (16 values at a pointer),
 #: ``lv_store_*`` (rounded to nearest) and ``lv_round_*`` (the rounded value, as fp32)
@@ -281,10 +281,10 @@ WEIGHT_CODECS: dict[tuple[str, torch.dtype], WeightCodec] = {
     ),
     # fp16: the weight is the nearest fp16; the int8 residual counts 1/256 of its ULP (formats/compact.py)
     ("compact", torch.float16): WeightCodec(
-        ("_Float16", "int8_t"), "lo_c16_join(W0[i], W1[i])", "lo_c16_split(p, W0 + i, W1 + i);"
+        ("uint16_t", "int8_t"), "lo_c16_join_b(W0[i], W1[i])", "lo_c16_split_b(p, W0 + i, W1 + i);"
     ),
     ("stochastic", torch.float16): WeightCodec(
-        ("_Float16",), "(float)W0[i]", "W0[i] = lo_sr16(p, LO_NOISE);", random=True
+        ("uint16_t",), "lo_h2f(W0[i])", "W0[i] = lo_sr16_b(p, LO_NOISE);", random=True
     ),
     **{("none", dt): _round_nearest_codec(dt) for dt in HALF_TYPES},
     **{("kahan", dt): _kahan_codec(dt) for dt in HALF_TYPES},
@@ -408,33 +408,54 @@ LO_FN float lo_minimum(float a, float b) { return (a != a) ? a : ((b != b) ? b :
 """
 )
 
-_F16_HELPERS = r"""
-/* fp16 compact (formats/compact.py): residual unit = ulp(w) / 256 = 2^(max(floor(log2|w|), -14) - 18) */
-static inline float lo_c16_unit(float w) {
+#: fp16 as its bits (uint16_t), on the CPU and on CUDA (NVRTC has no ``_Float16``, and gcc 12 vectorises no
+#: loop over ``_Float16`` without AVX512-FP16): IEEE conversions written out (gcc vectorises them), the
+#: compact format's residual and stochastic rounding over those bits. tests/test_gpu_kernels.py compares the
+#: conversions with torch's and the hardware's on every fp16 value and around every rounding boundary.
+F16_BITS = r"""
+LO_FN int lo_fin(float x) { return (lo_u(x) & 0x7F800000u) != 0x7F800000u; }
+/* fp16 bits -> fp32 (exact; a NaN quiet with its payload, as F16C's vcvtph2ps). Selects, no early
+   returns, here and below: gcc vectorises the loops that call them. */
+LO_FN float lo_h2f(uint16_t h) {
+  const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1Fu, m = h & 0x3FFu;
+  const float sub = (float)m * 5.9604644775390625e-8f;  /* e == 0: m * 2^-24 */
+  const uint32_t special = sign | 0x7F800000u | (m << 13) | (m ? 0x00400000u : 0u);  /* e == 31 */
+  const uint32_t normal = sign | ((e + 112u) << 23) | (m << 13);
+  return e == 0x1Fu ? lo_f(special) : (e == 0u ? (sign ? -sub : sub) : lo_f(normal)); }
+/* fp32 -> fp16 bits, rounded to nearest even (overflow to inf; a NaN quiet, its payload's top bits) */
+LO_FN uint16_t lo_f2h(float f) {
+  const uint32_t x = lo_u(f), sign = (x >> 16) & 0x8000u, ax = x & 0x7FFFFFFFu;
+  const uint32_t nan = 0x7E00u | ((ax >> 13) & 0x3FFu);
+  const uint32_t r = ax - 0x38000000u;  /* a normal fp16 (>= 2^-14): rebias, round the 13 dropped bits */
+  const uint32_t normal = (r + 0xFFFu + ((r >> 13) & 1u)) >> 13;
+  const uint32_t sub = (uint32_t)rintf(lo_f(ax < 0x38800000u ? ax : 0u) * 16777216.0f);  /* x * 2^24, exact */
+  return (uint16_t)(sign | (ax > 0x7F800000u ? nan : ax >= 0x477FF000u ? 0x7C00u /* >= 65520: inf */
+                            : ax >= 0x38800000u ? normal : sub)); }
+LO_FN float lo_c16_unit(float w) {
   int e = w == 0.0f ? -14 : (int)((lo_u(w) >> 23) & 0xFFu) - 127; e = e < -14 ? -14 : e;
   return lo_f((uint32_t)(e - 18 + 127) << 23); }
-static inline float lo_c16_join(_Float16 h, int8_t r) {
-  const float w = (float)h; return isfinite(w) ? w + (float)r * lo_c16_unit(w) : w; }
-static inline void lo_c16_split(float p, _Float16 *h, int8_t *r) {
-  const _Float16 w16 = (_Float16)p; const float w = (float)w16; const int fin = isfinite(w) && isfinite(p);
-  float q = rintf((p - w) / lo_c16_unit(fin ? w : 0.0f));  /* a power of two: exact */
+LO_FN float lo_c16_join_b(uint16_t h, int8_t r) {
+  const float w = lo_h2f(h); return lo_fin(w) ? w + (float)r * lo_c16_unit(w) : w; }
+LO_FN void lo_c16_split_b(float p, uint16_t *h, int8_t *r) {
+  const uint16_t w16 = lo_f2h(p); const float w = lo_h2f(w16); const int fin = lo_fin(w) && lo_fin(p);
+  float q = rintf((p - w) / lo_c16_unit(fin ? w : 0.0f));
   q = q < -128.0f ? -128.0f : (q > 127.0f ? 127.0f : q);
   *h = w16; *r = (int8_t)(fin ? (int)q : 0); }
-/* fp16 stochastic rounding (formats/weights.py, _stochastic_round_generic), 16 random bits in rb */
-static inline _Float16 lo_h(uint16_t b) { _Float16 h; memcpy(&h, &b, 2); return h; }
-static inline _Float16 lo_next16(_Float16 x, float y) {  /* nextafter(x, y), y one of 0, +-inf */
-  const float xf = (float)x; uint16_t b; memcpy(&b, &x, 2);
-  if (xf == y) return (_Float16)y;
-  if (xf == 0.0f) return lo_h(y > 0.0f ? 0x0001u : 0x8001u);
-  return lo_h((uint16_t)((xf < y) == (xf > 0.0f) ? b + 1u : b - 1u)); }
-static inline _Float16 lo_sr16(float v, int32_t rb) {
-  if (!isfinite(v)) return (_Float16)v;
-  const _Float16 down = (_Float16)v;
-  const _Float16 tz = fabsf((float)down) > fabsf(v) ? lo_next16(down, 0.0f) : down;
-  const _Float16 away = lo_next16(tz, v < 0.0f ? -INFINITY : INFINITY);
-  const float lo = (float)tz, hi = (float)away;
-  const float span = isinf(hi) ? fabsf(lo - (float)lo_next16(tz, 0.0f)) : fabsf(hi - lo);
-  return (float)rb / 65536.0f < fabsf(v - lo) / span ? away : tz; }
+/* (selects, no early returns: gcc vectorises loops that call these) */
+LO_FN uint16_t lo_next16_b(uint16_t b, float y) {  /* nextafter(x, y), y one of 0, +-inf */
+  const float xf = lo_h2f(b);
+  const uint16_t step = (uint16_t)((xf < y) == (xf > 0.0f) ? b + 1u : b - 1u);
+  const uint16_t from_zero = (uint16_t)(y > 0.0f ? 0x0001u : 0x8001u);
+  return xf == y ? lo_f2h(y) : (xf == 0.0f ? from_zero : step); }
+LO_FN uint16_t lo_sr16_b(float v, int32_t rb) {
+  const uint16_t down = lo_f2h(v);  /* a non-finite v: its own fp16 */
+  const uint16_t down_in = lo_next16_b(down, 0.0f);
+  const uint16_t tz = fabsf(lo_h2f(down)) > fabsf(v) ? down_in : down;
+  const uint16_t away = lo_next16_b(tz, v < 0.0f ? -INFINITY : INFINITY);
+  const float lo = lo_h2f(tz), hi = lo_h2f(away), lo_in = lo_h2f(lo_next16_b(tz, 0.0f));
+  const float span = !lo_fin(hi) ? fabsf(lo - lo_in) : fabsf(hi - lo);
+  const uint16_t r = (float)rb / 65536.0f < fabsf(v - lo) / span ? away : tz;
+  return lo_fin(v) ? r : down; }
 """
 
 #: The ``LO_*`` statements of a traced rule, one element at a time (CPU and CUDA).
@@ -462,7 +483,7 @@ RULE_MACROS = r"""
 #define LO_NE(a, b) ((a) != (b))
 """
 
-_PRELUDE = _C_HEADERS + SHARED_HELPERS + _F16_HELPERS + RULE_MACROS
+_PRELUDE = _C_HEADERS + SHARED_HELPERS + F16_BITS + RULE_MACROS
 
 #: AVX2 + FMA + F16C (CPUs without AVX-512, e.g. AMD Zen 2/3): every AVX-512 intrinsic the vector code
 #: uses, as a macro over a pair of 8-lane registers (lanes 0-7, 8-15) with the same result in each lane;
@@ -1334,7 +1355,7 @@ LO_INLINE void lo_tr_row(const uint8_t *s, uint8_t *d, int64_t S, int64_t L, con
 }
 """
 
-_CTYPE_BYTES = {"float": 4, "uint16_t": 2, "int16_t": 2, "_Float16": 2, "int8_t": 1, "uint8_t": 1}
+_CTYPE_BYTES = {"float": 4, "uint16_t": 2, "int16_t": 2, "int8_t": 1, "uint8_t": 1}
 
 
 def _permuted_rows(spec: KernelSpec) -> str:
@@ -2062,7 +2083,7 @@ def kernel_for(spec: KernelSpec) -> Kernel | None:
     except (BuildError, OSError) as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         if compiler() is not None and isinstance(err, BuildError):
-            # the compiler works but not on this kernel (e.g. an old gcc without _Float16): only this
+            # the compiler works but not on this kernel (e.g. a missing intrinsic): only this
             # combination falls back
             _FAILED[spec] = reason
             warnings.warn(f"leanopt: a native kernel failed to compile ({reason}); that parameter uses the "
