@@ -1,13 +1,14 @@
-"""Run leanopt's C kernels under AddressSanitizer (started by tests/test_sanitizer.py in a process with
-libasan preloaded and ``LEANOPT_CFLAGS=-fsanitize=address``: every kernel this process builds is
-instrumented, and every torch tensor is a separate heap block with poisoned bytes on both sides, so a read
-or write past a tensor's end aborts the process with ASan's report).
+"""Run leanopt's C kernels under a sanitizer (started by tests/test_sanitizer.py in a process with gcc's
+sanitizer runtime preloaded and ``LEANOPT_CFLAGS`` asking for it: every kernel this process builds is
+instrumented). AddressSanitizer: every torch tensor is a separate heap block with poisoned bytes on both
+sides, so a read or write past a tensor's end aborts the process with ASan's report. UndefinedBehaviorSanitizer:
+signed overflow, shifts out of range, float-to-int conversions out of range and the like abort it.
 
-``canary``: writes one byte past a tensor through a kernel built here (the harness must catch it).
-``kernels``: steps through the native CPU kernels (every weight and state format, tails and partial
-groups, fp16 weights and fp32 gradients, a channels_last conv weight's row kernel, a planned multi-tensor
-step, gradient release), the NaN/inf checks, and the CUDA kernels' source run on the CPU (emulated);
-prints a JSON summary of what ran.
+``canary address`` / ``canary undefined``: a kernel built here writes one byte past a tensor / overflows
+a signed int (the harness must catch it). ``kernels``: steps through the native CPU kernels (every weight
+and state format, tails and partial groups, fp16 weights and fp32 gradients, a channels_last conv
+weight's row kernel, a planned multi-tensor step, gradient release), the NaN/inf checks, and the CUDA
+kernels' source run on the CPU (emulated); prints a JSON summary of what ran.
 """
 
 from __future__ import annotations
@@ -19,18 +20,23 @@ import sys
 import torch
 
 import leanopt
+from conftest import FP16_EDGES  # tests/conftest.py (this script's folder is on the path)
 from leanopt.kernels import gpu, native
 
 SHAPES = [(1,), (17,), (33,), (5, 33), (3, 64), (2, 3, 40)]  # vector tails, partial groups, ragged rows
 
 
-def canary() -> None:
-    """One byte written just past a 100-byte tensor's end."""
-    source = "#include <stdint.h>\nvoid lo_oob(volatile char *p, int64_t n) { p[n] = 1; }\n"
-    fn = native.build(source, "lo_oob", [ctypes.c_void_p, ctypes.c_int64]).fn
-    t = torch.zeros(100, dtype=torch.uint8)
-    fn(t.data_ptr(), 100)
-    print("the out-of-bounds write was not caught", flush=True)
+def canary(kind: str) -> None:
+    """One byte written just past a 100-byte tensor's end (address), or a signed int overflowed (undefined)."""
+    if kind == "address":
+        source = "#include <stdint.h>\nvoid lo_oob(volatile char *p, int64_t n) { p[n] = 1; }\n"
+        fn = native.build(source, "lo_oob", [ctypes.c_void_p, ctypes.c_int64]).fn
+        t = torch.zeros(100, dtype=torch.uint8)
+        fn(t.data_ptr(), 100)
+    else:
+        fn = native.build("int lo_ub(int x) { return x + 1; }\n", "lo_ub", [ctypes.c_int], ctypes.c_int).fn
+        fn(2**31 - 1)
+    print("the canary was not caught", flush=True)
 
 
 def train(cls, master: str, states: str, shapes, steps: int = 3, dtype=torch.bfloat16, grad_dtype=None,
@@ -46,6 +52,20 @@ def train(cls, master: str, states: str, shapes, steps: int = 3, dtype=torch.bfl
             p.grad = (torch.randn(p.shape, generator=g) * 10.0**-i).to(grad_dtype or dtype)
         if i == steps - 1:  # a non-finite gradient: the check must see its last element
             params[-1].grad.view(-1)[-1] = float("nan")
+        opt.step()
+
+
+def edges(cls, master: str, states: str, kernel: str = "auto", **hyper) -> None:
+    """fp16 weights at the formats' edges (zeros, subnormals, 65504, overflow to inf) with gradients from
+    1e-7 to 3e4 and a NaN and an inf let through, as tests/conftest.py's fp16_edge_training."""
+    p = torch.nn.Parameter(torch.tensor(FP16_EDGES).repeat(8)[:128].reshape(2, 64).to(torch.float16))
+    opt = cls([p], master=master, states=states, kernel=kernel, nonfinite="ignore", seed=7, **hyper)
+    g = torch.Generator().manual_seed(8)
+    for i, scale in enumerate((1e-7, 1e-3, 3e4, 1.0)):
+        grad = torch.randn(2, 64, generator=g) * scale
+        if i == 3:
+            grad[0, 3], grad[1, 9] = float("nan"), float("inf")
+        p.grad = grad.to(torch.float16)
         opt.step()
 
 
@@ -66,6 +86,10 @@ def kernels() -> dict:
     train(leanopt.SGD, "compact", "int4", SHAPES, lr=1e-2, momentum=0.9, nesterov=True)
     train(leanopt.Lion, "exact", "int8", SHAPES, lr=1e-3)
     runs += 6
+    for master in ("none", "kahan", "compact", "stochastic"):
+        edges(leanopt.SGD, master, "int8", lr=0.37, momentum=0.9)
+        edges(leanopt.AdamW, master, "fp32", lr=1e-2)
+        runs += 2
 
     # a channels_last conv weight with grouped states: the kernel that transposes its rows
     conv = torch.nn.Conv2d(40, 24, 3).to(torch.bfloat16).to(memory_format=torch.channels_last)
@@ -108,6 +132,9 @@ def kernels() -> dict:
         for master, states in (("exact", "fp32"), ("compact", "int8"), ("compact", "int4"), ("stochastic", "bf16")):
             train(leanopt.AdamW, master, states, [(0, 5), *SHAPES], kernel="fused", **adam)
             runs += 1
+        edges(leanopt.SGD, "stochastic", "int8", kernel="fused", lr=0.37, momentum=0.9)
+        edges(leanopt.AdamW, "compact", "fp32", kernel="fused", lr=1e-2)
+        runs += 2
         for n in [*range(0, 40), gpu.CHECK_BYTES // 2 + 1, gpu.CHECK_BYTES + 3]:
             ts = [torch.ones(n, dtype=torch.bfloat16), torch.ones(n + 1, dtype=torch.float32)]
             if n:
@@ -128,6 +155,6 @@ def kernels() -> dict:
 
 if __name__ == "__main__":
     if sys.argv[1] == "canary":
-        canary()
+        canary(sys.argv[2])
     else:
         print("RESULT " + json.dumps(kernels()), flush=True)

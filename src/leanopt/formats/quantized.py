@@ -154,7 +154,10 @@ class QuantizedStates(StateFormat):
                 codes = (torch.round(x * self.levels) - 1).clamp_(0, self.levels - 1)
             else:
                 codes = torch.round(x * (self.levels - 1))
-        codes = codes.to(torch.int32).reshape(-1, g.shape[1] * GROUP_SIZE)[:, :n].reshape(*lead, n)
+        # a NaN element: code 0 (its group's scale is NaN, so it decodes to NaN); converting NaN to an
+        # integer is left undefined by C and C++ (x86 gives INT_MIN, ARM and CUDA 0: the same low byte)
+        codes = torch.nan_to_num(codes, nan=0.0).to(torch.int32)
+        codes = codes.reshape(-1, g.shape[1] * GROUP_SIZE)[:, :n].reshape(*lead, n)
         return codes, scale.reshape(*lead, g.shape[1])
 
     def dequantize(self, codes: Tensor, scales: Tensor, signed: bool) -> Tensor:

@@ -1740,19 +1740,20 @@ def _group_decode(name: str, signed: bool, codec: StateCodec) -> str:
 def quant_code(signed: bool, kind: str) -> str:
     """C computing ``const int code`` of one element as formats/quantized.py encodes it, from ``gv``
     (the value; for unsigned states its square root), ``inv`` (1 / the group's bf16 scale) and
-    ``is_top`` (the element holds the group's largest magnitude). Shared with the CUDA kernels."""
+    ``is_top`` (the element holds the group's largest magnitude); a NaN element gets code 0, as in the
+    reference (its group's scale is NaN, so it decodes to NaN). Shared with the CUDA kernels."""
     qs, levels = _quant_consts(kind)
     if signed:
         return (
             f"float xr = gv * inv; xr = xr < {_lit(-1)} ? {_lit(-1)} : xr; xr = xr > {_lit(1)} ? {_lit(1)} : xr;"
             f" float x = is_top ? copysignf(1.0f, gv) : xr; x = {_lit(2)} * x / ({_lit(1)} + fabsf(x));"
-            f" const int code = (int)rintf(x * {_lit(qs)});"
+            f" const int code = x == x ? (int)rintf(x * {_lit(qs)}) : 0;"  # NaN: code 0 (C leaves (int)NaN undefined)
         )
     # gv >= 0 (a square root) and x <= 1, so of the format's clamps only x <= 1 and code >= 0 can bind
     return (
         f"float xr = gv * inv; xr = xr > {_lit(1)} ? {_lit(1)} : xr;"
         f" const float x = is_top ? {_lit(1)} : xr; float cf = rintf(x * {_lit(levels)}) - {_lit(1)};"
-        f" cf = cf < {_lit(0)} ? {_lit(0)} : cf; const int code = (int)cf;"
+        f" cf = cf < {_lit(0)} ? {_lit(0)} : cf; const int code = cf == cf ? (int)cf : 0;"
     )
 
 
