@@ -324,3 +324,20 @@ def test_a_state_dict_with_a_misshapen_fp32_conv_state_is_refused_and_changes_no
         opt.load_state_dict(saved)
     for k, v in opt.state[net[0].weight].items():
         assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
+@pytest.mark.parametrize("signed", [True, False])
+def test_a_nan_element_gets_code_zero_and_decodes_to_nan(fmt, signed):
+    """A NaN element (a NaN gradient let through with nonfinite="ignore") gets code 0, explicitly: C and
+    C++ leave converting NaN to an integer undefined (x86 gives INT_MIN, ARM and CUDA 0). Its group's
+    scale is the canonical NaN, so the whole group decodes to NaN; the other groups are untouched."""
+    x = sample((2, 64), signed, seed=3)
+    x[0, 5] = float("nan")
+    codes, scales = fmt.quantize(x, signed)
+    assert int(codes[0, 5]) == 0
+    assert scales.dtype == torch.bfloat16 and int(scales[0, 0].view(torch.int16)) == 0x7FC0
+    assert not torch.isnan(scales[0, 1:]).any() and not torch.isnan(scales[1]).any()
+    got, _ = roundtrip(fmt, x, signed)
+    assert torch.isnan(got[0, :GROUP_SIZE]).all() and not torch.isnan(got[0, GROUP_SIZE:]).any()
+    assert not torch.isnan(got[1]).any()
