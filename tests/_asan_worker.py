@@ -20,7 +20,7 @@ import sys
 import torch
 
 import leanopt
-from conftest import FP16_EDGES  # tests/conftest.py (this script's folder is on the path)
+from conftest import fp16_edge_run  # tests/conftest.py (this script's folder is on the path)
 from leanopt.kernels import gpu, native
 
 SHAPES = [(1,), (17,), (33,), (5, 33), (3, 64), (2, 3, 40)]  # vector tails, partial groups, ragged rows
@@ -55,20 +55,6 @@ def train(cls, master: str, states: str, shapes, steps: int = 3, dtype=torch.bfl
         opt.step()
 
 
-def edges(cls, master: str, states: str, kernel: str = "auto", **hyper) -> None:
-    """fp16 weights at the formats' edges (zeros, subnormals, 65504, overflow to inf) with gradients from
-    1e-7 to 3e4 and a NaN and an inf let through, as tests/conftest.py's fp16_edge_training."""
-    p = torch.nn.Parameter(torch.tensor(FP16_EDGES).repeat(8)[:128].reshape(2, 64).to(torch.float16))
-    opt = cls([p], master=master, states=states, kernel=kernel, nonfinite="ignore", seed=7, **hyper)
-    g = torch.Generator().manual_seed(8)
-    for i, scale in enumerate((1e-7, 1e-3, 3e4, 1.0)):
-        grad = torch.randn(2, 64, generator=g) * scale
-        if i == 3:
-            grad[0, 3], grad[1, 9] = float("nan"), float("inf")
-        p.grad = grad.to(torch.float16)
-        opt.step()
-
-
 def kernels() -> dict:
     adam = dict(lr=1e-2, weight_decay=0.1)
     runs = 0
@@ -87,8 +73,9 @@ def kernels() -> dict:
     train(leanopt.Lion, "exact", "int8", SHAPES, lr=1e-3)
     runs += 6
     for master in ("none", "kahan", "compact", "stochastic"):
-        edges(leanopt.SGD, master, "int8", lr=0.37, momentum=0.9)
-        edges(leanopt.AdamW, master, "fp32", lr=1e-2)
+        # fp16 weights at the formats' edges: zeros, subnormals, 65504, overflow, NaN/inf gradients let through
+        fp16_edge_run(leanopt.SGD, master=master, states="int8", lr=0.37, momentum=0.9)
+        fp16_edge_run(leanopt.AdamW, master=master, lr=1e-2)
         runs += 2
 
     # a channels_last conv weight with grouped states: the kernel that transposes its rows
@@ -132,8 +119,8 @@ def kernels() -> dict:
         for master, states in (("exact", "fp32"), ("compact", "int8"), ("compact", "int4"), ("stochastic", "bf16")):
             train(leanopt.AdamW, master, states, [(0, 5), *SHAPES], kernel="fused", **adam)
             runs += 1
-        edges(leanopt.SGD, "stochastic", "int8", kernel="fused", lr=0.37, momentum=0.9)
-        edges(leanopt.AdamW, "compact", "fp32", kernel="fused", lr=1e-2)
+        fp16_edge_run(leanopt.SGD, master="stochastic", states="int8", kernel="fused", lr=0.37, momentum=0.9)
+        fp16_edge_run(leanopt.AdamW, master="compact", kernel="fused", lr=1e-2)
         runs += 2
         for n in [*range(0, 40), gpu.CHECK_BYTES // 2 + 1, gpu.CHECK_BYTES + 3]:
             ts = [torch.ones(n, dtype=torch.bfloat16), torch.ones(n + 1, dtype=torch.float32)]

@@ -57,26 +57,27 @@ FP16_EDGES = [0.0, -0.0, 2.0**-24, -(2.0**-24), 3 * 2.0**-20, 6.1e-5, -6.1e-5, 6
               -1.0, 1e-3, 0.3333, 2048.5, -7.0]  # fmt: skip
 
 
+def fp16_edge_run(cls, **options) -> list[dict]:
+    """Four steps of optimizer ``cls`` (``nonfinite="ignore"``, seed 7) on a (2, 64) fp16 weight made of
+    FP16_EDGES, with fp16 gradients of scales 1e-7, 1e-3, 3e4 (overflows some weights) and 1 (with a NaN
+    and an inf let through); the weight and each state tensor after every step. (Also run by
+    tests/_asan_worker.py under the sanitizers.)"""
+    p = torch.nn.Parameter(torch.tensor(FP16_EDGES).repeat(8)[:128].reshape(2, 64).to(torch.float16))
+    opt = cls([p], nonfinite="ignore", seed=7, **options)
+    g = torch.Generator().manual_seed(8)
+    after = []
+    for i, scale in enumerate((1e-7, 1e-3, 3e4, 1.0)):
+        grad = torch.randn(2, 64, generator=g) * scale
+        if i == 3:
+            grad[0, 3], grad[1, 9] = float("nan"), float("inf")
+        p.grad = grad.to(torch.float16)
+        opt.step()
+        state = {k: v.clone() for k, v in opt.state[p].items() if isinstance(v, torch.Tensor)}
+        after.append({"param": p.detach().clone(), **state})
+    return after
+
+
 @pytest.fixture
 def fp16_edge_training():
-    """``fp16_edge_training(cls, **options)``: four steps of optimizer ``cls`` (``nonfinite="ignore"``,
-    seed 7) on a (2, 64) fp16 weight made of FP16_EDGES, with fp16 gradients of scales 1e-7, 1e-3, 3e4
-    (overflows some weights) and 1 (with a NaN and an inf let through); the weight and each state
-    tensor after every step."""
-
-    def run(cls, **options):
-        p = torch.nn.Parameter(torch.tensor(FP16_EDGES).repeat(8)[:128].reshape(2, 64).to(torch.float16))
-        opt = cls([p], nonfinite="ignore", seed=7, **options)
-        g = torch.Generator().manual_seed(8)
-        after = []
-        for i, scale in enumerate((1e-7, 1e-3, 3e4, 1.0)):
-            grad = torch.randn(2, 64, generator=g) * scale
-            if i == 3:
-                grad[0, 3], grad[1, 9] = float("nan"), float("inf")
-            p.grad = grad.to(torch.float16)
-            opt.step()
-            state = {k: v.clone() for k, v in opt.state[p].items() if isinstance(v, torch.Tensor)}
-            after.append({"param": p.detach().clone(), **state})
-        return after
-
-    return run
+    """``fp16_edge_training(cls, **options)``: :func:`fp16_edge_run`."""
+    return fp16_edge_run
