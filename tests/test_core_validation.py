@@ -80,6 +80,52 @@ def test_bad_hyper_parameter_names_the_argument(cls, kwargs, pattern):
         cls([p], **kwargs)
 
 
+@pytest.mark.parametrize(
+    ("cls", "typo", "accepted"),
+    [
+        (leanopt.AdamW, "weight_decy", "weight_decay"),
+        (leanopt.Adam, "amsgard", "amsgrad"),
+        (leanopt.SGD, "momentun", "nesterov"),
+        (leanopt.Lion, "eps", "betas"),  # Lion has no eps: torch.optim.Adam's name, not a typo
+        (leanopt.AdamW, "state", "states"),
+    ],
+)
+def test_a_keyword_the_optimizer_does_not_have_is_refused_naming_it(cls, typo, accepted):
+    """Before, any unknown keyword went into the param groups and was never read: a misspelt
+    weight_decay trained with the default."""
+    p = nn.Parameter(torch.zeros(3, dtype=torch.bfloat16))
+    with pytest.raises(TypeError, match=rf"{cls.__name__}\(\) got an unexpected keyword argument '{typo}'") as err:
+        cls([p], lr=1e-3, **{typo: 0.1})
+    assert accepted in str(err.value) and "kernel" in str(err.value)
+    assert p.grad is None and float(p.sum()) == 0.0
+
+
+def test_torch_optims_implementation_switches_are_accepted_only_where_they_ask_for_nothing():
+    p = nn.Parameter(torch.zeros(3, dtype=torch.bfloat16))
+    neutral = {"foreach": None, "fused": None, "capturable": False, "differentiable": False}
+    opt = leanopt.AdamW([p], lr=1e-3, **neutral)  # torch.optim's defaults, as code passing them on has them
+    assert not set(neutral) & set(opt.param_groups[0]) and not set(neutral) & set(opt.defaults)
+    for name, value, pattern in [
+        ("fused", True, "kernel='auto'"),
+        ("fused", False, "kernel='reference'"),
+        ("foreach", True, "no foreach"),
+        ("foreach", False, "no foreach"),
+        ("capturable", True, "CUDA graph"),
+        ("capturable", 0, "CUDA graph"),
+        ("differentiable", True, "not differentiable"),
+        ("differentiable", None, "not differentiable"),
+    ]:
+        with pytest.raises(ValueError, match=rf"{name}={value!r} is not supported: .*{pattern}.*pass {name}="):
+            leanopt.SGD([p], lr=1e-3, **{name: value})
+
+
+def test_extra_keys_of_a_param_group_dict_stay_allowed_as_in_torch_optim():
+    """A param group may carry the user's own keys (a name, a layer index), as torch.optim allows."""
+    p = nn.Parameter(torch.zeros(3, dtype=torch.bfloat16))
+    opt = leanopt.AdamW([{"params": [p], "name": "head", "layer": 3}], lr=1e-3)
+    assert opt.param_groups[0]["name"] == "head" and opt.param_groups[0]["layer"] == 3
+
+
 def test_non_floating_param_is_rejected():
     with pytest.raises(
         ValueError, match=r"params\[1\] has dtype torch.int64; leanopt optimizes bfloat16, float16 and float32"

@@ -25,6 +25,18 @@ from .rules import AdamRule, AdamWRule, LionRule, Rule, SGDRule
 
 NONFINITE_CHOICES = ("skip", "raise", "ignore")
 STATE_DICT_VERSION = 1
+#: torch.optim's switches between its own implementations, with the value that asks for none in
+#: particular (accepted, for code that passes torch.optim's defaults on); leanopt picks its executor
+#: with ``kernel=`` instead, so any other value is refused rather than silently ignored
+TORCH_IMPLEMENTATION_FLAGS = {"foreach": None, "fused": None, "capturable": False, "differentiable": False}
+_FLAG_ADVICE = {
+    "foreach": "leanopt has no foreach/for-loop switch: kernel='auto' (default) runs its native or multi-tensor "
+    "kernels, kernel='reference' torch's single-tensor arithmetic op for op",
+    "fused": "kernel='auto' (default) already runs fused kernels (on CPU bit-identical to torch's fused=True AdamW); "
+    "kernel='reference' runs torch's single-tensor arithmetic op for op",
+    "capturable": "leanopt's steps cannot be captured in a CUDA graph (each step plans its launches on the host)",
+    "differentiable": "leanopt's updates are not differentiable (they run outside autograd)",
+}
 
 
 #: (master, states, dtype) -> (weight format, state format): formats() runs for every tensor on every step
@@ -115,6 +127,7 @@ class LeanOptimizer(torch.optim.Optimizer):
         **hyper: Any,
     ) -> None:
         _fused.check_kernel(kernel)
+        hyper = self._known_hyper(hyper)
         if nonfinite not in NONFINITE_CHOICES:
             raise ValueError(f"nonfinite must be one of {list(NONFINITE_CHOICES)}, got {nonfinite!r}")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
@@ -130,6 +143,29 @@ class LeanOptimizer(torch.optim.Optimizer):
         self._settled_skips: list[int] = []  # deferred updates found skipped, not yet taken
         defaults = {**hyper, "master": master, "states": states}
         super().__init__(params, defaults)
+
+    @classmethod
+    def _known_hyper(cls, hyper: dict[str, Any]) -> dict[str, Any]:
+        """``hyper`` without torch.optim's implementation switches at their neutral values; raises for any
+        other name that is not one of the rule's hyper-parameters (a misspelt ``weight_decay`` would
+        otherwise sit unused in the param groups) and for an implementation switch that asks for
+        something, naming it and what would be accepted. Called before anything is built."""
+        known = []
+        for name, value in hyper.items():
+            if name in cls.rule.defaults:
+                known.append(name)
+            elif name in TORCH_IMPLEMENTATION_FLAGS:
+                neutral = TORCH_IMPLEMENTATION_FLAGS[name]
+                if value is not neutral:  # None or False itself (not 0 or "")
+                    advice = f"{_FLAG_ADVICE[name]}; pass {name}={neutral!r} or leave it out"
+                    raise ValueError(f"{name}={value!r} is not supported: {advice}")
+            else:
+                accepted = [*cls.rule.defaults, "master", "states", "nonfinite", "seed", "kernel"]
+                raise TypeError(
+                    f"{cls.__name__}() got an unexpected keyword argument {name!r}; accepted: {', '.join(accepted)}"
+                    f" (and torch.optim's {', '.join(f'{k}={v!r}' for k, v in TORCH_IMPLEMENTATION_FLAGS.items())})"
+                )
+        return {name: hyper[name] for name in known}
 
     def _patch_step_function(self) -> None:
         """torch.optim wraps ``step`` once per class (its step hooks and profiler label); leanopt then
