@@ -97,7 +97,7 @@ def test_a_keyword_the_optimizer_does_not_have_is_refused_naming_it(cls, typo, a
     with pytest.raises(TypeError, match=rf"{cls.__name__}\(\) got an unexpected keyword argument '{typo}'") as err:
         cls([p], lr=1e-3, **{typo: 0.1})
     assert accepted in str(err.value) and "kernel" in str(err.value)
-    assert p.grad is None and float(p.sum()) == 0.0
+    assert p.grad is None and float(p.detach().sum()) == 0.0
 
 
 def test_torch_optims_implementation_switches_are_accepted_only_where_they_ask_for_nothing():
@@ -119,11 +119,51 @@ def test_torch_optims_implementation_switches_are_accepted_only_where_they_ask_f
             leanopt.SGD([p], lr=1e-3, **{name: value})
 
 
-def test_extra_keys_of_a_param_group_dict_stay_allowed_as_in_torch_optim():
-    """A param group may carry the user's own keys (a name, a layer index), as torch.optim allows."""
+def test_extra_keys_of_a_param_group_dict_stay_allowed_as_in_torch_optim(recwarn):
+    """A param group may carry the user's own keys (a name, a layer index, what LR schedulers add), as
+    torch.optim allows, without a warning."""
     p = nn.Parameter(torch.zeros(3, dtype=torch.bfloat16))
-    opt = leanopt.AdamW([{"params": [p], "name": "head", "layer": 3}], lr=1e-3)
-    assert opt.param_groups[0]["name"] == "head" and opt.param_groups[0]["layer"] == 3
+    own = {"name": "head", "layer": 3, "initial_lr": 1e-3, "max_lr": 1e-2, "max_momentum": 0.9, "base_momentum": 0.8}
+    opt = leanopt.SGD([{"params": [p], **own}], lr=1e-3, momentum=0.5)
+    assert all(opt.param_groups[0][k] == v for k, v in own.items())
+    assert not [w for w in recwarn if "param group key" in str(w.message)]
+
+
+@pytest.mark.parametrize(("key", "meant"), [("state", "states"), ("weight_decy", "weight_decay"), ("beta", "betas")])
+def test_a_param_group_key_close_to_a_hyper_parameter_is_warned_about(key, meant):
+    p = nn.Parameter(torch.zeros(3, dtype=torch.bfloat16))
+    with pytest.warns(UserWarning, match=rf"param group key '{key}' is not one leanopt reads; did you mean '{meant}'"):
+        opt = leanopt.AdamW([{"params": [p], key: 0.5}], lr=1e-3)
+    assert opt.param_groups[0][key] == 0.5  # kept, as any key of the user's own
+
+
+@pytest.mark.parametrize("key", ["kernel", "nonfinite", "seed"])
+def test_an_optimizer_wide_option_in_a_param_group_is_refused(key):
+    """It would be ignored there: kernel, nonfinite and seed are the optimizer's, not a group's."""
+    p, q = (nn.Parameter(torch.zeros(3, dtype=torch.bfloat16)) for _ in range(2))
+    with pytest.raises(ValueError, match=rf"{key} is an optimizer-wide option, not a param group's: pass it to AdamW"):
+        leanopt.AdamW([{"params": [p], key: "reference"}], lr=1e-3)
+    opt = leanopt.AdamW([p], lr=1e-3)
+    before = snapshot(opt, [p])
+    with pytest.raises(ValueError, match=rf"{key} is an optimizer-wide option"):
+        opt.add_param_group({"params": [q], key: 0})
+    assert_same(before, snapshot(opt, [p]))
+
+
+def test_torch_optims_param_groups_carry_over_where_their_meaning_is_kept():
+    """torch.optim.AdamW's groups hold decoupled_weight_decay=True and its implementation switches at their
+    defaults: leanopt.AdamW takes them; leanopt.Adam (L2 decay) refuses them rather than decaying otherwise."""
+    p = nn.Parameter(torch.zeros(3, dtype=torch.bfloat16))
+    group = {**torch.optim.AdamW([nn.Parameter(torch.zeros(3))], lr=1e-3).param_groups[0], "params": [p]}
+    assert group["decoupled_weight_decay"] is True
+    leanopt.AdamW([group])
+    with pytest.raises(ValueError, match=r"decoupled_weight_decay=True: leanopt.Adam has decoupled_weight_decay"
+                                         r"=False built in; use leanopt.AdamW"):  # fmt: skip
+        leanopt.Adam([group])
+    with pytest.raises(ValueError, match=r"use leanopt.Adam$"):
+        leanopt.AdamW([p], decoupled_weight_decay=False)
+    with pytest.raises(ValueError, match=r"fused=True is not supported"):
+        leanopt.AdamW([{**group, "fused": True}])
 
 
 def test_non_floating_param_is_rejected():

@@ -6,6 +6,8 @@ Each public optimizer is a thin binding of an update rule (``leanopt.rules``) to
 from __future__ import annotations
 
 import copy
+import difflib
+import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -154,6 +156,13 @@ class LeanOptimizer(torch.optim.Optimizer):
         for name, value in hyper.items():
             if name in cls.rule.defaults:
                 known.append(name)
+            elif name == "decoupled_weight_decay" and isinstance(getattr(cls.rule, "decoupled", None), bool):
+                if value is not cls.rule.decoupled:  # torch.optim.Adam's switch to AdamW's decay
+                    other = "AdamW" if value else "Adam"
+                    raise ValueError(
+                        f"decoupled_weight_decay={value!r}: leanopt.{cls.__name__} has decoupled_weight_decay="
+                        f"{cls.rule.decoupled} built in; use leanopt.{other}"
+                    )
             elif name in TORCH_IMPLEMENTATION_FLAGS:
                 neutral = TORCH_IMPLEMENTATION_FLAGS[name]
                 if value is not neutral:  # None or False itself (not 0 or "")
@@ -209,6 +218,30 @@ class LeanOptimizer(torch.optim.Optimizer):
             raise ValueError(f"states must be one of {list(STATE_FORMATS)}, got {group['states']!r}")
         self.rule.validate(group)
 
+    def _check_group_keys(self, group: dict[str, Any]) -> None:
+        """Keys of a param group dict that leanopt does not read stay allowed (a name, a layer index: as in
+        torch.optim), but an optimizer-wide option set per group is an error (it would be ignored), a
+        torch.optim implementation switch must be at its neutral value, and a key one letter or so away
+        from a hyper-parameter (``"state"`` for ``"states"``) gets a warning naming the one it resembles."""
+        read = [*self.rule.defaults, "master", "states"]
+        for key in group:
+            if key in read or key in ("params", "param_names"):
+                continue
+            if key in ("nonfinite", "seed", "kernel"):
+                raise ValueError(f"{key} is an optimizer-wide option, not a param group's: pass it to "
+                                 f"{type(self).__name__}(..., {key}=...); per group: {', '.join(read)}")  # fmt: skip
+            adam_switch = key == "decoupled_weight_decay" and hasattr(self.rule, "decoupled")
+            if key in TORCH_IMPLEMENTATION_FLAGS or adam_switch:
+                self._known_hyper({key: group[key]})  # as the keyword: torch.optim's groups carry these
+                continue
+            near = difflib.get_close_matches(key, read, n=1, cutoff=0.85) if isinstance(key, str) else []
+            if near:
+                warnings.warn(
+                    f"param group key {key!r} is not one leanopt reads; did you mean {near[0]!r}? (the group uses "
+                    f"{near[0]}={group.get(near[0], self.defaults.get(near[0]))!r}; keys of your own are kept unread)",
+                    stacklevel=3,
+                )
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         group = dict(param_group)
         params = group.get("params")
@@ -218,6 +251,7 @@ class LeanOptimizer(torch.optim.Optimizer):
             raise TypeError("params must be an ordered collection of tensors (a list), not a set or None")
         else:
             params = list(params)
+        self._check_group_keys(group)
         for name, default in self.defaults.items():
             group.setdefault(name, default)
         self._check_group(group)
