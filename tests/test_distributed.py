@@ -292,12 +292,22 @@ class Worker:
         return fully_shard(model)
 
     def scenario_fsdp_same_batch(self) -> None:
-        """Every optimizer x weight format x state format, FSDP2, the same batch on both ranks."""
+        """Every optimizer x weight format x state format, FSDP2, the same batch on both ranks; how each
+        step's updates ran: native calls of all prepared updates (their sizes) and one-tensor updates."""
+        from leanopt.kernels import native
+
         results = {}
         for c in combos():
             model = self.fsdp(mlp(c[3]))
             opt = make_optimizer(model, c)
-            losses = train(model, opt, range(STEPS), dtype=c[3])
+            with _counting(native, "run_many", lambda jobs: len(jobs)) as batches, \
+                    _counting(native, "native_step", lambda *a, **k: 1) as singles:  # fmt: skip
+                losses = train(model, opt, range(1), dtype=c[3])
+                # later steps: each update's launch kept from the step before (not planned again), the
+                # NaN/inf check of the shards in one native call (no torch reduction per shard)
+                with _counting(native, "_plan", lambda *a, **k: 1) as plans, \
+                        _counting(leanopt.distributed, "finite_flag", lambda t: 1) as flags:  # fmt: skip
+                    losses += train(model, opt, range(1, STEPS), dtype=c[3])
             placements = {
                 n: {
                     k: str(v.placements) if leanopt.distributed.is_dtensor(v) else "plain"
@@ -305,7 +315,9 @@ class Worker:
                 }
                 for n, p in model.named_parameters()
             }  # how each state tensor is placed, for test_fsdp2_states_are_sharded_like_their_params
-            results[combo_name(c)] = {"losses": losses, "snapshot": snapshot(model, opt), "placements": placements}
+            results[combo_name(c)] = {"losses": losses, "snapshot": snapshot(model, opt), "placements": placements,
+                                      "native_batches": batches, "native_singles": len(singles),
+                                      "plans_after_first": len(plans), "shard_flags": len(flags)}  # fmt: skip
             if c == ("adamw", "exact", "fp32", torch.bfloat16):
                 report = leanopt.memory_report(opt)
                 reports = [None] * WORLD
@@ -324,10 +336,16 @@ class Worker:
             for c in GPU_KERNEL_COMBOS:
                 model = self.fsdp(mlp(c[3]))
                 opt = make_optimizer(model, c, kernel="fused")
-                launches = sum(k.tensors for k in gpu.compile_stats())
+                before = {id(k): (k.tensors, k.launches) for k in gpu.compile_stats()}
                 losses = train(model, opt, range(STEPS), dtype=c[3])
-                ran = sum(k.tensors for k in gpu.compile_stats()) - launches
-                results[combo_name(c)] = {"losses": losses, "snapshot": snapshot(model, opt), "updates": ran}
+                used = [(k.tensors - before.get(id(k), (0, 0))[0], k.launches - before.get(id(k), (0, 0))[1])
+                        for k in gpu.compile_stats() if k.tensors != before.get(id(k), (0, 0))[0]]  # fmt: skip
+                results[combo_name(c)] = {
+                    "losses": losses,
+                    "snapshot": snapshot(model, opt),
+                    "updates": sum(u[0] for u in used),
+                    "launches": [u[1] for u in used],
+                }
         finally:
             gpu.EMULATE = False
         self.save("fsdp_gpu_kernels", results)
@@ -507,6 +525,27 @@ class Worker:
             errors["flat"] = str(err)
         finally:
             del STATE_FORMATS["flat-test"]
+        # a plain gradient on a DTensor parameter (the last one): refused before any update is prepared
+        model = self.fsdp(mlp(torch.bfloat16))
+        opt = make_optimizer(model, ("adamw", "compact", "int8", torch.bfloat16))
+        train(model, opt, range(1))
+        x, y = mlp_batch(1)
+        mlp_loss(model, x, y[:, : model[-1].out_features]).backward()
+        params = list(model.parameters())
+        try:
+            params[-1].grad = whole(params[-1].grad)  # the whole gradient, as a plain tensor
+        except (RuntimeError, TypeError) as err:  # torch itself may refuse it
+            errors["plain_grad"] = f"torch refused: {err}"
+        else:
+            before = snapshot(model, opt)
+            try:
+                opt.step()
+            except TypeError as err:
+                errors["plain_grad"] = str(err)
+            after = snapshot(model, opt)
+            errors["plain_grad_unchanged"] = all(
+                torch.equal(bits(a), bits(after[k][key])) for k, st in before.items() for key, a in st.items()
+            )
         self.save("fsdp_errors", errors)
 
     def scenario_dcp_resume_2_to_2(self) -> None:
@@ -585,6 +624,22 @@ class FlatStates(leanopt.formats.StateFormat):
 
 EXAMPLE_ARGS = ["--steps", "4", "--batch", "2", "--eval-batches", "1", "--n-layer", "1", "--n-embd", "32",
                 "--block-size", "32", "--data-bytes", "300000", "--quiet"]  # fmt: skip
+
+
+@contextlib.contextmanager
+def _counting(module: Any, name: str, measure: Callable[..., Any]):
+    """Within the block, record ``measure(*args)`` of every call of ``module.name`` (which still runs)."""
+    original, seen = getattr(module, name), []
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        seen.append(measure(*args, **kwargs))
+        return original(*args, **kwargs)
+
+    setattr(module, name, wrapper)
+    try:
+        yield seen
+    finally:
+        setattr(module, name, original)
 
 
 def _load_example():
@@ -724,6 +779,10 @@ multiprocess = pytest.mark.multiprocess
 def test_fsdp2_same_batch_is_bit_identical_to_one_process(cluster, combo):
     got = result(cluster, "fsdp_same_batch")[combo_name(combo)]
     want = single_run(combo)
+    # every step's 6 updates (3 weights, 3 biases: their local rows) in one native call, none alone (until
+    # 2026-11-30 each FSDP2 tensor was updated by a native call of its own)
+    assert got["native_batches"] == [6] * STEPS and got["native_singles"] == 0, got["native_batches"]
+    assert got["plans_after_first"] == 0 and got["shard_flags"] == 0, (got["plans_after_first"], got["shard_flags"])
     assert_same_bits({"losses": dict(enumerate(got["losses"]))}, {"losses": dict(enumerate(want["losses"]))}, "loss")
     assert_same_bits(got["snapshot"], want["snapshot"], combo_name(combo))
 
@@ -734,6 +793,8 @@ def test_fsdp2_through_the_gpu_kernels_emulated_is_bit_identical_to_one_process(
     got = result(cluster, "fsdp_gpu_kernels")[combo_name(combo)]
     want = single_run(combo)  # one process, the native CPU kernels
     assert got["updates"] == STEPS * 6  # 3 weights + 3 biases per step, through the CUDA kernels' code
+    # in one launch per kernel per step (until 2026-11-30 one launch per tensor: 6 per step)
+    assert got["launches"] == [STEPS] * len(got["launches"]) and len(got["launches"]) <= 2, got["launches"]
     assert_same_bits({"losses": dict(enumerate(got["losses"]))}, {"losses": dict(enumerate(want["losses"]))}, "loss")
     assert_same_bits(got["snapshot"], want["snapshot"], combo_name(combo))
 
@@ -880,6 +941,17 @@ def test_unsupported_sharding_is_refused_when_the_optimizer_is_built(cluster):
     got = result(cluster, "fsdp_errors")
     assert "params[0]" in got["shard1"] and "Shard(dim=1)" in got["shard1"] and "dim 0" in got["shard1"]
     assert "params[0]" in got["flat"] and "'exp_avg'" in got["flat"] and "not split by rows" in got["flat"]
+
+
+@multiprocess
+def test_a_plain_gradient_on_an_fsdp2_parameter_is_refused_before_anything_changes(cluster):
+    """Checked with the other gradients, before any update is prepared: since 2026-11-30 FSDP2 updates
+    are launched together, so a refusal midway would leave the earlier ones' step counts advanced."""
+    got = result(cluster, "fsdp_errors")
+    if got["plain_grad"].startswith("torch refused"):
+        pytest.skip(got["plain_grad"])
+    assert "parameter 5 is a DTensor (FSDP2) but its gradient is a plain Tensor" in got["plain_grad"]
+    assert got["plain_grad_unchanged"]
 
 
 @multiprocess

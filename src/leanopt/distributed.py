@@ -242,7 +242,12 @@ def finite_checks(grads: list[Tensor]) -> Iterator[None]:
             by_mesh.setdefault(g.device_mesh, []).append(g)
     flags: dict[int, bool] = {}
     for mesh, group in by_mesh.items():
-        local_flags = torch.stack([finite_flag(local(g)) for g in group]).to(torch.int32)
+        rows = [local(g) for g in group]
+        found = _native.all_finite_many(rows)  # CPU shards: one native call (None: it cannot answer)
+        if found is not None:
+            local_flags = torch.tensor(found, dtype=torch.int32)
+        else:  # one reduction per shard, on its device (no wait before the all-reduce)
+            local_flags = torch.stack([finite_flag(t) for t in rows]).to(torch.int32)
         for g, ok in zip(group, _all_ranks_min(local_flags, mesh).tolist(), strict=True):
             flags[id(g)] = bool(ok)
     previous = getattr(_finite_cache, "flags", None)

@@ -454,11 +454,12 @@ class LeanOptimizer(torch.optim.Optimizer):
         """For ``step()``: the parameter's update prepared as a native launch (its step count advanced;
         with ``kernel="fused"`` on CUDA a :class:`kernels.gpu.GpuLaunch`),
         False when it was dealt with here (a non-finite gradient skipped, or a tensor the kernels do not
-        cover updated at once), None for tensors that are not plain CPU tensors (``_update_param``
-        runs them). The same decisions as ``_update_param``."""
+        cover updated at once), None for tensors no native or CUDA kernel takes (``_update_param``
+        runs them). A DTensor (FSDP2) parameter is launched on its local rows, with the other tensors
+        (one native call, one CUDA launch per combination). The same decisions as ``_update_param``."""
         grad = param.grad
         on_gpu = _gpu.wanted(self.kernel, grad.device)  # kernel="fused" on CUDA: multi-tensor launches
-        if self.kernel == "reference" or (grad.device.type != "cpu" and not on_gpu) or _shards.is_dtensor(param):
+        if self.kernel == "reference" or (grad.device.type != "cpu" and not on_gpu):
             return None
         if self.nonfinite == "skip":  # "raise": checked in _check_grads
             finite = self._finite.get(id(grad))
@@ -469,11 +470,16 @@ class LeanOptimizer(torch.optim.Optimizer):
         state = self.state_for(param, group, check_layout=False)
         wfmt, sfmt = self.formats(param, group)
         random_bits = self._random_bits(param, state) if wfmt.needs_random else None
+        rows, g, st = param, grad, state
+        if _shards.is_dtensor(param):  # FSDP2: this rank's rows (the same storage), launched with the rest
+            rows, st = _shards.local(param), _shards.local_state(state)
+            g = _shards.local_grad(param, grad, f"parameter {self.param_index(param)}")
+        key = id(state)  # the launch is prepared again only if the tensors in ``st`` changed
         if on_gpu:
-            job = _gpu.launch(self.rule, wfmt, sfmt, param, grad, state, group, scalars, random_bits)
+            job = _gpu.launch(self.rule, wfmt, sfmt, rows, g, st, group, scalars, random_bits, cache_key=key)
         else:
-            job = _native.launch(self.rule, wfmt, sfmt, param, grad, state, group, random_bits, scalars,
-                                 ready=self._native_ready)  # fmt: skip
+            job = _native.launch(self.rule, wfmt, sfmt, rows, g, st, group, random_bits, scalars,
+                                 ready=self._native_ready, cache_key=key)  # fmt: skip
         if job is None:  # not covered (format, layout, no compiler): the other executors, now
             self._update_param(param, group, None, layout_checked=True, finite_checked=True)
             return False
@@ -554,6 +560,8 @@ class LeanOptimizer(torch.optim.Optimizer):
                         f"parameter {self.param_index(p)} has a sparse gradient; leanopt optimizers accept "
                         "dense gradients only (use torch.optim.SparseAdam for sparse embeddings)"
                     )
+                if _shards.is_dtensor(p) and not _shards.is_dtensor(p.grad):  # before any update is prepared
+                    _shards.local_grad(p, p.grad, f"parameter {self.param_index(p)}")  # raises, naming it
                 if p.grad.shape != p.shape:
                     raise ValueError(
                         f"parameter {self.param_index(p)}: gradient shape {tuple(p.grad.shape)} does not "
@@ -614,7 +622,9 @@ class LeanOptimizer(torch.optim.Optimizer):
                         jobs.append(job)
                 _native.run_many(jobs)  # every prepared update in one native call
                 _gpu.run_many(gpu_jobs)  # one launch per kernel and device
-                if self._native_ready and len(jobs) == len(work):
+                if any(_shards.is_dtensor(p) for p, _ in work):
+                    pass  # FSDP2: no plan (its NaN/inf verdicts must agree across ranks: the all-reduce above)
+                elif self._native_ready and len(jobs) == len(work):
                     self._step_plan = _step_plan.build(self, work, jobs)
                 elif len(gpu_jobs) == len(work):
                     self._step_plan = _gpu.build_plan(self, work, gpu_jobs)

@@ -1009,11 +1009,13 @@ _PREPARED: dict[int, tuple] = {}
 def launch(
     rule: Rule, weight_format: WeightFormat, state_format: StateFormat, param: Tensor, grad: Tensor,
     state: dict[str, Any], group: dict[str, Any], scalars: dict | None = None, random_bits: Any = None,
+    cache_key: int | None = None,
 ) -> GpuLaunch | None:  # fmt: skip
     """Prepare one update like ``reference_step`` for :func:`run_many`, advancing ``state['step']``;
     None (nothing changed) when this path does not cover it. ``scalars`` caches the rule's flags and
     hyper-parameter values per group within one optimizer step. ``random_bits`` (stochastic rounding)
-    is called once, after the step count advances, as the reference executor does."""
+    is called once, after the step count advances, as the reference executor does. ``cache_key``: as
+    :func:`native.launch`'s (what the prepared table row is kept under; default ``id(state)``)."""
     from .fused import _advance_step, fused_form
 
     if not native.same_layout(grad, param) or grad.device != param.device:
@@ -1031,7 +1033,8 @@ def launch(
         flags = cache["gpu flags", id(group)] = form.flags(group)
     check = (rule, weight_format, state_format, flags, grad.dtype, param.dtype, param.shape,
              param.data_ptr(), param.stride(), param.device)  # fmt: skip
-    prepared = _PREPARED.get(id(state))
+    ident = id(state) if cache_key is None else cache_key
+    prepared = _PREPARED.get(ident)
     if prepared is None or prepared[0] != check or not native.same_tensors(prepared[2], state):
         planned = native._plan(rule, weight_format, state_format, param, grad.dtype, state, group, param.device.type)
         spec = None if planned is None else planned[0]
@@ -1054,7 +1057,7 @@ def launch(
             units = -(-rows * n // (FLAT_UNIT * kernel.chunks))
         if len(_PREPARED) > 100_000:
             _PREPARED.clear()
-        prepared = _PREPARED[id(state)] = (check, kernel, refs, row, slot, units)
+        prepared = _PREPARED[ident] = (check, kernel, refs, row, slot, units)
     step = _advance_step(state)
     key = ("gpu", id(group), step)  # the native launches cache ctypes arrays in the same dict
     values = cache.get(key)

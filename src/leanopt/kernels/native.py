@@ -2163,13 +2163,16 @@ def launch(
     random_bits: Any = None,
     scalars: dict | None = None,
     ready: bool = False,
+    cache_key: int | None = None,
 ) -> Launch | None:
     """Prepare one update like ``reference_step`` as a native call, advancing ``state['step']``; None
     (nothing changed) if the native path does not cover it. ``random_bits`` (stochastic rounding) is
     called once, after the step count advances, as the reference executor does. ``scalars`` may cache
     the hyper-parameter arrays (and the rule's flags) per group across the launches of one optimizer
     step, so it must not outlive that step (hyper-parameters change between steps); ``ready``:
-    the caller has just seen :func:`disabled_reason` return None."""
+    the caller has just seen :func:`disabled_reason` return None. ``cache_key``: what the plan is kept
+    under (default ``id(state)``; for a DTensor's local views, made anew each step, the id of the
+    DTensor's own state dict); it is used only if the same tensors are found in ``state`` again."""
     if (not ready and disabled_reason() is not None) or not same_layout(grad, param) or grad.device != param.device:
         return None
     if weight_format.needs_random and random_bits is None:
@@ -2190,7 +2193,8 @@ def launch(
     # the same tensors (weakrefs: never keeps states alive) at the same addresses.
     check = (rule, weight_format, state_format, flags, grad.dtype, param.dtype, param.shape,
              param.data_ptr(), param.stride(), param.device)  # fmt: skip
-    cached = _PLANS.get(id(state))
+    ident = id(state) if cache_key is None else cache_key
+    cached = _PLANS.get(ident)
     if cached is not None and cached[0] == check and same_tensors(cached[3], state):
         spec, kernel, refs, ptrs, counter = cached[1], cached[2], cached[3], cached[4], cached[5]
     else:
@@ -2210,12 +2214,12 @@ def launch(
         # The pointer array is kept with the plan and reused: only the gradient (and noise) slots change.
         ptrs = (ctypes.c_void_p * len(tensors))(*[t.data_ptr() for t in tensors])
         counter = None
-        cached = _PLANS[id(state)] = (check, spec, kernel, refs, ptrs, counter)
+        cached = _PLANS[ident] = (check, spec, kernel, refs, ptrs, counter)
 
     count = state["step"]
     if counter is None or counter[0]() is not count or counter[2] != count.data_ptr():
         counter = _step_counter(count)  # a new step tensor (e.g. loaded): remember it
-        _PLANS[id(state)] = (*cached[:5], counter)
+        _PLANS[ident] = (*cached[:5], counter)
     if counter is not None:  # the fp32 step tensor, written in place (~1 us)
         step = counter[1].value + 1.0
         counter[1].value = step  # float32 + 1 rounds like torch's add_: t + 1 is exact in double
