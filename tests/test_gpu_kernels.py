@@ -551,6 +551,27 @@ def test_cuda_next_step_waits_for_the_nan_check_not_for_the_updates(monkeypatch)
 # ----------------------------------------------------------------------- whole steps and the NaN check
 
 
+def test_the_nan_checks_flags_stay_on_the_device_for_fsdp2s_all_reduce(emulate):
+    """gpu.finite_flags: the check's int32 verdicts (1: finite) as a tensor on the gradients' device,
+    not read back (FSDP2 all-reduces them there: leanopt.distributed.finite_checks)."""
+    grads = [torch.randn(5000).bfloat16(), torch.randn(7), torch.randn(9000).half(), torch.zeros(0)]
+    grads[2][4321] = float("inf")
+    flags = gpu.finite_flags(grads)
+    assert flags.dtype == torch.int32 and flags.device == grads[0].device and flags.tolist() == [1, 1, 0, 1]
+    assert gpu.finite_flags([torch.randn(4, 8)[:, ::2]]) is None  # gaps in memory: the caller checks per tensor
+    assert leanopt.distributed._device_flags(grads) is None  # CPU shards: native.all_finite_many instead
+
+
+@CUDA
+def test_cuda_fsdp2_shard_flags_come_from_one_check_launch():
+    grads = [torch.randn(5000, device="cuda").bfloat16(), torch.randn(7, device="cuda"), torch.zeros(0, device="cuda")]
+    grads[1][3] = float("nan")
+    gpu.reset()
+    flags = leanopt.distributed._device_flags(grads)
+    assert flags is not None and flags.device.type == "cuda" and flags.tolist() == [1, 0, 1]
+    gpu.reset()
+
+
 @pytest.mark.parametrize("chunks", [1, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_the_multi_tensor_nan_check_finds_each_bad_value_where_it_is(emulate, monkeypatch, dtype, chunks):

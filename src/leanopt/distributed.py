@@ -232,6 +232,17 @@ def all_finite(t: Tensor) -> bool:
     return bool(_all_ranks_min(flag, t.device_mesh).item())
 
 
+def _device_flags(rows: list[Tensor]) -> Tensor | None:
+    """int32 flags (1: finite) of CUDA shards on one device from one launch of the multi-tensor CUDA
+    kernels' NaN/inf check (kernels/gpu.py), where those kernels run; else None."""
+    from .kernels import gpu
+
+    device = rows[0].device
+    if device.type != "cuda" or any(t.device != device for t in rows) or not gpu.wanted("auto", device):
+        return None
+    return gpu.finite_flags(rows)
+
+
 @contextlib.contextmanager
 def finite_checks(grads: list[Tensor]) -> Iterator[None]:
     """Within the block, :func:`all_finite` of these DTensor gradients answers from one all-reduce per
@@ -244,9 +255,8 @@ def finite_checks(grads: list[Tensor]) -> Iterator[None]:
     for mesh, group in by_mesh.items():
         rows = [local(g) for g in group]
         found = _native.all_finite_many(rows)  # CPU shards: one native call (None: it cannot answer)
-        if found is not None:
-            local_flags = torch.tensor(found, dtype=torch.int32)
-        else:  # one reduction per shard, on its device (no wait before the all-reduce)
+        local_flags = torch.tensor(found, dtype=torch.int32) if found is not None else _device_flags(rows)
+        if local_flags is None:  # one reduction per shard, on its device (no wait before the all-reduce)
             local_flags = torch.stack([finite_flag(t) for t in rows]).to(torch.int32)
         for g, ok in zip(group, _all_ranks_min(local_flags, mesh).tolist(), strict=True):
             flags[id(g)] = bool(ok)

@@ -939,11 +939,11 @@ def can_check(grad: Tensor) -> bool:
     return finite_table([grad]) is not None and _finite_kernel(grad.device) is not None
 
 
-def all_finite_many(grads: list[Tensor]) -> list[bool] | None:
-    """Whether each of ``grads`` (on one device) is free of NaN and inf: one launch, one transfer back
-    (the step's one wait for the GPU); None when this check cannot run (the caller checks per tensor)."""
-    if not grads:
-        return []
+def finite_flags(grads: list[Tensor]) -> Tensor | None:
+    """An int32 tensor on the device of ``grads`` (one device, at least one tensor): 1 where that
+    gradient is free of NaN and inf, else 0, from one launch of the check kernel, without waiting for
+    it (FSDP2 all-reduces these flags on the device: leanopt.distributed); None when this check cannot
+    run (the caller checks per tensor)."""
     table = finite_table(grads)
     fn = None if table is None else _finite_kernel(grads[0].device)
     if fn is None:
@@ -952,7 +952,16 @@ def all_finite_many(grads: list[Tensor]) -> list[bool] | None:
     dev_meta, flags = _to_device([meta, array("i", [1]) * len(grads)], grads[0].device)
     if units:
         fn(units, dev_meta, len(grads), flags)
-    return [bool(f) for f in flags.tolist()]
+    return flags
+
+
+def all_finite_many(grads: list[Tensor]) -> list[bool] | None:
+    """Whether each of ``grads`` (on one device) is free of NaN and inf: one launch, one transfer back
+    (the step's one wait for the GPU); None when this check cannot run (the caller checks per tensor)."""
+    if not grads:
+        return []
+    flags = finite_flags(grads)
+    return None if flags is None else [bool(f) for f in flags.tolist()]
 
 
 def kernel_for(spec: KernelSpec, device: torch.device) -> GpuKernel | None:
@@ -1530,4 +1539,5 @@ def gpu_step(
 
 
 __all__ = ["EMULATE", "GpuKernel", "GpuLaunch", "GpuStepPlan", "all_finite_many", "build_plan", "compile_stats",
+           "finite_flags",
            "generate", "gpu_step", "launch", "prepare_param", "run_many", "run_plan", "wanted"]  # fmt: skip
