@@ -33,11 +33,19 @@ from .kernels import native as _native
 # ----------------------------------------------------------------------------------------- adapter
 
 
+_DTENSOR: list[type] = []  # the DTensor class, once torch.distributed.tensor has been imported
+
+
 def _dtensor_type() -> type | None:
     # A DTensor can only exist once torch.distributed.tensor was imported; don't import it ourselves
-    # (it costs about a second) when nobody uses it.
-    module = sys.modules.get("torch.distributed.tensor")
-    return getattr(module, "DTensor", None)
+    # (it costs about a second) when nobody uses it. Asked several times per tensor per step: the class
+    # is kept once found.
+    if _DTENSOR:
+        return _DTENSOR[0]
+    cls = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+    if cls is not None:
+        _DTENSOR.append(cls)
+    return cls
 
 
 def is_dtensor(t: Any) -> bool:
