@@ -266,7 +266,7 @@ class Worker:
     SCENARIOS = (
         "fsdp_same_batch", "fsdp_empty_shard", "fsdp_release", "fsdp_nonfinite_on_one_rank", "fsdp_different_data",
         "fsdp_errors", "fsdp_fp32_export", "ddp_same_batch", "ddp_different_data", "dcp_resume_2_to_2",
-        "dcp_resume_1_to_2", "example_script", "fsdp_gpu_kernels", "fsdp_conv",
+        "dcp_resume_1_to_2", "example_script", "fsdp_gpu_kernels", "fsdp_conv", "fsdp_release_gpu_kernels",
     )  # fmt: skip
 
     def run_all(self) -> None:
@@ -349,6 +349,54 @@ class Worker:
         finally:
             gpu.EMULATE = False
         self.save("fsdp_gpu_kernels", results)
+
+    def scenario_fsdp_release_gpu_kernels(self) -> None:
+        """Gradient release under FSDP2 through the CUDA kernels' code (emulated): each hook checks its
+        shard on the device, the ranks' verdicts meet in an all-reduce there, and the update reads it, so
+        no hook waits for a verdict (all_finite is never asked). Then an inf in one rank's rows of one
+        tensor: that tensor is skipped on both ranks, counted once each, the others updated."""
+        from leanopt.kernels import gpu
+
+        results = {}
+        gpu.EMULATE = True
+        try:
+            for c in [("adamw", "exact", "int8", torch.bfloat16), ("sgd", "stochastic", "fp32", torch.bfloat16)]:
+                model = self.fsdp(mlp(c[3]))
+                opt = make_optimizer(model, c, kernel="fused")
+                handle = leanopt.release_gradients(opt)
+                with _counting(leanopt.distributed, "all_finite", lambda t: 1) as asked:
+                    losses = train(model, opt, range(STEPS), dtype=c[3])
+                handle.remove()
+                results[combo_name(c)] = {"losses": losses, "snapshot": snapshot(model, opt), "asked": len(asked)}
+            c = ("adamw", "compact", "int8", torch.bfloat16)
+            model = self.fsdp(mlp(c[3]))
+            opt = make_optimizer(model, c, kernel="fused")
+            handle = leanopt.release_gradients(opt)
+            train(model, opt, range(1))
+            before = snapshot(model, opt)
+            target = model[2].weight  # 34 rows: 17 on each rank
+            original = leanopt.distributed.local_grad
+
+            def poisoned(param, grad, where):
+                rows = original(param, grad, where)
+                if param is target and self.rank == 1:
+                    rows[3, 1] = float("inf")
+                return rows
+
+            leanopt.distributed.local_grad = poisoned
+            try:
+                train(model, opt, range(1, 2))
+            finally:
+                leanopt.distributed.local_grad = original
+            handle.remove()
+            after = snapshot(model, opt)
+            skipped = torch.tensor([opt.nonfinite_skipped])
+            gathered = [torch.zeros(1, dtype=torch.long) for _ in range(WORLD)]
+            self.dist.all_gather(gathered, skipped)
+            results["inf"] = {"before": before, "after": after, "skipped": [int(g) for g in gathered]}
+        finally:
+            gpu.EMULATE = False
+        self.save("fsdp_release_gpu_kernels", results)
 
     def scenario_fsdp_conv(self) -> None:
         """A conv weight's grouped int8/int4 states (rows of in * k) under FSDP2, the same batch on both ranks."""
@@ -874,6 +922,22 @@ def test_gradient_release_under_fsdp2_is_bit_identical_to_one_process(cluster):
         combo = (o, m, s, getattr(torch, d))
         want = single_run(combo)
         assert_same_bits(run["snapshot"], want["snapshot"], name)
+
+
+@multiprocess
+def test_gradient_release_under_fsdp2_through_the_gpu_kernels_emulated_never_asks_for_a_verdict(cluster):
+    got = result(cluster, "fsdp_release_gpu_kernels")
+    inf = got.pop("inf")
+    for name, run in got.items():
+        o, m, s, d = name.split("-")
+        want = single_run((o, m, s, getattr(torch, d)))  # one process, no release, the native CPU kernels
+        assert_same_bits(run["snapshot"], want["snapshot"], name)
+        assert run["asked"] == 0  # no hook waited for an all-reduced verdict: it stayed on the device
+    assert inf["skipped"] == [1, 1]  # the inf in rank 1's rows skipped the tensor on both ranks
+    assert_same_bits(inf["after"]["2.weight"], inf["before"]["2.weight"], "the skipped tensor")
+    for name in inf["before"]:
+        if name != "2.weight":
+            assert not torch.equal(bits(inf["after"][name]["param"]), bits(inf["before"][name]["param"])), name
 
 
 @multiprocess

@@ -210,7 +210,8 @@ def local_views(
 _finite_cache = threading.local()
 
 
-def _all_ranks_min(flags: Tensor, mesh: Any) -> Tensor:
+def all_ranks_min(flags: Tensor, mesh: Any) -> Tensor:
+    """``flags`` (changed in place, and returned): each entry's minimum over the ranks of ``mesh``."""
     import torch.distributed as dist
 
     for dim in range(mesh.ndim):
@@ -237,7 +238,7 @@ def all_finite(t: Tensor) -> bool:
     if cached is not None:
         return cached
     flag = finite_flag(local(t)).to(torch.int32).reshape(1)
-    return bool(_all_ranks_min(flag, t.device_mesh).item())
+    return bool(all_ranks_min(flag, t.device_mesh).item())
 
 
 def _device_flags(rows: list[Tensor]) -> Tensor | None:
@@ -266,7 +267,7 @@ def finite_checks(grads: list[Tensor]) -> Iterator[None]:
         local_flags = torch.tensor(found, dtype=torch.int32) if found is not None else _device_flags(rows)
         if local_flags is None:  # one reduction per shard, on its device (no wait before the all-reduce)
             local_flags = torch.stack([finite_flag(t) for t in rows]).to(torch.int32)
-        for g, ok in zip(group, _all_ranks_min(local_flags, mesh).tolist(), strict=True):
+        for g, ok in zip(group, all_ranks_min(local_flags, mesh).tolist(), strict=True):
             flags[id(g)] = bool(ok)
     previous = getattr(_finite_cache, "flags", None)
     _finite_cache.flags = flags

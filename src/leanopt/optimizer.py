@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import functools
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable
@@ -379,18 +380,29 @@ class LeanOptimizer(torch.optim.Optimizer):
         """kernel="fused" on CUDA under gradient release: one launch checks the gradient for NaN/inf and a
         second updates the parameter only if it was clean, so the host never waits for the verdict here;
         :meth:`_settle_verdicts` reads the verdicts later (release: at ``optimizer.step()``) and undoes
-        the step count of a skipped tensor. False (nothing changed) when this path does not apply."""
-        if not _gpu.wanted(self.kernel, grad.device) or _shards.is_dtensor(param) or not _gpu.can_check(grad):
+        the step count of a skipped tensor. A DTensor (FSDP2) parameter is updated on its local rows, its
+        verdict made the minimum over the ranks on the device (an all-reduce between the two launches)
+        before the update reads it. False (nothing changed) when this path does not apply."""
+        if not _gpu.wanted(self.kernel, grad.device):
+            return False
+        rows, g, reduce = param, grad, None
+        if _shards.is_dtensor(param):
+            if not _shards.is_dtensor(grad):
+                return False  # the general path refuses it, naming the parameter
+            rows, g = _shards.local(param), _shards.local_grad(param, grad, f"parameter {self.param_index(param)}")
+            reduce = functools.partial(_shards.all_ranks_min, mesh=param.device_mesh)
+        if not _gpu.can_check(g):
             return False
         fresh = param if not self.state.get(param) else None  # its state made now: gone again if skipped
         state = self.state_for(param, group, check_layout=not layout_checked)
         wfmt, sfmt = self.formats(param, group)
         random_bits = self._random_bits(param, state) if wfmt.needs_random else None
         before = float(state["step"])
-        job = _gpu.launch(self.rule, wfmt, sfmt, param, grad, state, group, None, random_bits)
+        st = _shards.local_state(state) if reduce is not None else state
+        job = _gpu.launch(self.rule, wfmt, sfmt, rows, g, st, group, None, random_bits, cache_key=id(state))
         if job is None:
             return False
-        for _, verdict in _gpu.run_many([job], check=True):
+        for _, verdict in _gpu.run_many([job], check=True, reduce=reduce):
             self._pending_verdicts.append((self.param_index(param), verdict, state, before, fresh))
         if not job.units:  # an empty tensor: nothing to check or launch
             self._pending_verdicts.append((self.param_index(param), None, state, before, fresh))

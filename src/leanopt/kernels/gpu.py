@@ -40,6 +40,7 @@ import time
 import warnings
 import weakref
 from array import array
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -1106,12 +1107,17 @@ def _by_kernel(jobs: list[GpuLaunch]) -> list[list[GpuLaunch]]:
     return list(by.values())
 
 
-def run_many(jobs: list[GpuLaunch], check: bool = False) -> list[tuple[GpuLaunch, Tensor]]:
+def run_many(
+    jobs: list[GpuLaunch], check: bool = False, reduce: Callable[[Tensor], Any] | None = None
+) -> list[tuple[GpuLaunch, Tensor]]:
     """Run prepared updates: one launch per kernel (combination and device), its table copied once.
 
     ``check``: each gradient is first checked for NaN/inf on the device (one more launch per kernel)
     and a tensor whose gradient holds one is left unchanged, without the host waiting for the verdict;
-    returns (job, its verdict: a 0-d int32 device tensor, 1 = updated) for the caller to read later."""
+    returns (job, its verdict: a 0-d int32 device tensor, 1 = updated) for the caller to read later.
+    ``reduce`` (with ``check``): called on a kernel's int32 verdicts between the check and the update,
+    to change them in place on the device (FSDP2: the minimum over the ranks, so that every rank skips
+    a tensor whose gradient holds a NaN or inf in any rank's rows)."""
     verdicts = []
     for group in _by_kernel(jobs):
         kernel = group[0].kernel
@@ -1126,6 +1132,8 @@ def run_many(jobs: list[GpuLaunch], check: bool = False) -> list[tuple[GpuLaunch
         dev = _to_device(parts, kernel.device)
         if table is not None and table[1]:
             fn(table[1], dev[3], len(group), dev[2])  # writes 0 into ok[t] for a gradient with NaN/inf
+        if table is not None and reduce is not None:
+            reduce(dev[2])
         kernel.fn(units, dev[0], len(group), dev[1], dev[2])
         kernel.launches += 1
         kernel.tensors += len(group)
