@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -14,9 +15,11 @@ from leanopt.cli.plan import (
     Mode,
     default_modes,
     leanopt_layout,
+    make_plan,
     resolve_model,
     shapes_from_hf_config,
     shapes_from_module,
+    shard_shapes,
     standard_layout,
 )
 from leanopt.models import GPT, GPTConfig
@@ -180,3 +183,33 @@ def test_plan_table_lists_modes_and_peers(capsys):
     out = capsys.readouterr().out
     assert "standard (torch.optim)" in out and "exact/bf16" in out and "torchao-4bit (published)" in out
     assert "no," in out and "fits 22.35 GiB?" in out
+
+
+def test_shards_lay_out_the_rank_with_the_most_rows():
+    """FSDP2 splits dim 0 as torch.chunk does: the first ranks get ceil(rows / ranks) rows; 0-d stays whole."""
+    assert shard_shapes([(5, 40), (5,), (34, 5), (2, 34), ()], 2) == [(3, 40), (3,), (17, 5), (1, 34), ()]
+    assert shard_shapes([(5, 40)], 8) == [(1, 40)]
+    whole = {r.name: r for r in make_plan("gpt2-small", modes=MODES)[1]}
+    for shards in (2, 8):
+        shapes, rows = make_plan("gpt2-small", modes=MODES, shards=shards)
+        local = sum(math.prod(s) for s in shard_shapes(shapes.shapes, shards))
+        assert shapes.num_params / shards <= local < shapes.num_params / shards * 1.01  # padding to whole rows
+        for r in rows:
+            assert r.num_params == local
+            assert whole[r.name].total_bytes / shards <= r.total_bytes < whole[r.name].total_bytes / shards * 1.01
+        peers = [r for r in rows if r.kind == "peer"]  # published bytes per parameter, times this rank's
+        assert peers and all(r.total_bytes == pytest.approx(whole[r.name].total_bytes * local / shapes.num_params,
+                                                            rel=1e-6) for r in peers)  # fmt: skip
+
+
+def test_plan_shards_on_the_command_line(capsys):
+    assert main(["plan", "7B", "--shards", "8", "--memory", "80GB", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["shards"] == 8 and doc["params_per_rank"] == 875_000_000
+    rows = {r["name"]: r for r in doc["rows"]}
+    assert rows["standard"]["total_bytes"] == 16 * 875_000_000 + 4 * 2  # fp32 weights, grads, 2 states; 2 steps
+    assert main(["plan", "7B", "--shards", "8"]) == 0
+    assert "sharded over 8 ranks by dim 0" in capsys.readouterr().out
+    for bad in ("0", "-2"):
+        assert main(["plan", "7B", "--shards", bad]) != 0
+        assert "--shards must be a positive whole number of ranks" in capsys.readouterr().err

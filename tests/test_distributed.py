@@ -896,6 +896,13 @@ def test_memory_report_under_fsdp2_counts_this_ranks_shard(cluster):
     for n, by in reports:
         assert (by["master"], by["exp_avg"], by["exp_avg_sq"]) == (2 * n, 4 * n, 4 * n)
         assert by["weights"] == 2 * reports[0][0]
+    # `leanopt plan --shards 2` gives rank 0's figures (the rank with the most rows); no gradients are held
+    # after zero_grad(set_to_none=True), as in a plan with release
+    from leanopt.cli.plan import Mode, leanopt_layout, shapes_from_module, shard_shapes
+
+    shapes = shard_shapes(shapes_from_module(mlp(torch.bfloat16)), WORLD)
+    planned = leanopt_layout(shapes, "adamw", Mode("exact", "fp32", release=True)).by_category
+    assert planned == reports[0][1], (planned, reports[0][1])
 
 
 @multiprocess

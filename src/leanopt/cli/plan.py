@@ -33,6 +33,7 @@ EXAMPLES = """\
 examples:
   leanopt plan 124M                          # a parameter count (K, M, B, T suffixes or 1.3e9)
   leanopt plan 7B --memory 24GB              # what fits in 24 GB (10^9 bytes; 24GiB for 2^30)
+  leanopt plan 7B --shards 8 --memory 80GB   # per GPU when FSDP2 shards it over 8 ranks
   leanopt plan path/to/config.json           # a Hugging Face config (GPT-2 and Llama-style models)
   leanopt plan gpt2-small --optimizer lion   # a built-in model: gpt2-small, tiny-bytes
   leanopt plan mypkg.models:build_model      # a Python factory, built on the meta device
@@ -76,6 +77,14 @@ class ModelShapes:
 def shapes_from_module(model: nn.Module) -> list[Shape]:
     """Shapes of ``model.parameters()`` (which lists a tied parameter once), in order."""
     return [tuple(p.shape) for p in model.parameters()]
+
+
+def shard_shapes(shapes: list[Shape], shards: int) -> list[Shape]:
+    """The local shapes of the rank holding the most rows when every parameter is split by dim 0 over
+    ``shards`` ranks, as FSDP2 (``fully_shard``) splits it (``torch.chunk``: the first ranks get
+    ``ceil(rows / shards)`` rows); 0-d parameters stay whole. leanopt's states follow the rows (its
+    8/4-bit groups lie within a row), so laying out these shapes gives that rank's bytes exactly."""
+    return [((-(-s[0] // shards)), *s[1:]) if len(s) else s for s in shapes]
 
 
 def shapes_from_count(n: int, width: int = 4096) -> list[Shape]:
@@ -473,6 +482,13 @@ def build_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="16-bit weight dtype (default bf16)")
     p.add_argument("--modes", help="comma list of MASTER/STATES[+release], e.g. exact/fp32,compact/int8+release")
     p.add_argument("--memory", help="memory available, e.g. 24GB or 80GiB: says which modes fit")
+    p.add_argument(
+        "--shards",
+        type=int,
+        default=1,
+        metavar="N",
+        help="per rank when FSDP2 / ZeRO-3 shards the model over N ranks (default 1: unsharded)",
+    )
     p.add_argument("--no-peers", action="store_true", help="leave out other libraries' layouts")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=run)
@@ -485,8 +501,12 @@ def make_plan(
     dtype: str = "bf16",
     modes: list[Mode] | None = None,
     peers: bool = True,
+    shards: int = 1,
 ) -> tuple[ModelShapes, list[Layout]]:
-    """The rows of ``leanopt plan``: standard recipe, leanopt modes, then peers."""
+    """The rows of ``leanopt plan``: standard recipe, leanopt modes, then peers; with ``shards`` > 1 the
+    bytes one rank holds under FSDP2 / ZeRO-3 sharding by dim 0 (the rank with the most rows)."""
+    if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
+        raise CLIError(f"--shards must be a positive whole number of ranks, got {shards!r}")
     if optimizer not in OPTIMIZERS:
         raise CLIError(f"--optimizer {optimizer!r} is not known; accepted: {', '.join(sorted(OPTIMIZERS))}")
     if dtype not in DTYPES:
@@ -496,10 +516,11 @@ def make_plan(
     modes = default_modes(features, DTYPES[dtype]) if modes is None else modes
     for m in modes:
         check_mode(m, features)
-    rows = [standard_layout(shapes.shapes, optimizer)]
-    rows += [leanopt_layout(shapes.shapes, optimizer, m, DTYPES[dtype]) for m in modes]
+    local = shard_shapes(shapes.shapes, shards) if shards > 1 else shapes.shapes
+    rows = [standard_layout(local, optimizer)]
+    rows += [leanopt_layout(local, optimizer, m, DTYPES[dtype]) for m in modes]
     if peers:
-        rows += peer_layouts(shapes.num_params, optimizer)
+        rows += peer_layouts(sum(math.prod(s) for s in local), optimizer)
     return shapes, rows
 
 
@@ -515,7 +536,7 @@ def _grouped(layout: Layout) -> dict[str, int]:
     }
 
 
-def render(shapes: ModelShapes, rows: list[Layout], optimizer: str, memory: int | None) -> str:
+def render(shapes: ModelShapes, rows: list[Layout], optimizer: str, memory: int | None, shards: int = 1) -> str:
     from .common import table
 
     std = rows[0].total_bytes
@@ -539,6 +560,11 @@ def render(shapes: ModelShapes, rows: list[Layout], optimizer: str, memory: int 
     out = [f"model: {shapes.source}, {shapes.num_params:,} parameters ({format_count(shapes.num_params)})"]
     if shapes.note:
         out.append(f"  ({shapes.note})")
+    if shards > 1:
+        out.append(
+            f"sharded over {shards} ranks by dim 0 (FSDP2 fully_shard / ZeRO-3): per rank, the one with the most "
+            f"rows ({rows[0].num_params:,} of the parameters); FSDP2's all-gathered layers during compute not counted"
+        )
     out.append(f"optimizer: {optimizer}; bytes for weights, gradients and optimizer states (not activations)\n")
     out.append(table(body, header))
     out.append(
@@ -552,11 +578,14 @@ def render(shapes: ModelShapes, rows: list[Layout], optimizer: str, memory: int 
     return "\n".join(out)
 
 
-def to_json(shapes: ModelShapes, rows: list[Layout], optimizer: str, memory: int | None) -> dict[str, Any]:
+def to_json(shapes: ModelShapes, rows: list[Layout], optimizer: str, memory: int | None, shards: int = 1
+            ) -> dict[str, Any]:  # fmt: skip
     std = rows[0].total_bytes
     return jsonable({
         "model": {"source": shapes.source, "num_params": shapes.num_params, "note": shapes.note,
                   "num_tensors": len(shapes.shapes)},
+        "shards": shards,  # > 1: every row is one rank's bytes (the rank with the most rows)
+        "params_per_rank": rows[0].num_params,
         "optimizer": optimizer,
         "memory_bytes": memory,
         "rows": [
@@ -577,9 +606,9 @@ def run(args: argparse.Namespace) -> int:
         if not modes:
             raise CLIError("--modes is empty; give e.g. exact/fp32,compact/int8+release")
     memory = parse_bytes(args.memory) if args.memory is not None else None
-    shapes, rows = make_plan(args.model, args.optimizer, args.dtype, modes, peers=not args.no_peers)
+    shapes, rows = make_plan(args.model, args.optimizer, args.dtype, modes, peers=not args.no_peers, shards=args.shards)
     if args.json:
-        print(json.dumps(to_json(shapes, rows, args.optimizer, memory), indent=2))
+        print(json.dumps(to_json(shapes, rows, args.optimizer, memory, args.shards), indent=2))
     else:
-        print(render(shapes, rows, args.optimizer, memory))
+        print(render(shapes, rows, args.optimizer, memory, args.shards))
     return 0
