@@ -487,7 +487,7 @@ def build_parser(sub: Any) -> argparse.ArgumentParser:
         type=int,
         default=1,
         metavar="N",
-        help="per rank when FSDP2 / ZeRO-3 shards the model over N ranks (default 1: unsharded)",
+        help="per rank when FSDP2 (fully_shard) shards the model over N ranks (default 1: unsharded)",
     )
     p.add_argument("--no-peers", action="store_true", help="leave out other libraries' layouts")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -504,7 +504,7 @@ def make_plan(
     shards: int = 1,
 ) -> tuple[ModelShapes, list[Layout]]:
     """The rows of ``leanopt plan``: standard recipe, leanopt modes, then peers; with ``shards`` > 1 the
-    bytes one rank holds under FSDP2 / ZeRO-3 sharding by dim 0 (the rank with the most rows)."""
+    bytes one rank holds under FSDP2's sharding by dim 0 (the rank with the most rows)."""
     if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
         raise CLIError(f"--shards must be a positive whole number of ranks, got {shards!r}")
     if optimizer not in OPTIMIZERS:
@@ -562,7 +562,7 @@ def render(shapes: ModelShapes, rows: list[Layout], optimizer: str, memory: int 
         out.append(f"  ({shapes.note})")
     if shards > 1:
         out.append(
-            f"sharded over {shards} ranks by dim 0 (FSDP2 fully_shard / ZeRO-3): per rank, the one with the most "
+            f"sharded over {shards} ranks by dim 0 (FSDP2 fully_shard): per rank, the one with the most "
             f"rows ({rows[0].num_params:,} of the parameters); FSDP2's all-gathered layers during compute not counted"
         )
     out.append(f"optimizer: {optimizer}; bytes for weights, gradients and optimizer states (not activations)\n")
