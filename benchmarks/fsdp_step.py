@@ -12,6 +12,10 @@ script against the code before (``--src`` of a checkout of that revision, e.g. a
     python benchmarks/fsdp_step.py                    # -> benchmarks/results/fsdp_step.json
     git worktree add /tmp/before 743a498 && python benchmarks/fsdp_step.py --src /tmp/before/src \\
         --out benchmarks/results/fsdp_step_before.json
+
+With ``--device cuda`` (a GPU machine; an nccl group of one rank) the real CUDA kernels run: ``host_ms`` is
+the time until ``step()`` returned, ``step_ms`` the step synchronised. ``FULL=1 bash
+benchmarks/gpu_check.sh`` runs it there when time is left (summary.json: ``fsdp_benchmark``).
 """
 
 from __future__ import annotations
@@ -34,6 +38,9 @@ def main() -> int:
     parser.add_argument("--states", default="int8")
     parser.add_argument("--master", default="compact")
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="cpu (default: gloo; native and emulated CUDA paths) or cuda (nccl; the real kernels: "
+                        "host_ms until step() returned, step_ms synchronised)")  # fmt: skip
     parser.add_argument("--src", help="import leanopt from this src folder (another revision's code)")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
@@ -52,17 +59,21 @@ def main() -> int:
 
     store = tempfile.mkdtemp()
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    dist.init_process_group("gloo", init_method=f"file://{store}/pg", rank=0, world_size=1)
+    cuda = args.device == "cuda"
+    if cuda:
+        torch.cuda.set_device(0)
+    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{store}/pg", rank=0, world_size=1)
     rows = []
     try:
-        for path in ("native", "cuda-emulated"):
+        for path in ("cuda",) if cuda else ("native", "cuda-emulated"):
             gpu.EMULATE = path == "cuda-emulated"
             torch.manual_seed(0)
             model = nn.Sequential(*[nn.Linear(args.width, args.width) for _ in range(args.layers)]).bfloat16()
+            model = model.to(args.device)
             for layer in model:
                 fully_shard(layer)
             fully_shard(model)
-            kernel = "fused" if gpu.EMULATE else "auto"
+            kernel = "fused" if gpu.EMULATE else "auto"  # (on CUDA "auto" runs the multi-tensor CUDA kernels)
             opt = leanopt.AdamW(model.parameters(), lr=1e-3, master=args.master, states=args.states, kernel=kernel)
             params = list(model.parameters())
             for p in params:  # gradients as FSDP2 leaves them: DTensors placed like their parameters
@@ -72,14 +83,20 @@ def main() -> int:
             if gpu.EMULATE:  # the host's part alone: the kernels replaced by no-ops
                 for k in gpu.compile_stats():
                     k.fn = lambda *a: None
-            times = []
+            times, host = [], []
             for _ in range(args.steps):
+                if cuda:
+                    torch.cuda.synchronize()
                 t0 = time.perf_counter()
                 opt.step()
+                host.append(time.perf_counter() - t0)
+                if cuda:
+                    torch.cuda.synchronize()
                 times.append(time.perf_counter() - t0)
             ms = statistics.median(times) * 1e3
             rows.append({"path": path, "tensors": len(params), "step_ms": ms, "us_per_tensor": ms * 1e3 / len(params),
-                         "step_ms_all": [round(t * 1e3, 3) for t in times]})  # fmt: skip
+                         "host_ms": statistics.median(host) * 1e3, "step_ms_all": [round(t * 1e3, 3) for t in times],
+                         "kernels_used": [k.key for k in gpu.compile_stats()] if path != "native" else []})  # fmt: skip
             print(
                 f"{path:14s} {len(params)} tensors: {ms:7.2f} ms per step, {ms * 1e3 / len(params):6.1f} us per tensor"
             )

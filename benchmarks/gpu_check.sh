@@ -5,10 +5,11 @@
 # With FULL=1 (what a lent device session runs, about 8 minutes) it first times the CUDA kernels'
 # code-shape variants (benchmarks/gpu_variants.py, which chooses the shapes clearly faster than the
 # defaults), runs the benchmark in the chosen shapes, and then measures the host time per tensor of a
-# planned step and per gradient release hook, and, if at most CPU_BUDGET (default 540) seconds have
-# passed by then, the CPU kernel benchmark on the host's own cores (torch fused against leanopt
-# exact/fp32, compact/int8, compact/int4; at most 75 s; into summary.json's cpu_host_benchmark: on 16
-# cores a CPU step may be memory-bound, where this project's 2-core CI machines are compute-bound).
+# planned step and per gradient release hook, and, while at most EXTRA_BUDGET (default 540) seconds have
+# passed, an FSDP2 step on the GPU (benchmarks/fsdp_step.py, at most 45 s; summary.json's fsdp_benchmark)
+# and the CPU kernel benchmark on the host's own cores (torch fused against leanopt exact/fp32,
+# compact/int8, compact/int4; at most 75 s; summary.json's cpu_host_benchmark: on 16 cores a CPU step may
+# be memory-bound, where this project's 2-core CI machines are compute-bound).
 # Everything goes under $OUT: summary.json (machine, date,
 # exit codes, test counts, the shapes benchmarked), log.txt (everything printed), tests.txt, tests.xml,
 # kernels.json, and with FULL=1 variants.json, gpu_host.json and release_host.json. Eight files at
@@ -27,7 +28,8 @@
 # Environment: PYTHON (default: .venv/bin/python if present, else python3), OUT, WHEELS (default
 # benchmarks/wheels), FULL, TEST_TIMEOUT (s, default 240), BENCH_TIMEOUT (s, default 100),
 # VARIANTS_TIMEOUT (s, default 170), HOST_TIMEOUT (s, default 40), RELEASE_TIMEOUT (s, default 30),
-# CPU_BUDGET (s since the start, default 540: the CPU step runs only with 30 s of it left). On an
+# EXTRA_BUDGET (s since the start, default 540: the FSDP2 step runs only with 20 s of it left, the CPU
+# benchmark with 30). On an
 # H200 (2026-11-29): tests 193 s, benchmark 75 s; variants 80 s for 36 timed cases, each drawing its
 # parameters (now 90 cases on 3 workloads that reuse each workload's parameter values, 45 of them
 # profiled); host 14 s; release (added 2026-11-30, not yet run there: 3 rounds of 4 modes x 13
@@ -95,7 +97,7 @@ timeout "${TEST_TIMEOUT:-240}" "$PYTHON" -m pytest -q -p no:cacheprovider --cont
 TEST_RC=$?
 tail -n 3 "$OUT/tests.txt" | tee -a "$OUT/log.txt"
 
-VARIANTS_RC=-1 HOST_RC=-1 RELEASE_RC=-1 CPU_RC=-1  # -1: not run (FULL=1 runs them)
+VARIANTS_RC=-1 HOST_RC=-1 RELEASE_RC=-1 CPU_RC=-1 FSDP_RC=-1  # -1: not run (FULL=1 runs them)
 
 # 2. (FULL=1) The CUDA kernels' code-shape variants (kernels.gpu.VARIANT: the defaults and the ones not yet timed,
 #    4 or 16 chunks per block in the flat kernels and the NaN/inf check, vector loads, several groups per
@@ -132,37 +134,53 @@ if [[ "${FULL:-0}" == 1 ]]; then
   timeout "${RELEASE_TIMEOUT:-30}" "$PYTHON" benchmarks/release_overhead.py "${RELEASE[@]}" \
     --out "$OUT/release_host.json" 2>&1 | grep -v "^W[0-9]" | tee -a "$OUT/log.txt"
   RELEASE_RC=${PIPESTATUS[0]}
-  # 6. (FULL=1, only if the time allows) The CPU kernels on the GPU host's own cores: with 16 cores a CPU
+  # 6. (FULL=1, only if the time allows) An FSDP2 step on the device: one rank, 128 sharded tensors, the
+  #    sharded updates in one launch per kernel and their NaN/inf check in one launch (since 2026-11-30;
+  #    measured before only emulated). Into summary.json (fsdp_benchmark).
+  LEFT=$(( ${EXTRA_BUDGET:-540} - SECONDS ))
+  if (( LEFT >= 20 )); then
+    log "FSDP2 step ($DEVICE; ${LEFT} s left of ${EXTRA_BUDGET:-540})"
+    timeout "$(( LEFT < 45 ? LEFT : 45 ))" "$PYTHON" benchmarks/fsdp_step.py --device "$DEVICE" --steps 20 \
+      --out "$OUT/fsdp.json" 2>&1 | grep -v "^W[0-9]" | tee -a "$OUT/log.txt"
+    FSDP_RC=${PIPESTATUS[0]}
+  else
+    log "FSDP2 step: skipped, ${LEFT} s left of ${EXTRA_BUDGET:-540}"
+  fi
+  # 7. (FULL=1, only if the time allows) The CPU kernels on the GPU host's own cores: with 16 cores a CPU
   #    step may be memory-bound where this project's 2-core machines are compute-bound, which decides
   #    whether int8 states' fewer bytes make the step faster than torch's fused fp32 AdamW there (the
   #    kernel issue's CPU targets). Its JSON goes into summary.json (cpu_host_benchmark): 8 files at most.
-  LEFT=$(( ${CPU_BUDGET:-540} - SECONDS ))
+  LEFT=$(( ${EXTRA_BUDGET:-540} - SECONDS ))
   if (( LEFT >= 30 )); then
-    log "CPU kernels on the GPU host (${LEFT} s left of ${CPU_BUDGET:-540})"
+    log "CPU kernels on the GPU host (${LEFT} s left of ${EXTRA_BUDGET:-540})"
     timeout "$(( LEFT < 75 ? LEFT : 75 ))" "$PYTHON" benchmarks/kernels.py --device cpu "${CPU_WORK[@]}" \
       --modes torch-fused,exact/fp32,exact/fp32:ignore,compact/int8,compact/int4 --out "$OUT/kernels_cpu.json" \
       2>&1 | grep -v "^W[0-9]" | tee -a "$OUT/log.txt"
     CPU_RC=${PIPESTATUS[0]}
   else
-    log "CPU kernels on the GPU host: skipped, ${LEFT} s left of ${CPU_BUDGET:-540}"
+    log "CPU kernels on the GPU host: skipped, ${LEFT} s left of ${EXTRA_BUDGET:-540}"
   fi
 fi
 
-"$PYTHON" - "$OUT" "$TEST_RC" "$BENCH_RC" "$VARIANTS_RC" "$HOST_RC" "$RELEASE_RC" "${LEANOPT_GPU_VARIANT:-}" "$CPU_RC" <<'EOF'
+"$PYTHON" - "$OUT" "$TEST_RC" "$BENCH_RC" "$VARIANTS_RC" "$HOST_RC" "$RELEASE_RC" "${LEANOPT_GPU_VARIANT:-}" "$CPU_RC" \
+  "$FSDP_RC" <<'EOF'
 import json, sys, pathlib, xml.etree.ElementTree as ET
 out, test_rc, bench_rc = pathlib.Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-variants_rc, host_rc, release_rc, cpu_rc = (None if int(x) == -1 else int(x) for x in (*sys.argv[4:7], sys.argv[8]))
+variants_rc, host_rc, release_rc, cpu_rc, fsdp_rc = (None if int(x) == -1 else int(x)
+                                                     for x in (*sys.argv[4:7], *sys.argv[8:10]))
 summary = {"machine": json.loads((out / "machine.json").read_text()), "tests_rc": test_rc, "benchmark_rc": bench_rc,
            "variants_rc": variants_rc, "host_overhead_rc": host_rc, "release_rc": release_rc,
-           "cpu_host_benchmark_rc": cpu_rc,  # None: not run (FULL=1 only, and only if the time allowed)
+           # None: not run (FULL=1 only, and only if the time allowed)
+           "fsdp_benchmark_rc": fsdp_rc, "cpu_host_benchmark_rc": cpu_rc,
            "benchmark_gpu_variant": sys.argv[7]}
-cpu = out / "kernels_cpu.json"
-if cpu.exists():  # the GPU host's CPU benchmark, kept here: a device call brings back 8 files at most
-    try:
-        summary["cpu_host_benchmark"] = json.loads(cpu.read_text())
-    except ValueError as err:
-        summary["cpu_host_benchmark"] = f"unreadable: {err}"
-    cpu.unlink()
+for name, key in (("kernels_cpu.json", "cpu_host_benchmark"), ("fsdp.json", "fsdp_benchmark")):
+    path = out / name  # kept in summary.json: a device call brings back 8 files at most
+    if path.exists():
+        try:
+            summary[key] = json.loads(path.read_text())
+        except ValueError as err:
+            summary[key] = f"unreadable: {err}"
+        path.unlink()
 try:
     suite = ET.parse(out / "tests.xml").getroot()
     suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
@@ -174,5 +192,5 @@ except Exception as err:  # noqa: BLE001
 print(json.dumps(summary))
 EOF
 log "results in $OUT (tests rc=$TEST_RC, benchmark rc=$BENCH_RC, variants rc=$VARIANTS_RC, host rc=$HOST_RC," \
-  "release rc=$RELEASE_RC, CPU host rc=$CPU_RC: not part of the verdict)"
+  "release rc=$RELEASE_RC, FSDP2 rc=$FSDP_RC and CPU host rc=$CPU_RC: not part of the verdict)"
 [[ $TEST_RC -eq 0 && $BENCH_RC -eq 0 && ( "${FULL:-0}" != 1 || ( $VARIANTS_RC -eq 0 && $HOST_RC -eq 0 && $RELEASE_RC -eq 0 ) ) ]]
