@@ -405,7 +405,10 @@ class LeanOptimizer(torch.optim.Optimizer):
         for _, verdict in _gpu.run_many([job], check=True, reduce=reduce):
             self._pending_verdicts.append((self.param_index(param), verdict, state, before, fresh))
         if not job.units:  # an empty tensor: nothing to check or launch
-            self._pending_verdicts.append((self.param_index(param), None, state, before, fresh))
+            verdict = None
+            if reduce is not None:  # FSDP2, no rows here: this rank's verdict (1) must still meet the others'
+                verdict = reduce(torch.ones(1, dtype=torch.int32, device=g.device))[0]
+            self._pending_verdicts.append((self.param_index(param), verdict, state, before, fresh))
         return True
 
     def _settle_verdicts(self) -> None:
