@@ -371,7 +371,7 @@ class LeanOptimizer(torch.optim.Optimizer):
         random_bits = self._random_bits(param, state) if wfmt.needs_random else None
         where = f"parameter {self.param_index(param)}"
         with _shards.local_views(param, grad, state, where) as (p, g, st):  # FSDP2: this rank's rows
-            _fused.dispatch_step(self.kernel, self.rule, wfmt, sfmt, p, g, st, group, random_bits)
+            _fused.dispatch_step(self.kernel, self.rule, wfmt, sfmt, p, g, st, group, random_bits, id(state))
         return True
 
     def _update_checked_on_device(

@@ -617,9 +617,12 @@ def dispatch_step(
     state: dict[str, Any],
     group: dict[str, Any],
     random_bits: RandomBits | None = None,
+    cache_key: int | None = None,
 ) -> str:
     """Run one update with the executor ``kernel`` asks for; returns the one used ("gpu", "native",
     "fused" or "reference"). ``"fused"`` on CUDA first tries the CUDA kernels (kernels/gpu.py).
+    ``cache_key``: what the native and CUDA kernels keep this update's launch under (default
+    ``id(state)``; for a DTensor's local views, made anew each time, the id of its own state dict).
     Unless ``kernel="reference"``, CPU tensors the native kernels cover run there.
     Otherwise ``"auto"`` uses the compiled path when the parameter's group holds at least
     FUSED_MIN_NUMEL elements (a model big enough to repay a compile; its small tensors then use the
@@ -638,11 +641,11 @@ def dispatch_step(
             _copy_back(state[b], twin[b])
         return used
     if gpu.wanted(kernel, param.device) and gpu.gpu_step(
-        rule, weight_format, state_format, param, grad, state, group, random_bits
+        rule, weight_format, state_format, param, grad, state, group, random_bits, cache_key
     ):  # fmt: skip
         return "gpu"
     if kernel != "reference" and param.device.type == "cpu":
-        if native.native_step(rule, weight_format, state_format, param, grad, state, group, random_bits):
+        if native.native_step(rule, weight_format, state_format, param, grad, state, group, random_bits, cache_key):
             return "native"
     want = kernel == "fused" or (kernel == "auto" and _group_numel(group) >= FUSED_MIN_NUMEL)
     if want and supports(rule, weight_format, param, state_format, forced=kernel == "fused"):

@@ -1536,10 +1536,10 @@ def prepare_param(rule: Rule, weight_format: WeightFormat, state_format: StateFo
 
 def gpu_step(
     rule: Rule, weight_format: WeightFormat, state_format: StateFormat, param: Tensor, grad: Tensor,
-    state: dict[str, Any], group: dict[str, Any], random_bits: Any = None,
+    state: dict[str, Any], group: dict[str, Any], random_bits: Any = None, cache_key: int | None = None,
 ) -> bool:  # fmt: skip
     """One update in one launch (gradient release: one tensor at a time); False if not covered."""
-    job = launch(rule, weight_format, state_format, param, grad, state, group, None, random_bits)
+    job = launch(rule, weight_format, state_format, param, grad, state, group, None, random_bits, cache_key)
     if job is None:
         return False
     run_many([job])

@@ -2282,9 +2282,10 @@ def native_step(
     state: dict[str, Any],
     group: dict[str, Any],
     random_bits: Any = None,
+    cache_key: int | None = None,
 ) -> bool:
     """One update like ``reference_step``, in one native pass. False (nothing changed) if not covered."""
-    job = launch(rule, weight_format, state_format, param, grad, state, group, random_bits)
+    job = launch(rule, weight_format, state_format, param, grad, state, group, random_bits, cache_key=cache_key)
     if job is None:
         return False
     if job.rows * job.n:
