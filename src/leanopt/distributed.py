@@ -180,6 +180,16 @@ def local_grad(param: Tensor, grad: Tensor, where: str) -> Tensor:
     return local(grad)
 
 
+def local_parts(
+    param: Tensor, grad: Tensor, state: dict[str, Any], where: str
+) -> tuple[Tensor, Tensor, dict[str, Any]]:
+    """(param, grad, state) as this rank's local tensors (the same storage; the state a new dict of
+    local views); plain tensors as they are. For updates that write in place (the kernels)."""
+    if not is_dtensor(param):
+        return param, grad, state
+    return local(param), local_grad(param, grad, where), local_state(state)
+
+
 @contextlib.contextmanager
 def local_views(
     param: Tensor, grad: Tensor, state: dict[str, Any], where: str
@@ -192,9 +202,9 @@ def local_views(
     if not is_dtensor(param):
         yield param, grad, state
         return
-    views = local_state(state)
+    rows, grad_rows, views = local_parts(param, grad, state, where)
     before = dict(views)
-    yield local(param), local_grad(param, grad, where), views
+    yield rows, grad_rows, views
     for key, value in views.items():
         if before.get(key) is not value:
             if not isinstance(value, Tensor) or value.dim() == 0:

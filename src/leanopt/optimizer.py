@@ -487,8 +487,7 @@ class LeanOptimizer(torch.optim.Optimizer):
         random_bits = self._random_bits(param, state) if wfmt.needs_random else None
         rows, g, st = param, grad, state
         if _shards.is_dtensor(param):  # FSDP2: this rank's rows (the same storage), launched with the rest
-            rows, st = _shards.local(param), _shards.local_state(state)
-            g = _shards.local_grad(param, grad, f"parameter {self.param_index(param)}")
+            rows, g, st = _shards.local_parts(param, grad, state, f"parameter {self.param_index(param)}")
         key = id(state)  # the launch is prepared again only if the tensors in ``st`` changed
         if on_gpu:
             job = _gpu.launch(self.rule, wfmt, sfmt, rows, g, st, group, scalars, random_bits, cache_key=key)
