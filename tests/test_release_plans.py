@@ -392,6 +392,25 @@ def test_the_host_time_benchmarks_run_on_the_emulated_gpu_path(emulate, monkeypa
     assert row["planned"] and row["check_us_per_tensor"] > 0 and row["check_us_per_tensor_python"] > 0
 
 
+def test_the_host_parts_benchmark_runs_on_the_emulated_gpu_path(tmp_path):
+    """benchmarks/gpu_host_parts.py (its figures from an H200 are in benchmarks/results/gpu-2026-11-30-host):
+    a tiny emulated run writes each mode's host and step time, the release hooks' cost and a profile."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import BENCHMARKS
+
+    out = tmp_path / "parts.json"
+    subprocess.run([sys.executable, str(BENCHMARKS / "gpu_host_parts.py"), "--steps", "2", "--release-rounds", "1",
+                    "--reps", "2", "--out", str(out)], check=True, capture_output=True, timeout=300)  # fmt: skip
+    doc = json.loads(out.read_text())
+    assert [r["mode"] for r in doc["rows"]] == ["torch-fused", "exact/fp32", "exact/fp32:ignore", "compact/int8"]
+    assert all(r["host_ms"] > 0 and r["step_ms"] >= r["host_ms"] for r in doc["rows"])
+    assert set(doc["release"]["per_param_us"]) == {"no release", "release", "release, no plans"}
+    assert "run_plan" in doc["profile"]
+
+
 def _tiny_mlp():
     torch.manual_seed(0)
     model = torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(4)]).bfloat16()

@@ -847,11 +847,99 @@ def _nvrtc(source: str, device: torch.device, name: str) -> Any:
             except Exception:
                 raise first from None  # (a compile error fails both ways: torch's message names it)
 
+    func = getattr(kern, "func", None)  # torch's wrapper holds the CUfunction (CUDA; not on ROCm)
+    launch = _driver_launch() if isinstance(func, ctypes.c_void_p) else None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
     def run(units: int, *args: Any) -> None:
-        with torch.cuda.device(device):  # the module was loaded there; its current stream, as the table's copy
-            kern(grid=(units, 1, 1), block=(THREADS, 1, 1), args=list(args))
+        if launch is None or raw_stream is None:
+            with torch.cuda.device(device):  # the module was loaded there; its current stream, as the table's
+                kern(grid=(units, 1, 1), block=(THREADS, 1, 1), args=list(args))
+            return
+        held = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, Tensor) else ctypes.c_int(a) for a in args]
+        argv = (ctypes.c_void_p * len(held))(*map(ctypes.addressof, held))
+        if torch.cuda.current_device() == index:
+            code = launch(func, units, 1, 1, THREADS, 1, 1, 0, raw_stream(index), argv, None)
+        else:
+            with torch.cuda.device(index):  # the module was loaded in that device's context
+                code = launch(func, units, 1, 1, THREADS, 1, 1, 0, raw_stream(index), argv, None)
+        if code != 0:
+            from torch.cuda import _utils
+
+            _utils._check_cuda(code)  # raises with the driver's message
 
     return run
+
+
+_DRIVER: dict[str, Any] = {}
+
+
+def _driver_launch() -> Any:
+    """The CUDA driver's ``cuLaunchKernel``, looked up once. torch's kernel wrapper (``_compile_kernel``'s)
+    opens the driver library, looks the function up and builds a Stream object at every launch; on an
+    H200 a step's host time was dominated by such per-launch costs (benchmarks/results/gpu-2026-11-30)."""
+    fn = _DRIVER.get("launch")
+    if fn is None:
+        fn = ctypes.CDLL("libcuda.so.1").cuLaunchKernel
+        u = ctypes.c_uint
+        fn.argtypes = [ctypes.c_void_p, u, u, u, u, u, u, u, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+        fn.restype = ctypes.c_int
+        _DRIVER["launch"] = fn
+    return fn
+
+
+class _PinnedPool:
+    """Pinned host buffers kept for one device's copies (launch tables to it, verdicts back), each reused
+    once the copy that read or wrote it has run (``put(..., stream)``: an event recorded behind the copy on
+    that stream) or its contents were read (``put(..., None)``). Before, each copy took a new pinned tensor
+    from torch's caching host allocator; with the GPU busy (gradient release hooks during backward) that
+    cost far more than the copy: on an H200 a release hook took 331-345 us with it and torch's kernel
+    wrapper, 108-136 us with this pool and :func:`_driver_launch`
+    (benchmarks/results/gpu-2026-11-30-host). Thread-safe: release hooks run on autograd's device thread."""
+
+    LIMIT = 64  # idle buffers kept at most (each at least MIN bytes)
+    MIN = 4096
+
+    def __init__(self, alloc: Callable[[int], Tensor] | None = None, new_event: Callable[[], Any] | None = None):
+        import threading
+
+        self.alloc = alloc or (lambda size: torch.empty(size, dtype=torch.uint8, pin_memory=True))
+        self.new_event = new_event or torch.cuda.Event
+        self.idle: list[tuple[Tensor, Any, bool]] = []  # (buffer, its event or None, event to wait for)
+        self.lock = threading.Lock()
+
+    def take(self, nbytes: int) -> tuple[Tensor, Any]:
+        """A pinned uint8 tensor of at least ``nbytes`` bytes that nothing reads or writes any more, and
+        its event to record again (None for a new buffer)."""
+        with self.lock:
+            for k, (buf, event, wait) in enumerate(self.idle):
+                if buf.numel() >= nbytes and (not wait or event.query()):
+                    del self.idle[k]
+                    return buf, event
+        return self.alloc(max(self.MIN, 1 << max(nbytes - 1, 0).bit_length())), None
+
+    def put(self, buf: Tensor, event: Any, stream: Any) -> None:
+        """``buf`` (and ``event``, from :meth:`take`) back; ``stream``: the stream a copy reading or writing
+        it was just queued on (it is reused once that copy has run), or None: it is free now."""
+        if stream is not None:
+            if event is None:
+                event = self.new_event()
+            event.record(stream)
+        with self.lock:
+            if len(self.idle) < self.LIMIT:
+                self.idle.append((buf, event, stream is not None))
+
+
+_PINNED: dict[int, _PinnedPool] = {}  # device index -> its pool (an event belongs to one device)
+
+
+def _pinned(device: torch.device) -> _PinnedPool:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    pool = _PINNED.get(index)
+    if pool is None:
+        pool = _PINNED.setdefault(index, _PinnedPool())
+    return pool
 
 
 def _emulated(source: str, name: str = "lo_emulate", arity: int = 4) -> Any:
@@ -886,11 +974,19 @@ def _to_device(parts: list[array], device: torch.device) -> list[Tensor]:
     CUDA (queued on the current stream, no wait; torch keeps the pinned block until it has run)."""
     offsets, total = _layout(parts)
     cuda = device.type == "cuda"
-    host = torch.empty(total, dtype=torch.uint8, pin_memory=cuda)
+    if cuda:
+        pool = _pinned(device)
+        buf, event = pool.take(total)
+        host = buf[:total]
+    else:
+        host = torch.empty(total, dtype=torch.uint8)
     base = host.data_ptr()
     for a, off in zip(parts, offsets, strict=True):
         ctypes.memmove(base + off, a.buffer_info()[0], len(a) * a.itemsize)
-    table = host.to(device, non_blocking=True) if cuda else host
+    if not cuda:
+        return _views(host, parts, offsets)
+    table = host.to(device, non_blocking=True)  # on the device's current stream
+    pool.put(buf, event, torch.cuda.current_stream(device))
     return _views(table, parts, offsets)
 
 
@@ -1439,9 +1535,11 @@ def run_param(plan: GpuParamPlan, opt: Any, param: Tensor, grad: Tensor, group: 
         if stream != plan.stream:  # the table's last readers were queued on another stream: after them
             stream.wait_stream(plan.stream)
             plan.stream = stream
-        host = torch.empty(len(image), dtype=torch.uint8, pin_memory=True)
-        ctypes.memmove(host.data_ptr(), image, len(image))
-        plan.on_device.copy_(host, non_blocking=True)
+        pool = _pinned(plan.device)
+        buf, event = pool.take(len(image))
+        ctypes.memmove(buf.data_ptr(), image, len(image))
+        plan.on_device.copy_(buf[: len(image)], non_blocking=True)
+        pool.put(buf, event, stream)
     else:  # emulated
         ctypes.memmove(plan.on_device.data_ptr(), image, len(image))
     table, scal, ok, finite, verdict = plan.views
@@ -1504,20 +1602,26 @@ def _verdicts_later(flags: Tensor, tensors: Any) -> tuple:
     marks the copy's end on the current stream: waiting for it waits for nothing queued later."""
     if flags.device.type != "cuda":
         return None, flags, tensors  # emulated: already written
-    host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
-    host.copy_(flags, non_blocking=True)
-    event = torch.cuda.Event()
-    event.record()
-    return event, host, tensors
+    pool = _pinned(flags.device)
+    buf, event = pool.take(flags.numel() * flags.element_size())
+    host = buf[: flags.numel() * flags.element_size()].view(flags.dtype)
+    host.copy_(flags, non_blocking=True)  # on the device's current stream
+    if event is None:
+        event = pool.new_event()
+    event.record(torch.cuda.current_stream(flags.device))
+    return event, host, tensors, (pool, buf)
 
 
 def read_verdicts(pending: tuple) -> list[tuple]:
     """Wait for the copy of the verdicts (only for it, not for work queued after it) and return the
     (param, counter, step count before) of each tensor that was left alone."""
-    event, host, tensors = pending
+    event, host, tensors, *buf = pending
     if event is not None and not event.query():
         event.synchronize()
     oks = host.tolist()
+    if buf:  # the pinned buffer is free again (its copy has run and been read)
+        pool, block = buf[0]
+        pool.put(block, event, None)
     if len(oks) != len(tensors):
         raise RuntimeError(f"{len(oks)} verdicts for {len(tensors)} tensors")
     return [] if all(oks) else [tensors[k] for k, ok in enumerate(oks) if not ok]
