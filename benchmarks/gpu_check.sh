@@ -6,10 +6,12 @@
 # code-shape variants (benchmarks/gpu_variants.py, which chooses the shapes clearly faster than the
 # defaults), runs the benchmark in the chosen shapes, and then measures the host time per tensor of a
 # planned step and per gradient release hook, and, while at most EXTRA_BUDGET (default 540) seconds have
-# passed, an FSDP2 step on the GPU (benchmarks/fsdp_step.py, at most 45 s; summary.json's fsdp_benchmark)
-# and the CPU kernel benchmark on the host's own cores (torch fused against leanopt exact/fp32,
-# compact/int8, compact/int4; at most 75 s; summary.json's cpu_host_benchmark: on 16 cores a CPU step may
-# be memory-bound, where this project's 2-core CI machines are compute-bound).
+# passed, an FSDP2 step on the GPU (benchmarks/fsdp_step.py, at most 45 s; summary.json's fsdp_benchmark),
+# the host time of a step by part (benchmarks/gpu_host_parts.py: each CUDA call alone, steps synchronised
+# and back to back, release hooks; at most 70 s; summary.json's host_parts) and the CPU kernel benchmark
+# on the host's own cores (torch fused against leanopt exact/fp32, compact/int8, compact/int4; at most
+# 75 s; summary.json's cpu_host_benchmark: on the H200's 16-core host, 2026-11-30, a CPU step was
+# memory-bound and met the CPU targets, where this project's 2-core CI machines are compute-bound).
 # Everything goes under $OUT: summary.json (machine, date,
 # exit codes, test counts, the shapes benchmarked), log.txt (everything printed), tests.txt, tests.xml,
 # kernels.json, and with FULL=1 variants.json, gpu_host.json and release_host.json. Eight files at
@@ -97,7 +99,7 @@ timeout "${TEST_TIMEOUT:-240}" "$PYTHON" -m pytest -q -p no:cacheprovider --cont
 TEST_RC=$?
 tail -n 3 "$OUT/tests.txt" | tee -a "$OUT/log.txt"
 
-VARIANTS_RC=-1 HOST_RC=-1 RELEASE_RC=-1 CPU_RC=-1 FSDP_RC=-1  # -1: not run (FULL=1 runs them)
+VARIANTS_RC=-1 HOST_RC=-1 RELEASE_RC=-1 CPU_RC=-1 FSDP_RC=-1 PARTS_RC=-1  # -1: not run (FULL=1 runs them)
 
 # 2. (FULL=1) The CUDA kernels' code-shape variants (kernels.gpu.VARIANT: the defaults and the ones not yet timed,
 #    4 or 16 chunks per block in the flat kernels and the NaN/inf check, vector loads, several groups per
@@ -146,6 +148,18 @@ if [[ "${FULL:-0}" == 1 ]]; then
   else
     log "FSDP2 step: skipped, ${LEFT} s left of ${EXTRA_BUDGET:-540}"
   fi
+  # 6b. (FULL=1, only if the time allows) Where a CUDA step's host time goes (benchmarks/gpu_host_parts.py):
+  #    each CUDA call of the path timed alone, steps of one 50M tensor and GPT-2 (host, synchronised and
+  #    back to back) and release hooks. Into summary.json (host_parts).
+  LEFT=$(( ${EXTRA_BUDGET:-540} - SECONDS ))
+  if (( LEFT >= 40 )); then
+    log "host time by part ($DEVICE; ${LEFT} s left of ${EXTRA_BUDGET:-540})"
+    timeout "$(( LEFT < 70 ? LEFT : 70 ))" "$PYTHON" benchmarks/gpu_host_parts.py --device "$DEVICE" \
+      --release-rounds 2 --out "$OUT/host_parts.json" 2>&1 | grep -v "^W[0-9]" | tee -a "$OUT/log.txt"
+    PARTS_RC=${PIPESTATUS[0]}
+  else
+    log "host time by part: skipped, ${LEFT} s left of ${EXTRA_BUDGET:-540}"
+  fi
   # 7. (FULL=1, only if the time allows) The CPU kernels on the GPU host's own cores: with 16 cores a CPU
   #    step may be memory-bound where this project's 2-core machines are compute-bound, which decides
   #    whether int8 states' fewer bytes make the step faster than torch's fused fp32 AdamW there (the
@@ -163,17 +177,18 @@ if [[ "${FULL:-0}" == 1 ]]; then
 fi
 
 "$PYTHON" - "$OUT" "$TEST_RC" "$BENCH_RC" "$VARIANTS_RC" "$HOST_RC" "$RELEASE_RC" "${LEANOPT_GPU_VARIANT:-}" "$CPU_RC" \
-  "$FSDP_RC" <<'EOF'
+  "$FSDP_RC" "$PARTS_RC" <<'EOF'
 import json, sys, pathlib, xml.etree.ElementTree as ET
 out, test_rc, bench_rc = pathlib.Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-variants_rc, host_rc, release_rc, cpu_rc, fsdp_rc = (None if int(x) == -1 else int(x)
-                                                     for x in (*sys.argv[4:7], *sys.argv[8:10]))
+variants_rc, host_rc, release_rc, cpu_rc, fsdp_rc, parts_rc = (None if int(x) == -1 else int(x)
+                                                               for x in (*sys.argv[4:7], *sys.argv[8:11]))
 summary = {"machine": json.loads((out / "machine.json").read_text()), "tests_rc": test_rc, "benchmark_rc": bench_rc,
            "variants_rc": variants_rc, "host_overhead_rc": host_rc, "release_rc": release_rc,
            # None: not run (FULL=1 only, and only if the time allowed)
-           "fsdp_benchmark_rc": fsdp_rc, "cpu_host_benchmark_rc": cpu_rc,
+           "fsdp_benchmark_rc": fsdp_rc, "cpu_host_benchmark_rc": cpu_rc, "host_parts_rc": parts_rc,
            "benchmark_gpu_variant": sys.argv[7]}
-for name, key in (("kernels_cpu.json", "cpu_host_benchmark"), ("fsdp.json", "fsdp_benchmark")):
+for name, key in (("kernels_cpu.json", "cpu_host_benchmark"), ("fsdp.json", "fsdp_benchmark"),
+                  ("host_parts.json", "host_parts")):
     path = out / name  # kept in summary.json: a device call brings back 8 files at most
     if path.exists():
         try:
@@ -192,5 +207,5 @@ except Exception as err:  # noqa: BLE001
 print(json.dumps(summary))
 EOF
 log "results in $OUT (tests rc=$TEST_RC, benchmark rc=$BENCH_RC, variants rc=$VARIANTS_RC, host rc=$HOST_RC," \
-  "release rc=$RELEASE_RC, FSDP2 rc=$FSDP_RC and CPU host rc=$CPU_RC: not part of the verdict)"
+  "release rc=$RELEASE_RC, FSDP2 rc=$FSDP_RC, host parts rc=$PARTS_RC and CPU host rc=$CPU_RC: not part of the verdict)"
 [[ $TEST_RC -eq 0 && $BENCH_RC -eq 0 && ( "${FULL:-0}" != 1 || ( $VARIANTS_RC -eq 0 && $HOST_RC -eq 0 && $RELEASE_RC -eq 0 ) ) ]]

@@ -15,7 +15,8 @@ consecutive int8/int4 groups together (every load of the 4 first, then the arith
 flight per warp); ``search1``: every kernel finds its block's tensor by a warp's 32-way search (ballots), not a
 binary search per thread (its bits are checked like every variant's; chosen with the flat family, it applies
 to all kernels); ``search2``: only a block's first warp searches so, the others wait at a barrier (timed by
-default: the fewest instructions by benchmarks/sass_count.py); ``groups2``: 2 groups; ``table``: signed
+default: the fewest instructions by benchmarks/sass_count.py); ``groups2``: 2 groups; ``novec`` and
+``groups1``: one element a thread, one group a warp (the defaults before 2026-11-30); ``table``: signed
 codes decoded through a table in shared memory (the default: a constant one); ``groups2+table``,
 ``groups4+table``: both. Before it is timed, each variant's kernels are compared with the native CPU kernels bit for bit
 on the device (:func:`bits_differ`, ``bits`` in the output); a variant that differs is never chosen. On CUDA
@@ -46,19 +47,22 @@ VARIANTS = {
     "chunks4": ({"chunks": 4}, FLAT),
     "chunks16": ({"chunks": 16}, FLAT),
     "vec": ({"vec": True}, FLAT),
+    "novec": ({"vec": False}, FLAT),  # the flat kernels' default before 2026-11-30's H200 run chose vec
     "chunks16+vec": ({"chunks": 16, "vec": True}, FLAT),
     "search1": ({"search": 1}, FLAT),  # every kernel's search for its tensor; timed with the flat ones
     "search2": ({"search": 2}, FLAT),
+    "groups1": ({"groups": 1}, GROUPED),  # the grouped kernels' default before that run chose groups2
     "groups2": ({"groups": 2}, GROUPED),
     "groups4": ({"groups": 4}, GROUPED),
     "table": ({"table": True}, GROUPED),
     "groups2+table": ({"groups": 2, "table": True}, GROUPED),
     "groups4+table": ({"groups": 4, "table": True}, GROUPED),
 }
-#: timed by default (``old`` was timed on 2026-11-29; ``chunks16`` alone is half of a combination timed, run
-#: if it wins; since the default decodes signed codes through a constant table (2026-11-30), ``table``'s
-#: shared-memory table counts more instructions than it, benchmarks/sass_count.py, so it is not timed)
-DEFAULT_VARIANTS = ["default", "chunks4", "vec", "chunks16+vec", "search2", "groups2", "groups4"]
+#: timed by default (``old`` was timed on 2026-11-29; since the H200 run of 2026-11-30 the defaults are
+#: ``vec`` and ``groups=2``, so every variant is timed on top of them and ``novec``/``groups1`` time the
+#: shapes before; since the default decodes signed codes through a constant table (2026-11-30),
+#: ``table``'s shared-memory table counts more instructions than it, benchmarks/sass_count.py: not timed)
+DEFAULT_VARIANTS = ["default", "novec", "chunks4", "chunks16", "search2", "groups1", "groups4"]
 #: bit-checked combinations (weight format, state format) with shapes that give partial groups, rows a
 #: warp's groups continue into and a tensor smaller than one warp's groups
 BITS_COMBOS = [("exact", "fp32"), ("compact", "int8"), ("kahan", "int4"), ("stochastic", "int8")]

@@ -19,6 +19,7 @@ from leanopt.cli.bench import (
     Case,
     Result,
     _peer,
+    back_to_back,
     held_bytes,
     make_params,
     merge_rounds,
@@ -302,3 +303,26 @@ def test_the_in_place_bound_follows_the_in_place_stream_measured_next_to_each_ro
     assert results_table([single]).splitlines()[2].split()[8] == "-"
     relate([single], gbps=10.0, in_place=20.0)
     assert single.inplace_bound_ms == pytest.approx(1.3) and single.ratio_to_inplace_bound == pytest.approx(2.0)
+
+
+def test_back_to_back_steps_change_the_lr_like_timed_ones_and_show_as_a_column_when_measured():
+    """``pipelined_ms`` (CUDA only, by ``back_to_back``): steps without a wait in between, the learning
+    rate changed before each as in time_steps (a path that rebuilt for a new LR would show); the table
+    gets a "back to back ms" column only when a result has the figure, and merged rounds take its median."""
+    params = make_params([(4, 4)], torch.bfloat16, "cpu")
+    opt = leanopt.AdamW(params, lr=1e-3)
+    seen = []
+    opt.register_step_pre_hook(lambda o, a, k: seen.append(o.param_groups[0]["lr"]))
+    assert back_to_back(opt, 3) > 0
+    assert seen == pytest.approx([1e-4, 1.01e-4, 1.02e-4])
+    plain = [_result("w", "torch-fused", "baseline", 10.0, touched=28.0)]
+    assert "back to back" not in results_table(plain)
+    rounds = []
+    for ms in (3.0, 1.0, 2.0):
+        r = _result("w", "torch-fused", "baseline", 10.0, touched=28.0)
+        r.step_ms_all, r.min_ms, r.pipelined_ms = [10.0], 10.0, ms
+        rounds.append([r])
+    merged = merge_rounds(rounds)
+    assert merged[0].pipelined_ms == 2.0
+    header, _, row = results_table(merged).splitlines()[:3]
+    assert "back to back ms" in header and "2.00" in row.split()

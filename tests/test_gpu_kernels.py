@@ -402,13 +402,20 @@ def test_every_cuda_source_passes_clangs_cuda_checks():
     assert any(d.severity >= 3 for d in tu.diagnostics)
 
 
+#: (kernel, arch) that ptxas compiles with a small spill under the default code shape (see below)
+SPILL_EXEMPT = {("SGD/stochastic/int8", "sm_80"), ("SGD/stochastic/int4", "sm_80")}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 def test_every_cuda_source_compiles_with_nvrtc_without_spills(arch):
     """NVIDIA's own compiler, as a step on a GPU runs it (``gpu.nvrtc_compile``: the runtime's options,
     CUBIN for A100 / H100-H200), from the ``nvidia-cuda-nvrtc`` wheel (the ``nvrtc`` extra; no GPU
     needed): every generated kernel compiles, its name is found, and ptxas reports no stack frame and
-    no register spills. A construct NVRTC refuses is an error with NVRTC's log."""
+    no register spills, but for the two kernels of SPILL_EXEMPT on sm_80: with ``VARIANT["groups"] = 2``
+    (the default since an H200 timed it, 2026-11-30) ptxas keeps SGD's stochastic int8/int4 kernels at 40
+    registers there by spilling 8 bytes; that list must stay exact. A construct NVRTC refuses is an
+    error with NVRTC's log."""
     nvrtc = gpu.find_nvrtc()
     if nvrtc is None:
         pytest.skip("no NVRTC library (pip install 'leanopt[nvrtc]', or set LEANOPT_NVRTC)")
@@ -418,9 +425,13 @@ def test_every_cuda_source_compiles_with_nvrtc_without_spills(arch):
         cubin, mangled, log = gpu.nvrtc_compile(nvrtc, source, name, arch, ("--ptxas-options=-v",))
         assert cubin[:4] == b"\x7fELF" and name in mangled, label
         usage = [line for line in log.splitlines() if "spill" in line]
-        assert usage and all("0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads" in u for u in usage), (
-            f"{label} on {arch}: {log}"
-        )
+        clean = all("0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads" in u for u in usage)
+        if (label, arch) in SPILL_EXEMPT and gpu.VARIANT["groups"] == 2:
+            assert usage and not clean and all("8 bytes stack frame, 8 bytes spill stores" in u for u in usage), (
+                f"{label} on {arch}: the exemption no longer matches: {log}"
+            )
+        else:
+            assert usage and clean, f"{label} on {arch}: {log}"
     # the check itself: a helper left without __device__ (a host function called by the kernel) is refused
     bad = sources[1][2].replace("LO_FN uint16_t lo_bf16", "static inline uint16_t lo_bf16", 1)
     assert bad != sources[1][2]

@@ -236,6 +236,22 @@ def time_steps(
     return times
 
 
+def back_to_back(opt: torch.optim.Optimizer, steps: int) -> float:
+    """Seconds per ``opt.step()`` over ``steps`` steps run back to back with one synchronise at the end
+    (the learning rate changing before each, as in :func:`time_steps`): on CUDA the host's and the
+    GPU's work overlap, as in a training loop that does not wait after each step."""
+    device = next(p.device for g in opt.param_groups for p in g["params"])
+    _sync(device)
+    start = time.perf_counter()
+    for i in range(steps):
+        for group in opt.param_groups:
+            if not isinstance(group["lr"], torch.Tensor):
+                group["lr"] = 1e-4 * (1 + 0.01 * i)
+        opt.step()
+    _sync(device)
+    return (time.perf_counter() - start) / steps
+
+
 def _best_gbps(device: torch.device, fn: Callable[[], Any], nbytes: int, reps: int) -> float:
     """GB/s of ``fn`` moving ``nbytes``: the best of ``reps`` runs after one untimed, i.e. the attainable
     bandwidth (on a shared machine the median moves with the load)."""
@@ -315,6 +331,9 @@ class Result:
     #: median time until ``step()`` returned: on CUDA the host's part of a step (the rest is the GPU's)
     host_ms: float = 0.0
     host_ms_all: list[float] = field(default_factory=list)
+    #: CUDA: ms per step of as many steps back to back, one wait at the end (as in training, where the
+    #: host prepares a step while the GPU still runs the work before it); 0 elsewhere (the same as step_ms)
+    pipelined_ms: float = 0.0
     bytes_by_category: dict[str, int] = field(default_factory=dict)
     bytes_per_param: float = 0.0
     touched_bytes_per_param: float = 0.0
@@ -377,6 +396,8 @@ def run_case(
         res.host_ms, res.host_ms_all = 1e3 * statistics.median(host), [round(1e3 * x, 3) for x in host]
         res.step_ms_all = [round(1e3 * x, 3) for x in times]
         res.step_ms, res.min_ms = 1e3 * statistics.median(times), 1e3 * min(times)
+        if device.type == "cuda":
+            res.pipelined_ms = 1e3 * back_to_back(opt, steps)
         res.bytes_by_category = held_bytes(params, opt)
         held = res.bytes_by_category
         res.bytes_per_param = sum(held.values()) / res.params
@@ -457,6 +478,7 @@ def merge_rounds(rounds: list[list[Result]]) -> list[Result]:
         m.round_inplace_gbps = [r.inplace_gbps if r is not None and r.status == "ok" else None for r in runs]
         m.inplace_gbps = statistics.median(c for c in m.round_inplace_gbps if c is not None)
         m.step_ms = statistics.median(r.step_ms for r in ok)
+        m.pipelined_ms = statistics.median(r.pipelined_ms for r in ok)
         m.min_ms = min(r.min_ms for r in ok)
         m.step_ms_all = [t for r in ok for t in r.step_ms_all]
         m.first_step_s = ok[0].first_step_s  # the first round's: it includes building the kernels
@@ -503,6 +525,10 @@ def results_table(results: list[Result]) -> str:
     header = ["workload", "mode", "step ms", "first s", "vs torch fused", "GB/s", "bound ms", "vs bound",
               "vs in-place", "touched B/p", "memory B/p"]  # fmt: skip
     measured = [r for r in results if r.status == "ok"]
+    if any(r.pipelined_ms for r in measured):  # CUDA: steps back to back, one wait at the end
+        header.append("back to back ms")
+        for row, r in zip(rows, measured, strict=True):
+            row.append(f"{r.pipelined_ms:.2f}" if r.pipelined_ms else "-")
     if any(len(r.round_ratios) > 1 for r in measured):  # --rounds: the spread of the per-round ratios
         header.append("rounds (vs fused)")
         for row, r in zip(rows, measured, strict=True):
@@ -714,6 +740,8 @@ def run(args: argparse.Namespace) -> int:
     print("at the in-place stream's GB/s (x *= -1: read and written in place, as a step does; a tighter bound than")
     print("the copy's where the copy's writes also read their lines); memory: weights + gradient + optimizer")
     print("state per parameter, from the tensors held.")
+    if any(r.pipelined_ms for r in results):
+        print("back to back: ms per step of as many steps run without waiting in between (one wait at the end).")
     checks = targets(results, args.optimizer)
     if checks:
         where = "" if device.type == "cpu" else f" (set for CPU; this run is on {device})"

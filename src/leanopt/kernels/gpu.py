@@ -77,15 +77,20 @@ NVRTC_OPTIONS = ["--fmad=false"]
 #: kernel's thread updates ITEMS consecutive elements, each array read and written in one 4-16 byte
 #: access where aligned (as torch's fused kernels do).
 #: ``search``: how a block finds its tensor (:func:`_find`): 0, each thread by a binary search (the
-#: default: the code the H200 runs checked); 1, each warp by a 32-way search, one ``__ballot_sync`` a
-#: round (since 2026-11-30; fewer instructions by benchmarks/sass_count.py, its CPU form tested, but no
-#: GPU has run its ballot yet: ``test_cuda_many_tensors_give_the_native_bits_with_each_search`` and
-#: gpu_variants.py's ``search2`` do, then it can become the default); 2, the block's first warp so,
-#: shared after a barrier (the fewest instructions of the three by sass_count.py: the other warps skip it).
-#: ``chunks``, ``groups``, ``table`` and ``vec`` are off until a GPU run has timed them; the environment
-#: variable ``LEANOPT_GPU_VARIANT`` (e.g. ``"chunks=4,vec=1"``) sets any of them (:func:`parse_variant`).
-VARIANT: dict[str, Any] = {"hoist": True, "warp_max": True, "chunks": 1, "groups": 1, "table": False,
-                           "vec": False, "search": 0}  # fmt: skip
+#: default); 1, each warp by a 32-way search, one ``__ballot_sync`` a round (fewer instructions by
+#: benchmarks/sass_count.py); 2, the block's first warp so, shared after a barrier (the fewest
+#: instructions of the three: the other warps skip it). All three gave the native bits on an H200
+#: (``test_cuda_many_tensors_give_the_native_bits_with_each_search``, 2026-11-30).
+#: The defaults are what an H200 chose by timing (benchmarks/gpu_variants.py, 2026-11-30,
+#: benchmarks/results/gpu-2026-11-30/variants.json, every variant's bits equal to the native kernels'):
+#: ``vec`` (the flat kernels' device time 0.94x the variant before, worst case 1.06x) and ``groups=2``
+#: (grouped kernels 0.93x, worst 1.04x); ``search=2`` ran there too (its bits equal, 0.947x: not chosen,
+#: and not timed on top of ``vec`` yet). With ``groups=2`` ptxas compiles two kernels for sm_80 (A100:
+#: SGD with stochastic rounding and int8/int4 momentum) at 40 registers with an 8-byte spill; none for
+#: sm_90 (tests/test_gpu_kernels.py, ``SPILL_EXEMPT``). The environment variable ``LEANOPT_GPU_VARIANT`` (e.g.
+#: ``"chunks=4,vec=0"``) sets any of them (:func:`parse_variant`).
+VARIANT: dict[str, Any] = {"hoist": True, "warp_max": True, "chunks": 1, "groups": 2, "table": False,
+                           "vec": True, "search": 0}  # fmt: skip
 #: counts (the other keys are 0 or 1). A warp's groups take its block's static shared memory (at most
 #: 48 KiB: 8 warps x up to 3 states x 32 x groups floats, AMSGrad's 3 states at 16 groups overflow it;
 #: NVRTC, sm_90), so at most 8
