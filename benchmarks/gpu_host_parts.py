@@ -127,8 +127,10 @@ def steps(torch, leanopt, device: str, workloads: list[str], reps: int) -> list[
                          "step_ms": round(statistics.median(wall) * 1e3, 4),
                          "pipelined_ms": round((time.perf_counter() - start) / reps * 1e3, 4)})  # fmt: skip
             r = rows[-1]
-            print(f"  {wname:10s} {mode:18s} host {r['host_ms']:.3f} ms  step {r['step_ms']:.3f} ms  "
-                  f"back to back {r['pipelined_ms']:.3f} ms")
+            print(
+                f"  {wname:10s} {mode:18s} host {r['host_ms']:.3f} ms  step {r['step_ms']:.3f} ms  "
+                f"back to back {r['pipelined_ms']:.3f} ms"
+            )
             del opt, params
     return rows
 

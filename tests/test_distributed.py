@@ -337,7 +337,9 @@ class Worker:
                 model = self.fsdp(mlp(c[3]))
                 opt = make_optimizer(model, c, kernel="fused")
                 before = {id(k): (k.tensors, k.launches) for k in gpu.compile_stats()}
-                losses = train(model, opt, range(STEPS), dtype=c[3])
+                with _counting(leanopt.distributed, "finite_checks", lambda *a: 1) as waited, \
+                        _counting(gpu, "finite_flags", lambda grads: len(grads)) as checked:  # fmt: skip
+                    losses = train(model, opt, range(STEPS), dtype=c[3])
                 used = [(k.tensors - before.get(id(k), (0, 0))[0], k.launches - before.get(id(k), (0, 0))[1])
                         for k in gpu.compile_stats() if k.tensors != before.get(id(k), (0, 0))[0]]  # fmt: skip
                 results[combo_name(c)] = {
@@ -345,7 +347,61 @@ class Worker:
                     "snapshot": snapshot(model, opt),
                     "updates": sum(u[0] for u in used),
                     "launches": [u[1] for u in used],
+                    "waited": len(waited),
+                    "checked": checked,
                 }
+            # a (1, 34) weight and a (1,) bias: rank 1 holds no rows of them, its verdicts (1) still meet
+            # rank 0's in the step's all-reduce
+            c = ("adamw", "compact", "int8", torch.bfloat16)
+            model = self.fsdp(mlp(c[3], out=1))
+            opt = make_optimizer(model, c, kernel="fused")
+            results["empty-shard"] = {"losses": train(model, opt, range(STEPS)), "snapshot": snapshot(model, opt)}
+            # an update the kernels do not cover (gpu.launch answers None for one tensor): the step counts of
+            # the updates prepared before it are put back and the general path runs the whole step
+            model = self.fsdp(mlp(c[3]))
+            opt = make_optimizer(model, c, kernel="fused")
+            target, original = model[2].weight, gpu.launch
+
+            def refuse(rule, wfmt, sfmt, param, *args, **kwargs):
+                if param is target._local_tensor:
+                    return None
+                return original(rule, wfmt, sfmt, param, *args, **kwargs)
+
+            gpu.launch = refuse
+            try:
+                losses = train(model, opt, range(STEPS))
+            finally:
+                gpu.launch = original
+            results["not-covered"] = {"losses": losses, "snapshot": snapshot(model, opt),
+                                      "steps": sorted({float(st["step"]) for st in opt.state.values()})}  # fmt: skip
+            # nonfinite="ignore": nothing to check, so nothing checked (before: a check, an all-reduce and a wait)
+            model = self.fsdp(mlp(c[3]))
+            opt = make_optimizer(model, c, kernel="fused", nonfinite="ignore")
+            with _counting(leanopt.distributed, "finite_checks", lambda *a: 1) as waited, \
+                    _counting(gpu, "finite_flags", lambda grads: len(grads)) as checked:  # fmt: skip
+                train(model, opt, range(2))
+            results["ignore"] = {"waited": len(waited), "checked": len(checked)}
+            # an inf in one rank's rows of one tensor, in the first step (its state is new) and in a later one
+            for first in (True, False):
+                model = self.fsdp(mlp(c[3]))
+                opt = make_optimizer(model, c, kernel="fused")
+                if not first:
+                    train(model, opt, range(1))
+                before = snapshot(model, opt)
+                loss = mlp_loss(model, *mlp_batch(1))
+                loss.backward()
+                if self.rank == 1:
+                    model[2].weight.grad._local_tensor[3, 1] = float("inf")
+                opt.step()
+                pending = opt._step_verdicts is not None  # not read yet: the host did not wait for them
+                skipped = opt.last_skipped
+                opt.zero_grad()
+                results["inf-first" if first else "inf"] = {
+                    "before": before, "after": snapshot(model, opt), "pending": pending, "skipped": skipped,
+                    "counted": opt.nonfinite_skipped, "has_state": bool(opt.state.get(model[2].weight)),
+                    "step": float(opt.state[model[0].weight]["step"]),
+                    "skipped_step": float(opt.state[model[2].weight]["step"]) if not first else None,
+                }  # fmt: skip
         finally:
             gpu.EMULATE = False
         self.save("fsdp_gpu_kernels", results)
@@ -855,8 +911,37 @@ def test_fsdp2_through_the_gpu_kernels_emulated_is_bit_identical_to_one_process(
     assert got["updates"] == STEPS * 6  # 3 weights + 3 biases per step, through the CUDA kernels' code
     # in one launch per kernel per step (until 2026-11-30 one launch per tensor: 6 per step)
     assert got["launches"] == [STEPS] * len(got["launches"]) and len(got["launches"]) <= 2, got["launches"]
+    # the shards' NaN/inf check: one launch per step for all 6, its verdicts all-reduced and read by the
+    # update kernels on the device; the host never waited for them (finite_checks: .tolist() before launching)
+    assert got["checked"] == [6] * STEPS and got["waited"] == 0, (got["checked"], got["waited"])
     assert_same_bits({"losses": dict(enumerate(got["losses"]))}, {"losses": dict(enumerate(want["losses"]))}, "loss")
     assert_same_bits(got["snapshot"], want["snapshot"], combo_name(combo))
+
+
+@multiprocess
+def test_fsdp2_steps_through_the_gpu_kernels_emulated_skip_a_nonfinite_tensor_on_every_rank(cluster):
+    """An inf in rank 1's rows of one weight, the verdicts all-reduced on the device: that tensor is left
+    alone on both ranks (its step count put back; in the first step its new state removed) and counted
+    once each, when the verdicts are read (after the step, not during it); the others are updated. A
+    (1, 34) weight rank 1 holds no rows of: the same bits as one process (its verdicts still meet). With
+    nonfinite="ignore" no gradient is checked at all (before: a check, an all-reduce and a wait)."""
+    results = result(cluster, "fsdp_gpu_kernels")
+    got = results["empty-shard"]
+    want = single_run(("adamw", "compact", "int8", torch.bfloat16), out=1)
+    assert_same_bits(got["snapshot"], want["snapshot"], "empty shard")
+    assert results["ignore"] == {"waited": 0, "checked": 0}, results["ignore"]
+    got = results["not-covered"]  # one tensor refused by the kernels: the general path, the same bits
+    assert got["steps"] == [float(STEPS)], got["steps"]
+    assert_same_bits(got["snapshot"], single_run(("adamw", "compact", "int8", torch.bfloat16))["snapshot"], "fallback")
+    for name, first in (("inf-first", True), ("inf", False)):
+        got = results[name]
+        assert got["pending"] and got["skipped"] == [2] and got["counted"] == 1, (name, got["skipped"])
+        assert got["has_state"] is not first, name  # a skipped first step leaves no state behind
+        assert got["step"] == (1.0 if first else 2.0), (name, got["step"])
+        if not first:  # its step count put back: 1, as before the step that skipped it
+            assert got["skipped_step"] == 1.0, got["skipped_step"]
+            assert_same_bits(got["after"]["2.weight"], got["before"]["2.weight"], "skipped tensor")
+        assert not torch.equal(bits(got["after"]["0.weight"]["param"]), bits(got["before"]["0.weight"]["param"]))
 
 
 @multiprocess

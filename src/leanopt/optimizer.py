@@ -5,6 +5,7 @@ Each public optimizer is a thin binding of an update rule (``leanopt.rules``) to
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import difflib
 import functools
@@ -44,6 +45,45 @@ _FLAG_ADVICE = {
 
 #: (master, states, dtype) -> (weight format, state format): formats() runs for every tensor on every step
 _FORMATS: dict[tuple, tuple[WeightFormat, StateFormat]] = {}
+
+
+class _StepUndo:
+    """A deferred update's step count, for the verdicts read later (``gpu.read_verdicts``, which sets
+    ``value`` back for each tensor left alone): the count is put back, or the state this step made for
+    the parameter removed (a step that skips a tensor never creates its state)."""
+
+    __slots__ = ("opt", "param", "state", "fresh")
+
+    def __init__(self, opt: Any, param: Tensor, state: dict[str, Any], fresh: Any) -> None:
+        self.opt, self.param, self.state, self.fresh = opt, param, state, fresh
+
+    @property
+    def value(self) -> float:
+        return float(self.state["step"])
+
+    @value.setter
+    def value(self, before: float) -> None:
+        if self.fresh is not None and self.opt.state.get(self.param) is self.state:
+            del self.opt.state[self.param]
+        else:
+            self.state["step"].fill_(before)
+
+
+class _Undos:
+    """(param, :class:`_StepUndo`, step count before) of the k-th tensor a deferred FSDP2 step checked, made
+    only when asked for (``gpu.read_verdicts`` asks for the tensors left alone)."""
+
+    __slots__ = ("opt", "items")
+
+    def __init__(self, opt: Any, items: list[tuple]) -> None:
+        self.opt, self.items = opt, items  # (param, state, before, fresh, job)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, k: int) -> tuple:
+        param, state, before, fresh, _ = self.items[k]
+        return param, _StepUndo(self.opt, param, state, fresh), before
 
 
 class LeanOptimizer(torch.optim.Optimizer):
@@ -619,10 +659,13 @@ class LeanOptimizer(torch.optim.Optimizer):
                 self._step_plan = plan
             return loss
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if self.nonfinite == "skip" and self._sharded_on_device(grads) and self._step_sharded(self._check_grads()):
+            return loss  # FSDP2 on CUDA: checked, all-reduced and updated on the device, the verdicts read later
         # plain gradients checked for NaN/inf together: one native call on CPU, one transfer per GPU
         self._finite = self._finite_flags(grads)
         try:
-            with _shards.finite_checks(grads):  # FSDP2: one all-reduce decides for every sharded gradient
+            # FSDP2: one all-reduce decides for every sharded gradient (none asked with nonfinite="ignore")
+            with _shards.finite_checks(grads) if self.nonfinite != "ignore" else contextlib.nullcontext():
                 work = self._check_grads()
                 self.last_skipped = []
                 jobs, gpu_jobs, scalars = [], [], {}
@@ -645,6 +688,71 @@ class LeanOptimizer(torch.optim.Optimizer):
         finally:
             self._finite = {}  # ids of this step's gradients: never reused
         return loss
+
+    def _sharded_on_device(self, grads: list[Tensor]) -> bool:
+        """Whether every gradient of this step is a DTensor (FSDP2) whose rows the multi-tensor CUDA
+        kernels update (kernel "auto"/"fused" on CUDA; emulated on the CPU in tests)."""
+        if not grads:
+            return False
+        device = None
+        for g in grads:
+            if not _shards.is_dtensor(g):
+                return False
+            if g.device != device:
+                device = g.device
+                if not _gpu.wanted(self.kernel, device):
+                    return False
+        return True
+
+    def _step_sharded(self, work: list[tuple[Tensor, dict[str, Any]]]) -> bool:
+        """An FSDP2 step on CUDA (``nonfinite="skip"``) without the host waiting: every update prepared on
+        its local rows (step counts advanced), the local gradients checked for NaN/inf by one launch per
+        device mesh, the verdicts all-reduced (minimum over the ranks) on the device, and the update
+        kernels reading them there: a tensor whose gradient holds a NaN or inf in any rank's rows is left
+        alone on every rank. The verdicts come back behind the check and are read when first needed
+        (the next ``step()``, ``last_skipped``, a state dict: ``_settle_step_verdicts``), which puts a
+        skipped tensor's step count back. Before (and for ``"raise"``) the host read the all-reduced
+        verdicts before launching anything: one wait for the GPU per step. False, with nothing changed,
+        when an update is not covered (the general path then runs)."""
+        if not work:
+            return False
+        prepared: list[tuple[Tensor, dict[str, Any], float, Any, Any]] = []
+        scalars: dict = {}
+        for p, group in work:
+            fresh = p if not self.state.get(p) else None
+            state = self.state_for(p, group, check_layout=False)
+            wfmt, sfmt = self.formats(p, group)
+            before = float(state["step"])
+            random_bits = self._random_bits(p, state) if wfmt.needs_random else None
+            rows, g, st = _shards.local_parts(p, p.grad, state, f"parameter {self.param_index(p)}")
+            job = _gpu.launch(self.rule, wfmt, sfmt, rows, g, st, group, scalars, random_bits, cache_key=id(state))
+            prepared.append((p, state, before, fresh, job))
+            if job is None:  # not covered: undo the step counts advanced so far (nothing has run yet)
+                return self._undo_prepared(prepared)
+        by_mesh: dict[Any, list[int]] = {}
+        for k, (p, *_) in enumerate(prepared):
+            by_mesh.setdefault(p.device_mesh, []).append(k)
+        checks, positions, order = [], [0] * len(prepared), []
+        for mesh, ks in by_mesh.items():  # the same meshes and tensors in the same order on every rank
+            local = _gpu.finite_flags([prepared[k][4].keep[0] for k in ks])  # one launch, no wait
+            if local is None:  # (a gradient it cannot read: on every rank alike, before any all-reduce)
+                return self._undo_prepared(prepared)
+            checks.append((mesh, local))
+            for j, k in enumerate(ks):
+                positions[k] = len(order) + j
+            order += ks
+        flags = [_shards.all_ranks_min(local, mesh) for mesh, local in checks]
+        verdicts = flags[0] if len(flags) == 1 else torch.cat(flags)
+        _gpu.run_many([item[4] for item in prepared], verdicts=(verdicts, positions))
+        self.last_skipped = []
+        self._step_verdicts = _gpu._verdicts_later(verdicts, _Undos(self, [prepared[k] for k in order]))
+        return True
+
+    def _undo_prepared(self, prepared: list[tuple]) -> bool:
+        """Put back the step counts (and remove the new states) of updates prepared but not run: False."""
+        for param, state, before, fresh, _ in prepared:
+            _StepUndo(self, param, state, fresh).value = before
+        return False
 
     #: torch.amp.GradScaler hands this optimizer its scale and inf flag (``grad_scale``, ``found_inf``)
     #: instead of unscaling the gradients in place, which it refuses for fp16 ones: see _scaled_step

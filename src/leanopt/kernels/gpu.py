@@ -1209,17 +1209,24 @@ def _by_kernel(jobs: list[GpuLaunch]) -> list[list[GpuLaunch]]:
 
 
 def run_many(
-    jobs: list[GpuLaunch], check: bool = False, reduce: Callable[[Tensor], Any] | None = None
-) -> list[tuple[GpuLaunch, Tensor]]:
+    jobs: list[GpuLaunch], check: bool = False, reduce: Callable[[Tensor], Any] | None = None,
+    verdicts: tuple[Tensor, list[int]] | None = None,
+) -> list[tuple[GpuLaunch, Tensor]]:  # fmt: skip
     """Run prepared updates: one launch per kernel (combination and device), its table copied once.
+
+    ``verdicts`` = (flags, positions): each job's verdict is already on the device, ``flags[positions[k]]``
+    for ``jobs[k]`` (int32, 1 = update; an FSDP2 step's, all-reduced over the ranks): each kernel's
+    launch reads its jobs' verdicts gathered on the device (``index_select``), the host never waits.
 
     ``check``: each gradient is first checked for NaN/inf on the device (one more launch per kernel)
     and a tensor whose gradient holds one is left unchanged, without the host waiting for the verdict;
-    returns (job, its verdict: a 0-d int32 device tensor, 1 = updated) for the caller to read later.
+    returns (job, its verdict: a 0-d int32 device tensor, 1 = updated) for the caller to read later
+    (without ``check``: nothing).
     ``reduce`` (with ``check``): called on a kernel's int32 verdicts between the check and the update,
     to change them in place on the device (FSDP2: the minimum over the ranks, so that every rank skips
     a tensor whose gradient holds a NaN or inf in any rank's rows)."""
-    verdicts = []
+    out = []
+    position = {id(job): k for k, job in enumerate(jobs)} if verdicts is not None else {}
     for group in _by_kernel(jobs):
         kernel = group[0].kernel
         meta, scal, units = _batch(group)
@@ -1230,16 +1237,20 @@ def run_many(
             raise RuntimeError("leanopt: the NaN/inf check kernel is not available for these gradients")
         if table is not None:
             parts.append(table[0])
+        if verdicts is not None:  # where each job's verdict sits in the flags: gathered on the device
+            parts.append(array("q", (verdicts[1][position[id(job)]] for job in group)))
         dev = _to_device(parts, kernel.device)
         if table is not None and table[1]:
             fn(table[1], dev[3], len(group), dev[2])  # writes 0 into ok[t] for a gradient with NaN/inf
         if table is not None and reduce is not None:
             reduce(dev[2])
-        kernel.fn(units, dev[0], len(group), dev[1], dev[2])
+        ok = dev[2] if verdicts is None else verdicts[0].index_select(0, dev[-1])
+        kernel.fn(units, dev[0], len(group), dev[1], ok)
         kernel.launches += 1
         kernel.tensors += len(group)
-        verdicts += [(job, dev[2][k]) for k, job in enumerate(group)]
-    return verdicts
+        if check:
+            out += [(job, ok[k]) for k, job in enumerate(group)]
+    return out
 
 
 @dataclass(slots=True)
