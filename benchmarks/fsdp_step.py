@@ -15,7 +15,8 @@ script against the code before (``--src`` of a checkout of that revision, e.g. a
         --out benchmarks/results/fsdp_step_before.json
 
 With ``--device cuda`` (a GPU machine; an nccl group of one rank) the real CUDA kernels run: ``host_ms`` is
-the time until ``step()`` returned, ``step_ms`` the step synchronised. ``FULL=1 bash
+the time until ``step()`` returned, ``step_ms`` the step synchronised, ``pipelined_ms`` per step of as many
+steps back to back with one wait at the end (the host runs ahead unless a step waits for the GPU). ``FULL=1 bash
 benchmarks/gpu_check.sh`` runs it there when time is left (summary.json: ``fsdp_benchmark``).
 """
 
@@ -97,9 +98,18 @@ def main() -> int:
                 if cuda:
                     torch.cuda.synchronize()
                 times.append(time.perf_counter() - t0)
+            if cuda:  # back to back, one wait at the end: a step that waits for the GPU inside shows here
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                opt.step()
+            if cuda:
+                torch.cuda.synchronize()
+            pipelined = (time.perf_counter() - t0) / args.steps * 1e3
             ms = statistics.median(times) * 1e3
             rows.append({"path": path, "tensors": len(params), "step_ms": ms, "us_per_tensor": ms * 1e3 / len(params),
-                         "host_ms": statistics.median(host) * 1e3, "step_ms_all": [round(t * 1e3, 3) for t in times],
+                         "host_ms": statistics.median(host) * 1e3, "pipelined_ms": pipelined,
+                         "step_ms_all": [round(t * 1e3, 3) for t in times],
                          "kernels_used": [k.key for k in gpu.compile_stats()] if path != "native" else []})  # fmt: skip
             print(
                 f"{path:14s} {len(params)} tensors: {ms:7.2f} ms per step, {ms * 1e3 / len(params):6.1f} us per tensor"

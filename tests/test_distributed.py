@@ -1202,3 +1202,18 @@ def test_plain_tensors_bypass_the_shard_adapter():
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:
     worker_main(Path(sys.argv[2]), Path(sys.argv[3]))
+
+
+@pytest.mark.slow
+def test_the_fsdp2_step_benchmark_runs_on_one_gloo_rank(tmp_path):
+    """benchmarks/fsdp_step.py (its figures are in docs/distributed.md; gpu_check.sh runs it on a GPU): a
+    tiny run gives both CPU paths' host, synchronised and back-to-back times."""
+    import json
+
+    out = tmp_path / "fsdp.json"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "fsdp_step.py"
+    subprocess.run([sys.executable, str(script), "--layers", "2", "--width", "40", "--steps", "2", "--out", str(out)],
+                   check=True, capture_output=True, timeout=300)  # fmt: skip
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["path"] for r in rows] == ["native", "cuda-emulated"] and all(r["tensors"] == 4 for r in rows)
+    assert all(r["step_ms"] > 0 and r["host_ms"] > 0 and r["pipelined_ms"] > 0 for r in rows)

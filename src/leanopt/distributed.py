@@ -165,7 +165,10 @@ def shard_state(
 
 def local_state(state: Mapping[str, Any]) -> dict[str, Any]:
     """The state with each DTensor replaced by its local tensor (same storage)."""
-    return {k: local(v) if is_dtensor(v) else v for k, v in state.items()}
+    cls = _dtensor_type()
+    if cls is None:
+        return dict(state)
+    return {k: v._local_tensor if isinstance(v, cls) else v for k, v in state.items()}  # (per tensor, per step)
 
 
 def local_grad(param: Tensor, grad: Tensor, where: str) -> Tensor:
