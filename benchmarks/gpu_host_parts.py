@@ -91,8 +91,9 @@ def primitives(torch, gpu, reps: int) -> dict:
 
 
 def steps(torch, leanopt, device: str, workloads: list[str], reps: int) -> list[dict]:
-    """Host time (until step() returned), wall time (synchronised after each step) and the time per step
-    of ``reps`` steps back to back (``pipelined_ms``: one wait at the end) of kernel="auto" steps."""
+    """Host time (until step() returned), the host thread's CPU time in it (``host_cpu_ms``: well below
+    the host time when step() waits inside a CUDA call), wall time (synchronised after each step) and the
+    time per step of ``reps`` steps back to back (``pipelined_ms``: one wait at the end), kernel="auto"."""
     from leanopt.cli import bench
     from leanopt.models import GPT, GPT2_SMALL
 
@@ -118,6 +119,12 @@ def steps(torch, leanopt, device: str, workloads: list[str], reps: int) -> list[
                                     kernel="fused" if device == "cpu" else "auto")  # fmt: skip
             host: list[float] = []
             wall = bench.time_steps(opt, reps, warmup=3, host=host)
+            cpu = []  # the host thread's CPU time in step(): far below host_ms, it waited inside a CUDA call
+            for _ in range(reps):
+                bench._sync(torch.device(device))
+                t = time.thread_time()
+                opt.step()
+                cpu.append(time.thread_time() - t)
             bench._sync(torch.device(device))
             start = time.perf_counter()  # back to back, one wait at the end: as in training, where the host
             for _ in range(reps):  # prepares a step while the GPU still runs the one before
@@ -125,10 +132,12 @@ def steps(torch, leanopt, device: str, workloads: list[str], reps: int) -> list[
             bench._sync(torch.device(device))
             rows.append({"workload": wname, "mode": mode, "host_ms": round(statistics.median(host) * 1e3, 4),
                          "step_ms": round(statistics.median(wall) * 1e3, 4),
+                         "host_cpu_ms": round(statistics.median(cpu) * 1e3, 4),
                          "pipelined_ms": round((time.perf_counter() - start) / reps * 1e3, 4)})  # fmt: skip
             r = rows[-1]
             print(
-                f"  {wname:10s} {mode:18s} host {r['host_ms']:.3f} ms  step {r['step_ms']:.3f} ms  "
+                f"  {wname:10s} {mode:18s} host {r['host_ms']:.3f} ms (CPU {r['host_cpu_ms']:.3f})  "
+                f"step {r['step_ms']:.3f} ms  "
                 f"back to back {r['pipelined_ms']:.3f} ms"
             )
             del opt, params

@@ -407,6 +407,7 @@ def test_the_host_parts_benchmark_runs_on_the_emulated_gpu_path(tmp_path):
     doc = json.loads(out.read_text())
     assert [r["mode"] for r in doc["rows"]] == ["torch-fused", "exact/fp32", "exact/fp32:ignore", "compact/int8"]
     assert all(r["host_ms"] > 0 and r["step_ms"] >= r["host_ms"] and r["pipelined_ms"] > 0 for r in doc["rows"])
+    assert all(0 < r["host_cpu_ms"] for r in doc["rows"])
     assert set(doc["release"]["per_param_us"]) == {"no release", "release", "release, no plans"}
     assert "run_plan" in doc["profile"]
 
