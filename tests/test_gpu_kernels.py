@@ -1095,6 +1095,24 @@ def test_the_pinned_pool_reuses_a_buffer_only_after_its_copy_has_run():
     for _ in range(pool.LIMIT + 5):
         pool.put(torch.empty(pool.MIN, dtype=torch.uint8), None, None)
     assert len(pool.idle) == pool.LIMIT
+    # the GPU behind: every idle buffer busy; a take asks QUERIES events (oldest first), not all of them
+    queried = []
+
+    class Counted(_FakeEvent):
+        def query(self) -> bool:
+            queried.append(self)
+            return self.done
+
+    busy = gpu._PinnedPool(alloc, Counted)
+    for _ in range(10):
+        buf, ev = busy.take(64)
+        busy.put(buf, ev, stream="s")
+    queried.clear()
+    fresh, _ = busy.take(64)
+    assert len(queried) == busy.QUERIES and all(b.data_ptr() != fresh.data_ptr() for b, _, _ in busy.idle)
+    busy.idle[0][1].done = True  # the oldest copy ran: it is found at the first question
+    queried.clear()
+    assert busy.take(64)[0] is not None and len(queried) == 1
 
 
 def test_every_copy_of_the_cuda_path_takes_its_pinned_buffer_from_the_pool(monkeypatch):
@@ -1143,3 +1161,67 @@ def test_cuda_launches_go_to_the_driver_not_through_torchs_kernel_wrapper(monkey
     ours = snapshot(*train("fused", leanopt.AdamW, "compact", "int8", dict(lr=1e-2), device="cuda"))
     assert_same(ref, ours, "driver launches")
     assert gpu.compile_stats() and all(k.launches for k in gpu.compile_stats())
+
+
+def _fsdp2_one_rank(tmp_path, device: str, waits) -> None:
+    """FSDP2 on one rank (gloo on the CPU with the kernels emulated, or nccl on a GPU): a step checks the
+    shards, all-reduces the verdicts and updates on the device without the host waiting
+    (``optimizer._step_sharded``), with the same bits as the same parameters stepped unsharded; an inf in
+    one gradient skips that tensor in both, counted when the verdicts are read."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already up in this process")
+    if device == "cuda":
+        if not dist.is_nccl_available():
+            pytest.skip("needs nccl")
+        torch.cuda.set_device(0)
+    dist.init_process_group("nccl" if device == "cuda" else "gloo", init_method=f"file://{tmp_path}/pg", rank=0,
+                            world_size=1)  # fmt: skip
+    try:
+        models = []
+        for _ in range(2):
+            torch.manual_seed(0)
+            models.append(torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.Linear(96, 40)).to(device).bfloat16())
+        plain, sharded = models
+        for layer in sharded:
+            fully_shard(layer)
+        fully_shard(sharded)
+        opts = [leanopt.AdamW(m.parameters(), lr=1e-2, master="compact", states="int8", kernel="fused")
+                for m in models]  # fmt: skip
+        gen = torch.Generator().manual_seed(1)
+        stepped = []
+        original = opts[1]._step_sharded
+        opts[1]._step_sharded = lambda work: stepped.append(len(work)) or original(work)
+        for step in range(4):
+            grads = [torch.randn(p.shape, generator=gen).bfloat16().to(device) for p in plain.parameters()]
+            if step == 2:
+                grads[2][5, 7] = float("inf")
+            for p, g in zip(plain.parameters(), grads, strict=True):
+                p.grad = g.clone()
+            for p, g in zip(sharded.parameters(), grads, strict=True):
+                p.grad = p.detach().clone()  # a DTensor placed like its parameter
+                p.grad._local_tensor.copy_(g)  # one rank: its rows are the whole tensor
+            opts[0].step()
+            assert not waits(opts[1].step)
+            assert opts[1]._step_verdicts is not None  # queued, not read
+            assert opts[1].last_skipped == opts[0].last_skipped == ([2] if step == 2 else []), step
+        assert stepped == [4] * 4
+        for a, b in zip(plain.parameters(), sharded.parameters(), strict=True):
+            assert torch.equal(bits(a), bits(b.detach()._local_tensor))
+        assert opts[1].nonfinite_skipped == opts[0].nonfinite_skipped == 1
+    finally:
+        dist.destroy_process_group()
+
+
+def test_an_fsdp2_step_on_one_rank_through_the_gpu_kernels_emulated_gives_the_unsharded_bits(emulate, tmp_path):
+    _fsdp2_one_rank(tmp_path, "cpu", lambda fn: fn())
+
+
+@CUDA
+def test_cuda_fsdp2_step_queues_check_all_reduce_and_updates_without_waiting(tmp_path, cuda_waits):
+    """On a GPU (nccl, one rank): the FSDP2 step waits for nothing (torch's sync debug mode counts no wait)."""
+    if native.compiler() is None:
+        pytest.skip("needs a C compiler")
+    _fsdp2_one_rank(tmp_path, "cuda", cuda_waits)
