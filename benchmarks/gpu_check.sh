@@ -53,6 +53,19 @@ trap 'rm -rf "$SITE"' EXIT
 export PYTHONPATH="$PWD/src:$SITE${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 log() { echo "[gpu_check $(date -u +%H:%M:%S)] $*" | tee -a "$OUT/log.txt"; }
+# gated VAR WHAT MIN MAX CMD...: CMD (at most MAX s, its output into the log) if at least MIN s of
+# EXTRA_BUDGET are left, its exit code into the variable VAR; else logged as skipped (VAR unchanged).
+gated() {
+  local var=$1 what=$2 min=$3 max=$4 left=$(( ${EXTRA_BUDGET:-540} - SECONDS ))
+  shift 4
+  if (( left >= min )); then
+    log "$what (${left} s left of ${EXTRA_BUDGET:-540})"
+    timeout "$(( left < max ? left : max ))" "$@" 2>&1 | grep -v "^W[0-9]" | tee -a "$OUT/log.txt"
+    printf -v "$var" '%s' "${PIPESTATUS[0]}"
+  else
+    log "$what: skipped, ${left} s left of ${EXTRA_BUDGET:-540}"
+  fi
+}
 
 DEVICE=cuda WORKLOADS=(--workloads gpt2-small,tensor50m,many-small) STEPS=(--steps 10 --warmup 3) VWORK=()
 RELEASE=(--path cuda --rounds 3 --iters 10)
@@ -139,41 +152,19 @@ if [[ "${FULL:-0}" == 1 ]]; then
   # 6. (FULL=1, only if the time allows) An FSDP2 step on the device: one rank, 128 sharded tensors, the
   #    sharded updates in one launch per kernel and their NaN/inf check in one launch (since 2026-11-30;
   #    measured before only emulated). Into summary.json (fsdp_benchmark).
-  LEFT=$(( ${EXTRA_BUDGET:-540} - SECONDS ))
-  if (( LEFT >= 20 )); then
-    log "FSDP2 step ($DEVICE; ${LEFT} s left of ${EXTRA_BUDGET:-540})"
-    timeout "$(( LEFT < 45 ? LEFT : 45 ))" "$PYTHON" benchmarks/fsdp_step.py --device "$DEVICE" --steps 20 \
-      --out "$OUT/fsdp.json" 2>&1 | grep -v "^W[0-9]" | tee -a "$OUT/log.txt"
-    FSDP_RC=${PIPESTATUS[0]}
-  else
-    log "FSDP2 step: skipped, ${LEFT} s left of ${EXTRA_BUDGET:-540}"
-  fi
+  gated FSDP_RC "FSDP2 step ($DEVICE)" 20 45 "$PYTHON" benchmarks/fsdp_step.py --device "$DEVICE" --steps 20 \
+    --out "$OUT/fsdp.json"
   # 6b. (FULL=1, only if the time allows) Where a CUDA step's host time goes (benchmarks/gpu_host_parts.py):
   #    each CUDA call of the path timed alone, steps of one 50M tensor and GPT-2 (host, synchronised and
   #    back to back) and release hooks. Into summary.json (host_parts).
-  LEFT=$(( ${EXTRA_BUDGET:-540} - SECONDS ))
-  if (( LEFT >= 40 )); then
-    log "host time by part ($DEVICE; ${LEFT} s left of ${EXTRA_BUDGET:-540})"
-    timeout "$(( LEFT < 70 ? LEFT : 70 ))" "$PYTHON" benchmarks/gpu_host_parts.py --device "$DEVICE" \
-      --release-rounds 2 --out "$OUT/host_parts.json" 2>&1 | grep -v "^W[0-9]" | tee -a "$OUT/log.txt"
-    PARTS_RC=${PIPESTATUS[0]}
-  else
-    log "host time by part: skipped, ${LEFT} s left of ${EXTRA_BUDGET:-540}"
-  fi
+  gated PARTS_RC "host time by part ($DEVICE)" 40 70 "$PYTHON" benchmarks/gpu_host_parts.py --device "$DEVICE" \
+    --release-rounds 2 --out "$OUT/host_parts.json"
   # 7. (FULL=1, only if the time allows) The CPU kernels on the GPU host's own cores: with 16 cores a CPU
   #    step may be memory-bound where this project's 2-core machines are compute-bound, which decides
   #    whether int8 states' fewer bytes make the step faster than torch's fused fp32 AdamW there (the
   #    kernel issue's CPU targets). Its JSON goes into summary.json (cpu_host_benchmark): 8 files at most.
-  LEFT=$(( ${EXTRA_BUDGET:-540} - SECONDS ))
-  if (( LEFT >= 30 )); then
-    log "CPU kernels on the GPU host (${LEFT} s left of ${EXTRA_BUDGET:-540})"
-    timeout "$(( LEFT < 75 ? LEFT : 75 ))" "$PYTHON" benchmarks/kernels.py --device cpu "${CPU_WORK[@]}" \
-      --modes torch-fused,exact/fp32,exact/fp32:ignore,compact/int8,compact/int4 --out "$OUT/kernels_cpu.json" \
-      2>&1 | grep -v "^W[0-9]" | tee -a "$OUT/log.txt"
-    CPU_RC=${PIPESTATUS[0]}
-  else
-    log "CPU kernels on the GPU host: skipped, ${LEFT} s left of ${EXTRA_BUDGET:-540}"
-  fi
+  gated CPU_RC "CPU kernels on the GPU host" 30 75 "$PYTHON" benchmarks/kernels.py --device cpu "${CPU_WORK[@]}" \
+    --modes torch-fused,exact/fp32,exact/fp32:ignore,compact/int8,compact/int4 --out "$OUT/kernels_cpu.json"
 fi
 
 "$PYTHON" - "$OUT" "$TEST_RC" "$BENCH_RC" "$VARIANTS_RC" "$HOST_RC" "$RELEASE_RC" "${LEANOPT_GPU_VARIANT:-}" "$CPU_RC" \

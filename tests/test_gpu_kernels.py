@@ -1110,9 +1110,10 @@ def test_the_pinned_pool_reuses_a_buffer_only_after_its_copy_has_run():
     queried.clear()
     fresh, _ = busy.take(64)
     assert len(queried) == busy.QUERIES and all(b.data_ptr() != fresh.data_ptr() for b, _, _ in busy.idle)
-    busy.idle[0][1].done = True  # the oldest copy ran: it is found at the first question
+    oldest, event, _ = busy.idle[0]
+    event.done = True  # the oldest copy ran: it is found at the first question
     queried.clear()
-    assert busy.take(64)[0] is not None and len(queried) == 1
+    assert busy.take(64)[0].data_ptr() == oldest.data_ptr() and len(queried) == 1
 
 
 def test_every_copy_of_the_cuda_path_takes_its_pinned_buffer_from_the_pool(monkeypatch):

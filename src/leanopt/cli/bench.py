@@ -223,9 +223,7 @@ def time_steps(
     _sync(device)
     times = []
     for i in range(steps):
-        for group in opt.param_groups:
-            if not isinstance(group["lr"], torch.Tensor):
-                group["lr"] = 1e-4 * (1 + 0.01 * i)
+        _vary_lr(opt, i)
         t0 = time.perf_counter()
         opt.step()
         t1 = time.perf_counter()
@@ -244,12 +242,17 @@ def back_to_back(opt: torch.optim.Optimizer, steps: int) -> float:
     _sync(device)
     start = time.perf_counter()
     for i in range(steps):
-        for group in opt.param_groups:
-            if not isinstance(group["lr"], torch.Tensor):
-                group["lr"] = 1e-4 * (1 + 0.01 * i)
+        _vary_lr(opt, i)
         opt.step()
     _sync(device)
     return (time.perf_counter() - start) / steps
+
+
+def _vary_lr(opt: torch.optim.Optimizer, i: int) -> None:
+    """A new (float) learning rate before timed step ``i``: a path that rebuilds for one shows up."""
+    for group in opt.param_groups:
+        if not isinstance(group["lr"], torch.Tensor):
+            group["lr"] = 1e-4 * (1 + 0.01 * i)
 
 
 def _best_gbps(device: torch.device, fn: Callable[[], Any], nbytes: int, reps: int) -> float:
