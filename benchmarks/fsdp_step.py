@@ -18,6 +18,13 @@ With ``--device cuda`` (a GPU machine; an nccl group of one rank) the real CUDA 
 the time until ``step()`` returned, ``step_ms`` the step synchronised, ``pipelined_ms`` per step of as many
 steps back to back with one wait at the end (the host runs ahead unless a step waits for the GPU). ``FULL=1 bash
 benchmarks/gpu_check.sh`` runs it there when time is left (summary.json: ``fsdp_benchmark``).
+
+Each run also times torch's ``AdamW(fused=True)`` on the same bf16 DTensor parameters (``torch-fused``;
+fp32 states, not leanopt's formats; on the CPU its time includes its arithmetic, as ``native``'s does).
+
+Since 2026-12-01 an FSDP2 step on the CUDA path repeats the step before from a plan (kernels/gpu.py) as
+plain steps do: ``fsdp_step_plan_run1.json`` against ``fsdp_step_plan_before_run1.json`` (``--src`` of
+commit b1e1e08).
 """
 
 from __future__ import annotations
@@ -67,7 +74,7 @@ def main() -> int:
     dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{store}/pg", rank=0, world_size=1)
     rows = []
     try:
-        for path in ("cuda",) if cuda else ("native", "cuda-emulated"):
+        for path in ("cuda", "torch-fused") if cuda else ("native", "cuda-emulated", "torch-fused"):
             gpu.EMULATE = path == "cuda-emulated"
             torch.manual_seed(0)
             model = nn.Sequential(*[nn.Linear(args.width, args.width) for _ in range(args.layers)]).bfloat16()
@@ -76,7 +83,10 @@ def main() -> int:
                 fully_shard(layer)
             fully_shard(model)
             kernel = "fused" if gpu.EMULATE else "auto"  # (on CUDA "auto" runs the multi-tensor CUDA kernels)
-            opt = leanopt.AdamW(model.parameters(), lr=1e-3, master=args.master, states=args.states, kernel=kernel)
+            if path == "torch-fused":  # for comparison: torch's fused AdamW on the same bf16 DTensor parameters
+                opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+            else:
+                opt = leanopt.AdamW(model.parameters(), lr=1e-3, master=args.master, states=args.states, kernel=kernel)
             params = list(model.parameters())
             for p in params:  # gradients as FSDP2 leaves them: DTensors placed like their parameters
                 p.grad = p.detach().clone().normal_()
@@ -110,7 +120,7 @@ def main() -> int:
             rows.append({"path": path, "tensors": len(params), "step_ms": ms, "us_per_tensor": ms * 1e3 / len(params),
                          "host_ms": statistics.median(host) * 1e3, "pipelined_ms": pipelined,
                          "step_ms_all": [round(t * 1e3, 3) for t in times],
-                         "kernels_used": [k.key for k in gpu.compile_stats()] if path != "native" else []})  # fmt: skip
+                         "kernels_used": [k.key for k in gpu.compile_stats()] if "cuda" in path else []})  # fmt: skip
             print(
                 f"{path:14s} {len(params)} tensors: {ms:7.2f} ms per step, {ms * 1e3 / len(params):6.1f} us per tensor"
             )

@@ -338,7 +338,9 @@ class Worker:
                 opt = make_optimizer(model, c, kernel="fused")
                 before = {id(k): (k.tensors, k.launches) for k in gpu.compile_stats()}
                 with _counting(leanopt.distributed, "finite_checks", lambda *a: 1) as waited, \
-                        _counting(gpu, "finite_flags", lambda grads: len(grads)) as checked:  # fmt: skip
+                        _counting(gpu, "finite_flags", lambda grads: len(grads)) as checked, \
+                        _counting(leanopt.distributed, "all_ranks_min", lambda flags, mesh: flags.numel()) as reduced, \
+                        _planned(gpu) as planned:  # fmt: skip
                     losses = train(model, opt, range(STEPS), dtype=c[3])
                 used = [(k.tensors - before.get(id(k), (0, 0))[0], k.launches - before.get(id(k), (0, 0))[1])
                         for k in gpu.compile_stats() if k.tensors != before.get(id(k), (0, 0))[0]]  # fmt: skip
@@ -349,13 +351,29 @@ class Worker:
                     "launches": [u[1] for u in used],
                     "waited": len(waited),
                     "checked": checked,
+                    "reduced": reduced,
+                    "planned": planned,
                 }
             # a (1, 34) weight and a (1,) bias: rank 1 holds no rows of them, its verdicts (1) still meet
             # rank 0's in the step's all-reduce
             c = ("adamw", "compact", "int8", torch.bfloat16)
             model = self.fsdp(mlp(c[3], out=1))
             opt = make_optimizer(model, c, kernel="fused")
-            results["empty-shard"] = {"losses": train(model, opt, range(STEPS)), "snapshot": snapshot(model, opt)}
+            with _planned(gpu) as planned:
+                losses = train(model, opt, range(STEPS))
+            results["empty-shard"] = {"losses": losses, "snapshot": snapshot(model, opt), "planned": planned}
+            # one rank without its plan for a step (prepared anew), the other by its plan: both all-reduce
+            # the same 6 verdicts, so the collectives stay in step, and the bits are one process's
+            model = self.fsdp(mlp(c[3]))
+            opt = make_optimizer(model, c, kernel="fused")
+            losses = train(model, opt, range(1))
+            if self.rank == 1:
+                opt._step_plan = None
+            with _planned(gpu) as planned:
+                losses += train(model, opt, range(1, STEPS))
+            every = [None] * WORLD
+            self.dist.all_gather_object(every, planned)
+            results["one-rank-unplanned"] = {"losses": losses, "snapshot": snapshot(model, opt), "planned": every}
             # an update the kernels do not cover (gpu.launch answers None for one tensor): the step counts of
             # the updates prepared before it are put back and the general path runs the whole step
             model = self.fsdp(mlp(c[3]))
@@ -378,9 +396,12 @@ class Worker:
             model = self.fsdp(mlp(c[3]))
             opt = make_optimizer(model, c, kernel="fused", nonfinite="ignore")
             with _counting(leanopt.distributed, "finite_checks", lambda *a: 1) as waited, \
-                    _counting(gpu, "finite_flags", lambda grads: len(grads)) as checked:  # fmt: skip
+                    _counting(gpu, "finite_flags", lambda grads: len(grads)) as checked, \
+                    _counting(leanopt.distributed, "all_ranks_min", lambda *a: 1) as reduced, \
+                    _planned(gpu) as planned:  # fmt: skip
                 train(model, opt, range(2))
-            results["ignore"] = {"waited": len(waited), "checked": len(checked)}
+            results["ignore"] = {"waited": len(waited), "checked": len(checked), "reduced": len(reduced),
+                                 "planned": planned}  # fmt: skip
             # an inf in one rank's rows of one tensor, in the first step (its state is new) and in a later one
             for first in (True, False):
                 model = self.fsdp(mlp(c[3]))
@@ -392,7 +413,8 @@ class Worker:
                 loss.backward()
                 if self.rank == 1:
                     model[2].weight.grad._local_tensor[3, 1] = float("inf")
-                opt.step()
+                with _planned(gpu) as planned:
+                    opt.step()
                 pending = opt._step_verdicts is not None  # not read yet: the host did not wait for them
                 skipped = opt.last_skipped
                 opt.zero_grad()
@@ -401,6 +423,7 @@ class Worker:
                     "counted": opt.nonfinite_skipped, "has_state": bool(opt.state.get(model[2].weight)),
                     "step": float(opt.state[model[0].weight]["step"]),
                     "skipped_step": float(opt.state[model[2].weight]["step"]) if not first else None,
+                    "planned": planned,
                 }  # fmt: skip
         finally:
             gpu.EMULATE = False
@@ -758,6 +781,23 @@ def _counting(module: Any, name: str, measure: Callable[..., Any]):
         setattr(module, name, original)
 
 
+@contextlib.contextmanager
+def _planned(gpu: Any):
+    """Within the block, record for every ``gpu.run_plan`` call whether the step ran by its plan."""
+    original, seen = gpu.run_plan, []
+
+    def wrapper(plan: Any, opt: Any) -> Any:
+        ran = original(plan, opt)
+        seen.append(ran is not None)
+        return ran
+
+    gpu.run_plan = wrapper
+    try:
+        yield seen
+    finally:
+        gpu.run_plan = original
+
+
 def _load_example():
     import importlib.util
 
@@ -913,7 +953,10 @@ def test_fsdp2_through_the_gpu_kernels_emulated_is_bit_identical_to_one_process(
     assert got["launches"] == [STEPS] * len(got["launches"]) and len(got["launches"]) <= 2, got["launches"]
     # the shards' NaN/inf check: one launch per step for all 6, its verdicts all-reduced and read by the
     # update kernels on the device; the host never waited for them (finite_checks: .tolist() before launching)
-    assert got["checked"] == [6] * STEPS and got["waited"] == 0, (got["checked"], got["waited"])
+    assert got["reduced"] == [6] * STEPS and got["waited"] == 0, (got["reduced"], got["waited"])
+    # every step after the first repeats the one before from its plan (kernels/gpu.py, FSDP2 plans): the
+    # check, all-reduce and launches without preparing each update (the first step's check: finite_flags)
+    assert got["planned"] == [True] * (STEPS - 1) and got["checked"] == [6], (got["planned"], got["checked"])
     assert_same_bits({"losses": dict(enumerate(got["losses"]))}, {"losses": dict(enumerate(want["losses"]))}, "loss")
     assert_same_bits(got["snapshot"], want["snapshot"], combo_name(combo))
 
@@ -929,13 +972,18 @@ def test_fsdp2_steps_through_the_gpu_kernels_emulated_skip_a_nonfinite_tensor_on
     got = results["empty-shard"]
     want = single_run(("adamw", "compact", "int8", torch.bfloat16), out=1)
     assert_same_bits(got["snapshot"], want["snapshot"], "empty shard")
-    assert results["ignore"] == {"waited": 0, "checked": 0}, results["ignore"]
+    assert got["planned"] == [True] * (STEPS - 1), got["planned"]  # rank 0's (rank 1's empty rows: checked alike)
+    got = results["one-rank-unplanned"]  # rank 1 without its plan in step 2: the same collectives, the same bits
+    assert got["planned"] == [[True] * (STEPS - 1), [True] * (STEPS - 2)], got["planned"]
+    assert_same_bits(got["snapshot"], single_run(("adamw", "compact", "int8", torch.bfloat16))["snapshot"], "unplanned")
+    assert results["ignore"] == {"waited": 0, "checked": 0, "reduced": 0, "planned": [True]}, results["ignore"]
     got = results["not-covered"]  # one tensor refused by the kernels: the general path, the same bits
     assert got["steps"] == [float(STEPS)], got["steps"]
     assert_same_bits(got["snapshot"], single_run(("adamw", "compact", "int8", torch.bfloat16))["snapshot"], "fallback")
     for name, first in (("inf-first", True), ("inf", False)):
         got = results[name]
         assert got["pending"] and got["skipped"] == [2] and got["counted"] == 1, (name, got["skipped"])
+        assert got["planned"] == ([] if first else [True]), (name, got["planned"])  # a later step: by its plan
         assert got["has_state"] is not first, name  # a skipped first step leaves no state behind
         assert got["step"] == (1.0 if first else 2.0), (name, got["step"])
         if not first:  # its step count put back: 1, as before the step that skipped it
@@ -1207,7 +1255,7 @@ if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:
 @pytest.mark.slow
 def test_the_fsdp2_step_benchmark_runs_on_one_gloo_rank(tmp_path):
     """benchmarks/fsdp_step.py (its figures are in docs/distributed.md; gpu_check.sh runs it on a GPU): a
-    tiny run gives both CPU paths' host, synchronised and back-to-back times."""
+    tiny run gives both CPU paths' host, synchronised and back-to-back times, and torch's fused AdamW's."""
     import json
 
     out = tmp_path / "fsdp.json"
@@ -1215,5 +1263,6 @@ def test_the_fsdp2_step_benchmark_runs_on_one_gloo_rank(tmp_path):
     subprocess.run([sys.executable, str(script), "--layers", "2", "--width", "40", "--steps", "2", "--out", str(out)],
                    check=True, capture_output=True, timeout=300)  # fmt: skip
     rows = json.loads(out.read_text())["rows"]
-    assert [r["path"] for r in rows] == ["native", "cuda-emulated"] and all(r["tensors"] == 4 for r in rows)
+    assert [r["path"] for r in rows] == ["native", "cuda-emulated", "torch-fused"], rows
+    assert all(r["tensors"] == 4 for r in rows)
     assert all(r["step_ms"] > 0 and r["host_ms"] > 0 and r["pipelined_ms"] > 0 for r in rows)

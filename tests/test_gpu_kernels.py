@@ -1180,6 +1180,7 @@ def _fsdp2_one_rank(tmp_path, device: str, waits) -> None:
         torch.cuda.set_device(0)
     dist.init_process_group("nccl" if device == "cuda" else "gloo", init_method=f"file://{tmp_path}/pg", rank=0,
                             world_size=1)  # fmt: skip
+    run_plan = gpu.run_plan
     try:
         models = []
         for _ in range(2):
@@ -1192,9 +1193,17 @@ def _fsdp2_one_rank(tmp_path, device: str, waits) -> None:
         opts = [leanopt.AdamW(m.parameters(), lr=1e-2, master="compact", states="int8", kernel="fused")
                 for m in models]  # fmt: skip
         gen = torch.Generator().manual_seed(1)
-        stepped = []
+        stepped, planned = [], []
         original = opts[1]._step_sharded
-        opts[1]._step_sharded = lambda work: stepped.append(len(work)) or original(work)
+        opts[1]._step_sharded = lambda work: stepped.append(step) or original(work)
+
+        def counted(plan, opt):
+            ran = run_plan(plan, opt)
+            if ran is not None and opt is opts[1]:
+                planned.append(step)
+            return ran
+
+        gpu.run_plan = counted
         for step in range(4):
             grads = [torch.randn(p.shape, generator=gen).bfloat16().to(device) for p in plain.parameters()]
             if step == 2:
@@ -1208,16 +1217,106 @@ def _fsdp2_one_rank(tmp_path, device: str, waits) -> None:
             assert not waits(opts[1].step)
             assert opts[1]._step_verdicts is not None  # queued, not read
             assert opts[1].last_skipped == opts[0].last_skipped == ([2] if step == 2 else []), step
-        assert stepped == [4] * 4
+        # the first step and the one after the skip (its step counts differ from the plan's) prepare each
+        # update; the others repeat the step before from its plan (kernels/gpu.py: FSDP2 plans), the skip
+        # of step 2 included (its check all-reduced and read by the updates on the device, as above)
+        assert stepped == [0, 3] and planned == [1, 2], (stepped, planned)
         for a, b in zip(plain.parameters(), sharded.parameters(), strict=True):
             assert torch.equal(bits(a), bits(b.detach()._local_tensor))
         assert opts[1].nonfinite_skipped == opts[0].nonfinite_skipped == 1
     finally:
+        gpu.run_plan = run_plan
         dist.destroy_process_group()
 
 
 def test_an_fsdp2_step_on_one_rank_through_the_gpu_kernels_emulated_gives_the_unsharded_bits(emulate, tmp_path):
     _fsdp2_one_rank(tmp_path, "cpu", lambda fn: fn())
+
+
+SHARDED_CHANGES = ["gradient placed otherwise", "gradient on another mesh", "gradient a plain tensor",
+                   "gradient rows not contiguous", "gradient rows another dtype", "weights' rows replaced",
+                   "state DTensor replaced", "state rows replaced"]  # fmt: skip
+
+
+def _change_sharded(what: str, opt, p) -> None:
+    """One change an FSDP2 plan relies on, made to parameter ``p`` (one rank: its rows are the whole)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate
+
+    g = p.grad
+    if what == "gradient placed otherwise":
+        p.grad = g.redistribute(g.device_mesh, [Replicate()])
+    elif what == "gradient on another mesh":
+        mesh = init_device_mesh("cpu", (1,), mesh_dim_names=("other",))
+        p.grad = DTensor.from_local(g._local_tensor, mesh, g.placements, run_check=False)
+    elif what == "gradient a plain tensor":
+        p.grad = g._local_tensor
+    elif what == "gradient rows not contiguous":
+        rows = g._local_tensor.t().contiguous().t()
+        p.grad = DTensor.from_local(rows, g.device_mesh, g.placements, run_check=False)
+    elif what == "gradient rows another dtype":
+        g._local_tensor = g._local_tensor.float()  # (.grad's setter refuses a DTensor of another dtype)
+    elif what == "weights' rows replaced":
+        p._local_tensor = p._local_tensor.clone()
+    elif what == "state DTensor replaced":
+        key = next(k for k, v in opt.state[p].items() if v.dim())
+        KEEP.append(opt.state[p][key])  # the old one stays alive (else its weak reference dies)
+        opt.state[p][key] = DTensor.from_local(opt.state[p][key]._local_tensor, g.device_mesh, g.placements,
+                                               run_check=False)  # fmt: skip
+    elif what == "state rows replaced":
+        key = next(k for k, v in opt.state[p].items() if v.dim())
+        KEEP.append(opt.state[p][key]._local_tensor)
+        opt.state[p][key]._local_tensor = opt.state[p][key]._local_tensor.clone()
+    else:
+        raise AssertionError(what)
+
+
+KEEP: list = []
+
+
+@pytest.mark.parametrize("impl", ["C", "Python"])
+def test_both_plan_checks_refuse_each_change_an_fsdp2_plan_relies_on(emulate, tmp_path, impl):
+    """An FSDP2 step's plan (kernels/gpu.py: one rank, gloo, the CUDA kernels emulated) checks DTensor
+    gradients' mesh and placements and reads local tensors: plan_check.check gives the parameters and
+    their local gradients' addresses, a new gradient DTensor placed alike is followed, and each change
+    in SHARDED_CHANGES is refused (the general path then decides), by the C check and by the Python one."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    from leanopt.kernels import plan_check
+
+    if impl == "C" and (not plan_check.available() or plan_check._function() is None):
+        pytest.skip("the C check does not build here")
+    if dist.is_initialized():
+        pytest.skip("a process group is already up in this process")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        for what in [None, *SHARDED_CHANGES]:
+            torch.manual_seed(0)
+            model = torch.nn.Sequential(torch.nn.Linear(16, 24), torch.nn.Linear(24, 8)).bfloat16()
+            for layer in model:
+                fully_shard(layer)
+            fully_shard(model)
+            opt = leanopt.AdamW(model.parameters(), lr=1e-2, master="compact", states="int8", kernel="fused")
+            for _ in range(2):
+                for p in model.parameters():
+                    p.grad = p.detach().clone()  # a new DTensor placed like its parameter
+                    p.grad._local_tensor.normal_()
+                opt.step()
+            plan, params = opt._step_plan, list(model.parameters())
+            assert isinstance(plan, gpu.GpuStepPlan) and plan.mesh is not None, what
+            plan.checker = None if impl == "C" else False  # None: made at the next check
+            checked = plan_check.check(plan, opt)
+            assert checked is not None and all(a is b for a, b in zip(checked[0], params, strict=True)), what
+            assert list(checked[1])[: len(params)] == [p.grad._local_tensor.data_ptr() for p in params]
+            assert (plan.checker is False) is (impl == "Python")
+            if what is None:
+                continue
+            _change_sharded(what, opt, params[2])
+            assert plan_check.check(plan, opt) is None, what
+    finally:
+        dist.destroy_process_group()
+        KEEP.clear()
 
 
 @CUDA

@@ -679,8 +679,10 @@ class LeanOptimizer(torch.optim.Optimizer):
                         jobs.append(job)
                 _native.run_many(jobs)  # every prepared update in one native call
                 _gpu.run_many(gpu_jobs)  # one launch per kernel and device
-                if any(_shards.is_dtensor(p) for p, _ in work):
-                    pass  # FSDP2: no plan (its NaN/inf verdicts must agree across ranks: the all-reduce above)
+                if any(_shards.is_dtensor(p) for p, _ in work):  # FSDP2: planned on CUDA, all on one mesh
+                    mesh = getattr(work[0][0], "device_mesh", None)  # (build_plan checks every tensor's)
+                    if mesh is not None and len(gpu_jobs) == len(work):
+                        self._step_plan = _gpu.build_plan(self, work, gpu_jobs, mesh=mesh)
                 elif self._native_ready and len(jobs) == len(work):
                     self._step_plan = _step_plan.build(self, work, jobs)
                 elif len(gpu_jobs) == len(work):
@@ -743,9 +745,12 @@ class LeanOptimizer(torch.optim.Optimizer):
             order += ks
         flags = [_shards.all_ranks_min(local, mesh) for mesh, local in checks]
         verdicts = flags[0] if len(flags) == 1 else torch.cat(flags)
-        _gpu.run_many([item[4] for item in prepared], verdicts=(verdicts, positions))
+        jobs = [item[4] for item in prepared]
+        _gpu.run_many(jobs, verdicts=(verdicts, positions))
         self.last_skipped = []
         self._step_verdicts = _gpu._verdicts_later(verdicts, _Undos(self, [prepared[k] for k in order]))
+        if len(by_mesh) == 1:  # the next step by a plan: the same launches, check and all-reduce
+            self._step_plan = _gpu.build_plan(self, work, jobs, mesh=next(iter(by_mesh)))
         return True
 
     def _undo_prepared(self, prepared: list[tuple]) -> bool:

@@ -29,7 +29,8 @@ kernels have is covered: fp16 weights and gradients as their bits, as the native
 (:data:`native.F16_BITS`); stochastic rounding with the reference's bits, computed in the kernel from the
 update's key and each element's index (formats/noise.py).
 A step whose tensors are all covered is kept as a plan (:class:`GpuStepPlan`), so the next one costs
-the host a few microseconds per tensor.
+the host a few microseconds per tensor; FSDP2 steps too (DTensors on one device mesh: the plan reads
+their local tensors and all-reduces the NaN/inf verdicts between the check and the updates).
 """
 
 from __future__ import annotations
@@ -1295,12 +1296,28 @@ class GpuStepPlan:
     checker: Any = None  # plan_check.Checker (made at the first check), or False: the check in Python
     #: per batch, then for the NaN/inf check's table: its gradient slots as a strided slice (_strided)
     fills: list = field(default_factory=list)
+    #: FSDP2: the device mesh of every parameter (None: plain tensors; the meshes are equal, not always
+    #: the same object) and per tensor the mesh and placements its gradient must have (its parameter's);
+    #: the plan's addresses, shapes and layouts are then those of the local tensors, and the NaN/inf
+    #: verdicts are all-reduced over the mesh before the updates
+    mesh: Any = None
+    meshes: list = field(default_factory=list)
+    placements: list = field(default_factory=list)
+    #: per batch: where its tensors' verdicts sit in the check's flags: (start, stop) of a slice, or the
+    #: position of an int64 index array among the copied parts (an FSDP2 plan checks in step order, the
+    #: same on every rank, which the batches need not follow)
+    verdict_at: list = field(default_factory=list)
 
 
-def build_plan(opt: Any, work: list[tuple[Tensor, dict]], jobs: list[GpuLaunch]) -> GpuStepPlan | None:
+def build_plan(
+    opt: Any, work: list[tuple[Tensor, dict]], jobs: list[GpuLaunch], mesh: Any = None
+) -> GpuStepPlan | None:
     """The plan of the step that has just run ``jobs`` for ``work`` (one per item, in order), or None
     when such a step cannot be repeated by a plan (tensors on several devices, a step counter that is
-    not a plain fp32 tensor, a gradient the NaN/inf kernel does not read)."""
+    not a plain fp32 tensor, a gradient the NaN/inf kernel does not read). ``mesh``: FSDP2, every
+    parameter a DTensor on this device mesh whose gradient is placed like it (else None); ``jobs`` then
+    update their local rows."""
+    from .. import distributed as shards
     from . import step_plan
     from .fused import fused_form  # fused imports this module
 
@@ -1310,11 +1327,22 @@ def build_plan(opt: Any, work: list[tuple[Tensor, dict]], jobs: list[GpuLaunch])
     sig, _, grads = step_plan._signature(opt.param_groups)
     if form is None or len(grads) != len(jobs):
         return None
+    params = [p for p, _ in work]
+    meshes: list = []
+    placements: list = []
+    if mesh is not None:  # FSDP2: the local tensors the jobs were made for, and what makes them so
+        if not all(shards.is_dtensor(t) and t.device_mesh == mesh for t in params + grads):
+            return None
+        meshes, placements = [p.device_mesh for p in params], [p.placements for p in params]
+        if any(g.placements != pl for g, pl in zip(grads, placements, strict=True)):
+            return None
+        params, grads = [shards.local(p) for p in params], [shards.local(g) for g in grads]
     segments: list = []
     index: dict[tuple[int, float], int] = {}
     seg_of, counters, refs = [], [], []
     for (p, group), job in zip(work, jobs, strict=True):
-        counter = native._step_counter(opt.state[p]["step"])
+        state = opt.state[p]
+        counter = native._step_counter(state["step"])
         if counter is None:
             return None
         value = counter[1].value  # after this step
@@ -1324,7 +1352,12 @@ def build_plan(opt: Any, work: list[tuple[Tensor, dict]], jobs: list[GpuLaunch])
                                               (group["master"], group["states"]), value, None))  # fmt: skip
         seg_of.append(index[id(group), value])
         counters.append(counter[1])
-        refs.append((*job.refs, ("step", counter[0], counter[2])))
+        row = job.refs
+        if mesh is not None:  # the DTensors in the state dict, at their local tensors' addresses
+            row = tuple((k, weakref.ref(state[k]), ptr) for k, _, ptr in row)
+            if any(shards.local(r()).data_ptr() != ptr for _, r, ptr in row):
+                return None
+        refs.append((*row, ("step", counter[0], counter[2])))
     batches = []
     by: dict[int, list[int]] = {}
     for i, job in enumerate(jobs):
@@ -1339,22 +1372,30 @@ def build_plan(opt: Any, work: list[tuple[Tensor, dict]], jobs: list[GpuLaunch])
         random = jobs[members[0]].kernel.spec.weight.random  # the key: second to last in a row
         noise.append([((k + 1) * width - 2, opt.param_index(work[i][0]), i) for k, i in enumerate(members)]
                      if random else [])  # fmt: skip
-    finite = None
-    if opt.nonfinite != "ignore":  # checked in batch order: each batch's verdicts are one slice
-        order = [i for *_, members, _ in batches for i in members]
+    finite, verdict_at = None, []
+    if opt.nonfinite != "ignore":
+        # checked in batch order (each batch's verdicts one slice); FSDP2: in step order, every tensor
+        # (the ranks' flags meet in an all-reduce: the same tensors in the same order on each rank)
+        order = [i for *_, members, _ in batches for i in members] if mesh is None else list(range(len(jobs)))
         table = finite_table([grads[i] for i in order])
         if table is None:
             return None
         finite = (table[0], [(4 * k + 2, i) for k, i in enumerate(order)], table[1], order, VARIANT["chunks"])
+        where = {i: k for k, i in enumerate(order)}
+        for *_, members, _ in batches:
+            at = [where[i] for i in members]
+            run = at == list(range(at[0], at[0] + len(at)))
+            verdict_at.append((at[0], at[0] + len(at)) if run else array("q", at))
     device = work[0][0].device
     return GpuStepPlan(
         signature=sig, mode=(opt.kernel, opt.nonfinite), form=form, segments=segments,
         state_ids=[id(opt.state.get(p)) for p, _ in work], refs=refs,
-        param_ptrs=[p.data_ptr() for p, _ in work], shapes=[p.shape for p, _ in work],
-        layouts=step_plan.layouts(work), grad_dtypes=[g.dtype for g in grads], device=device,
+        param_ptrs=[p.data_ptr() for p in params], shapes=[p.shape for p in params],
+        layouts=step_plan.layouts([(p, None) for p in params]), grad_dtypes=[g.dtype for g in grads], device=device,
         device_index=device.index if device.type == "cuda" else -1, counters=counters, seg_of=seg_of,
         finite=finite, batches=batches, noise=noise,
         fills=[_strided(b[2]) for b in batches] + ([_strided(finite[1])] if finite is not None else []),
+        mesh=mesh, meshes=meshes, placements=placements, verdict_at=verdict_at,
     )  # fmt: skip
 
 
@@ -1365,7 +1406,10 @@ def run_plan(plan: GpuStepPlan, opt: Any) -> list[int] | None:
     right behind the check, ahead of the updates, and read later (``opt._step_verdicts``, see
     :func:`read_verdicts`; the next ``step()`` reads them, so it waits for this step's check, not for
     its updates: it prepares its launches while the GPU still runs them). With "raise" it waits for
-    them and returns None if one is bad (the general path then raises)."""
+    them and returns None if one is bad (the general path then raises). An FSDP2 plan (``plan.mesh``)
+    checks every tensor in step order and all-reduces the verdicts over the mesh (the minimum: a NaN or
+    inf in any rank's rows) between the check and the updates, on the device; a rank whose plan does
+    not apply makes the same all-reduce in ``optimizer._step_sharded``."""
     from . import plan_check
 
     if (opt.kernel, opt.nonfinite) != plan.mode or not wanted(opt.kernel, plan.device):
@@ -1394,27 +1438,32 @@ def run_plan(plan: GpuStepPlan, opt: Any) -> list[int] | None:
         scal = array("f")
         scal.frombytes(b"".join(map(row_bytes.__getitem__, map(plan.seg_of.__getitem__, members))))
         parts += [meta, scal, array("i", [1]) * len(members)]
+    nb = 3 * len(plan.batches)
     if plan.finite is not None:
         meta = array("q", plan.finite[0])
         _fill(meta, plan.finite[1], plan.fills[-1], ptrs)
         parts += [meta, array("i", [1]) * len(plan.finite[3])]
+        parts += [at for at in plan.verdict_at if isinstance(at, array)]  # gathers (FSDP2 plans only)
     on_device = _to_device(parts, plan.device)
     oks = [on_device[3 * b + 2] for b in range(len(plan.batches))]
     pending = None
     if plan.finite is not None:
-        flags = on_device[-1]
+        flags = on_device[nb + 1]
         if plan.finite[2]:
-            fn(plan.finite[2], on_device[-2], len(plan.finite[3]), flags)
+            fn(plan.finite[2], on_device[nb], len(plan.finite[3]), flags)
+        if plan.mesh is not None:  # FSDP2: a tensor with a NaN/inf in any rank's rows is left alone on all
+            from ..distributed import all_ranks_min
+
+            all_ranks_min(flags, plan.mesh)
         if opt.nonfinite == "raise":
             if not all(flags.tolist()):  # waits: nothing may change before the error
                 return None
         else:  # "skip": the verdicts' copy queued here, between the check and the updates
             befores = _Befores(params, plan.finite[3], plan.counters, plan.seg_of, [s.expect for s in segments])
             pending = _verdicts_later(flags, befores)
-        oks, start = [], 0
-        for *_, members, _ in plan.batches:  # the update kernels read their slice of the verdicts
-            oks.append(flags[start : start + len(members)])
-            start += len(members)
+        oks, gathers = [], iter(on_device[nb + 2 :])
+        for at in plan.verdict_at:  # the update kernels read their slice of the verdicts, or a gather of them
+            oks.append(flags[at[0] : at[1]] if isinstance(at, tuple) else flags.index_select(0, next(gathers)))
     for b, (kernel, _, _, members, units) in enumerate(plan.batches):
         kernel.fn(units, on_device[3 * b], len(members), on_device[3 * b + 1], oks[b])
         kernel.launches += 1

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .. import distributed as _shards
 from . import native as _native
 
 _SOURCE = r"""
@@ -60,7 +61,7 @@ extern PyObject *PyErr_Occurred(void);
 extern PyObject *_PyDict_GetItem_KnownHash(PyObject *, PyObject *, Py_ssize_t) __attribute__((weak));
 
 enum { N_GRAD, N_LAYOUT, N_DTYPE, N_SHAPE, N_DATA_PTR, N_IS_CONTIGUOUS, N_STRIDE, N_GET_DEVICE, N_IS_CPU, N_PARAMS,
-       N_COUNT };
+       N_LOCAL, N_MESH, N_PLACEMENTS, N_COUNT };
 typedef struct {
   PyObject *names[N_COUNT];                    /* interned attribute names */
   PyObject *none, *true_, *tensor_type, *strided;
@@ -71,6 +72,9 @@ typedef struct {
   const int64_t *param_ptrs, *state_ids, *ref_start;         /* refs ref_start[i] .. ref_start[i+1]-1 */
   PyObject *const *keys, *const *refs; const int64_t *ref_ptrs;  /* (state key, weakref, address) */
   int64_t device;                              /* get_device() of every gradient (-1: the CPU) */
+  /* FSDP2 plans (mesh not NULL): every gradient a DTensor (dtensor_type) on meshes[i] with placements[i];
+     the checks above then read the local tensors of gradients, parameters and states */
+  PyObject *mesh, *dtensor_type; PyObject *const *meshes, *const *placements;
 } lo_plan;
 
 static PyObject *call0(const lo_plan *c, int name, PyObject *self) {
@@ -101,6 +105,24 @@ static int laid_out(const lo_plan *c, PyObject *t, PyObject *layout) {  /* conti
     return ok;
   }
   return same(call0(c, N_STRIDE, t), layout); }
+/* An FSDP2 plan's t._local_tensor (a new reference; NULL on error); t itself (a new reference) if it is
+   not a DTensor or the plan is not FSDP2's */
+static PyObject *local_of(const lo_plan *c, PyObject *t) {
+  if (!c->mesh) { Py_IncRef(t); return t; }
+  PyObject *type = PyObject_Type(t);
+  const int dt = type == c->dtensor_type;
+  Py_DecRef(type);
+  if (!dt) { Py_IncRef(t); return t; }
+  return PyObject_GetAttr(t, c->names[N_LOCAL]); }
+/* The local gradient of an FSDP2 plan's DTensor gradient g (a new reference) if it is on the planned
+   mesh with the planned placements, else NULL */
+static PyObject *sharded_grad(const lo_plan *c, int64_t i, PyObject *g) {
+  PyObject *type = PyObject_Type(g);
+  const int dt = type == c->dtensor_type;
+  Py_DecRef(type);
+  if (!dt || !same(PyObject_GetAttr(g, c->names[N_MESH]), c->meshes[i])) return NULL;  /* (identity first) */
+  if (!same(PyObject_GetAttr(g, c->names[N_PLACEMENTS]), c->placements[i])) return NULL;
+  return PyObject_GetAttr(g, c->names[N_LOCAL]); }
 static int grad_ok(const lo_plan *c, int64_t i, PyObject *g) {  /* step_plan._valid's gradient checks */
   PyObject *type = PyObject_Type(g);
   const int plain = type == c->tensor_type;
@@ -123,8 +145,12 @@ static PyObject *state_of(PyObject *state, PyObject *p) {
   }
   return PyDict_GetItemWithError(state, p); }
 static int param_ok(const lo_plan *c, int64_t i, PyObject *p, PyObject *state) {  /* and its states */
-  if (address(c, p) != c->param_ptrs[i] || !same(PyObject_GetAttr(p, c->names[N_SHAPE]), c->shapes[i])) return 0;
-  if (!laid_out(c, p, c->layouts[i])) return 0;
+  PyObject *rows = local_of(c, p);  /* FSDP2: the local tensor */
+  if (!rows) return 0;
+  const int laid = address(c, rows) == c->param_ptrs[i] && same(PyObject_GetAttr(rows, c->names[N_SHAPE]), c->shapes[i])
+                   && laid_out(c, rows, c->layouts[i]);
+  Py_DecRef(rows);
+  if (!laid) return 0;
   PyObject *st = state_of(state, p);
   if (!st || (int64_t)(intptr_t)st != c->state_ids[i]) return 0;
   Py_IncRef(st);  /* held while torch's code runs (another thread could drop it from opt.state) */
@@ -132,7 +158,9 @@ static int param_ok(const lo_plan *c, int64_t i, PyObject *p, PyObject *state) {
   for (int64_t r = c->ref_start[i]; ok && r < c->ref_start[i + 1]; r++) {
     PyObject *t = PyObject_CallNoArgs(c->refs[r]);  /* the weakref's tensor, or None */
     if (!t) { ok = 0; break; }
-    ok = PyDict_GetItemWithError(st, c->keys[r]) == t && address(c, t) == c->ref_ptrs[r];
+    PyObject *lt = PyDict_GetItemWithError(st, c->keys[r]) == t ? local_of(c, t) : NULL;
+    ok = lt && address(c, lt) == c->ref_ptrs[r];
+    if (lt) Py_DecRef(lt);
     Py_DecRef(t);
   }
   Py_DecRef(st);
@@ -160,6 +188,12 @@ PyObject *lo_plan_check(const lo_plan *c, PyObject *groups, PyObject *state, int
       g = PyObject_GetAttr(p, c->names[N_GRAD]);
       if (!g || (g != c->none) != c->has_grad[k]) goto refuse;
       if (g != c->none) {
+        if (c->mesh && i < c->nlive) {  /* FSDP2: the checks below read the local gradient */
+          PyObject *rows = sharded_grad(c, i, g);
+          if (!rows) goto refuse;
+          Py_DecRef(g);
+          g = rows;
+        }
         if (i >= c->nlive || !grad_ok(c, i, g)) goto refuse;
         const long long ptr = address(c, g);
         if (ptr == -1 || !param_ok(c, i, p, state)) goto refuse;
@@ -199,7 +233,8 @@ int lo_counters(int64_t n, float *const *counters, const int32_t *seg, const flo
 """
 
 _NAMES = tuple(sys.intern(s) for s in ("grad", "layout", "dtype", "shape", "data_ptr", "is_contiguous", "stride",
-                                       "get_device", "is_cpu", "params"))  # fmt: skip
+                                       "get_device", "is_cpu", "params", "_local_tensor", "device_mesh",
+                                       "placements"))  # fmt: skip
 _P = ctypes.c_void_p
 
 
@@ -209,7 +244,8 @@ class _Plan(ctypes.Structure):
                 ("nparams", ctypes.c_int64), ("param_ids", _P), ("has_grad", _P),
                 ("nlive", ctypes.c_int64), ("shapes", _P), ("layouts", _P), ("dtypes", _P),
                 ("param_ptrs", _P), ("state_ids", _P), ("ref_start", _P),
-                ("keys", _P), ("refs", _P), ("ref_ptrs", _P), ("device", ctypes.c_int64)]  # fmt: skip
+                ("keys", _P), ("refs", _P), ("ref_ptrs", _P), ("device", ctypes.c_int64),
+                ("mesh", _P), ("dtensor_type", _P), ("meshes", _P), ("placements", _P)]  # fmt: skip
 
 
 def available() -> bool:
@@ -252,9 +288,12 @@ class Checker:
                 refs.append(ref)
                 ptrs.append(ptr)
             start.append(len(keys))
+        mesh = getattr(plan, "mesh", None)  # FSDP2: the mesh, the DTensor class, each gradient's placements
+        dtensor = _shards._dtensor_type() if mesh is not None else None
+        sharded = [list(getattr(plan, "meshes", [])), list(getattr(plan, "placements", []))]
         objects = [list(_NAMES), list(plan.shapes), list(plan.layouts), list(plan.grad_dtypes), keys, refs]
-        self._keep = (objects, [None, True, Tensor, torch.strided])
-        arrays = [(_P * len(x))(*map(id, x)) for x in objects]
+        self._keep = (objects, [None, True, Tensor, torch.strided, mesh, dtensor], sharded)
+        arrays = [(_P * max(len(x), 1))(*map(id, x)) for x in [*objects, *sharded]]
         ints = [(c.c_int64 * max(len(x), 1))(*x) for x in (sig[0], sig[1], sig[2], plan.param_ptrs,
                                                            plan.state_ids, start, ptrs)]  # fmt: skip
         has_grad = (c.c_int8 * max(len(sig[3]), 1))(*[not none for none in sig[3]])
@@ -266,6 +305,8 @@ class Checker:
             n, *(c.addressof(a) for a in arrays[1:4]),
             c.addressof(ints[3]), c.addressof(ints[4]), c.addressof(ints[5]),
             c.addressof(arrays[4]), c.addressof(arrays[5]), c.addressof(ints[6]), plan.device_index,
+            None if mesh is None else id(mesh), None if mesh is None else id(dtensor), c.addressof(arrays[6]),
+            c.addressof(arrays[7]),
         )  # fmt: skip
         self.grad_ptrs = (c.c_int64 * max(n, 1))()
         self._fn = fn
@@ -302,6 +343,8 @@ def check(plan: Any, opt: Any) -> tuple[list[Tensor], Any] | None:
     sig, params, grads = step_plan._signature(opt.param_groups)
     if sig != plan.signature or not step_plan._valid(plan, opt, params, grads):
         return None
+    if getattr(plan, "mesh", None) is not None:  # FSDP2: the kernels read the local gradients
+        grads = [g._local_tensor for g in grads]
     return params, list(map(Tensor.data_ptr, grads))
 
 

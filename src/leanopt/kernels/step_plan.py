@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .. import distributed as _shards
 from ..formats import noise as _noise
 from . import native as _native
 from . import plan_check as _plan_check
@@ -276,7 +277,18 @@ def layouts(work: list[tuple[Tensor, dict]]) -> list:
 
 
 def _valid(plan: Any, opt: Any, params: list[Tensor], grads: list[Tensor]) -> bool:
-    """Whether nothing the plan relies on has changed (only reads). Also for kernels.gpu.GpuStepPlan."""
+    """Whether nothing the plan relies on has changed (only reads). Also for kernels.gpu.GpuStepPlan;
+    for an FSDP2 one (``plan.mesh``) each gradient must be a DTensor on that mesh with the planned
+    placements, and the checks below read the local tensors of gradients, parameters and states."""
+    mesh = getattr(plan, "mesh", None)
+    local, owners = _shards.local, params  # owners: the parameters the state is kept under
+    if mesh is not None:
+        dtensor = _shards._dtensor_type()
+        for g, m, placements in zip(grads, plan.meshes, plan.placements, strict=True):
+            if type(g) is not dtensor or g.device_mesh != m or g.placements != placements:
+                return False
+        grads = [g._local_tensor for g in grads]
+        params = [p._local_tensor for p in params]
     strided = torch.strided
     # layouts: None, contiguous; else the strides of a dense non-contiguous parameter (channels_last),
     # which its gradient must have too (native.same_layout)
@@ -293,12 +305,12 @@ def _valid(plan: Any, opt: Any, params: list[Tensor], grads: list[Tensor]) -> bo
             return False
         if not (p.is_contiguous() if plan.layouts[i] is None else p.stride() == plan.layouts[i]):
             return False
-        st = state.get(p)
+        st = state.get(owners[i])
         if id(st) != plan.state_ids[i]:
             return False
         for k, ref, ptr in plan.refs[i]:
             t = ref()
-            if t is None or st.get(k) is not t or t.data_ptr() != ptr:
+            if t is None or st.get(k) is not t or (t if mesh is None else local(t)).data_ptr() != ptr:
                 return False
     return _valid_groups(plan, opt)
 
