@@ -8,7 +8,9 @@ the same Python with the kernels replaced by no-ops costs ~70 us and ~35 us: the
 calls. ``primitives`` times each of them (median microseconds of many calls, nothing synchronised in
 between): a pinned allocation, a pinned copy to the device, an event, torch's kernel wrapper, the
 driver's cuLaunchKernel called directly, this revision's launcher (``gpu._nvrtc``), and the pool of
-pinned buffers (``gpu._pinned``, where this revision has it).
+pinned buffers (``gpu._pinned``, where this revision has it). ``host_events`` (since 2026-12-01): the
+profiler's host-side events of planned one-tensor steps (CUDA runtime and driver calls among them), with
+their self CPU time per step: which call holds the host.
 
     python benchmarks/gpu_host_parts.py --device cuda --out /tmp/new.json
     python benchmarks/gpu_host_parts.py --device cuda --src /tmp/old/src --out /tmp/old.json
@@ -163,6 +165,34 @@ def profile(torch, leanopt, device: str, reps: int) -> str:
     return text.getvalue()
 
 
+def cuda_calls(torch, leanopt, device: str, reps: int) -> list[dict]:
+    """torch.profiler over ``reps`` planned exact/fp32 steps of one tensor (the step whose host time
+    ``steps`` reports): every host-side event (torch ops, CUDA runtime and driver calls, as the profiler
+    records them) with its count and self CPU time per step, largest first. Where the host time of a
+    step goes beyond its Python (cProfile above) shows here: a runtime call that waits (a copy from
+    pageable memory, an event synchronisation, an allocation) holds the host for its duration."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from leanopt.cli import bench
+
+    params = bench.make_params([(50_000_000 if device == "cuda" else 1000,)], torch.bfloat16, device)
+    opt = leanopt.AdamW(params, lr=1e-4, kernel="fused" if device == "cpu" else "auto")
+    bench.time_steps(opt, 3, warmup=3)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    bench._sync(torch.device(device))
+    with torch_profile(activities=activities) as prof:
+        for _ in range(reps):
+            opt.step()
+        bench._sync(torch.device(device))
+    rows = [{"name": e.key, "calls_per_step": round(e.count / reps, 2),
+             "self_cpu_us_per_step": round(e.self_cpu_time_total / reps, 2)}
+            for e in prof.key_averages() if e.self_cpu_time_total > 0]  # fmt: skip
+    rows.sort(key=lambda r: -r["self_cpu_us_per_step"])
+    del opt, params
+    return rows[:25]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -197,8 +227,13 @@ def main() -> None:
     print(f"  release per hook: {release['per_param_us']}")
     prof = profile(torch, leanopt, args.device, args.steps)
     print(prof)
+    calls = cuda_calls(torch, leanopt, args.device, args.steps)
+    print("  host-side events per planned step (torch.profiler, self CPU time):")
+    for r in calls[:12]:
+        print(f"    {r['name'][:60]:60s} {r['calls_per_step']:>6} calls  {r['self_cpu_us_per_step']:>9} us")
     write_rows(args.out, "python " + " ".join(sys.argv), rows, label=args.label, leanopt_from=leanopt.__file__,
-               device=args.device, primitives_us=prims, release=release, profile=prof)  # fmt: skip
+               device=args.device, primitives_us=prims, release=release, profile=prof,
+               host_events=calls)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -394,7 +394,8 @@ def test_the_host_time_benchmarks_run_on_the_emulated_gpu_path(emulate, monkeypa
 
 def test_the_host_parts_benchmark_runs_on_the_emulated_gpu_path(tmp_path):
     """benchmarks/gpu_host_parts.py (its figures from an H200 are in benchmarks/results/gpu-2026-11-30-host):
-    a tiny emulated run writes each mode's host and step time, the release hooks' cost and a profile."""
+    a tiny emulated run writes each mode's host and step time, the release hooks' cost, a profile and the
+    profiler's host-side events per planned step."""
     import json
     import subprocess
     import sys
@@ -410,6 +411,11 @@ def test_the_host_parts_benchmark_runs_on_the_emulated_gpu_path(tmp_path):
     assert all(0 < r["host_cpu_ms"] for r in doc["rows"])
     assert set(doc["release"]["per_param_us"]) == {"no release", "release", "release, no plans"}
     assert "run_plan" in doc["profile"]
+    # the profiler's host-side events of planned steps (on a GPU the CUDA runtime and driver calls among them)
+    events = doc["host_events"]
+    assert events and all(e["calls_per_step"] > 0 and e["self_cpu_us_per_step"] > 0 for e in events)
+    assert [e["self_cpu_us_per_step"] for e in events] == sorted((e["self_cpu_us_per_step"] for e in events),
+                                                                 reverse=True)  # fmt: skip
 
 
 def _tiny_mlp():
