@@ -294,17 +294,19 @@ class Worker:
     def scenario_fsdp_same_batch(self) -> None:
         """Every optimizer x weight format x state format, FSDP2, the same batch on both ranks; how each
         step's updates ran: native calls of all prepared updates (their sizes) and one-tensor updates."""
-        from leanopt.kernels import native
+        from leanopt.kernels import native, step_plan
 
         results = {}
         for c in combos():
             model = self.fsdp(mlp(c[3]))
             opt = make_optimizer(model, c)
             with _counting(native, "run_many", lambda jobs: len(jobs)) as batches, \
-                    _counting(native, "native_step", lambda *a, **k: 1) as singles:  # fmt: skip
+                    _counting(native, "native_step", lambda *a, **k: 1) as singles, \
+                    _counting(leanopt.distributed, "all_ranks_min", lambda flags, mesh: flags.numel()) as reduced, \
+                    _planned(step_plan, "run") as planned:  # fmt: skip
                 losses = train(model, opt, range(1), dtype=c[3])
-                # later steps: each update's launch kept from the step before (not planned again), the
-                # NaN/inf check of the shards in one native call (no torch reduction per shard)
+                # later steps: by the plan of the step before (one native call for all, after the
+                # all-reduce of the shards' verdicts), nothing prepared again, no torch reduction per shard
                 with _counting(native, "_plan", lambda *a, **k: 1) as plans, \
                         _counting(leanopt.distributed, "finite_flag", lambda t: 1) as flags:  # fmt: skip
                     losses += train(model, opt, range(1, STEPS), dtype=c[3])
@@ -317,7 +319,8 @@ class Worker:
             }  # how each state tensor is placed, for test_fsdp2_states_are_sharded_like_their_params
             results[combo_name(c)] = {"losses": losses, "snapshot": snapshot(model, opt), "placements": placements,
                                       "native_batches": batches, "native_singles": len(singles),
-                                      "plans_after_first": len(plans), "shard_flags": len(flags)}  # fmt: skip
+                                      "plans_after_first": len(plans), "shard_flags": len(flags),
+                                      "reduced": reduced, "planned": planned}  # fmt: skip
             if c == ("adamw", "exact", "fp32", torch.bfloat16):
                 report = leanopt.memory_report(opt)
                 reports = [None] * WORLD
@@ -574,13 +577,55 @@ class Worker:
         target = model[2].weight  # 34 rows: 17 on each rank
         if self.rank == 1:
             target.grad._local_tensor[3, 1] = float("inf")
-        opt.step()
+        from leanopt.kernels import step_plan
+
+        with _planned(step_plan, "run") as planned:  # the step before left a plan: the skip is the plan's
+            opt.step()
         opt.zero_grad()
         after = snapshot(model, opt)
+        steps = [float(opt.state[p]["step"]) for p in model.parameters()]
         skipped = [torch.tensor(opt.nonfinite_skipped)]
         gathered = [torch.zeros(1, dtype=torch.long) for _ in range(WORLD)]
         self.dist.all_gather(gathered, skipped[0].reshape(1))
-        self.save("fsdp_nonfinite", {"before": before, "after": after, "skipped": [int(g) for g in gathered]})
+        results = {"before": before, "after": after, "skipped": [int(g) for g in gathered], "planned": planned,
+                   "steps": steps}  # fmt: skip
+        # the same with rank 1 without its plan (prepared anew) and the inf on rank 0: the ranks' paths
+        # differ, their collectives (one all-reduce of the 6 verdicts) and decisions do not
+        model = self.fsdp(mlp(torch.bfloat16))
+        opt = make_optimizer(model, ("adamw", "exact", "fp32", torch.bfloat16))
+        train(model, opt, range(1))
+        if self.rank == 1:
+            opt._step_plan = None
+        before = snapshot(model, opt)
+        mlp_loss(model, *mlp_batch(1)).backward()
+        if self.rank == 0:
+            model[2].weight.grad._local_tensor[3, 1] = float("inf")
+        with _planned(step_plan, "run") as planned:
+            opt.step()
+        opt.zero_grad()
+        train(model, opt, range(2, 4))  # and on: the next collectives still meet
+        every = [None] * WORLD
+        self.dist.all_gather_object(every, (planned, opt.nonfinite_skipped))
+        results["one-rank-unplanned"] = {"before": before, "after": snapshot(model, opt), "every": every}
+        # nonfinite="raise" by a plan: the error on every rank, from the all-reduced verdicts, nothing changed
+        model = self.fsdp(mlp(torch.bfloat16))
+        opt = make_optimizer(model, ("adamw", "compact", "int8", torch.bfloat16), nonfinite="raise")
+        train(model, opt, range(1))
+        before = snapshot(model, opt)
+        mlp_loss(model, *mlp_batch(1)).backward()
+        if self.rank == 1:
+            model[2].weight.grad._local_tensor[3, 1] = float("nan")
+        with _counting(step_plan, "run", lambda *a: 1) as entered, \
+                _counting(leanopt.distributed, "all_ranks_min", lambda *a: 1) as reduced:  # fmt: skip
+            try:
+                opt.step()
+                error = None
+            except FloatingPointError as err:
+                error = str(err)
+        every = [None] * WORLD
+        self.dist.all_gather_object(every, (error, len(entered), len(reduced)))
+        results["raise"] = {"before": before, "after": snapshot(model, opt), "every": every}
+        self.save("fsdp_nonfinite", results)
 
     def scenario_fsdp_fp32_export(self) -> None:
         """fp32_state_dict / load_fp32_state_dict with sharded params: whole fp32 weights out and back in."""
@@ -782,20 +827,21 @@ def _counting(module: Any, name: str, measure: Callable[..., Any]):
 
 
 @contextlib.contextmanager
-def _planned(gpu: Any):
-    """Within the block, record for every ``gpu.run_plan`` call whether the step ran by its plan."""
-    original, seen = gpu.run_plan, []
+def _planned(module: Any, name: str = "run_plan"):
+    """Within the block, record for every call of ``module.name`` (``gpu.run_plan``, ``step_plan.run``)
+    whether the step ran by its plan."""
+    original, seen = getattr(module, name), []
 
     def wrapper(plan: Any, opt: Any) -> Any:
         ran = original(plan, opt)
         seen.append(ran is not None)
         return ran
 
-    gpu.run_plan = wrapper
+    setattr(module, name, wrapper)
     try:
         yield seen
     finally:
-        gpu.run_plan = original
+        setattr(module, name, original)
 
 
 def _load_example():
@@ -935,9 +981,12 @@ multiprocess = pytest.mark.multiprocess
 def test_fsdp2_same_batch_is_bit_identical_to_one_process(cluster, combo):
     got = result(cluster, "fsdp_same_batch")[combo_name(combo)]
     want = single_run(combo)
-    # every step's 6 updates (3 weights, 3 biases: their local rows) in one native call, none alone (until
-    # 2026-11-30 each FSDP2 tensor was updated by a native call of its own)
-    assert got["native_batches"] == [6] * STEPS and got["native_singles"] == 0, got["native_batches"]
+    # the first step's 6 updates (3 weights, 3 biases: their local rows) in one native call, none alone
+    # (until 2026-11-30 each FSDP2 tensor was updated by a native call of its own); since 2026-12-01 the
+    # later steps by its plan (kernels/step_plan.py): one native call, no update prepared again, after
+    # one all-reduce of the 6 verdicts per step, as the first step's
+    assert got["native_batches"] == [6] and got["native_singles"] == 0, got["native_batches"]
+    assert got["planned"] == [True] * (STEPS - 1) and got["reduced"] == [6] * STEPS, (got["planned"], got["reduced"])
     assert got["plans_after_first"] == 0 and got["shard_flags"] == 0, (got["plans_after_first"], got["shard_flags"])
     assert_same_bits({"losses": dict(enumerate(got["losses"]))}, {"losses": dict(enumerate(want["losses"]))}, "loss")
     assert_same_bits(got["snapshot"], want["snapshot"], combo_name(combo))
@@ -1111,8 +1160,19 @@ def test_plain_fp32_and_optimizer_state_dicts_move_onto_fsdp2_shards(cluster):
 def test_nonfinite_gradient_on_one_rank_skips_the_tensor_on_every_rank(cluster):
     got = result(cluster, "fsdp_nonfinite")
     assert got["skipped"] == [1, 1]
+    assert got["planned"] == [True], got["planned"]  # by the plan of the step before (since 2026-12-01)
+    assert got["steps"] == [2.0, 2.0, 1.0, 2.0, 2.0, 2.0], got["steps"]  # 2.weight's count not advanced
     assert_same_bits(got["after"]["2.weight"], got["before"]["2.weight"], "skipped tensor")
     assert not torch.equal(bits(got["after"]["0.weight"]["param"]), bits(got["before"]["0.weight"]["param"]))
+    # rank 0 by its plan, rank 1 prepared anew, the inf in rank 0's rows: skipped on both, trained on after
+    got = result(cluster, "fsdp_nonfinite")["one-rank-unplanned"]
+    assert got["every"] == [([True], 1), ([], 1)], got["every"]
+    assert not torch.equal(bits(got["after"]["2.weight"]["param"]), bits(got["before"]["2.weight"]["param"]))
+    # nonfinite="raise": the plan raises on both ranks (a NaN in rank 1's rows of parameter 2) after its one
+    # all-reduce (the general path would make a second), nothing changed
+    got = result(cluster, "fsdp_nonfinite")["raise"]
+    assert got["every"] == [("non-finite gradient for parameter 2", 1, 1)] * 2, got["every"]
+    assert_same_bits(got["after"], got["before"], "raise")
 
 
 @multiprocess

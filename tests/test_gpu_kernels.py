@@ -1164,13 +1164,17 @@ def test_cuda_launches_go_to_the_driver_not_through_torchs_kernel_wrapper(monkey
     assert gpu.compile_stats() and all(k.launches for k in gpu.compile_stats())
 
 
-def _fsdp2_one_rank(tmp_path, device: str, waits) -> None:
-    """FSDP2 on one rank (gloo on the CPU with the kernels emulated, or nccl on a GPU): a step checks the
-    shards, all-reduces the verdicts and updates on the device without the host waiting
-    (``optimizer._step_sharded``), with the same bits as the same parameters stepped unsharded; an inf in
-    one gradient skips that tensor in both, counted when the verdicts are read."""
+def _fsdp2_one_rank(tmp_path, device: str, waits, native_kernels: bool = False) -> None:
+    """FSDP2 on one rank (gloo on the CPU with the kernels emulated or the native CPU kernels, or nccl on
+    a GPU): a step checks the shards, all-reduces the verdicts and updates (on the device without the
+    host waiting: ``optimizer._step_sharded``), with the same bits as the same parameters stepped
+    unsharded; an inf in one gradient skips that tensor in both, counted when the verdicts are read.
+    The second layer's weight (700 x 96) is above native.SMALL_TENSOR: the native plan's large-tensor
+    loop skips it."""
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
+
+    from leanopt.kernels import step_plan
 
     if dist.is_initialized():
         pytest.skip("a process group is already up in this process")
@@ -1180,17 +1184,21 @@ def _fsdp2_one_rank(tmp_path, device: str, waits) -> None:
         torch.cuda.set_device(0)
     dist.init_process_group("nccl" if device == "cuda" else "gloo", init_method=f"file://{tmp_path}/pg", rank=0,
                             world_size=1)  # fmt: skip
-    run_plan = gpu.run_plan
+    module, name = (step_plan, "run") if native_kernels else (gpu, "run_plan")
+    run_plan = getattr(module, name)
     try:
         models = []
         for _ in range(2):
             torch.manual_seed(0)
-            models.append(torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.Linear(96, 40)).to(device).bfloat16())
+            layers = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.Linear(96, 700))
+            models.append(layers.to(device).bfloat16())
         plain, sharded = models
+        assert sharded[1].weight.numel() >= native.SMALL_TENSOR
         for layer in sharded:
             fully_shard(layer)
         fully_shard(sharded)
-        opts = [leanopt.AdamW(m.parameters(), lr=1e-2, master="compact", states="int8", kernel="fused")
+        kernel = "auto" if native_kernels else "fused"
+        opts = [leanopt.AdamW(m.parameters(), lr=1e-2, master="compact", states="int8", kernel=kernel)
                 for m in models]  # fmt: skip
         gen = torch.Generator().manual_seed(1)
         stepped, planned = [], []
@@ -1203,7 +1211,7 @@ def _fsdp2_one_rank(tmp_path, device: str, waits) -> None:
                 planned.append(step)
             return ran
 
-        gpu.run_plan = counted
+        setattr(module, name, counted)
         for step in range(4):
             grads = [torch.randn(p.shape, generator=gen).bfloat16().to(device) for p in plain.parameters()]
             if step == 2:
@@ -1215,22 +1223,29 @@ def _fsdp2_one_rank(tmp_path, device: str, waits) -> None:
                 p.grad._local_tensor.copy_(g)  # one rank: its rows are the whole tensor
             opts[0].step()
             assert not waits(opts[1].step)
-            assert opts[1]._step_verdicts is not None  # queued, not read
+            assert (opts[1]._step_verdicts is not None) is not native_kernels  # queued, not read (CUDA path)
             assert opts[1].last_skipped == opts[0].last_skipped == ([2] if step == 2 else []), step
         # the first step and the one after the skip (its step counts differ from the plan's) prepare each
-        # update; the others repeat the step before from its plan (kernels/gpu.py: FSDP2 plans), the skip
-        # of step 2 included (its check all-reduced and read by the updates on the device, as above)
-        assert stepped == [0, 3] and planned == [1, 2], (stepped, planned)
+        # update; the others repeat the step before from its plan (FSDP2 plans: kernels/gpu.py, or
+        # kernels/step_plan.py for the native kernels), the skip of step 2 included (its check all-reduced
+        # and read by the updates)
+        assert planned == [1, 2] and stepped == ([] if native_kernels else [0, 3]), (stepped, planned)
         for a, b in zip(plain.parameters(), sharded.parameters(), strict=True):
             assert torch.equal(bits(a), bits(b.detach()._local_tensor))
         assert opts[1].nonfinite_skipped == opts[0].nonfinite_skipped == 1
     finally:
-        gpu.run_plan = run_plan
+        setattr(module, name, run_plan)
         dist.destroy_process_group()
 
 
 def test_an_fsdp2_step_on_one_rank_through_the_gpu_kernels_emulated_gives_the_unsharded_bits(emulate, tmp_path):
     _fsdp2_one_rank(tmp_path, "cpu", lambda fn: fn())
+
+
+def test_an_fsdp2_step_on_one_rank_through_the_native_kernels_gives_the_unsharded_bits(tmp_path):
+    if native.compiler() is None:
+        pytest.skip("needs a C compiler")
+    _fsdp2_one_rank(tmp_path, "cpu", lambda fn: fn(), native_kernels=True)
 
 
 SHARDED_CHANGES = ["gradient placed otherwise", "gradient on another mesh", "gradient a plain tensor",
@@ -1274,16 +1289,21 @@ def _change_sharded(what: str, opt, p) -> None:
 KEEP: list = []
 
 
+@pytest.mark.parametrize("path", ["cuda-emulated", "native"])
 @pytest.mark.parametrize("impl", ["C", "Python"])
-def test_both_plan_checks_refuse_each_change_an_fsdp2_plan_relies_on(emulate, tmp_path, impl):
-    """An FSDP2 step's plan (kernels/gpu.py: one rank, gloo, the CUDA kernels emulated) checks DTensor
-    gradients' mesh and placements and reads local tensors: plan_check.check gives the parameters and
-    their local gradients' addresses, a new gradient DTensor placed alike is followed, and each change
-    in SHARDED_CHANGES is refused (the general path then decides), by the C check and by the Python one."""
+def test_both_plan_checks_refuse_each_change_an_fsdp2_plan_relies_on(emulate, tmp_path, impl, path, monkeypatch):
+    """An FSDP2 step's plan (one rank, gloo; the CUDA kernels' plan, kernels/gpu.py, with the kernels
+    emulated, and the native CPU kernels' plan, kernels/step_plan.py) checks DTensor gradients' mesh and
+    placements and reads local tensors: plan_check.check gives the parameters and their local gradients'
+    addresses, a new gradient DTensor placed alike is followed, and each change in SHARDED_CHANGES is
+    refused (the general path then decides), by the C check and by the Python one."""
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
 
-    from leanopt.kernels import plan_check
+    from leanopt.kernels import plan_check, step_plan
+
+    native_path = path == "native"
+    monkeypatch.setattr(gpu, "EMULATE", not native_path)
 
     if impl == "C" and (not plan_check.available() or plan_check._function() is None):
         pytest.skip("the C check does not build here")
@@ -1297,14 +1317,16 @@ def test_both_plan_checks_refuse_each_change_an_fsdp2_plan_relies_on(emulate, tm
             for layer in model:
                 fully_shard(layer)
             fully_shard(model)
-            opt = leanopt.AdamW(model.parameters(), lr=1e-2, master="compact", states="int8", kernel="fused")
+            opt = leanopt.AdamW(model.parameters(), lr=1e-2, master="compact", states="int8",
+                                kernel="auto" if native_path else "fused")  # fmt: skip
             for _ in range(2):
                 for p in model.parameters():
                     p.grad = p.detach().clone()  # a new DTensor placed like its parameter
                     p.grad._local_tensor.normal_()
                 opt.step()
             plan, params = opt._step_plan, list(model.parameters())
-            assert isinstance(plan, gpu.GpuStepPlan) and plan.mesh is not None, what
+            kind = step_plan.StepPlan if native_path else gpu.GpuStepPlan
+            assert isinstance(plan, kind) and plan.mesh is not None, what
             plan.checker = None if impl == "C" else False  # None: made at the next check
             checked = plan_check.check(plan, opt)
             assert checked is not None and all(a is b for a, b in zip(checked[0], params, strict=True)), what

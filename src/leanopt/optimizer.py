@@ -679,10 +679,12 @@ class LeanOptimizer(torch.optim.Optimizer):
                         jobs.append(job)
                 _native.run_many(jobs)  # every prepared update in one native call
                 _gpu.run_many(gpu_jobs)  # one launch per kernel and device
-                if any(_shards.is_dtensor(p) for p, _ in work):  # FSDP2: planned on CUDA, all on one mesh
-                    mesh = getattr(work[0][0], "device_mesh", None)  # (build_plan checks every tensor's)
+                if any(_shards.is_dtensor(p) for p, _ in work):  # FSDP2: planned, all on one mesh
+                    mesh = getattr(work[0][0], "device_mesh", None)  # (the builds check every tensor's)
                     if mesh is not None and len(gpu_jobs) == len(work):
                         self._step_plan = _gpu.build_plan(self, work, gpu_jobs, mesh=mesh)
+                    elif mesh is not None and self._native_ready and len(jobs) == len(work):
+                        self._step_plan = _step_plan.build(self, work, jobs, mesh=mesh)
                 elif self._native_ready and len(jobs) == len(work):
                     self._step_plan = _step_plan.build(self, work, jobs)
                 elif len(gpu_jobs) == len(work):

@@ -1317,7 +1317,6 @@ def build_plan(
     not a plain fp32 tensor, a gradient the NaN/inf kernel does not read). ``mesh``: FSDP2, every
     parameter a DTensor on this device mesh whose gradient is placed like it (else None); ``jobs`` then
     update their local rows."""
-    from .. import distributed as shards
     from . import step_plan
     from .fused import fused_form  # fused imports this module
 
@@ -1327,22 +1326,17 @@ def build_plan(
     sig, _, grads = step_plan._signature(opt.param_groups)
     if form is None or len(grads) != len(jobs):
         return None
-    params = [p for p, _ in work]
-    meshes: list = []
-    placements: list = []
+    params, meshes, placements, rows = [p for p, _ in work], [], [], [job.refs for job in jobs]
     if mesh is not None:  # FSDP2: the local tensors the jobs were made for, and what makes them so
-        if not all(shards.is_dtensor(t) and t.device_mesh == mesh for t in params + grads):
+        sharded = step_plan.sharded(opt, work, grads, rows, mesh)
+        if sharded is None:
             return None
-        meshes, placements = [p.device_mesh for p in params], [p.placements for p in params]
-        if any(g.placements != pl for g, pl in zip(grads, placements, strict=True)):
-            return None
-        params, grads = [shards.local(p) for p in params], [shards.local(g) for g in grads]
+        params, grads, meshes, placements, rows = sharded
     segments: list = []
     index: dict[tuple[int, float], int] = {}
     seg_of, counters, refs = [], [], []
-    for (p, group), job in zip(work, jobs, strict=True):
-        state = opt.state[p]
-        counter = native._step_counter(state["step"])
+    for (p, group), row in zip(work, rows, strict=True):
+        counter = native._step_counter(opt.state[p]["step"])
         if counter is None:
             return None
         value = counter[1].value  # after this step
@@ -1352,11 +1346,6 @@ def build_plan(
                                               (group["master"], group["states"]), value, None))  # fmt: skip
         seg_of.append(index[id(group), value])
         counters.append(counter[1])
-        row = job.refs
-        if mesh is not None:  # the DTensors in the state dict, at their local tensors' addresses
-            row = tuple((k, weakref.ref(state[k]), ptr) for k, _, ptr in row)
-            if any(shards.local(r()).data_ptr() != ptr for _, r, ptr in row):
-                return None
         refs.append((*row, ("step", counter[0], counter[2])))
     batches = []
     by: dict[int, list[int]] = {}
@@ -1456,7 +1445,11 @@ def run_plan(plan: GpuStepPlan, opt: Any) -> list[int] | None:
 
             all_ranks_min(flags, plan.mesh)
         if opt.nonfinite == "raise":
-            if not all(flags.tolist()):  # waits: nothing may change before the error
+            verdicts = flags.tolist()  # waits: nothing may change before the error
+            if not all(verdicts):
+                if plan.mesh is not None:  # FSDP2: raised here (the general path would all-reduce again)
+                    bad = plan.finite[3][verdicts.index(0)]
+                    raise FloatingPointError(f"non-finite gradient for parameter {opt.param_index(params[bad])}")
                 return None
         else:  # "skip": the verdicts' copy queued here, between the check and the updates
             befores = _Befores(params, plan.finite[3], plan.counters, plan.seg_of, [s.expect for s in segments])

@@ -2509,21 +2509,30 @@ def all_finite_many(tensors: list[Tensor]) -> list[bool] | None:
     specs = [_EXPONENT_MASKS.get(t.dtype) for t in tensors]
     if any(sp is None or t.device.type != "cpu" or not dense(t) for sp, t in zip(specs, tensors, strict=True)):
         return None
-    if disabled_reason() is not None:
+    fn = finite_many_fn()
+    if fn is None:
         return None
     count = len(tensors)
+    data = (ctypes.c_void_p * count)(*[t.data_ptr() for t in tensors])
+    sizes = (ctypes.c_int64 * count)(*[t.numel() for t in tensors])
+    masks = (ctypes.c_uint32 * count)(*[sp[1] | (sp[0] == 32) for sp in specs])  # type: ignore[index]
+    out = (ctypes.c_int8 * count)()
+    fn(count, data, sizes, masks, out, torch.get_num_threads())
+    return [bool(x) for x in out]
+
+
+def finite_many_fn() -> Any:
+    """The compiled ``lo_all_finite_many(count, data, sizes, masks, out, threads)`` (out[t] = 1 where
+    tensor t is free of NaN and inf), or None where the native path is off or cannot build."""
+    if disabled_reason() is not None:
+        return None
     if not _FINITE_MANY:
         args = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
         try:
             _FINITE_MANY.append(build(_FINITE_SOURCE, "lo_all_finite_many", args).fn)
         except (BuildError, OSError):
-            return None
-    data = (ctypes.c_void_p * count)(*[t.data_ptr() for t in tensors])
-    sizes = (ctypes.c_int64 * count)(*[t.numel() for t in tensors])
-    masks = (ctypes.c_uint32 * count)(*[sp[1] | (sp[0] == 32) for sp in specs])  # type: ignore[index]
-    out = (ctypes.c_int8 * count)()
-    _FINITE_MANY[0](count, data, sizes, masks, out, torch.get_num_threads())
-    return [bool(x) for x in out]
+            _FINITE_MANY.append(None)
+    return _FINITE_MANY[0]
 
 
 def _finite_fn() -> Any:

@@ -21,6 +21,7 @@ hyper-parameter values (tests/test_step_plan.py compares bits). Measured on 500 
 from __future__ import annotations
 
 import ctypes
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,7 +49,9 @@ static int lo_larger_first(const void *a, const void *b) {
    plan expects (expect[seg[t]], seg[t]: tensor t's param group and step count): -1 if one differs. With
    check == 2 ("raise") every gradient is checked for NaN/inf first: -2 if one is not finite. Nothing has
    changed in either case. Then each tensor, with check == 1 ("skip"), is checked before its update:
-   ok[t] = 0 and no change for a non-finite one. Returns the number of tensors skipped. Large tensors
+   ok[t] = 0 and no change for a non-finite one; with check == 3 the verdicts are given in ok[] (an FSDP2
+   step's, all-reduced over the ranks): a tensor whose ok[t] is 0 is left alone. Returns the number of
+   tensors skipped. Large tensors
    one after the other, largest first, each split over the threads, the next one's gradient checked
    during the update before it where the kernel can (fns[count + t]: its lo_step_side, else 0): the
    check's loads then overlap that update's arithmetic instead of taking a pass of their own, and the
@@ -74,7 +77,8 @@ int lo_step_all(int64_t count, void **grads, const int64_t *sizes, const uint32_
   qsort(order, (size_t)nl, sizeof(lo_big), lo_larger_first);
   for (int64_t k = 0; k < nl; k++) {
     const int64_t t = order[k].t;
-    if (check != 1) ok[t] = 1;
+    if (check == 3) { /* the verdict given */ }
+    else if (check != 1) ok[t] = 1;
     else if (known == t) ok[t] = (int8_t)known_ok;
     else ok[t] = (int8_t)lo_all_finite(grads[t], sizes[t], (masks[t] & 1u) ? 32 : 16, masks[t] & ~1u, threads);
     if (!ok[t]) { skipped++; continue; }
@@ -94,7 +98,7 @@ int lo_step_all(int64_t count, void **grads, const int64_t *sizes, const uint32_
   #pragma omp parallel for schedule(dynamic, 4) num_threads(threads) if(count > 8) reduction(+:skipped)
   for (int64_t t = 0; t < count; t++) {
     if (rows[t] * ns[t] >= small) continue;
-    ok[t] = check != 1 || lo_one(grads[t], sizes[t], masks[t]);
+    if (check != 3) ok[t] = check != 1 || lo_one(grads[t], sizes[t], masks[t]);
     if (!ok[t]) { skipped++; continue; }
     ptrs[t][slot[t]] = grads[t];
     *counters[t] += 1.0f;
@@ -189,6 +193,12 @@ class StepPlan(_StepAllArrays):
     #: key of each update (formats/noise.py) is written there before the native call
     noise: list = field(default_factory=list)
     checker: Any = None  # plan_check.Checker (made at the first check), or False: the check in Python
+    #: FSDP2 (as kernels.gpu.GpuStepPlan's): the mesh of every parameter (None: plain tensors), and per
+    #: tensor the mesh and placements its gradient must have; the NaN/inf verdicts of the local gradients
+    #: are all-reduced over the mesh before the native call, which then reads them (check 3)
+    mesh: Any = None
+    meshes: list = field(default_factory=list)
+    placements: list = field(default_factory=list)
 
 
 def _signature(groups: list[dict]) -> tuple[tuple, list[Tensor], list[Tensor]]:
@@ -202,10 +212,11 @@ def _signature(groups: list[dict]) -> tuple[tuple, list[Tensor], list[Tensor]]:
     return sig, live, [g for g in grads if g is not None]
 
 
-def build(opt: Any, work: list[tuple[Tensor, dict]], jobs: list) -> StepPlan | None:
+def build(opt: Any, work: list[tuple[Tensor, dict]], jobs: list, mesh: Any = None) -> StepPlan | None:
     """The plan of the step that has just run ``jobs`` for ``work`` (one launch per item, in order), or
     None when that step is not one a plan can repeat (a tensor updated elsewhere or skipped, a step
-    counter that is not a plain fp32 tensor)."""
+    counter that is not a plain fp32 tensor). ``mesh``: FSDP2, every parameter a DTensor on this device
+    mesh whose gradient is placed like it (:func:`sharded`); ``jobs`` then update their local rows."""
     if not jobs or len(jobs) != len(work) or _step_all() is None:
         return None
     if any(j.counter is None for j in jobs):
@@ -216,6 +227,12 @@ def build(opt: Any, work: list[tuple[Tensor, dict]], jobs: list) -> StepPlan | N
     sig, _, grads = _signature(opt.param_groups)
     if len(grads) != len(jobs):
         return None
+    params, meshes, placements, rows = [p for p, _ in work], [], [], [j.refs for j in jobs]
+    if mesh is not None:
+        parts = sharded(opt, work, grads, rows, mesh)
+        if parts is None:
+            return None
+        params, grads, meshes, placements, rows = parts
     segments: list[Segment] = []
     index: dict[tuple[int, float], int] = {}
     seg_of = []
@@ -240,10 +257,10 @@ def build(opt: Any, work: list[tuple[Tensor, dict]], jobs: list) -> StepPlan | N
         form=form,
         segments=segments,
         state_ids=[id(opt.state.get(p)) for p, _ in work],
-        refs=[(*j.refs, ("step", j.counter[0], j.counter[2])) for j in jobs],  # the step tensor too
-        param_ptrs=[p.data_ptr() for p, _ in work],
-        shapes=[p.shape for p, _ in work],
-        layouts=layouts(work),
+        refs=[(*row, ("step", j.counter[0], j.counter[2])) for row, j in zip(rows, jobs, strict=True)],  # + step
+        param_ptrs=[p.data_ptr() for p in params],
+        shapes=[p.shape for p in params],
+        layouts=layouts([(p, None) for p in params]),
         grad_dtypes=[g.dtype for g in grads],
         count=count,
         sizes=(c.c_int64 * count)(*[g.numel() for g in grads]),
@@ -268,7 +285,35 @@ def build(opt: Any, work: list[tuple[Tensor, dict]], jobs: list) -> StepPlan | N
             for t, ((p, _), j) in enumerate(zip(work, jobs, strict=True))
             if j.random
         ],  # fmt: skip
+        mesh=mesh,
+        meshes=meshes,
+        placements=placements,
     )
+
+
+def sharded(
+    opt: Any, work: list[tuple[Tensor, dict]], grads: list[Tensor], refs: list[tuple], mesh: Any
+) -> tuple | None:
+    """An FSDP2 plan's view of its step (CPU and CUDA plans): (the parameters' local tensors, the
+    gradients' local tensors, each parameter's mesh and placements, ``refs`` rows rewritten to the state
+    DTensors), or None when not every parameter and gradient is a DTensor on a mesh equal to ``mesh``
+    with its gradient placed like it. ``refs``: per parameter, the (state key, weakref, address) of the
+    local state tensors its kernel reads; the plan's check reads the state dict's DTensors, so their
+    weak references are kept instead, at the same (local) addresses."""
+    params = [p for p, _ in work]
+    if not all(_shards.is_dtensor(t) and t.device_mesh == mesh for t in params + grads):
+        return None
+    meshes, placements = [p.device_mesh for p in params], [p.placements for p in params]
+    if any(g.placements != pl for g, pl in zip(grads, placements, strict=True)):
+        return None
+    rows = []
+    for p, row in zip(params, refs, strict=True):
+        state = opt.state[p]
+        row = tuple((k, weakref.ref(state[k]), ptr) for k, _, ptr in row)
+        if any(_shards.local(r()).data_ptr() != ptr for _, r, ptr in row):
+            return None
+        rows.append(row)
+    return [_shards.local(p) for p in params], [_shards.local(g) for g in grads], meshes, placements, rows
 
 
 def layouts(work: list[tuple[Tensor, dict]]) -> list:
@@ -352,6 +397,10 @@ def run(plan: StepPlan, opt: Any) -> list[int] | None:
     for ptrs, slot, index, s in plan.noise:  # stochastic rounding: this update's key
         ptrs[slot] = _noise.key(opt.seed, index, int(steps[s]))
     check = _CHECKS[opt.nonfinite]
+    if plan.mesh is not None and check:  # FSDP2: every rank's verdicts first, then the call reads them
+        check = _sharded_verdicts(plan, opt, params, gptrs)
+        if check is None:
+            return None
     rc = fn(plan.count, gptrs, plan.sizes, plan.masks, check, plan.counters, plan.seg, plan.expect, plan.slot,
             plan.fns, plan.rows, plan.ns, plan.ptrs, plan.scalars, plan.ok, torch.get_num_threads(),
             _native.SMALL_TENSOR)  # fmt: skip
@@ -364,6 +413,26 @@ def run(plan: StepPlan, opt: Any) -> list[int] | None:
     if rc == 0:
         return []
     return [opt.param_index(p) for p, ok in zip(params, plan.ok, strict=True) if not ok]
+
+
+def _sharded_verdicts(plan: StepPlan, opt: Any, params: list[Tensor], gptrs: Any) -> int | None:
+    """An FSDP2 plan's NaN/inf verdicts, into ``plan.ok``: each local gradient checked (one native call),
+    the int32 flags all-reduced over the mesh (the minimum: a NaN or inf in any rank's rows), as the
+    general path's ``distributed.finite_checks`` does with the same tensors in the same order, so that
+    ranks on either path make the same collective. Returns ``lo_step_all``'s check for given verdicts
+    (3), or None before any all-reduce when the plan cannot go on (a step counter changed from outside,
+    no native check): the general path then makes that all-reduce. With ``nonfinite="raise"`` a bad
+    verdict raises here, nothing changed (falling back would all-reduce a second time)."""
+    fn, counters = _native.finite_many_fn(), _plan_check._function("lo_counters")
+    if fn is None or counters is None or not counters(plan.count, plan.counters, plan.seg, plan.expect, 0):
+        return None
+    fn(plan.count, gptrs, plan.sizes, plan.masks, plan.ok, torch.get_num_threads())
+    flags = _shards.all_ranks_min(torch.frombuffer(plan.ok, dtype=torch.int8).to(torch.int32), plan.mesh)
+    if opt.nonfinite == "raise" and not bool(flags.all()):
+        bad = int((flags == 0).nonzero()[0])
+        raise FloatingPointError(f"non-finite gradient for parameter {opt.param_index(params[bad])}")
+    plan.ok[:] = flags.tolist()
+    return 3
 
 
 # ---------------------------------------------------------------------------------------------------
