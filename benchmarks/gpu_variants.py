@@ -18,11 +18,14 @@ to all kernels); ``search2``: only a block's first warp searches so, the others 
 default: the fewest instructions by benchmarks/sass_count.py); ``groups2``: 2 groups; ``novec`` and
 ``groups1``: one element a thread, one group a warp (the defaults before 2026-11-30); ``table``: signed
 codes decoded through a table in shared memory (the default: a constant one); ``groups2+table``,
-``groups4+table``: both. Before it is timed, each variant's kernels are compared with the native CPU kernels bit for bit
-on the device (:func:`bits_differ`, ``bits`` in the output); a variant that differs is never chosen. On CUDA
-each case is also profiled once (torch.profiler): ``gpu_ms`` is the device time of its kernels and
-copies per step, so a step much longer than it waits on the host; ``host_ms`` is the time until
-``step()`` returned (median of the timed steps).
+``groups4+table``: both; ``lanes``: a lane per int8/int4 group, its states in registers, its arrays read
+and written 8 elements at a time (``benchmarks/sass_count.py``: about half the instructions per element
+or fewer), ``lanes+blocks2`` the same capped at 128 registers (2 blocks per multiprocessor; since
+2026-12-01, not yet timed). Before it is timed, each variant's kernels are compared with the native CPU
+kernels bit for bit on the device (:func:`bits_differ`, ``bits`` in the output); a variant that differs
+is never chosen. On CUDA each case is also profiled once (torch.profiler): ``gpu_ms`` is the device time
+of its kernels and copies per step, so a step much longer than it waits on the host; ``host_ms`` is the
+time until ``step()`` returned (median of the timed steps).
 """
 
 from __future__ import annotations
@@ -57,12 +60,24 @@ VARIANTS = {
     "table": ({"table": True}, GROUPED),
     "groups2+table": ({"groups": 2, "table": True}, GROUPED),
     "groups4+table": ({"groups": 4, "table": True}, GROUPED),
+    "lanes": ({"lanes": True}, GROUPED),  # a lane per group (since 2026-12-01): half the instructions or less
+    "lanes+blocks2": ({"lanes": True, "blocks": 2}, GROUPED),  # the same at <= 128 registers: 2 blocks an SM
 }
 #: timed by default (``old`` was timed on 2026-11-29; since the H200 run of 2026-11-30 the defaults are
 #: ``vec`` and ``groups=2``, so every variant is timed on top of them and ``novec``/``groups1`` time the
 #: shapes before; since the default decodes signed codes through a constant table (2026-11-30),
 #: ``table``'s shared-memory table counts more instructions than it, benchmarks/sass_count.py: not timed)
-DEFAULT_VARIANTS = ["default", "novec", "chunks4", "chunks16", "search2", "groups1", "groups4"]
+DEFAULT_VARIANTS = [
+    "default",
+    "novec",
+    "chunks4",
+    "chunks16",
+    "search2",
+    "groups1",
+    "groups4",
+    "lanes",
+    "lanes+blocks2",
+]
 #: bit-checked combinations (weight format, state format) with shapes that give partial groups, rows a
 #: warp's groups continue into and a tensor smaller than one warp's groups
 BITS_COMBOS = [("exact", "fp32"), ("compact", "int8"), ("kahan", "int4"), ("stochastic", "int8")]

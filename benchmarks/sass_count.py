@@ -247,7 +247,8 @@ def measure(module, label: str, args: argparse.Namespace, nvrtc, nvdisasm: str) 
                 else:
                     (source, grouped), name = kernel_source(mode, module), "lo_cuda"
                 chunks = 1 if grouped else module.VARIANT["chunks"]
-                per_warp = 32 * module.VARIANT["groups"] if grouped else 32 * module.ITEMS * chunks
+                per_group = getattr(module, "groups_per_warp", lambda: module.VARIANT["groups"])()  # (lanes: 32)
+                per_warp = 32 * per_group if grouped else 32 * module.ITEMS * chunks
                 if mode == "nan check" and hasattr(module, "CHECK_BYTES"):  # (since 2026-11-30)
                     loads = module.CHECK_BYTES // module.THREADS // 16  # 16-byte loads a thread, per chunk
                     chunks, per_warp = loads * chunks, 32 * loads * 8 * chunks  # bf16: 8 values a load

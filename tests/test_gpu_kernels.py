@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -97,7 +98,8 @@ def assert_same(a, b, what: str) -> None:
 
 VARIANTS = [dict(hoist=False, warp_max=False), dict(hoist=True, warp_max=False), dict(hoist=False, warp_max=True),
             dict(groups=3), dict(table=True), dict(groups=4, table=True), dict(chunks=3),
-            dict(chunks=2, hoist=False), dict(vec=True), dict(vec=True, chunks=2)]  # fmt: skip
+            dict(chunks=2, hoist=False), dict(vec=True), dict(vec=True, chunks=2), dict(lanes=True),
+            dict(lanes=True, vec=False)]  # fmt: skip
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: ",".join(f"{k}={x}" for k, x in v.items()))
@@ -119,20 +121,29 @@ def test_every_code_shape_variant_gives_the_same_bits(emulate, monkeypatch, vari
         assert gpu.compile_stats(), "the CUDA kernels' path did not run"
         for k in gpu.compile_stats():  # each kernel's source has the shape asked for
             source = gpu.generate(k.spec, k.nscalars)
+            lanes = gpu.VARIANT["lanes"] and k.spec.grouped  # a lane per group: none of the warp's shapes
             assert ("H_p[k]" in source) == ((gpu.VARIANT["hoist"] or gpu.VARIANT["vec"]) and not k.spec.grouped)
-            assert ("V_G[k]" in source) == (gpu.VARIANT["vec"] and not k.spec.grouped)
-            assert ("__reduce_max_sync" in source) == (gpu.VARIANT["warp_max"] and k.spec.grouped)
-            assert ("T_q" in source) == (gpu.VARIANT["table"] and k.spec.grouped)
-            assert k.groups_per_warp == gpu.VARIANT["groups"] and k.chunks == gpu.VARIANT["chunks"]
+            assert ("V_G[k]" in source) == ((gpu.VARIANT["vec"] and not k.spec.grouped) or lanes)
+            assert ("__reduce_max_sync" in source) == (gpu.VARIANT["warp_max"] and k.spec.grouped and not lanes)
+            assert ("T_q" in source) == (gpu.VARIANT["table"] and k.spec.grouped and not lanes)
+            assert ("lo_max_bits" in source) == lanes
+            assert k.groups_per_warp == (32 if gpu.VARIANT["lanes"] else gpu.VARIANT["groups"])
+            assert k.chunks == gpu.VARIANT["chunks"]
 
 
 @pytest.mark.parametrize("kernel,groups,shape", [("fused", 1, (3, 70)), ("fused", 4, (3, 70)), ("auto", 1, (3, 70)),
-                                                 ("auto", 1, (3, 300))])  # fmt: skip
+                                                 ("auto", 1, (3, 300)), ("fused", "lanes", (3, 70)),
+                                                 ("fused", "lanes", (1, 70)), ("fused", "lanes", (5, 64))])  # fmt: skip
 def test_grouped_kernels_write_nothing_past_a_tensors_states(emulate, monkeypatch, kernel, groups, shape):
     """A warp's groups past its tensor's last one (3 x 70: 9 groups, warps of 4 take 12) store no code
     or scale: the states are views into larger buffers here, and the bytes after them stay as they were.
-    The same for the native CPU kernels (kernel="auto"; 300: blocks of 4 groups, a partial one)."""
-    monkeypatch.setitem(gpu.VARIANT, "groups", groups)
+    The same for the native CPU kernels (kernel="auto"; 300: blocks of 4 groups, a partial one), and for
+    ``VARIANT["lanes"]`` (a lane per group: the lanes past the last group, the last 6 elements of a
+    70-element row read and written one by one though aligned in 1 x 70, 5 x 64 in whole words)."""
+    if groups == "lanes":
+        monkeypatch.setitem(gpu.VARIANT, "lanes", True)
+    else:
+        monkeypatch.setitem(gpu.VARIANT, "groups", groups)
     g = torch.Generator().manual_seed(0)
     p = torch.nn.Parameter(torch.randn(shape, generator=g).bfloat16())
     opt = leanopt.AdamW([p], lr=1e-2, master="compact", states="int8", kernel=kernel)
@@ -437,6 +448,34 @@ def test_every_cuda_source_compiles_with_nvrtc_without_spills(arch):
     assert bad != sources[1][2]
     with pytest.raises(RuntimeError, match="NVRTC"):
         gpu.nvrtc_compile(nvrtc, bad, "lo_cuda", arch)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+@pytest.mark.parametrize("blocks", [0, 2])
+def test_every_lanes_kernel_compiles_with_nvrtc(monkeypatch, arch, blocks):
+    """``VARIANT["lanes"]`` (a lane per int8/int4 group, its states in registers; not the default: not
+    yet timed on a GPU): every generated kernel compiles with NVRTC for A100 and H100/H200, its grouped
+    kernels at the registers the variant implies. Without a cap ptxas keeps them below its 255, with
+    one 4-byte spill (fp16 weights, stochastic rounding: ptxas stops at 128 there); ``blocks=2`` caps
+    them at 128, spilling at most what AMSGrad's third state of 32 floats needs."""
+    nvrtc = gpu.find_nvrtc()
+    if nvrtc is None:
+        pytest.skip("no NVRTC library (pip install 'leanopt[nvrtc]', or set LEANOPT_NVRTC)")
+    monkeypatch.setitem(gpu.VARIANT, "lanes", True)
+    monkeypatch.setitem(gpu.VARIANT, "blocks", blocks)
+    grouped = 0
+    for label, name, source in gpu.every_source():
+        cubin, mangled, log = gpu.nvrtc_compile(nvrtc, source, name, arch, ("--ptxas-options=-v",))
+        assert cubin[:4] == b"\x7fELF" and name in mangled, label
+        if "lo_max_bits" not in source:
+            continue
+        grouped += 1
+        registers = int(re.search(r"Used (\d+) registers", log).group(1))
+        spilled = int(re.search(r"(\d+) bytes spill stores", log).group(1))
+        assert registers <= (128 if blocks else 255), (label, registers)
+        assert spilled <= (4 if not blocks else 384), (label, spilled, log)
+    assert grouped >= 30  # every rule x weight format with int8 and int4 states, and fp16 weights
 
 
 @pytest.mark.parametrize("search", [0, 2])

@@ -90,12 +90,21 @@ NVRTC_OPTIONS = ["--fmad=false"]
 #: SGD with stochastic rounding and int8/int4 momentum) at 40 registers with an 8-byte spill; none for
 #: sm_90 (tests/test_gpu_kernels.py, ``SPILL_EXEMPT``). The environment variable ``LEANOPT_GPU_VARIANT`` (e.g.
 #: ``"chunks=4,vec=0"``) sets any of them (:func:`parse_variant`).
+#: ``lanes`` (since 2026-12-01, not yet timed on a GPU): a grouped kernel's lane updates one whole group
+#: of 32 by itself (:func:`_grouped_lanes`): its scale, largest magnitude and ``1 / scale`` once per group
+#: instead of once per element, every array read and written 8 elements at a time (4-16 byte accesses
+#: where aligned), the group's decoded states held in registers; no warp reduction, no shared memory.
+#: ``benchmarks/sass_count.py`` counts its instructions per element against the warp-per-group shape.
 VARIANT: dict[str, Any] = {"hoist": True, "warp_max": True, "chunks": 1, "groups": 2, "table": False,
-                           "vec": True, "search": 0}  # fmt: skip
+                           "vec": True, "search": 0, "lanes": False, "blocks": 0}  # fmt: skip
+#: ``blocks`` (with ``lanes``): the blocks per multiprocessor asked of ptxas (``__launch_bounds__``'s
+#: second argument; 0: none): ``lanes`` kernels hold a group's states in registers (~150 for AdamW with
+#: int8 states on sm_90: one block of 256 threads per multiprocessor), 2 caps them at 128 (spilling what
+#: does not fit) for twice the warps in flight.
 #: counts (the other keys are 0 or 1). A warp's groups take its block's static shared memory (at most
 #: 48 KiB: 8 warps x up to 3 states x 32 x groups floats, AMSGrad's 3 states at 16 groups overflow it;
 #: NVRTC, sm_90), so at most 8
-_VARIANT_RANGE = {"chunks": range(1, 65), "groups": range(1, 9), "search": range(0, 3)}
+_VARIANT_RANGE = {"chunks": range(1, 65), "groups": range(1, 9), "search": range(0, 3), "blocks": range(0, 9)}
 
 
 def parse_variant(text: str) -> dict[str, Any]:
@@ -394,7 +403,13 @@ void lo_emulate(const int64_t *meta, int count, const float *scal, const int32_t
 }}
 #endif"""
         return "\n".join([_CUDA_PRELUDE, *head, unit_fn, entry])
-    return "\n".join([_CUDA_PRELUDE, *head, *_grouped(spec, common, body)])
+    grouped = _grouped_lanes(spec, common, body, ptr_lines) if VARIANT["lanes"] else _grouped(spec, common, body)
+    return "\n".join([_CUDA_PRELUDE, *head, *grouped])
+
+
+def groups_per_warp() -> int:
+    """Groups of GROUP_SIZE elements a warp of a grouped kernel updates under the current VARIANT."""
+    return 32 if VARIANT["lanes"] else VARIANT["groups"]
 
 
 _SIZES = {"float": 4, "uint16_t": 2, "int16_t": 2, "int8_t": 1, "uint8_t": 1}
@@ -652,6 +667,197 @@ void lo_emulate(const int64_t *meta, int count, const float *scal, const int32_t
   for (int64_t u = 0; u < units; u++) {{
     const int t = lo_find(meta, count, u, LO_STRIDE);
     for (int w = 0; w < {WARPS}; w++) lo_unit(meta, scal, ok, t, u, w, -1, sh{targs});
+  }}
+}}
+#endif"""
+    return [*(_decode_table(k) for k in sorted(consts)), *fns, unit_fn, entry]
+
+
+LANE_ITEMS = 8  # elements a lane of a ``lanes`` kernel reads and writes at a time
+
+
+def _lane_io(
+    arrays: list[tuple[str, str, int]], written: set[str], bound: str
+) -> tuple[list[str], list[str], list[str]]:
+    """For :func:`_grouped_lanes`: (declarations and the test ``full``, C that fills ``V_<name>[k]``,
+    C that writes the ``written`` ones back) for LANE_ITEMS elements from ``i0`` of each of ``arrays``
+    ((name, C type, elements per array entry: 1, or 2 for packed nibbles)), in whole 4-32 byte words
+    where every array is aligned for that and all LANE_ITEMS elements are below ``bound``, else entry by
+    entry."""
+    n_items = LANE_ITEMS
+    aligned = " && ".join(f"(LO_ADDR({n} + i0 / {per}) & {min(n_items // per * _SIZES[t], 16) - 1}) == 0"
+                          for n, t, per in arrays)  # fmt: skip
+    head = [f"    const int full = i0 + {n_items} <= {bound} && {aligned};",
+            *(f"    {t} V_{n}[{n_items // per}];" for n, t, per in arrays)]  # fmt: skip
+    vread, vwrite, one_read, one_write = [], [], [], []
+    for n, t, per in arrays:
+        e, entries = _SIZES[t], n_items // per
+        words = entries * e // 4
+        mask = f"0x{(1 << (8 * e)) - 1:X}u"
+        get = " ".join(f"V_{n}[{k}] = " + _FROM_BITS[t].format(f"((w[{k * e // 4}] >> {(k * e) % 4 * 8}) & {mask})")
+                       + ";" for k in range(entries))  # fmt: skip
+        at, half = f"{n} + i0 / {per}", f"{n} + i0 / {per} + {16 // e}"  # (32 bytes: two 16-byte accesses)
+        load = f"LO_WLOAD(w, {at}, {words});" if words <= 4 else \
+            f"LO_WLOAD(w, {at}, 4); LO_WLOAD(w + 4, {half}, {words - 4});"  # fmt: skip
+        vread.append(f"      {{ uint32_t w[{words}]; {load} {get} }}")
+        count = f"({bound} - i0 + {per - 1}) / {per}" if per > 1 else f"{bound} - i0"
+        one_read.append(f"      for (int k = 0; k < {entries} && k < {count}; k++) V_{n}[k] = {n}[i0 / {per} + k];")
+        if n in written:
+            bits = [_TO_BITS[t].format(f"V_{n}[{k}]") for k in range(entries)]
+            put = " ".join(f"w[{k * e // 4}] |= ({b} & {mask}) << {(k * e) % 4 * 8};" for k, b in enumerate(bits))
+            store = f"LO_WSTORE({at}, w, {words});" if words <= 4 else \
+                f"LO_WSTORE({at}, w, 4); LO_WSTORE({half}, w + 4, {words - 4});"  # fmt: skip
+            vwrite.append(f"      {{ uint32_t w[{words}] = {{0}}; {put} {store} }}")
+            one_write.append(
+                f"      for (int k = 0; k < {entries} && k < {count}; k++) {n}[i0 / {per} + k] = V_{n}[k];"
+            )
+    reads = ["    if (full) {", *vread, "    } else {", *one_read, "    }"]
+    writes = ["    if (full) {", *vwrite, "    } else {", *one_write, "    }"] if vwrite else []
+    return head, reads, writes
+
+
+def _grouped_lanes(spec: KernelSpec, common: list[str], body: str, ptr_lines: list[str]) -> list[str]:
+    """``VARIANT["lanes"]``: a lane per group of GROUP_SIZE elements (a warp: 32 consecutive groups, a block
+    WARPS x 32). The lane reads the group's scales once, then LANE_ITEMS elements at a time (weights,
+    gradient and codes in whole words where aligned) decodes, updates and writes the weights, keeping
+    each state's decoded value (signed) or its square root (unsigned: what is quantised) in registers and
+    its largest magnitude as it goes; then ``1 / scale`` once and the codes, LANE_ITEMS at a time. The same
+    operations on the same values as :func:`_grouped` and the CPU kernels (the maximum does not depend
+    on the order): the same bits."""
+    import re
+
+    gs = GROUP_SIZE
+    states = spec.states
+    fns, decode, keep, encode = [], [], [], []
+    consts: set[str] = set()
+    for name, signed, codec in states:
+        fns.append(
+            f"LO_FN int lo_code_{_ident(name)}(float gv, float mag, float top, float inv) {{\n"
+            f"  const int is_top = (mag == top) & (top > 0.0f);\n"
+            f"  {native.quant_code(signed, codec.kind)}\n  return code; }}"
+        )
+    arrays = []  # (name, C type, elements per entry) of the weight tensors and the gradient
+    for line in ptr_lines:
+        m = re.match(r"\s*(?:const )?(\w+) \*\w* ?(W\d|G) = ", line)
+        if m:
+            arrays.append((m.group(2), m.group(1), 1))
+    names = "|".join(re.escape(n) for n, _, _ in arrays)
+
+    def local(code: str) -> str:
+        code = re.sub(rf"\b({names})\[i\]", r"V_\1[k]", code)
+        return re.sub(rf"\b({names}) \+ i\b", r"(V_\1 + k)", code)
+
+    codes = []  # (name, C type, elements per entry) of the code arrays
+    for line in ptr_lines:
+        m = re.match(r"\s*(?:const )?(\w+) \*\w* ?(C_\w+) = ", line)
+        if m:
+            kind = next(c.kind for n, _, c in states if f"C_{_ident(n)}" == m.group(2))
+            codes.append((m.group(2), m.group(1), 2 if kind == "q4p" else 1))
+    tops = []
+    for name, signed, codec in states:
+        v = _ident(name)
+        qs, levels = _quant_consts(codec.kind)
+        if codec.kind == "q4p":  # two codes per byte, low nibble first
+            code = f"((((int)V_C_{v}[k >> 1] >> ((k & 1) * 4)) & 15) - {8 if signed else 0})"
+        else:
+            code = f"((int)V_C_{v}[k] + {0 if signed else levels // 2})"
+        if signed:  # as the CPU kernels' table: y = c / Q; x = y / (2 - |y|)
+            decode.append(f"        float st_{v} = lo_dec_{codec.kind}[{code} + {levels // 2}] * sc_{v};")
+            consts.add(codec.kind)
+            keep.append(f"        X_{v}[c + k] = st_{v}; T_{v} = lo_max_bits(T_{v}, fabsf(st_{v}));")
+            gv, mag = f"X_{v}[c + k]", f"fabsf(X_{v}[c + k])"
+        else:
+            decode.append(
+                f"        const float u_{v} = ((float){code} + {_lit(1)}) / {_lit(levels)} * sc_{v};"
+                f" float st_{v} = u_{v} * u_{v};"
+            )
+            keep.append(f"        X_{v}[c + k] = st_{v} < 0.0f ? 0.0f : sqrtf(st_{v});"
+                        f" T_{v} = lo_max_bits(T_{v}, X_{v}[c + k]);")  # fmt: skip
+            gv, mag = f"X_{v}[c + k]", f"X_{v}[c + k]"
+        tops.append(f"    float X_{v}[{gs}]; uint32_t T_{v} = 0u;")
+        head, _, writes = _lane_io([(f"C_{v}", dict((n, t) for n, t, _ in codes)[f"C_{v}"],
+                                     2 if codec.kind == "q4p" else 1)], {f"C_{v}"}, "end")  # fmt: skip
+        if codec.kind == "q4p":
+            off = 8 if signed else 0
+            gv2, mag2 = (x.replace("c + k]", "c + k + 1]") for x in (gv, mag))  # the high nibble's element
+            fill = (f"        if (c + k < len && (k & 1) == 0) {{"
+                    f" const int lo = lo_code_{v}({gv}, {mag}, top, inv) + {off};"
+                    f" const int hi = c + k + 1 < len ? lo_code_{v}({gv2}, {mag2}, top, inv) + {off} : 0;"
+                    f" V_C_{v}[k >> 1] = (uint8_t)(lo | (hi << 4)); }}")  # fmt: skip
+        else:
+            off = 0 if signed else levels // 2
+            fill = f"        if (c + k < len) V_C_{v}[k] = (int8_t)(lo_code_{v}({gv}, {mag}, top, inv) - {off});"
+        encode.append("\n".join([
+            f"    {{  /* {name}: the codes from the group's largest magnitude */",
+            f"    const float top = lo_f(T_{v});",
+            "    const uint16_t sb = lo_bf16(top); const float s32 = lo_f((uint32_t)sb << 16);",
+            "    const float inv = 1.0f / (s32 > 0.0f ? s32 : 1.0f);",
+            f"    LO_UNROLL for (int c = 0; c < {gs}; c += {LANE_ITEMS}) {{",
+            "    if (c >= len) break;",
+            "    const int64_t i0 = b0 + c;",
+            *head,
+            f"      LO_UNROLL for (int k = 0; k < {LANE_ITEMS}; k++) {{",
+            fill,
+            "      }",
+            *writes,
+            "    }",
+            f"    K_{v}[k0] = sb;",
+            "    }",
+        ]))  # fmt: skip
+    scales = [f"    const float sc_{_ident(n)} = lo_f((uint32_t)K_{_ident(n)}[k0] << 16);" for n, _, _ in states]
+    head, reads, writes = _lane_io(arrays + codes, {n for n, _, _ in arrays if n != "G"}, "end")
+    unit_fn = "\n".join(
+        [
+            "LO_FN uint32_t lo_max_bits(uint32_t top, float mag) {  /* bits of values >= 0 order like them */",
+            "  const uint32_t b = lo_u(mag) & 0x7FFFFFFFu; return b > top ? b : top; }",
+            "LO_FN void lo_unit(const int64_t *LO_RESTRICT meta, const float *LO_RESTRICT scal,"
+            " const int32_t *LO_RESTRICT ok, int t, int64_t unit, int warp, int me) {",
+            *common,
+            f"  const int64_t gpr = (n + {gs - 1}) / {gs}, groups = rows * gpr;",
+            "  LO_EACH(lane, 32) {  /* lane's group: gq */",
+            f"    const int64_t gq = ((unit - m[0]) * {WARPS} + warp) * 32 + lane;",
+            "    if (gq >= groups) continue;",
+            "    int64_t b0; int len; const int64_t k0 = gq;",
+            f"    if ((n & {gs - 1}) == 0) {{ b0 = gq * {gs}; len = {gs}; }}  /* rows of whole groups */",
+            f"    else {{ const int64_t r = gq / gpr, gi = gq - r * gpr; b0 = r * n + gi * {gs};"
+            f" len = n - gi * {gs} < {gs} ? (int)(n - gi * {gs}) : {gs}; }}",
+            "    const int64_t end = b0 + len;",
+            *scales,
+            *tops,
+            f"    LO_UNROLL for (int c = 0; c < {gs}; c += {LANE_ITEMS}) {{",
+            "    if (c >= len) break;",
+            "    const int64_t i0 = b0 + c;",
+            *head,
+            *reads,
+            f"      LO_UNROLL for (int k = 0; k < {LANE_ITEMS}; k++) {{",
+            "        if (c + k >= len) break;",
+            "        const int64_t i = i0 + k; (void)i;",
+            *decode,
+            f"        float p = {local(spec.weight.load)};",
+            f"        const float g = {local(spec.grad[1])};",
+            local(body),
+            *keep,
+            f"        {local(spec.weight.store)}",
+            "      }",
+            *writes,
+            "    }",
+            *encode,
+            "  }",
+            "}",
+        ]
+    )
+    bounds = f"{THREADS}, {VARIANT['blocks']}" if VARIANT["blocks"] else f"{THREADS}"
+    entry = f"""#ifdef __CUDACC__
+extern "C" __global__ void __launch_bounds__({bounds})
+lo_cuda(const int64_t *meta, int count, const float *scal, const int32_t *ok) {{
+  const int t = lo_block_tensor(meta, count, LO_STRIDE);
+  lo_unit(meta, scal, ok, t, blockIdx.x, threadIdx.x >> 5, threadIdx.x & 31);
+}}
+#else
+void lo_emulate(const int64_t *meta, int count, const float *scal, const int32_t *ok, int64_t units) {{
+  for (int64_t u = 0; u < units; u++) {{
+    const int t = lo_find(meta, count, u, LO_STRIDE);
+    for (int w = 0; w < {WARPS}; w++) lo_unit(meta, scal, ok, t, u, w, -1);
   }}
 }}
 #endif"""
@@ -1096,7 +1302,7 @@ def kernel_for(spec: KernelSpec, device: torch.device) -> GpuKernel | None:
         _fail(key, err)
         return None
     kernel = _KERNELS[key] = GpuKernel(spec, device, fn, nscalars, time.perf_counter() - start,
-                                       groups_per_warp=VARIANT["groups"], chunks=VARIANT["chunks"])  # fmt: skip
+                                       groups_per_warp=groups_per_warp(), chunks=VARIANT["chunks"])  # fmt: skip
     return kernel
 
 
