@@ -451,8 +451,7 @@ def test_every_cuda_source_compiles_with_nvrtc_without_spills(arch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
-@pytest.mark.parametrize("blocks", [0, 2])
+@pytest.mark.parametrize("blocks,arch", [(0, "sm_80"), (0, "sm_90"), (2, "sm_90")])
 def test_every_lanes_kernel_compiles_with_nvrtc(monkeypatch, arch, blocks):
     """``VARIANT["lanes"]`` (a lane per int8/int4 group, its states in registers; not the default: not
     yet timed on a GPU): every generated kernel compiles with NVRTC for A100 and H100/H200, its grouped
