@@ -540,6 +540,34 @@ def test_cuda_many_tensors_give_the_native_bits_with_each_search(monkeypatch, se
 
 
 @CUDA
+@pytest.mark.parametrize("blocks", [0, 2])
+def test_cuda_lanes_kernels_give_the_native_bits(monkeypatch, blocks):
+    """``VARIANT["lanes"]`` on the GPU (a lane per int8/int4 group, its states in registers; ``blocks=2``:
+    at most 128 registers, some spilled): every weight format with int8 and int4 states, AdamW with and
+    without AMSGrad's third state, SGD with momentum, on shapes with rows of whole groups (aligned: 16-byte
+    accesses) and ragged rows (element by element at their ends), against the native CPU kernels."""
+    if native.compiler() is None:
+        pytest.skip("needs a C compiler for the native CPU kernels it is compared with")
+    monkeypatch.setitem(gpu.VARIANT, "lanes", True)
+    monkeypatch.setitem(gpu.VARIANT, "blocks", blocks)
+    gpu.reset()
+    shapes = [(3, 70), (33, 1000), (4, 33), (64, 64), (130,), (1, 70)]
+    cases = [
+        (leanopt.AdamW, master, states, dict(lr=1e-2, weight_decay=0.1))
+        for master in ("exact", "compact", "kahan", "stochastic", "none")
+        for states in ("int8", "int4")
+    ]
+    cases += [(leanopt.AdamW, "compact", "int8", dict(lr=1e-2, amsgrad=True)),
+              (leanopt.SGD, "compact", "int4", dict(lr=1e-2, momentum=0.9))]  # fmt: skip
+    for cls, master, states, hyper in cases:
+        ref = snapshot(*train("auto", cls, master, states, hyper, shapes=shapes))
+        ours = snapshot(*train("fused", cls, master, states, hyper, device="cuda", shapes=shapes))
+        assert_same(ref, ours, f"lanes blocks={blocks} {cls.__name__} {master}/{states}")
+    assert any(k.spec.grouped and k.groups_per_warp == 32 for k in gpu.compile_stats())
+    gpu.reset()
+
+
+@CUDA
 @pytest.mark.parametrize("nonfinite,most", [("ignore", 0), ("skip", 0), ("raise", 1)])
 def test_cuda_step_is_one_launch_per_combination_and_waits_at_most_once(nonfinite, most, cuda_waits):
     """A planned CUDA step: one launch for 50 tensors; no wait for the GPU with nonfinite="ignore" or
