@@ -146,13 +146,21 @@ def steps(torch, leanopt, device: str, workloads: list[str], reps: int) -> list[
     return rows
 
 
-def profile(torch, leanopt, device: str, reps: int) -> str:
-    """cProfile of planned exact/fp32 steps of one tensor (skip), the top of the host's own time."""
+def planned_one_tensor(torch, leanopt, device: str):  # noqa: ANN001, ANN201 - modules of --src's revision
+    """exact/fp32 AdamW over one bf16 tensor (50M elements on CUDA, 1000 emulated), warmed up: its steps
+    are planned (the cases ``profile`` and ``cuda_calls`` look into)."""
     from leanopt.cli import bench
 
     params = bench.make_params([(50_000_000 if device == "cuda" else 1000,)], torch.bfloat16, device)
     opt = leanopt.AdamW(params, lr=1e-4, kernel="fused" if device == "cpu" else "auto")
     bench.time_steps(opt, 3, warmup=3)
+    return opt
+
+
+def profile(torch, leanopt, device: str, reps: int) -> str:
+    """cProfile of planned exact/fp32 steps of one tensor (skip), the top of the host's own time."""
+
+    opt = planned_one_tensor(torch, leanopt, device)
     prof = cProfile.Profile()
     prof.enable()
     for _ in range(reps):
@@ -176,9 +184,7 @@ def cuda_calls(torch, leanopt, device: str, reps: int) -> list[dict]:
 
     from leanopt.cli import bench
 
-    params = bench.make_params([(50_000_000 if device == "cuda" else 1000,)], torch.bfloat16, device)
-    opt = leanopt.AdamW(params, lr=1e-4, kernel="fused" if device == "cpu" else "auto")
-    bench.time_steps(opt, 3, warmup=3)
+    opt = planned_one_tensor(torch, leanopt, device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     bench._sync(torch.device(device))
     with torch_profile(activities=activities) as prof:
@@ -189,7 +195,7 @@ def cuda_calls(torch, leanopt, device: str, reps: int) -> list[dict]:
              "self_cpu_us_per_step": round(e.self_cpu_time_total / reps, 2)}
             for e in prof.key_averages() if e.self_cpu_time_total > 0]  # fmt: skip
     rows.sort(key=lambda r: -r["self_cpu_us_per_step"])
-    del opt, params
+    del opt
     return rows[:25]
 
 
