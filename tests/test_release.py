@@ -735,15 +735,24 @@ def test_release_with_conv_weights_grouped_states_gives_the_ordinary_bits(layout
     assert_same(a, opt_a, b, opt_b)
     if layout is torch.contiguous_format:
         return  # the fold on contiguous weights is the reference below
+    # Here the gradients come from an elementwise loss, not from the convolutions: torch's bf16 conv
+    # backward is not bit-identical between the two layouts on every CPU (on an AVX2-only AMD Zen 3 the
+    # first conv's weight gradients differ by an ULP), and this compares the fold, given the same bits.
+    def loss(m, i):
+        gen = torch.Generator().manual_seed(100 + i)
+        weights = [p for p in m.parameters()]
+        return sum((p.float().square() * torch.randn(p.shape, generator=gen)).sum() for p in weights)
+
     folded = []
     for fmt in (layout, torch.contiguous_format):
-        m, opt, _, _, data = _conv_pair(fmt, states)
+        m, opt, _, _, _ = _conv_pair(fmt, states)
         handle = leanopt.release_gradients(opt, accumulation="states", micro_batches=2)
         for i in range(0, 6, 2):
             with handle.accumulate():
-                handle.backward(m(data[i].contiguous(memory_format=fmt)).float().square().mean())
-            handle.backward(m(data[i + 1].contiguous(memory_format=fmt)).float().square().mean())
+                handle.backward(loss(m, i))
+            handle.backward(loss(m, i + 1))
             opt.step()
             opt.zero_grad()
+        assert m[0].weight.is_contiguous(memory_format=fmt)
         folded.append((m, opt))
     assert_same(*folded[0], *folded[1])
