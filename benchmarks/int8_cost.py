@@ -39,6 +39,7 @@ import ctypes
 import json
 import re
 import statistics
+import sys
 import time
 import types
 from pathlib import Path
@@ -91,6 +92,17 @@ def probes(source: str) -> dict[str, str]:
         start = GROUP_START.replace("        __m512 VA", f"        {extra}\n        __m512 VA")
         out[f"+{PROBE_COUNT} {name} per group"] = source.replace(GROUP_START, start)
     return out
+
+
+def _cpu_name() -> str:
+    """The CPU's model name and whether it has AVX-512 (its kernels' code differs), from /proc/cpuinfo."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return "unknown"
+    name = next((x.split(":", 1)[1].strip() for x in lines if x.startswith("model name")), "unknown")
+    flags = next((x.split(":", 1)[1].split() for x in lines if x.startswith("flags")), [])
+    return f"{name} ({'AVX-512' if 'avx512f' in flags else 'AVX2' if 'avx2' in flags else 'no AVX2'})"
 
 
 def main() -> None:
@@ -160,6 +172,9 @@ def main() -> None:
         })  # fmt: skip
         print({k: round(v, 1) for k, v in rounds[-1].items()})
     result = {
+        "command": "python benchmarks/int8_cost.py " + " ".join(sys.argv[1:]),
+        "date": time.strftime("%Y-%m-%d"),
+        "cpu": _cpu_name(),
         "elements": rows * cols,
         "cols": cols,
         "threads": args.threads,

@@ -596,6 +596,13 @@ static inline lo2_i lo2_cvtepu16_epi32(__m256i x) {
 static inline __m256i lo2_cvtepi32_epi16(lo2_i v) {  /* the low 16 bits of each lane */
   const __m256i m = _mm256_set1_epi32(0xFFFF);
   return _mm256_permute4x64_epi64(_mm256_packus_epi32(_mm256_and_si256(v.lo, m), _mm256_and_si256(v.hi, m)), 0xD8); }
+/* the low bytes of 32 lanes (two registers) in order: masked (the packs then never saturate), two packs,
+   and one permute of their 4-byte runs (the packs interleave the 128-bit halves) */
+static inline __m256i lo2_bytes32(lo2_i a, lo2_i b) {
+  const __m256i m = _mm256_set1_epi32(0xFF);
+  const __m256i wa = _mm256_packus_epi32(_mm256_and_si256(a.lo, m), _mm256_and_si256(a.hi, m));
+  const __m256i wb = _mm256_packus_epi32(_mm256_and_si256(b.lo, m), _mm256_and_si256(b.hi, m));
+  return _mm256_permutevar8x32_epi32(_mm256_packus_epi16(wa, wb), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)); }
 static inline __m128i lo2_cvtepi32_epi8(lo2_i v) {  /* the low 8 bits of each lane */
   const __m256i m = _mm256_set1_epi32(0xFF);
   const __m256i w16 = _mm256_packus_epi32(_mm256_and_si256(v.lo, m), _mm256_and_si256(v.hi, m));
@@ -935,7 +942,12 @@ static inline void lv_store_exact2(uint16_t *w0, int16_t *w1, const __m512 *p) {
 static inline void lv_load_bf16x2(const uint16_t *p, __m512 *g) {
   for (int h = 0; h < 2; h++) g[h] = lv_load_bf16(p + 16 * h); }
 static inline void lv_st8x2(void *p, __m512i c0, __m512i c1, int offset) {
-  lv_st8(p, _mm512_sub_epi32(c0, lv_i(offset))); lv_st8((int8_t *)p + 16, _mm512_sub_epi32(c1, lv_i(offset))); }
+#ifdef LO_AVX2  /* the 32 low bytes at once, less offset as bytes (the same low bytes) */
+  _mm256_storeu_si256((__m256i *)p, _mm256_sub_epi8(lo2_bytes32(c0, c1), _mm256_set1_epi8((char)offset)));
+#else
+  lv_st8(p, _mm512_sub_epi32(c0, lv_i(offset))); lv_st8((int8_t *)p + 16, _mm512_sub_epi32(c1, lv_i(offset)));
+#endif
+}
 #endif
 #ifdef LO_AVX2
 /* the signed table's entry of code c, computed as the table is (y = c / q, y / (2 - |y|)): the same
@@ -1126,12 +1138,11 @@ static inline void lv_unpack_nibbles(const uint8_t *p, __m512i *code) {
   code[0] = (lo2_i){_mm256_cvtepu8_epi32(c0), _mm256_cvtepu8_epi32(_mm_srli_si128(c0, 8))};
   code[1] = (lo2_i){_mm256_cvtepu8_epi32(c1), _mm256_cvtepu8_epi32(_mm_srli_si128(c1, 8))}; }
 static inline void lv_pack_nibbles(uint8_t *p, __m512i n0, __m512i n1) {
-  /* (even | odd << 4) truncated to 8 bits, as below: from the codes' low bytes, as 16-bit pairs */
-  const __m128i a = lo2_cvtepi32_epi8(n0), b = lo2_cvtepi32_epi8(n1);
-  const __m128i low = _mm_set1_epi16(0x00FF), high = _mm_set1_epi16(0x00F0);
-  const __m128i wa = _mm_or_si128(_mm_and_si128(a, low), _mm_and_si128(_mm_slli_epi16(_mm_srli_epi16(a, 8), 4), high));
-  const __m128i wb = _mm_or_si128(_mm_and_si128(b, low), _mm_and_si128(_mm_slli_epi16(_mm_srli_epi16(b, 8), 4), high));
-  _mm_storeu_si128((__m128i *)p, _mm_packus_epi16(wa, wb)); }
+  /* (even | odd << 4) truncated to 8 bits, as below: from the 32 codes' low bytes, as 16-bit pairs */
+  const __m256i x = lo2_bytes32(n0, n1);
+  const __m256i w = _mm256_or_si256(_mm256_and_si256(x, _mm256_set1_epi16(0x00FF)),
+                                    _mm256_and_si256(_mm256_srli_epi16(x, 4), _mm256_set1_epi16(0x00F0)));
+  _mm_storeu_si128((__m128i *)p, _mm_packus_epi16(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1))); }
 #else
 static inline void lv_unpack_nibbles(const uint8_t *p, __m512i *code) {
   const __m512i b = lv_u8(p), lo = _mm512_and_si512(b, lv_i(15)), hi = _mm512_srli_epi32(b, 4);
