@@ -372,3 +372,71 @@ def test_nonfinite_skip_count_survives_state_dict_round_trip():
     _, fresh = trained()
     fresh.load_state_dict(sd)
     assert fresh.nonfinite_skipped == 1
+
+
+def _capturing(monkeypatch) -> None:
+    """As if the current CUDA stream were capturing a graph (the two calls the guard makes)."""
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+
+
+@pytest.mark.parametrize("path", ["step", "update_param", "release hook", "planned step"])
+def test_a_step_during_cuda_graph_capture_is_refused_and_changes_nothing(monkeypatch, path):
+    """torch.optim refuses a captured step without capturable=True; leanopt's steps read step counts,
+    the learning rate and NaN/inf verdicts on the host, so a graph would replay them frozen: refused with
+    a clear error at every entry (step(), update_param(), a gradient release hook, and a step that would
+    run the plan of the step before), before anything changes."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 40), nn.Tanh(), nn.Linear(40, 4)).bfloat16()
+    params = list(model.parameters())
+    opt = leanopt.AdamW(params, lr=1e-2, master="compact", states="int8")
+    x = torch.randn(16, 8, dtype=torch.bfloat16)
+    handle = leanopt.release_gradients(opt) if path == "release hook" else None
+    for _ in range(2):  # states exist; a CPU step plan is kept from the second
+        model(x).float().square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    if path != "release hook":
+        model(x).float().square().mean().backward()
+    before = snapshot(opt, params)
+    grads = [None if p.grad is None else p.grad.clone() for p in params]
+    _capturing(monkeypatch)
+    with pytest.raises(RuntimeError, match=r"while a CUDA graph is being captured.*Nothing was changed"):
+        if path in ("step", "planned step"):
+            if path == "step":
+                opt._step_plan = None
+            opt.step()
+        elif path == "update_param":
+            opt.update_param(params[0], opt.param_groups[0])
+        else:
+            model(x).float().square().mean().backward()
+    assert_same(before, snapshot(opt, params))
+    if path != "release hook":
+        assert all(torch.equal(p.grad, g) for p, g in zip(params, grads, strict=True))
+    monkeypatch.undo()
+    if handle is not None:
+        handle.remove()
+    opt.zero_grad()
+    model(x).float().square().mean().backward()
+    opt.step()  # and the next step outside a capture runs
+    assert not torch.equal(before["weights"][0], params[0].detach())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_capture_of_a_step_is_refused_on_the_gpu():
+    """On a GPU: optimizer.step() inside torch.cuda.graph raises leanopt's error, and the weights are the
+    ones before (the multi-tensor CUDA kernels' planned step included)."""
+    p = nn.Parameter(torch.randn(64, 64, device="cuda", dtype=torch.bfloat16))
+    opt = leanopt.AdamW([p], lr=1e-2)
+    for _ in range(2):
+        p.grad = torch.randn_like(p)
+        opt.step()
+    p.grad = torch.randn_like(p)
+    torch.cuda.synchronize()
+    weights = p.detach().clone()
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="while a CUDA graph is being captured"):
+        with torch.cuda.graph(graph):
+            opt.step()
+    torch.cuda.synchronize()
+    assert torch.equal(p.detach(), weights)

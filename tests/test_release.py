@@ -735,6 +735,7 @@ def test_release_with_conv_weights_grouped_states_gives_the_ordinary_bits(layout
     assert_same(a, opt_a, b, opt_b)
     if layout is torch.contiguous_format:
         return  # the fold on contiguous weights is the reference below
+
     # Here the gradients come from an elementwise loss, not from the convolutions: torch's bf16 conv
     # backward is not bit-identical between the two layouts on every CPU (on an AVX2-only AMD Zen 3 the
     # first conv's weight gradients differ by an ULP), and this compares the fold, given the same bits.

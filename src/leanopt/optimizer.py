@@ -43,6 +43,22 @@ _FLAG_ADVICE = {
 }
 
 
+def refuse_graph_capture(what: str) -> None:
+    """Raise if the current CUDA stream is capturing a CUDA graph. A leanopt step reads its step counts,
+    hyper-parameters and NaN/inf verdicts on the host and copies launch tables from reused pinned
+    buffers: captured, a graph would replay the capture's values (a frozen step count and learning rate)
+    or read buffers that later steps rewrote, silently. torch.optim refuses the same without
+    ``capturable=True``. About 0.1 us when CUDA was never initialised (``torch.cuda.is_initialized``)."""
+    if torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            f"{what} was called while a CUDA graph is being captured; leanopt's optimizer steps cannot be "
+            "captured (each step reads its step counts, learning rate and NaN/inf verdicts on the host, which "
+            "a graph would replay frozen). Capture the forward and backward only and call optimizer.step() "
+            "outside the graph (without gradient release), or use torch.optim with capturable=True. Nothing "
+            "was changed."
+        )
+
+
 #: (master, states, dtype) -> (weight format, state format): formats() runs for every tensor on every step
 _FORMATS: dict[tuple, tuple[WeightFormat, StateFormat]] = {}
 
@@ -382,6 +398,7 @@ class LeanOptimizer(torch.optim.Optimizer):
         ``kernel="fused"`` on CUDA the NaN/inf verdict is taken on the device and read at ``step()``: it
         returns True and a skip is counted then (docs/release.md).
         """
+        refuse_graph_capture(f"{type(self).__name__}.update_param()")
         return self._update_param(param, group, grad, layout_checked=False)
 
     def _update_param(
@@ -637,6 +654,7 @@ class LeanOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Update every parameter that has a gradient. Bad input raises before anything changes."""
+        refuse_graph_capture(f"{type(self).__name__}.step()")
         loss = None
         if closure is not None:
             with torch.enable_grad():

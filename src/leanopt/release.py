@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from .kernels import step_plan as _step_plan
-from .optimizer import LeanOptimizer
+from .optimizer import LeanOptimizer, refuse_graph_capture
 from .rules import AdamRule, LionRule, SGDRule
 
 CLIP_MODES = ("exact", "previous")
@@ -276,6 +276,8 @@ class ReleaseHandle:
 
     def _on_grad(self, p: Tensor) -> None:
         """Post-accumulate-grad hook of parameter ``p`` (not used under DDP)."""
+        if self._active:
+            refuse_graph_capture("a gradient release hook")
         if self._active and p.grad is not None and self._dispatch(p, p.grad):
             p.grad = None
 
