@@ -112,7 +112,7 @@ timeout "${TEST_TIMEOUT:-240}" "$PYTHON" -m pytest -q -p no:cacheprovider --cont
 TEST_RC=$?
 tail -n 3 "$OUT/tests.txt" | tee -a "$OUT/log.txt"
 
-VARIANTS_RC=-1 HOST_RC=-1 RELEASE_RC=-1 CPU_RC=-1 FSDP_RC=-1 PARTS_RC=-1  # -1: not run (FULL=1 runs them)
+VARIANTS_RC=-1 HOST_RC=-1 RELEASE_RC=-1 CPU_RC=-1 FSDP_RC=-1 PARTS_RC=-1 PLAN_RC=-1  # -1: not run (FULL=1 runs them)
 
 # 2. (FULL=1) The CUDA kernels' code-shape variants (kernels.gpu.VARIANT: the defaults and the ones not yet timed,
 #    4 or 16 chunks per block in the flat kernels and the NaN/inf check, vector loads, several groups per
@@ -159,6 +159,17 @@ if [[ "${FULL:-0}" == 1 ]]; then
   #    back to back) and release hooks. Into summary.json (host_parts).
   gated PARTS_RC "host time by part ($DEVICE)" 40 70 "$PYTHON" benchmarks/gpu_host_parts.py --device "$DEVICE" \
     --release-rounds 2 --out "$OUT/host_parts.json"
+  # 6c. (FULL=1, only if the time allows) A planned step's host work (gpu.run_plan) against the code before
+  #    its launch tables were kept on the device (855b674; git, or its tree in .ab/src carried along),
+  #    called alternately in one process on the same plans. Into summary.json (plan_host).
+  AGAINST=855b674
+  [[ -d .ab/src ]] && AGAINST=.ab/src
+  if [[ -d "$AGAINST" ]] || git rev-parse --verify -q "$AGAINST^{commit}" > /dev/null 2>&1; then
+    gated PLAN_RC "planned step host work against $AGAINST ($DEVICE)" 15 40 "$PYTHON" benchmarks/gpu_plan_host.py \
+      --device "$DEVICE" --against "$AGAINST" --rounds 5 --calls 200 --out "$OUT/plan_host.json"
+  else
+    log "planned step host work: skipped (neither git nor .ab/src here to load $AGAINST's code from)"
+  fi
   # 7. (FULL=1, only if the time allows) The CPU kernels on the GPU host's own cores: with 16 cores a CPU
   #    step may be memory-bound where this project's 2-core machines are compute-bound, which decides
   #    whether int8 states' fewer bytes make the step faster than torch's fused fp32 AdamW there (the
@@ -168,18 +179,19 @@ if [[ "${FULL:-0}" == 1 ]]; then
 fi
 
 "$PYTHON" - "$OUT" "$TEST_RC" "$BENCH_RC" "$VARIANTS_RC" "$HOST_RC" "$RELEASE_RC" "${LEANOPT_GPU_VARIANT:-}" "$CPU_RC" \
-  "$FSDP_RC" "$PARTS_RC" <<'EOF'
+  "$FSDP_RC" "$PARTS_RC" "$PLAN_RC" <<'EOF'
 import json, sys, pathlib, xml.etree.ElementTree as ET
 out, test_rc, bench_rc = pathlib.Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-variants_rc, host_rc, release_rc, cpu_rc, fsdp_rc, parts_rc = (None if int(x) == -1 else int(x)
-                                                               for x in (*sys.argv[4:7], *sys.argv[8:11]))
+variants_rc, host_rc, release_rc, cpu_rc, fsdp_rc, parts_rc, plan_rc = (None if int(x) == -1 else int(x)
+                                                                        for x in (*sys.argv[4:7], *sys.argv[8:12]))
 summary = {"machine": json.loads((out / "machine.json").read_text()), "tests_rc": test_rc, "benchmark_rc": bench_rc,
            "variants_rc": variants_rc, "host_overhead_rc": host_rc, "release_rc": release_rc,
            # None: not run (FULL=1 only, and only if the time allowed)
            "fsdp_benchmark_rc": fsdp_rc, "cpu_host_benchmark_rc": cpu_rc, "host_parts_rc": parts_rc,
+           "plan_host_rc": plan_rc,
            "benchmark_gpu_variant": sys.argv[7]}
 for name, key in (("kernels_cpu.json", "cpu_host_benchmark"), ("fsdp.json", "fsdp_benchmark"),
-                  ("host_parts.json", "host_parts")):
+                  ("host_parts.json", "host_parts"), ("plan_host.json", "plan_host")):
     path = out / name  # kept in summary.json: a device call brings back 8 files at most
     if path.exists():
         try:

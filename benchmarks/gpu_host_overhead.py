@@ -12,6 +12,7 @@ that check in C and in Python (``step_plan._valid``): ``host_us_per_tensor_pytho
 
     python benchmarks/gpu_host_overhead.py                  # -> benchmarks/results/gpu_host_overhead.json
     python benchmarks/gpu_host_overhead.py --device cuda --out /tmp/g.json
+    python benchmarks/gpu_host_overhead.py --tensors 1 --src .ab/src --out /tmp/old.json  # another revision
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ import statistics
 import sys
 import time
 from pathlib import Path
+
+if "--src" in sys.argv[:-1]:  # another revision's leanopt (its src folder), imported instead of this one's
+    sys.path.insert(0, str(Path(sys.argv[sys.argv.index("--src") + 1]).resolve()))
 
 import torch
 from _results import write_rows  # benchmarks/_results.py
@@ -93,7 +97,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "gpu_host_overhead.json"))
+    ap.add_argument("--src", help="import leanopt from this src folder (another revision's code)")
     args = ap.parse_args()
+    print(f"leanopt from {leanopt.__file__}")
     if args.device == "cpu":
         gpu.EMULATE = True
     configs = [("int8", "skip", True), ("int8", "skip", False), ("int8", "ignore", True), ("fp32", "skip", True),
@@ -124,7 +130,8 @@ def main() -> None:
         else:
             print()
     write_rows(args.out, "python benchmarks/gpu_host_overhead.py " + " ".join(sys.argv[1:]), rows,
-               device=args.device, emulated_no_op_kernels=args.device == "cpu")  # fmt: skip
+               device=args.device, emulated_no_op_kernels=args.device == "cpu",
+               leanopt_from=leanopt.__file__)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -766,6 +766,65 @@ def test_planned_steps_give_the_native_bits_with_one_launch_per_kernel(emulate, 
     assert sum(k.tensors for k in kernels) == 6 * len(shapes)
 
 
+@pytest.mark.parametrize("nonfinite", ["ignore", "skip"])
+def test_a_planned_step_refills_one_device_table_made_at_its_first_run(emulate, monkeypatch, nonfinite):
+    """A plan's launch tables live in one device tensor, made with its views at the plan's first run and
+    refilled by one copy each step (before: a new table and a view per part each step): later planned
+    steps allocate nothing there and still give the native bits as lr, weight decay and step counts
+    change (their hyper-parameters and the stochastic rounding keys are in the refilled table)."""
+    spy = Spy(monkeypatch)
+    runs, tables = [], []
+    for kernel in ("auto", "fused"):
+        g = torch.Generator().manual_seed(9)
+        params = [torch.nn.Parameter(torch.randn(s, generator=g).bfloat16()) for s in [(5, 64), (7,), (3, 70)]]
+        opt = leanopt.AdamW(params, lr=1e-2, master="stochastic", states="int8", kernel=kernel, nonfinite=nonfinite)
+        for i in range(6):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g).bfloat16()
+            opt.param_groups[0]["lr"] = 1e-2 / (1 + i)
+            opt.param_groups[0]["weight_decay"] = 0.01 * (1 + i)
+            opt.step()
+            if kernel == "fused" and i >= 1:
+                table = opt._step_plan.table
+                tables.append((id(opt._step_plan), table[3].data_ptr(), [v.data_ptr() for v in table[4]]))
+        runs.append(snapshot(params, opt))
+    assert_same(runs[0], runs[1], f"refilled table {nonfinite}")
+    assert spy.planned == 5 and len(tables) == 5
+    assert all(t == tables[1] for t in tables[1:]), "a planned step made a new device table"
+
+
+@CUDA
+def test_cuda_planned_steps_on_another_stream_give_the_same_bits():
+    """A plan's device table is refilled on the current stream; when a step runs on another stream than
+    the last one (the table's last readers), the new stream first waits for the old one. Steps alternate
+    between the default stream and a side stream, with a busy old stream (a sleep) to make an unordered
+    refill overwrite the table while the last updates still read it: same bits as ordinary steps."""
+    gpu.reset()
+    side = torch.cuda.Stream()
+    runs = []
+    for planned in (False, True):
+        g = torch.Generator().manual_seed(2)
+        params = [torch.nn.Parameter(torch.randn(s, generator=g).bfloat16().cuda()) for s in [(64, 256), (300,)]]
+        opt = leanopt.AdamW(params, lr=1e-2, master="compact", states="int8", kernel="fused")
+        for i in range(6):
+            grads = [torch.randn(p.shape, generator=g).bfloat16().cuda() for p in params]
+            torch.cuda.synchronize()
+            if not planned:
+                opt._step_plan = None
+            with torch.cuda.stream(side if i % 2 else torch.cuda.current_stream()):
+                for p, gr in zip(params, grads, strict=True):
+                    p.grad = gr
+                opt.param_groups[0]["lr"] = 1e-2 / (1 + i)
+                opt.step()
+                torch.cuda._sleep(50_000_000)  # this stream stays busy while the next step is queued
+            if planned and i >= 1:
+                assert isinstance(opt._step_plan, gpu.GpuStepPlan)
+        torch.cuda.synchronize()
+        runs.append([(k, v.cpu()) for k, v in snapshot(params, opt)])
+    assert_same(runs[0], runs[1], "planned steps across streams")
+    gpu.reset()
+
+
 @pytest.mark.parametrize("nonfinite", ["skip", "raise"])
 def test_a_nan_in_a_planned_step_is_handled_by_the_general_path(emulate, monkeypatch, nonfinite):
     """skip: the planned step checks on the device and leaves that tensor alone, the verdicts are read

@@ -1513,6 +1513,13 @@ class GpuStepPlan:
     #: position of an int64 index array among the copied parts (an FSDP2 plan checks in step order, the
     #: same on every rank, which the batches need not follow)
     verdict_at: list = field(default_factory=list)
+    #: the launch tables on the device, made with their views at the plan's first run and refilled by
+    #: one copy each step (the sizes of a plan's parts do not change): (sizes of the parts, their
+    #: offsets, bytes in all, the device tensor, its views, per batch the verdicts its update reads:
+    #: a view of the check's flags, or None for a gather made each step); before, each step made a new
+    #: device table and a slice and view per part and verdict run (~12 torch calls per step)
+    table: Any = None
+    stream: Any = None  # CUDA: the stream the table's last copy and launches were queued on
 
 
 def build_plan(
@@ -1639,8 +1646,7 @@ def run_plan(plan: GpuStepPlan, opt: Any) -> list[int] | None:
         _fill(meta, plan.finite[1], plan.fills[-1], ptrs)
         parts += [meta, array("i", [1]) * len(plan.finite[3])]
         parts += [at for at in plan.verdict_at if isinstance(at, array)]  # gathers (FSDP2 plans only)
-    on_device = _to_device(parts, plan.device)
-    oks = [on_device[3 * b + 2] for b in range(len(plan.batches))]
+    on_device, oks = _plan_table(plan, parts)
     pending = None
     if plan.finite is not None:
         flags = on_device[nb + 1]
@@ -1660,9 +1666,9 @@ def run_plan(plan: GpuStepPlan, opt: Any) -> list[int] | None:
         else:  # "skip": the verdicts' copy queued here, between the check and the updates
             befores = _Befores(params, plan.finite[3], plan.counters, plan.seg_of, [s.expect for s in segments])
             pending = _verdicts_later(flags, befores)
-        oks, gathers = [], iter(on_device[nb + 2 :])
-        for at in plan.verdict_at:  # the update kernels read their slice of the verdicts, or a gather of them
-            oks.append(flags[at[0] : at[1]] if isinstance(at, tuple) else flags.index_select(0, next(gathers)))
+        if any(ok is None for ok in oks):  # FSDP2: a gather of the verdicts where a batch's do not run in check order
+            gathers = iter(on_device[nb + 2 :])
+            oks = [flags.index_select(0, next(gathers)) if ok is None else ok for ok in oks]
     for b, (kernel, _, _, members, units) in enumerate(plan.batches):
         kernel.fn(units, on_device[3 * b], len(members), on_device[3 * b + 1], oks[b])
         kernel.launches += 1
@@ -1673,6 +1679,44 @@ def run_plan(plan: GpuStepPlan, opt: Any) -> list[int] | None:
     if pending is not None:
         opt._step_verdicts = pending
     return []
+
+
+def _plan_table(plan: GpuStepPlan, parts: list[array]) -> tuple[list[Tensor], list]:
+    """``parts`` copied into ``plan``'s device table, made with its views at the first call: the views
+    (one per part, as :func:`_to_device` returns them) and per batch the verdicts its update reads.
+    CUDA: one pinned, non-blocking copy on the current stream, which comes after the launches of the
+    plan's last step that read the table (after a change of stream: made to wait for the old one)."""
+    sizes = [len(a) for a in parts]
+    kept = plan.table
+    if kept is None or kept[0] != sizes:
+        offsets, total = _layout(parts)
+        table = torch.empty(total, dtype=torch.uint8, device=plan.device)
+        views = _views(table, parts, offsets)
+        nb = 3 * len(plan.batches)
+        if plan.finite is None:
+            oks = [views[3 * b + 2] for b in range(len(plan.batches))]
+        else:  # the update kernels read their slice of the check's verdicts (FSDP2: maybe a gather)
+            oks = [views[nb + 1][at[0] : at[1]] if isinstance(at, tuple) else None for at in plan.verdict_at]
+        kept = plan.table = (sizes, offsets, total, table, views, oks)
+        if plan.device.type == "cuda":
+            plan.stream = torch.cuda.current_stream(plan.device)
+    _, offsets, total, table, views, oks = kept
+    if plan.device.type == "cuda":
+        stream = torch.cuda.current_stream(plan.device)
+        if stream != plan.stream:  # the table's last readers were queued on another stream: after them
+            stream.wait_stream(plan.stream)
+            plan.stream = stream
+        pool = _pinned(plan.device)
+        buf, event = pool.take(total)
+        base = buf.data_ptr()
+    else:  # emulated: straight into the table
+        base = table.data_ptr()
+    for a, off in zip(parts, offsets, strict=True):
+        ctypes.memmove(base + off, a.buffer_info()[0], len(a) * a.itemsize)
+    if plan.device.type == "cuda":
+        table.copy_(buf[:total], non_blocking=True)
+        pool.put(buf, event, stream)
+    return views, oks
 
 
 # ---------------------------------------------------------------------------------------------------
