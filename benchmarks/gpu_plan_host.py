@@ -48,8 +48,12 @@ def planned(device: str, tensors: int, states: str, nonfinite: str) -> leanopt.A
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--against", metavar="REV", required=True,
-                    help="the git revision whose gpu.run_plan to time, or its src folder (git archive REV src)")
+    ap.add_argument(
+        "--against",
+        metavar="REV",
+        required=True,
+        help="the git revision whose gpu.run_plan to time, or its src folder (git archive REV src)",
+    )
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--tensors", default="1,8,64", help="comma-separated tensor counts (default 1,8,64)")
     ap.add_argument("--calls", type=int, default=500, help="calls per timing (default 500)")

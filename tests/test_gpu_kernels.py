@@ -796,29 +796,35 @@ def test_a_planned_step_refills_one_device_table_made_at_its_first_run(emulate, 
 @CUDA
 def test_cuda_planned_steps_on_another_stream_give_the_same_bits():
     """A plan's device table is refilled on the current stream; when a step runs on another stream than
-    the last one (the table's last readers), the new stream first waits for the old one. Steps alternate
-    between the default stream and a side stream, with a busy old stream (a sleep) to make an unordered
-    refill overwrite the table while the last updates still read it: same bits as ordinary steps."""
+    the last one, that stream first waits for the old one and the table is recorded as in use by it (so
+    the caching allocator does not hand it out while the new stream may still read it). Steps alternate
+    between the default stream and a side stream, each stream busy (a sleep) ahead of the step queued on
+    it, as a program that orders its streams (new.wait_stream(old)) does: same bits as unplanned steps."""
     gpu.reset()
-    side = torch.cuda.Stream()
+    main, side = torch.cuda.current_stream(), torch.cuda.Stream()
     runs = []
     for planned in (False, True):
         g = torch.Generator().manual_seed(2)
         params = [torch.nn.Parameter(torch.randn(s, generator=g).bfloat16().cuda()) for s in [(64, 256), (300,)]]
         opt = leanopt.AdamW(params, lr=1e-2, master="compact", states="int8", kernel="fused")
+        grads = [[torch.randn(p.shape, generator=g).bfloat16().cuda() for p in params] for _ in range(6)]
+        torch.cuda.synchronize()
+        old = main
         for i in range(6):
-            grads = [torch.randn(p.shape, generator=g).bfloat16().cuda() for p in params]
-            torch.cuda.synchronize()
-            if not planned:
-                opt._step_plan = None
-            with torch.cuda.stream(side if i % 2 else torch.cuda.current_stream()):
-                for p, gr in zip(params, grads, strict=True):
+            stream = side if i % 2 else main
+            stream.wait_stream(old)
+            with torch.cuda.stream(stream):
+                torch.cuda._sleep(20_000_000)  # the step's work waits behind this on its stream
+                for p, gr in zip(params, grads[i], strict=True):
                     p.grad = gr
                 opt.param_groups[0]["lr"] = 1e-2 / (1 + i)
+                if not planned:
+                    opt._step_plan = None
                 opt.step()
-                torch.cuda._sleep(50_000_000)  # this stream stays busy while the next step is queued
+            old = stream
             if planned and i >= 1:
-                assert isinstance(opt._step_plan, gpu.GpuStepPlan)
+                assert isinstance(opt._step_plan, gpu.GpuStepPlan) and opt._step_plan.table is not None
+        main.wait_stream(old)
         torch.cuda.synchronize()
         runs.append([(k, v.cpu()) for k, v in snapshot(params, opt)])
     assert_same(runs[0], runs[1], "planned steps across streams")

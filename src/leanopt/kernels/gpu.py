@@ -1705,6 +1705,7 @@ def _plan_table(plan: GpuStepPlan, parts: list[array]) -> tuple[list[Tensor], li
         stream = torch.cuda.current_stream(plan.device)
         if stream != plan.stream:  # the table's last readers were queued on another stream: after them
             stream.wait_stream(plan.stream)
+            table.record_stream(stream)  # and not reused after the plan is dropped before this one's have run
             plan.stream = stream
         pool = _pinned(plan.device)
         buf, event = pool.take(total)
@@ -1854,6 +1855,7 @@ def run_param(plan: GpuParamPlan, opt: Any, param: Tensor, grad: Tensor, group: 
         stream = torch.cuda.current_stream(plan.device)
         if stream != plan.stream:  # the table's last readers were queued on another stream: after them
             stream.wait_stream(plan.stream)
+            plan.on_device.record_stream(stream)  # (the caching allocator: freed only after this one's)
             plan.stream = stream
         pool = _pinned(plan.device)
         buf, event = pool.take(len(image))
