@@ -159,9 +159,9 @@ if [[ "${FULL:-0}" == 1 ]]; then
   #    back to back) and release hooks. Into summary.json (host_parts).
   gated PARTS_RC "host time by part ($DEVICE)" 40 70 "$PYTHON" benchmarks/gpu_host_parts.py --device "$DEVICE" \
     --release-rounds 2 --out "$OUT/host_parts.json"
-  # 6c. (FULL=1, only if the time allows) A planned step's host work (gpu.run_plan) against the code before
-  #    its launch tables were kept on the device (855b674; git, or its tree in .ab/src carried along),
-  #    called alternately in one process on the same plans. Into summary.json (plan_host).
+  # 6c. (FULL=1, only if the time allows) Planned steps' host time against the code before their launch
+  #    tables were kept (855b674; git, or its tree in .ab/src carried along), both packages stepped
+  #    alternately in one process (benchmarks/gpu_plan_host.py). Into summary.json (plan_host).
   AGAINST=855b674
   [[ -d .ab/src ]] && AGAINST=.ab/src
   if [[ -d "$AGAINST" ]] || git rev-parse --verify -q "$AGAINST^{commit}" > /dev/null 2>&1; then

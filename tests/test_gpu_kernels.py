@@ -9,6 +9,7 @@ runs them) against the native CPU kernels on the same inputs.
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import os
 import re
@@ -766,12 +767,15 @@ def test_planned_steps_give_the_native_bits_with_one_launch_per_kernel(emulate, 
     assert sum(k.tensors for k in kernels) == 6 * len(shapes)
 
 
-@pytest.mark.parametrize("nonfinite", ["ignore", "skip"])
-def test_a_planned_step_refills_one_device_table_made_at_its_first_run(emulate, monkeypatch, nonfinite):
-    """A plan's launch tables live in one device tensor, made with its views at the plan's first run and
-    refilled by one copy each step (before: a new table and a view per part each step): later planned
-    steps allocate nothing there and still give the native bits as lr, weight decay and step counts
-    change (their hyper-parameters and the stochastic rounding keys are in the refilled table)."""
+@pytest.mark.parametrize("nonfinite,check", [("ignore", "c"), ("skip", "c"), ("skip", "python")])
+def test_a_planned_step_refills_one_device_table_made_at_its_first_run(emulate, monkeypatch, nonfinite, check):
+    """A plan's launch tables live in one host image and one device tensor, made with its views at the
+    plan's first run; each step writes what changes into the image and copies it over (before: every
+    part and a new device table and a view per part each step): later planned steps allocate neither and
+    still give the native bits as lr, weight decay, step counts and stochastic rounding keys change.
+    The gradients' addresses go in by a C scatter after the plan's check in C, else (``check="python"``,
+    the check in Python) one by one."""
+    monkeypatch.setenv("LEANOPT_PLAN_CHECK", check)
     spy = Spy(monkeypatch)
     runs, tables = [], []
     for kernel in ("auto", "fused"):
@@ -786,11 +790,13 @@ def test_a_planned_step_refills_one_device_table_made_at_its_first_run(emulate, 
             opt.step()
             if kernel == "fused" and i >= 1:
                 table = opt._step_plan.table
-                tables.append((id(opt._step_plan), table[3].data_ptr(), [v.data_ptr() for v in table[4]]))
+                tables.append((id(opt._step_plan), id(table), table.table.data_ptr(),
+                               [v.data_ptr() for v in table.views], ctypes.addressof(table.image)))  # fmt: skip
         runs.append(snapshot(params, opt))
     assert_same(runs[0], runs[1], f"refilled table {nonfinite}")
     assert spy.planned == 5 and len(tables) == 5
     assert all(t == tables[1] for t in tables[1:]), "a planned step made a new device table"
+    assert bool(opt._step_plan.checker) is (check == "c")
 
 
 @CUDA

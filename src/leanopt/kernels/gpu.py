@@ -1500,8 +1500,6 @@ class GpuStepPlan:
     #: stochastic rounding, per batch: [(position of a tensor's noise key, parameter index, tensor)]
     noise: list = field(default_factory=list)
     checker: Any = None  # plan_check.Checker (made at the first check), or False: the check in Python
-    #: per batch, then for the NaN/inf check's table: its gradient slots as a strided slice (_strided)
-    fills: list = field(default_factory=list)
     #: FSDP2: the device mesh of every parameter (None: plain tensors; the meshes are equal, not always
     #: the same object) and per tensor the mesh and placements its gradient must have (its parameter's);
     #: the plan's addresses, shapes and layouts are then those of the local tensors, and the NaN/inf
@@ -1513,13 +1511,9 @@ class GpuStepPlan:
     #: position of an int64 index array among the copied parts (an FSDP2 plan checks in step order, the
     #: same on every rank, which the batches need not follow)
     verdict_at: list = field(default_factory=list)
-    #: the launch tables on the device, made with their views at the plan's first run and refilled by
-    #: one copy each step (the sizes of a plan's parts do not change): (sizes of the parts, their
-    #: offsets, bytes in all, the device tensor, its views, per batch the verdicts its update reads:
-    #: a view of the check's flags, or None for a gather made each step); before, each step made a new
-    #: device table and a slice and view per part and verdict run (~12 torch calls per step)
+    #: the launch tables (:class:`_PlanTable`): a host image and its device copy with its views, made at
+    #: the plan's first run; each step writes what changes into the image and copies it over
     table: Any = None
-    stream: Any = None  # CUDA: the stream the table's last copy and launches were queued on
 
 
 def build_plan(
@@ -1596,7 +1590,6 @@ def build_plan(
         layouts=step_plan.layouts([(p, None) for p in params]), grad_dtypes=[g.dtype for g in grads], device=device,
         device_index=device.index if device.type == "cuda" else -1, counters=counters, seg_of=seg_of,
         finite=finite, batches=batches, noise=noise,
-        fills=[_strided(b[2]) for b in batches] + ([_strided(finite[1])] if finite is not None else []),
         mesh=mesh, meshes=meshes, placements=placements, verdict_at=verdict_at,
     )  # fmt: skip
 
@@ -1628,25 +1621,12 @@ def run_plan(plan: GpuStepPlan, opt: Any) -> list[int] | None:
         return None
     steps = [ctypes.c_float(seg.expect + 1.0).value for seg in segments]  # float32 + 1
     values = [plan.form.scalars(seg.group, step) for seg, step in zip(segments, steps, strict=True)]
-    ptrs = grad_ptrs[: len(params)]  # a list
-    parts: list[array] = []
-    for b, (kernel, template, slots, members, _) in enumerate(plan.batches):
-        meta = array("q", template)
-        _fill(meta, slots, plan.fills[b], ptrs)
-        for pos, index, i in plan.noise[b]:  # stochastic rounding: this update's key (formats/noise.py)
-            meta[pos] = _signed64(noise_key(opt.seed, index, int(steps[plan.seg_of[i]])))
-        width = max(kernel.nscalars, 1)  # each segment's row of scalars once, then one join for all tensors
-        row_bytes = [array("f", _padded(v, width)).tobytes() for v in values]
-        scal = array("f")
-        scal.frombytes(b"".join(map(row_bytes.__getitem__, map(plan.seg_of.__getitem__, members))))
-        parts += [meta, scal, array("i", [1]) * len(members)]
+    kept = plan.table
+    if kept is None:
+        kept = plan.table = _PlanTable(plan)
+    kept.fill(plan, opt, grad_ptrs, steps, values)
+    on_device, oks = kept.to_device(plan), kept.oks
     nb = 3 * len(plan.batches)
-    if plan.finite is not None:
-        meta = array("q", plan.finite[0])
-        _fill(meta, plan.finite[1], plan.fills[-1], ptrs)
-        parts += [meta, array("i", [1]) * len(plan.finite[3])]
-        parts += [at for at in plan.verdict_at if isinstance(at, array)]  # gathers (FSDP2 plans only)
-    on_device, oks = _plan_table(plan, parts)
     pending = None
     if plan.finite is not None:
         flags = on_device[nb + 1]
@@ -1681,43 +1661,93 @@ def run_plan(plan: GpuStepPlan, opt: Any) -> list[int] | None:
     return []
 
 
-def _plan_table(plan: GpuStepPlan, parts: list[array]) -> tuple[list[Tensor], list]:
-    """``parts`` copied into ``plan``'s device table, made with its views at the first call: the views
-    (one per part, as :func:`_to_device` returns them) and per batch the verdicts its update reads.
-    CUDA: one pinned, non-blocking copy on the current stream, which comes after the launches of the
-    plan's last step that read the table (after a change of stream: made to wait for the old one)."""
-    sizes = [len(a) for a in parts]
-    kept = plan.table
-    if kept is None or kept[0] != sizes:
-        offsets, total = _layout(parts)
-        table = torch.empty(total, dtype=torch.uint8, device=plan.device)
-        views = _views(table, parts, offsets)
+class _PlanTable:
+    """A planned step's launch tables: one host image of them (ctypes bytes laid out as :func:`_to_device`
+    lays out its parts: per batch its table, hyper-parameters and verdicts; then the NaN/inf check's table,
+    its verdicts and an FSDP2 plan's gathers), made from the plan's templates at its first run, and its
+    device copy with the views the launches read. Each step writes into the image only what changes (the
+    gradients' addresses, by one C scatter where the plan's check ran in C; the hyper-parameters; the
+    stochastic rounding keys) and copies the image over in one copy. Before 2026-12-01 each step built
+    every part anew and the device table and its views too."""
+
+    __slots__ = ("offsets", "total", "image", "words", "pairs", "src", "dst", "rows", "table", "views", "oks",
+                 "stream")  # fmt: skip
+
+    def __init__(self, plan: GpuStepPlan) -> None:
+        c = ctypes
+        parts: list[array] = []
+        for kernel, template, _, members, _ in plan.batches:
+            width = max(kernel.nscalars, 1)
+            parts += [array("q", template), array("f", [0.0]) * (width * len(members)), array("i", [1]) * len(members)]
         nb = 3 * len(plan.batches)
+        if plan.finite is not None:
+            parts += [array("q", plan.finite[0]), array("i", [1]) * len(plan.finite[3])]
+            parts += [at for at in plan.verdict_at if isinstance(at, array)]  # gathers (FSDP2 plans only)
+        self.image, self.offsets = _image(parts)
+        self.total = len(self.image)
+        self.words = (c.c_int64 * (self.total // 8)).from_buffer(self.image)  # (_layout: 8-byte multiples)
+        slots = [(self.offsets[3 * b] // 8, batch[2]) for b, batch in enumerate(plan.batches)]
+        if plan.finite is not None:
+            slots.append((self.offsets[nb] // 8, plan.finite[1]))
+        self.pairs = [(base + pos, i) for base, within in slots for pos, i in within]  # (word, gradient)
+        self.dst = (c.c_int64 * max(len(self.pairs), 1))(*[w for w, _ in self.pairs])
+        self.src = (c.c_int64 * max(len(self.pairs), 1))(*[i for _, i in self.pairs])
+        #: per batch: (byte offset of its hyper-parameters, width, the segment of each row or, when all
+        #: rows are of one segment, that segment alone)
+        self.rows = []
+        for b, (kernel, _, _, members, _) in enumerate(plan.batches):
+            segs = [plan.seg_of[i] for i in members]
+            self.rows.append((self.offsets[3 * b + 1], max(kernel.nscalars, 1),
+                              segs[0] if len(set(segs)) == 1 else segs))  # fmt: skip
+        self.table = torch.empty(self.total, dtype=torch.uint8, device=plan.device)
+        self.views = _views(self.table, parts, self.offsets)
         if plan.finite is None:
-            oks = [views[3 * b + 2] for b in range(len(plan.batches))]
+            self.oks = [self.views[3 * b + 2] for b in range(len(plan.batches))]
         else:  # the update kernels read their slice of the check's verdicts (FSDP2: maybe a gather)
-            oks = [views[nb + 1][at[0] : at[1]] if isinstance(at, tuple) else None for at in plan.verdict_at]
-        kept = plan.table = (sizes, offsets, total, table, views, oks)
-        if plan.device.type == "cuda":
-            plan.stream = torch.cuda.current_stream(plan.device)
-    _, offsets, total, table, views, oks = kept
-    if plan.device.type == "cuda":
+            flags = self.views[nb + 1]
+            self.oks = [flags[at[0] : at[1]] if isinstance(at, tuple) else None for at in plan.verdict_at]
+        self.stream = torch.cuda.current_stream(plan.device) if plan.device.type == "cuda" else None
+
+    def fill(self, plan: GpuStepPlan, opt: Any, grad_ptrs: Any, steps: list[float], values: list) -> None:
+        """This step's gradient addresses (``grad_ptrs``, from plan_check.check), hyper-parameters
+        (``values``, per segment) and stochastic rounding keys into the image."""
+        from . import plan_check
+
+        scatter = plan_check._function("lo_scatter64") if isinstance(grad_ptrs, ctypes.Array) else None
+        if scatter:
+            scatter(len(self.pairs), self.src, self.dst, grad_ptrs, self.words)
+        else:
+            words = self.words
+            for w, i in self.pairs:
+                words[w] = grad_ptrs[i]
+        base = ctypes.addressof(self.image)
+        for b, (offset, width, segs) in enumerate(self.rows):
+            row = [array("f", _padded(v, width)).tobytes() for v in values]
+            many = isinstance(segs, list)  # rows of several segments, else each row the one segment's
+            data = b"".join(map(row.__getitem__, segs)) if many else row[segs] * len(plan.batches[b][3])
+            ctypes.memmove(base + offset, data, len(data))
+            at = self.offsets[3 * b] // 8
+            for pos, index, i in plan.noise[b]:  # stochastic rounding: this update's key (formats/noise.py)
+                self.words[at + pos] = _signed64(noise_key(opt.seed, index, int(steps[plan.seg_of[i]])))
+
+    def to_device(self, plan: GpuStepPlan) -> list[Tensor]:
+        """The image copied into the device table; its views. CUDA: one pinned, non-blocking copy on the
+        current stream, which comes after the launches of the plan's last step that read the table (after
+        a change of stream: made to wait for the old one)."""
+        if plan.device.type != "cuda":  # emulated: straight into the table
+            ctypes.memmove(self.table.data_ptr(), self.image, self.total)
+            return self.views
         stream = torch.cuda.current_stream(plan.device)
-        if stream != plan.stream:  # the table's last readers were queued on another stream: after them
-            stream.wait_stream(plan.stream)
-            table.record_stream(stream)  # and not reused after the plan is dropped before this one's have run
-            plan.stream = stream
+        if stream != self.stream:  # the table's last readers were queued on another stream: after them
+            stream.wait_stream(self.stream)
+            self.table.record_stream(stream)  # and not reused after the plan is dropped before this one's have run
+            self.stream = stream
         pool = _pinned(plan.device)
-        buf, event = pool.take(total)
-        base = buf.data_ptr()
-    else:  # emulated: straight into the table
-        base = table.data_ptr()
-    for a, off in zip(parts, offsets, strict=True):
-        ctypes.memmove(base + off, a.buffer_info()[0], len(a) * a.itemsize)
-    if plan.device.type == "cuda":
-        table.copy_(buf[:total], non_blocking=True)
+        buf, event = pool.take(self.total)
+        ctypes.memmove(buf.data_ptr(), self.image, self.total)
+        self.table.copy_(buf[: self.total], non_blocking=True)
         pool.put(buf, event, stream)
-    return views, oks
+        return self.views
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1875,29 +1905,6 @@ def run_param(plan: GpuParamPlan, opt: Any, param: Tensor, grad: Tensor, group: 
     if check is not None:
         opt._pending_verdicts.append((plan.index, verdict, state, before, None))
     return True
-
-
-def _strided(slots: list[tuple[int, int]]) -> tuple | None:
-    """(start, step, indices) when the positions of ``slots`` ((position, index) pairs) run start,
-    start + step, ... (a batch's gradient slots: one per table row); else None."""
-    if not slots:
-        return None
-    pos = [p for p, _ in slots]
-    step = pos[1] - pos[0] if len(pos) > 1 else 1
-    if step <= 0 or pos != list(range(pos[0], pos[0] + step * len(pos), step)):
-        return None
-    return pos[0], step, [i for _, i in slots]
-
-
-def _fill(meta: array, slots: list[tuple[int, int]], strided: tuple | None, ptrs: list[int]) -> None:
-    """``meta[position] = ptrs[index]`` for each of ``slots``: one strided slice assignment where the
-    positions are evenly spaced (``strided``, from :func:`_strided`), else one by one."""
-    if strided is None:
-        for pos, i in slots:
-            meta[pos] = ptrs[i]
-        return
-    start, step, indices = strided
-    meta[start : start + step * len(indices) : step] = array("q", map(ptrs.__getitem__, indices))
 
 
 class _Befores:

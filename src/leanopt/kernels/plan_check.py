@@ -230,6 +230,12 @@ int lo_counters(int64_t n, float *const *counters, const int32_t *seg, const flo
   for (int64_t t = 0; t < n; t++) if (*counters[t] != values[seg[t]]) return 0;
   return 1;
 }
+
+/* dst[pos[k]] = src[idx[k]] for k < n: a CUDA plan's gradient addresses (the check's grad_ptrs) into the
+   rows of its launch tables (kernels/gpu.py, _PlanTable) */
+void lo_scatter64(int64_t n, const int64_t *idx, const int64_t *pos, const int64_t *src, int64_t *dst) {
+  for (int64_t k = 0; k < n; k++) dst[pos[k]] = src[idx[k]];
+}
 """
 
 _NAMES = tuple(sys.intern(s) for s in ("grad", "layout", "dtype", "shape", "data_ptr", "is_contiguous", "stride",
@@ -260,7 +266,8 @@ _FN: list[Any] = []
 
 
 def _function(name: str = "lo_plan_check") -> Any:
-    """The compiled ``lo_plan_check`` or ``lo_counters`` (None if they cannot be built or loaded here)."""
+    """The compiled ``lo_plan_check``, ``lo_counters`` or ``lo_scatter64`` (None if they cannot be built or
+    loaded here)."""
     if not _FN:
         c = ctypes
         try:
@@ -268,7 +275,8 @@ def _function(name: str = "lo_plan_check") -> Any:
                                   python_api=True).fn  # fmt: skip
             counters = _native.build(_SOURCE, "lo_counters", [c.c_int64, _P, _P, _P, c.c_int], c.c_int,
                                      python_api=True).fn  # fmt: skip
-            _FN.append({"lo_plan_check": check, "lo_counters": counters})
+            scatter = _native.build(_SOURCE, "lo_scatter64", [c.c_int64, _P, _P, _P, _P], None, python_api=True).fn
+            _FN.append({"lo_plan_check": check, "lo_counters": counters, "lo_scatter64": scatter})
         except (_native.BuildError, OSError, AttributeError):
             _FN.append(None)
     return _FN[0] and _FN[0][name]
