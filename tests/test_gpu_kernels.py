@@ -777,25 +777,21 @@ def test_a_planned_step_refills_one_device_table_made_at_its_first_run(emulate, 
     the check in Python) one by one."""
     monkeypatch.setenv("LEANOPT_PLAN_CHECK", check)
     spy = Spy(monkeypatch)
-    runs, tables = [], []
-    for kernel in ("auto", "fused"):
-        g = torch.Generator().manual_seed(9)
-        params = [torch.nn.Parameter(torch.randn(s, generator=g).bfloat16()) for s in [(5, 64), (7,), (3, 70)]]
-        opt = leanopt.AdamW(params, lr=1e-2, master="stochastic", states="int8", kernel=kernel, nonfinite=nonfinite)
-        for i in range(6):
-            for p in params:
-                p.grad = torch.randn(p.shape, generator=g).bfloat16()
-            opt.param_groups[0]["lr"] = 1e-2 / (1 + i)
-            opt.param_groups[0]["weight_decay"] = 0.01 * (1 + i)
-            opt.step()
-            if kernel == "fused" and i >= 1:
-                table = opt._step_plan.table
-                tables.append((id(opt._step_plan), id(table), table.table.data_ptr(),
-                               [v.data_ptr() for v in table.views], ctypes.addressof(table.image)))  # fmt: skip
-        runs.append(snapshot(params, opt))
-    assert_same(runs[0], runs[1], f"refilled table {nonfinite}")
-    assert spy.planned == 5 and len(tables) == 5
-    assert all(t == tables[1] for t in tables[1:]), "a planned step made a new device table"
+    tables = []
+
+    def schedule(i, params, opt):  # and the table the last step used (the fused run's, from its second on)
+        opt.param_groups[0]["lr"] = 1e-2 / (1 + i)
+        opt.param_groups[0]["weight_decay"] = 0.01 * (1 + i)
+        if opt.kernel == "fused" and i >= 2:
+            table = opt._step_plan.table
+            tables.append((id(opt._step_plan), id(table), table.table.data_ptr(),
+                           [v.data_ptr() for v in table.views], ctypes.addressof(table.image)))  # fmt: skip
+
+    runs = native_and_gpu("stochastic", "int8", 9, 7, schedule, nonfinite=nonfinite)
+    assert_same(snapshot(*runs[0]), snapshot(*runs[1]), f"refilled table {nonfinite}")
+    assert spy.planned == 6 and len(tables) == 5
+    assert all(t == tables[0] for t in tables), "a planned step made a new device table"
+    opt = runs[1][1]
     assert bool(opt._step_plan.checker) is (check == "c")
 
 
@@ -922,15 +918,16 @@ def test_a_planned_skip_step_copies_its_verdicts_between_the_check_and_the_updat
     assert opt.last_skipped == [] and opt._step_verdicts is None
 
 
-def native_and_gpu(master, states, seed, steps, before_step):
+def native_and_gpu(master, states, seed, steps, before_step, **options):
     """Two AdamW runs on (4, 64) and (9,) bf16 tensors, one with the native kernels (kernel="auto"), one
     through the CUDA kernels' code (kernel="fused", emulated): the same gradients, and
-    ``before_step(i, params, opt)`` before each step i. Returns [(params, opt)] for both."""
+    ``before_step(i, params, opt)`` before each step i; ``options``: more of AdamW's arguments. Returns
+    [(params, opt)] for both."""
     runs = []
     for kernel in ("auto", "fused"):
         g = torch.Generator().manual_seed(seed)
         params = [torch.nn.Parameter(torch.randn(s, generator=g).bfloat16()) for s in [(4, 64), (9,)]]
-        opt = leanopt.AdamW(params, lr=1e-2, master=master, states=states, kernel=kernel)
+        opt = leanopt.AdamW(params, lr=1e-2, master=master, states=states, kernel=kernel, **options)
         for i in range(steps):
             for p in params:
                 p.grad = torch.randn(p.shape, generator=g).bfloat16()
